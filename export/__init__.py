@@ -1,0 +1,1 @@
+"""vidrt.export: load Wan checkpoints (torch), export ONNX model packages, build engines."""

@@ -1,0 +1,108 @@
+"""I/O contracts of the exported components, declared once.
+
+The same names are used for torch export, ONNX Runtime feeds and TensorRT bindings. A dim is an
+int (fixed) or a str (symbolic; the runtime binds it per call). The VAE graphs carry a list of
+cache tensors whose channel counts depend on the architecture: export fills them in from the
+traced module and writes the finished contracts into manifest.json; the runtime reads them
+from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vidrt.registry import ModelSpec
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "float16", "int64", ...
+    shape: tuple[Dim, ...]
+
+
+@dataclass(frozen=True)
+class Contract:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+
+# Component names = artifact stems in the package.
+TEXT_ENCODER = "text_encoder"
+VAE_FIRST = "vae_decode_first"
+VAE_STEP = "vae_decode_step"
+
+# Tensor names.
+INPUT_IDS, ATTENTION_MASK, TEXT_HIDDEN = "input_ids", "attention_mask", "last_hidden_state"
+LATENTS, TIMESTEP, CONTEXT, VELOCITY = "hidden_states", "timestep", "encoder_hidden_states", "noise_pred"
+VAE_LATENT, VAE_FRAMES = "latent", "frames"
+
+
+def cache_in(i: int) -> str:
+    return f"cache_in_{i:02d}"
+
+
+def cache_out(i: int) -> str:
+    return f"cache_out_{i:02d}"
+
+
+def text_encoder_contract(spec: ModelSpec) -> Contract:
+    """ids/mask [batch, seq] at the real token length -> hidden [batch, seq, d_model] (fp32 out)."""
+    return Contract(
+        inputs=(TensorSpec(INPUT_IDS, "int64", ("batch", "seq")),
+                TensorSpec(ATTENTION_MASK, "int64", ("batch", "seq"))),
+        outputs=(TensorSpec(TEXT_HIDDEN, "float32", ("batch", "seq", spec.text.d_model)),),
+    )
+
+
+def dit_contract(spec: ModelSpec, dtype: str = "float32") -> Contract:
+    """latents [B, C, F, H, W] + timestep [B] (TI2V: [B, tokens]) + context [B, 512, text_dim] -> velocity."""
+    timestep_shape: tuple[Dim, ...] = ("batch", "tokens") if spec.per_token_timestep else ("batch",)
+    return Contract(
+        inputs=(TensorSpec(LATENTS, dtype, ("batch", spec.dit.in_channels, "frames", "height", "width")),
+                TensorSpec(TIMESTEP, "float32", timestep_shape),
+                TensorSpec(CONTEXT, dtype, ("batch", spec.text.text_len, spec.dit.text_dim))),
+        outputs=(TensorSpec(VELOCITY, dtype, ("batch", spec.dit.out_channels, "frames", "height", "width")),),
+    )
+
+
+def vae_contracts(spec: ModelSpec, cache_shapes: list[tuple[Dim, ...]]) -> tuple[Contract, Contract]:
+    """(first, step) contracts. One latent frame in [1, z, 1, h, w] (already denormalised);
+    first -> 1 video frame [1, 3, 1, H, W] + caches; step (+ caches in) -> 4 frames + caches out.
+    Frames are in [-1, 1]. `cache_shapes` come from tracing the decoder (2 frames per slot)."""
+    latent = TensorSpec(VAE_LATENT, "float32", (1, spec.vae.z_dim, 1, "lat_h", "lat_w"))
+    outs = tuple(TensorSpec(cache_out(i), "float32", s) for i, s in enumerate(cache_shapes))
+    ins = tuple(TensorSpec(cache_in(i), "float32", s) for i, s in enumerate(cache_shapes))
+    first = Contract(inputs=(latent,),
+                     outputs=(TensorSpec(VAE_FRAMES, "float32", (1, 3, 1, "out_h", "out_w")),) + outs)
+    step = Contract(inputs=(latent,) + ins,
+                    outputs=(TensorSpec(VAE_FRAMES, "float32", (1, 3, spec.vae.stride[0], "out_h", "out_w")),) + outs)
+    return first, step
+
+
+def resolve_shape(shape: tuple[Dim, ...], sizes: dict[str, int]) -> tuple[int, ...]:
+    """Bind symbolic dims. A str dim is a name ("lat_h") or a multiple of one ("4*lat_h")."""
+    out = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+            continue
+        factor, _, name = d.rpartition("*")
+        out.append((int(factor) if factor else 1) * sizes[name])
+    return tuple(out)
