@@ -1,0 +1,45 @@
+"""The engine interface every backend implements: named numpy feeds in, named arrays out.
+
+A backend opens each component of a model package once (session / deserialised plan) and runs
+it many times. Names and dtypes come from the component's contract in the manifest, so the
+pipeline never cares which backend it talks to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from vidrt.contracts import Contract
+
+
+class Engine(Protocol):
+    name: str
+    contract: Contract
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once. `feeds` holds every contract input; returns every contract output."""
+        ...
+
+    def close(self) -> None:
+        """Release the session / device memory (the pipeline drops the text encoder before denoising)."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How to run. `threads` = intra-op threads for CPU execution (None: the backend's default)."""
+
+    backend: str = "auto"  # "auto" | "onnxruntime" | "tensorrt"
+    device: str = "cpu"  # "cpu" | "cuda" (onnxruntime CUDA provider)
+    threads: int | None = None
+
+
+class Backend(Protocol):
+    name: str
+
+    def open(self, name: str, path: Path, contract: Contract) -> Engine:
+        ...

@@ -1,0 +1,210 @@
+"""prompt -> frames, on any backend. The loop reads like the algorithm (DESIGN.md §3-§5).
+
+    1. text     umT5 embeddings of the prompt and the negative prompt, zero-padded to 512 rows
+    2. plan     every step's timestep, sigma, expert and guidance, built on the host up front
+    3. noise    seeded normal latents [C, F, H, W] (or the caller's array)
+    4. denoise  per step: one batch-2 DiT call (cond, uncond), CFG, solver update
+    5. decode   tiled, streamed VAE decode; frames go to the consumer as each latent frame is done
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vidrt import contracts as C
+from vidrt.backends import open_backend
+from vidrt.backends.base import BackendOptions, Engine
+from vidrt.errors import DeviceError, UsageError
+from vidrt.manifest import Manifest, artifact_path, load_manifest
+from vidrt.request import Request, Settings, resolve
+from vidrt.schedulers import Step, expert_for_timestep, make_schedule, make_solver
+from vidrt.stats import RunStats
+from vidrt.text import PromptTokenizer, check_prompt, encode_prompts
+from vidrt.vae_decode import StreamingDecoder
+
+# (stage, done, total): "denoise" counts steps, "decode" counts video frames.
+ProgressFn = Callable[[str, int, int], None]
+FramesFn = Callable[[np.ndarray], None]  # uint8 [n, H, W, 3] as soon as they are decoded
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    step: Step
+    expert: str  # DiT graph name: "dit", "dit_high" or "dit_low"
+    guidance: float
+
+
+@dataclass
+class Result:
+    frames: np.ndarray | None  # uint8 [num_frames, H, W, 3]; None when the caller consumed them as a stream
+    settings: Settings
+    stats: RunStats
+
+
+def plan_steps(manifest: Manifest, s: Settings) -> list[PlannedStep]:
+    """Stage 2. Two-expert models use the high-noise expert while t >= boundary * 1000."""
+    spec = manifest.model
+    out = []
+    for step in make_schedule(s.scheduler, s.steps, s.shift, spec.sampling.num_train_timesteps):
+        if spec.sampling.boundary is None:
+            expert, g = spec.experts[0], s.guidance_low_noise
+        elif expert_for_timestep(step.timestep, spec.sampling.boundary,
+                                 spec.sampling.num_train_timesteps) == "high":
+            expert, g = "dit_high", s.guidance_high_noise
+        else:
+            expert, g = "dit_low", s.guidance_low_noise
+        out.append(PlannedStep(step, expert, g))
+    return out
+
+
+def _check_finite(name: str, x: np.ndarray, hint: str) -> None:
+    if not np.isfinite(x).all():
+        raise DeviceError(f"the {name} produced NaN/Inf; {hint}")
+
+
+class Pipeline:
+    """A loaded model package: sessions created once, reused for every run."""
+
+    def __init__(self, package: Path, manifest: Manifest, options: BackendOptions,
+                 warn: Callable[[str], None] | None = None) -> None:
+        self.package = package
+        self.manifest = manifest
+        self.options = options
+        self.warn = warn or (lambda msg: print(f"warning: {msg}"))
+        self.backend = open_backend(options, manifest)
+        self.tokenizer = PromptTokenizer(artifact_path(package, manifest.tokenizer.file),
+                                         manifest.model.text.text_len)
+        self._engines: dict[str, Engine] = {}
+        self.load_seconds = 0.0
+
+    @classmethod
+    def load(cls, package: str | Path, backend: str = "auto", device: str = "cpu",
+             threads: int | None = None, verify: bool = True,
+             warn: Callable[[str], None] | None = None) -> Pipeline:
+        t0 = time.perf_counter()
+        package = Path(package)
+        manifest = load_manifest(package, verify=verify)
+        pipe = cls(package, manifest, BackendOptions(backend=backend, device=device, threads=threads), warn)
+        pipe.load_seconds = time.perf_counter() - t0
+        return pipe
+
+    def engine(self, name: str) -> Engine:
+        """Open a component once, on first use."""
+        if name not in self._engines:
+            comp = self.manifest.components[name]
+            self._engines[name] = self.backend.open(name, artifact_path(self.package, comp.artifact.file),
+                                                    comp.contract)
+        return self._engines[name]
+
+    def release(self, name: str) -> None:
+        engine = self._engines.pop(name, None)
+        if engine is not None:
+            engine.close()
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    def run(self, request: Request, noise: np.ndarray | None = None, on_frames: FramesFn | None = None,
+            progress: ProgressFn | None = None, vae_memory_bytes: int | None = None,
+            keep_text_encoder: bool = True) -> Result:
+        spec = self.manifest.model
+        check_prompt(request.prompt)
+        s = resolve(request, spec)
+        stats = RunStats(backend=self.backend.name)
+        stats.seconds["load"] = self.load_seconds
+        report = progress or (lambda stage, done, total: None)
+        latent_shape = spec.latent_shape(s.width, s.height, s.num_frames)  # [C, F, h, w]
+        stats.num_tokens = spec.num_tokens(s.width, s.height, s.num_frames)
+
+        # 1. text: [2, 512, d_model], row 0 = prompt, row 1 = negative prompt
+        with stats.stage("text"):
+            self._warn_unknown_words(s.prompt)
+            context = encode_prompts(self.engine(C.TEXT_ENCODER), self.tokenizer,
+                                     [s.prompt, s.negative_prompt], self.warn)
+            _check_finite("text encoder", context, "umT5 overflows in fp16: export it in fp32 or bf16")
+            if not keep_text_encoder:
+                self.release(C.TEXT_ENCODER)  # its memory is not needed again for this clip
+
+        # 2. plan
+        plan = plan_steps(self.manifest, s)
+        solver = make_solver(s.scheduler, [p.step for p in plan])
+
+        # 3. noise
+        if noise is None:
+            latents = np.random.default_rng(s.seed).standard_normal(latent_shape, dtype=np.float32)
+        else:
+            if tuple(noise.shape) != latent_shape:
+                raise UsageError(f"noise has shape {tuple(noise.shape)}, this request needs {latent_shape}")
+            latents = np.asarray(noise, dtype=np.float32).copy()
+
+        # 4. denoise
+        with stats.stage("denoise"):
+            for i, p in enumerate(plan):
+                t0 = time.perf_counter()
+                velocity = self._velocity(p, latents, context)
+                latents = solver.step(velocity, latents)
+                stats.denoise_step_seconds.append(time.perf_counter() - t0)
+                report("denoise", i + 1, len(plan))
+            _check_finite("denoiser", latents, "try fp32 or bf16 engines instead of fp16")
+
+        # 5. decode (+ write, timed apart inside the consumer)
+        frames: list[np.ndarray] = []
+        done = 0
+
+        def consume(chunk: np.ndarray) -> None:
+            nonlocal done
+            _check_finite("VAE decoder", chunk, "the VAE must run in fp32")
+            uint8 = to_uint8(chunk)
+            t0 = time.perf_counter()
+            if on_frames is None:
+                frames.append(uint8)
+            else:
+                on_frames(uint8)
+            stats.seconds["write"] += time.perf_counter() - t0
+            done += len(uint8)
+            report("decode", done, s.num_frames)
+
+        decoder = StreamingDecoder(self.engine(C.VAE_FIRST), self.engine(C.VAE_STEP), spec,
+                                   memory_budget_bytes=vae_memory_bytes)
+        t_decode = time.perf_counter()
+        for chunk in decoder.iter_decode(latents):
+            consume(chunk)
+        stats.seconds["decode"] = time.perf_counter() - t_decode - stats.seconds["write"]
+        video = np.concatenate(frames) if frames else None
+        return Result(frames=video, settings=s, stats=stats)
+
+    def _velocity(self, p: PlannedStep, latents: np.ndarray, context: np.ndarray) -> np.ndarray:
+        """One DiT call for cond and uncond together (batch 2), then CFG: u + g (c - u)."""
+        spec = self.manifest.model
+        batch = np.stack([latents, latents])  # [2, C, F, h, w]
+        if spec.per_token_timestep:
+            # TI2V text-to-video: every token at the step's timestep (image mode would zero frame 0).
+            _, f, h, w = latents.shape
+            pt, ph, pw = spec.dit.patch_size
+            tokens = (f // pt) * (h // ph) * (w // pw)
+            t = np.full((2, tokens), p.step.timestep, dtype=np.float32)
+        else:
+            t = np.full((2,), p.step.timestep, dtype=np.float32)
+        out = self.engine(p.expert).run({C.LATENTS: batch, C.TIMESTEP: t, C.CONTEXT: context})[C.VELOCITY]
+        cond, uncond = out[0], out[1]
+        return uncond + np.float32(p.guidance) * (cond - uncond)
+
+    def _warn_unknown_words(self, prompt: str) -> None:
+        words = self.tokenizer(prompt).unknown_words
+        if words and self.manifest.vocabulary:
+            self.warn(f"this model does not know {', '.join(sorted(set(words)))}; it knows: "
+                      f"{' '.join(self.manifest.vocabulary)}")
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """[-1, 1] float -> uint8 the way the reference pipelines do: (x + 1) / 2 * 255, rounded."""
+    return np.clip(np.rint((frames + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

@@ -1,0 +1,96 @@
+"""The generation request, checked against the model before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vidrt.errors import UsageError
+from vidrt.registry import ModelSpec
+from vidrt.schedulers import SOLVERS
+
+MAX_STEPS = 1000
+MAX_FRAMES = 1001
+MAX_SIDE_PX = 4096
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything that decides the clip. None = the model's default (from its manifest)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    num_frames: int | None = None
+    steps: int | None = None
+    guidance: float | None = None  # one scale for every expert; None = each expert's default
+    shift: float | None = None
+    seed: int = 0
+    scheduler: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A request with every default filled in and every value checked."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_frames: int
+    steps: int
+    guidance_high_noise: float
+    guidance_low_noise: float
+    shift: float
+    seed: int
+    scheduler: str
+
+
+def _nearest_multiple(value: int, multiple: int) -> str:
+    lo = max(multiple, value // multiple * multiple)
+    hi = lo + multiple
+    return str(lo) if lo == value else f"{lo} or {hi}"
+
+
+def resolve(request: Request, spec: ModelSpec) -> Settings:
+    """Fill defaults from the model and refuse values that cannot work, naming the nearest valid ones."""
+    d = spec.sampling
+    width, height = (request.width, request.height) if request.width and request.height else d.sizes[0]
+    m = spec.spatial_multiple
+    for name, v in (("width", width), ("height", height)):
+        if not m <= v <= MAX_SIDE_PX:
+            raise UsageError(f"{name} {v} is out of range; use {m}..{MAX_SIDE_PX} pixels (--size WxH)")
+        if v % m:
+            raise UsageError(f"{name} {v} is not a multiple of {m} (VAE stride x patch); "
+                             f"use {_nearest_multiple(v, m)}")
+    frames = request.num_frames if request.num_frames is not None else d.frames
+    ft = spec.vae.stride[0]
+    if not 1 <= frames <= MAX_FRAMES:
+        raise UsageError(f"--frames {frames} is out of range; use 1..{MAX_FRAMES} ({ft}k+1)")
+    if (frames - 1) % ft:
+        lo = (frames - 1) // ft * ft + 1
+        raise UsageError(f"--frames {frames} is not {ft}k+1; use {lo} or {lo + ft}")
+    steps = request.steps if request.steps is not None else d.steps
+    if not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"--steps {steps} is out of range; use 1..{MAX_STEPS}")
+    shift = request.shift if request.shift is not None else d.shift
+    if not (0.0 < shift <= 100.0):
+        raise UsageError(f"--shift {shift} is out of range; use a value in (0, 100], e.g. {d.shift}")
+    if request.guidance is not None and not (0.0 <= request.guidance <= 50.0):
+        raise UsageError(f"--guidance {request.guidance} is out of range; use 0..50, e.g. {d.guidance_low_noise}")
+    scheduler = request.scheduler or d.scheduler
+    if scheduler not in SOLVERS:
+        raise UsageError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SOLVERS)}")
+    if not 0 <= request.seed <= MAX_SEED:
+        raise UsageError(f"--seed {request.seed} is out of range; use 0..{MAX_SEED}")
+    g = request.guidance
+    return Settings(
+        prompt=request.prompt,
+        negative_prompt=d.negative_prompt if request.negative_prompt is None else request.negative_prompt,
+        width=width, height=height, num_frames=frames, steps=steps,
+        guidance_high_noise=d.guidance_high_noise if g is None else g,
+        guidance_low_noise=d.guidance_low_noise if g is None else g,
+        shift=shift, seed=request.seed, scheduler=scheduler,
+    )
+

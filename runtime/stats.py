@@ -1,0 +1,49 @@
+"""Per-stage wall-clock timings of one run, printable as a table and serialisable as JSON."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+STAGES = ("load", "text", "denoise", "decode", "write")
+
+
+@dataclass
+class RunStats:
+    seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    denoise_step_seconds: list[float] = field(default_factory=list)
+    num_tokens: int = 0
+    backend: str = ""
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(v for k, v in self.seconds.items() if k != "load")
+
+    def table(self) -> str:
+        """Stage | seconds | share of the clip's time (load is shown but not counted in the share)."""
+        total = self.total_seconds or 1e-12
+        rows = [f"{'stage':<10}{'seconds':>10}{'share':>8}"]
+        for name, sec in self.seconds.items():
+            share = "" if name == "load" else f"{100 * sec / total:6.1f}%"
+            rows.append(f"{name:<10}{sec:>10.3f}{share:>8}")
+        rows.append(f"{'total':<10}{self.total_seconds:>10.3f}{'100.0%':>8}")
+        if self.denoise_step_seconds:
+            steps = sorted(self.denoise_step_seconds)
+            rows.append(f"denoise step median {steps[len(steps) // 2]:.3f} s over {len(steps)} steps, "
+                        f"{self.num_tokens} tokens")
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"seconds": dict(self.seconds), "total_seconds": self.total_seconds,
+                "denoise_step_seconds": list(self.denoise_step_seconds),
+                "num_tokens": self.num_tokens, "backend": self.backend}
