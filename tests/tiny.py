@@ -1,0 +1,201 @@
+"""Tiny random-weight Wan checkpoints, written to disk in the real formats (for tests).
+
+    from tiny import write_official_checkpoint, write_diffusers_checkpoint, TINY_VARIANT
+    ref = write_official_checkpoint(tmp_path / "ckpt", "t2v")      # kind: "t2v" | "a14b" | "ti2v"
+    ckpt = open_checkpoint(ref.root, variant=TINY_VARIANT["t2v"])  # tiny dims: pass the variant
+    ref.dit["dit"], ref.text_encoder, ref.vae                      # the modules that wrote the files
+
+Official layout: written from the OFFICIAL `wan` modules (tests/wan_ref.py), every parameter
+randomised (zero-initialised heads too), fixed seeds:
+  t2v   config.json + diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth (num_res_blocks 1)
+  a14b  high_noise_model/ + low_noise_model/, each sharded in 2 with an index; Wan2.1_VAE.pth
+        (num_res_blocks 2, the real count)
+  ti2v  in_dim 48, model_type ti2v, Wan2.2_VAE.pth
+  all   models_t5_umt5-xxl-enc-bf16.pth (fp32 tensors), google/umt5-xxl/ (tokenizer.json +
+        tokenizer_config.json, loadable by transformers' AutoTokenizer)
+Diffusers layout: the same kinds from WanTransformer3DModel / AutoencoderKLWan / UMT5EncoderModel
+via save_pretrained, plus model_index.json like WanPipeline's (transformer_2 + boundary_ratio for
+a14b) and tokenizer/.
+
+Dims: DiT dim 64 (2 heads x 32), ffn 128, 2 layers, freq 32, text_dim 64, text_len 512 (the
+official model zero-pads the context to text_len and does not mask it, so it must equal the
+512 rows the runtime pads to); umT5 vocab 256, d 64, 4 heads, 2 layers, 32 buckets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import wan_ref
+from safetensors.torch import save_file
+
+KINDS = ("t2v", "a14b", "ti2v")
+TINY_VARIANT = {"t2v": "wan2.1-t2v-1.3b", "a14b": "wan2.2-t2v-a14b", "ti2v": "wan2.2-ti2v-5b"}
+TEXT_LEN = 512
+DIT = dict(dim=64, ffn_dim=128, freq_dim=32, text_dim=64, num_heads=2, num_layers=2, text_len=TEXT_LEN)
+T5 = dict(vocab=256, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2, num_buckets=32)
+VAE21 = dict(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], temperal_downsample=[False, True, True])
+VAE22 = dict(dim=8, dec_dim=16, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+             temperal_downsample=[False, True, True])
+WORDS = ("a cat dog walks runs on the beach in snow under blue red sky city night day slowly fast "
+         "camera video of with and").split()
+
+
+def _experts(kind: str) -> tuple[str, ...]:
+    return ("dit_high", "dit_low") if kind == "a14b" else ("dit",)
+
+
+def randomise_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random (heads and modulations are zero/ones at init: a key map that
+    dropped or swapped them would go unnoticed). Norm scales near 1, matrices ~ 1/sqrt(fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if "norm" in name or name.endswith("gamma"):
+                p.copy_(1.0 + 0.1 * r)
+            elif p.ndim >= 2 and "embedding" not in name and "modulation" not in name:
+                p.copy_(r / math.sqrt(p[0].numel()))
+            else:
+                p.copy_(0.1 * r if p.ndim == 1 else 0.5 * r)
+    return module.eval()
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """A T5-like Unigram tokenizer: <pad>=0, </s>=1, <unk>=2, Metaspace, '</s>' appended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    pieces = ["<pad>", "</s>", "<unk>", "▁", *(f"▁{w}" for w in WORDS), *"abcdefghijklmnopqrstuvwxyz"]
+    vocab = [(p, 0.0 if i < 3 else -float(i)) for i, p in enumerate(pieces)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "</s>",
+        "unk_token": "<unk>", "model_max_length": TEXT_LEN}))
+    return folder
+
+
+def _save_sharded(sd: dict[str, torch.Tensor], folder: Path, stem: str, shards: int) -> None:
+    """`stem.safetensors`, or `stem-0000i-of-0000n.safetensors` + `stem.safetensors.index.json`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in sd.items()}
+    if shards == 1:
+        save_file(sd, str(folder / f"{stem}.safetensors"))
+        return
+    keys = list(sd)
+    per = math.ceil(len(keys) / shards)
+    weight_map = {}
+    for i in range(shards):
+        name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        chunk = keys[i * per:(i + 1) * per]
+        save_file({k: sd[k] for k in chunk}, str(folder / name))
+        weight_map.update(dict.fromkeys(chunk, name))
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+             "weight_map": weight_map}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+@dataclass(frozen=True)
+class OfficialTiny:
+    root: Path
+    kind: str
+    dit: dict[str, Any]  # expert -> official WanModel
+    text_encoder: Any  # official t5.T5Encoder
+    vae: Any  # official vae2_1.WanVAE_ | vae2_2.WanVAE_
+
+
+def write_official_checkpoint(root: str | Path, kind: str) -> OfficialTiny:
+    assert kind in KINDS, kind
+    root = Path(root)
+    model_mod, t5_mod = wan_ref.load("modules.model"), wan_ref.load("modules.t5")
+    in_dim = 48 if kind == "ti2v" else 16
+    dits = {}
+    for i, expert in enumerate(_experts(kind)):
+        dit = randomise_(model_mod.WanModel(model_type="ti2v" if kind == "ti2v" else "t2v",
+                                            in_dim=in_dim, out_dim=in_dim, **DIT), seed=10 + i)
+        folder = root / {"dit": ".", "dit_high": "high_noise_model", "dit_low": "low_noise_model"}[expert]
+        _save_sharded(dit.state_dict(), folder, "diffusion_pytorch_model", shards=2 if kind == "a14b" else 1)
+        config = {"_class_name": "WanModel", "_diffusers_version": "0.30.0",
+                  **{k: v for k, v in dit.config.items() if not k.startswith("_")}}
+        (folder / "config.json").write_text(json.dumps(config, indent=1))
+        dits[expert] = dit
+    t5 = randomise_(t5_mod.T5Encoder(shared_pos=False, dropout=0.0, **T5), seed=20)
+    torch.save(t5.state_dict(), root / "models_t5_umt5-xxl-enc-bf16.pth")
+    if kind == "ti2v":
+        vae = wan_ref.load("modules.vae2_2").WanVAE_(**VAE22)
+        name = "Wan2.2_VAE.pth"
+    else:
+        nrb = 2 if kind == "a14b" else 1
+        vae = wan_ref.load("modules.vae2_1").WanVAE_(num_res_blocks=nrb, **VAE21)
+        name = "Wan2.1_VAE.pth"
+    randomise_(vae, seed=30)
+    torch.save(vae.state_dict(), root / name)
+    write_tokenizer(root / "google" / "umt5-xxl")
+    return OfficialTiny(root, kind, dits, t5, vae)
+
+
+@dataclass(frozen=True)
+class DiffusersTiny:
+    root: Path
+    kind: str
+    transformer: dict[str, Any]  # expert -> WanTransformer3DModel
+    text_encoder: Any  # UMT5EncoderModel
+    vae: Any  # AutoencoderKLWan
+
+
+def diffusers_configs(kind: str) -> tuple[dict, dict, dict]:
+    """(WanTransformer3DModel kwargs, UMT5Config kwargs, AutoencoderKLWan kwargs) of the tiny kind."""
+    ch = 48 if kind == "ti2v" else 16
+    dit = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=ch,
+               out_channels=ch, text_dim=64, freq_dim=32, ffn_dim=128, num_layers=2)
+    t5 = dict(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+              relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    if kind == "ti2v":
+        vae = dict(base_dim=8, decoder_base_dim=16, z_dim=48, num_res_blocks=1, is_residual=True,
+                   in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+                   latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+    else:
+        vae = dict(base_dim=8, z_dim=16, num_res_blocks=1)
+    return dit, t5, vae
+
+
+def write_diffusers_checkpoint(root: str | Path, kind: str) -> DiffusersTiny:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    assert kind in KINDS, kind
+    root = Path(root)
+    dit_cfg, t5_cfg, vae_cfg = diffusers_configs(kind)
+    subs = {"dit": "transformer", "dit_high": "transformer", "dit_low": "transformer_2"}
+    transformers = {}
+    for i, expert in enumerate(_experts(kind)):
+        m = randomise_(WanTransformer3DModel(**dit_cfg), seed=40 + i)
+        # a14b: sharded with diffusers' own index writer
+        m.save_pretrained(root / subs[expert], max_shard_size="300KB" if kind == "a14b" else "10GB")
+        transformers[expert] = m
+    te_cfg = UMT5Config(**t5_cfg)
+    te_cfg._attn_implementation = "eager"  # what Checkpoint.text_encoder() builds: same kernels
+    te = randomise_(UMT5EncoderModel(te_cfg), seed=50)
+    te.save_pretrained(root / "text_encoder")
+    vae = randomise_(AutoencoderKLWan(**vae_cfg), seed=60)
+    vae.save_pretrained(root / "vae")
+    write_tokenizer(root / "tokenizer")
+    index = {"_class_name": "WanPipeline", "_diffusers_version": "0.42.1",
+             "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+             "text_encoder": ["transformers", "UMT5EncoderModel"],
+             "tokenizer": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "WanTransformer3DModel"],
+             "transformer_2": ["diffusers", "WanTransformer3DModel"] if kind == "a14b" else [None, None],
+             "vae": ["diffusers", "AutoencoderKLWan"], "boundary_ratio": 0.875 if kind == "a14b" else None,
+             "expand_timesteps": kind == "ti2v"}
+    (root / "model_index.json").write_text(json.dumps(index, indent=1))
+    return DiffusersTiny(root, kind, transformers, te, vae)
