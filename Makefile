@@ -6,7 +6,7 @@ VIDRT  := $(VENV)/bin/vidrt
 MODEL  ?=
 OUT    ?=
 
-.PHONY: venv test run engines bench lint clean
+.PHONY: venv test run engines bench lint typecheck clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -e '.[export,dev]'
 	# the official Wan code, only as a test reference (its own requirements include flash_attn)
 	$(PIP) install --no-deps wan22==2.2.11
+	# type stubs for the TensorRT backend (mypy); their dependency `tensorrt` is not installable from PyPI
+	$(PIP) install --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $@
 
 venv: $(VENV)/.installed
@@ -29,6 +31,16 @@ lint: venv
 engines: venv
 	@test -n "$(MODEL)" || { echo "usage: make engines MODEL=/path/to/checkpoint [OUT=engines/NAME]"; exit 2; }
 	$(VIDRT) export --model "$(MODEL)" $(if $(OUT),--out "$(OUT)")
+
+typecheck: venv
+	$(PY) tests/typing_prep.py >/dev/null
+	$(PY) -m mypy -m vidrt.backends.tensorrt -m vidrt.backends.cuda -m vidrt.residency -m vidrt.doctor \
+		-m vidrt.trt_cli -m vidrt.export.build_engines -m vidrt.export.quantize_fp8
+
+# Retrain the embedded tiny model (export/train_tiny.py): VAE, then umT5 + DiT, then the sampling sweep.
+# Seeded and step-counted; about an hour on a busy 2-core CPU. Writes checkpoints/tiny-shapes/.
+train-tiny: venv
+	nice -n 15 $(PY) -m vidrt.export.train_tiny --out checkpoints/tiny-shapes --stage all --seed 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from vidrt.request import Request, Settings, resolve
 from vidrt.schedulers import Step, expert_for_timestep, make_schedule, make_solver
 from vidrt.stats import RunStats
 from vidrt.text import PromptTokenizer, check_prompt, encode_prompts
-from vidrt.vae_decode import StreamingDecoder
+from vidrt.vae_decode import auto_budget_bytes, choose_tile, iter_decode
+from vidrt.video import to_uint8
 
 # (stage, done, total): "denoise" counts steps, "decode" counts video frames.
 ProgressFn = Callable[[str, int, int], None]
@@ -169,10 +169,13 @@ class Pipeline:
             done += len(uint8)
             report("decode", done, s.num_frames)
 
-        decoder = StreamingDecoder(self.engine(C.VAE_FIRST), self.engine(C.VAE_STEP), spec,
-                                   memory_budget_bytes=vae_memory_bytes)
+        first, step = self.engine(C.VAE_FIRST), self.engine(C.VAE_STEP)
+        _, _, lat_h, lat_w = latent_shape
+        tiles = choose_tile(step.contract, lat_h, lat_w, vae_memory_bytes or auto_budget_bytes(),
+                            scale=spec.vae.stride[1])
+        stats.vae_tiles = tiles.count
         t_decode = time.perf_counter()
-        for chunk in decoder.iter_decode(latents):
+        for chunk in iter_decode(latents, first, step, tiles, mean=spec.vae.latents_mean, std=spec.vae.latents_std):
             consume(chunk)
         stats.seconds["decode"] = time.perf_counter() - t_decode - stats.seconds["write"]
         video = np.concatenate(frames) if frames else None
@@ -199,12 +202,3 @@ class Pipeline:
         if words and self.manifest.vocabulary:
             self.warn(f"this model does not know {', '.join(sorted(set(words)))}; it knows: "
                       f"{' '.join(self.manifest.vocabulary)}")
-
-
-def to_uint8(frames: np.ndarray) -> np.ndarray:
-    """[-1, 1] float -> uint8 the way the reference pipelines do: (x + 1) / 2 * 255, rounded."""
-    return np.clip(np.rint((frames + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

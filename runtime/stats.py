@@ -15,6 +15,7 @@ class RunStats:
     seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
     denoise_step_seconds: list[float] = field(default_factory=list)
     num_tokens: int = 0
+    vae_tiles: int = 0
     backend: str = ""
 
     @contextmanager
@@ -46,4 +47,4 @@ class RunStats:
     def to_dict(self) -> dict[str, object]:
         return {"seconds": dict(self.seconds), "total_seconds": self.total_seconds,
                 "denoise_step_seconds": list(self.denoise_step_seconds),
-                "num_tokens": self.num_tokens, "backend": self.backend}
+                "num_tokens": self.num_tokens, "vae_tiles": self.vae_tiles, "backend": self.backend}

@@ -1,0 +1,266 @@
+"""ONNX -> TensorRT plans for a model package (`vidrt build`). Needs TensorRT and a GPU.
+
+    vidrt build engines/wan2.2-ti2v-5b --precision bf16 --sizes 1280x704 --frames 121
+
+Strongly typed networks only: the precision lives in the ONNX (fp16/bf16 weights and casts from
+the export, fp8 as ModelOpt Q/DQ: export/quantize_fp8.py). TensorRT 11 has no precision flags any
+more; on 10.x the STRONGLY_TYPED creation flag gives the same behaviour. Per component:
+
+  DiT experts   one optimisation profile per resolution bucket (latent F/H/W fixed per bucket,
+                batch 1..2 so CFG can run as one batch-2 or two batch-1 calls)
+  text encoder  batch 1..2 x 1..512 tokens; umT5 is never built from an fp16 graph (it overflows)
+  VAE           first/step graphs at one fixed tile shape (static: the step replays a CUDA graph),
+                fp32; the tile comes from the residency plan for this GPU unless --vae-tile is given
+
+Plans go to `<package>/trt-<version>-sm<cc>-<precision>/<component>.plan` with a persistent
+timing cache (`timing.cache`, GPU-specific) and `report.json` (TensorRT's device_memory_size_v2
+per engine, read by `vidrt plan`); their entries replace older ones in manifest.json (re-hashed,
+written atomically).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from vidrt import contracts as C
+from vidrt.backends.cuda import probe
+from vidrt.backends.tensorrt import engine_dir_name, load_tensorrt, version_tuple
+from vidrt.contracts import Contract, resolve_shape
+from vidrt.errors import DeviceError, PackageError, UsageError
+from vidrt.manifest import Component, Manifest, load_manifest, make_artifact, write_manifest
+from vidrt.manifest import Engine as EngineEntry
+from vidrt.registry import ModelSpec
+
+if TYPE_CHECKING:  # the stubs (tensorrt-stubs) check every call below; the module itself loads lazily
+    import tensorrt as trt_t
+
+GiB = 2**30
+BUILD_PRECISIONS = ("fp16", "bf16", "fp8", "fp32")
+Shape = tuple[int, ...]
+Profile = dict[str, tuple[Shape, Shape, Shape]]  # input -> (min, opt, max)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    precision: str
+    sizes: tuple[tuple[int, int], ...] = ()  # (width, height) buckets; () = the model's default sizes
+    frames: int | None = None  # None = the model's default
+    workspace_bytes: int = 4 * GiB  # builder scratch limit (tactics needing more are skipped)
+    optimization_level: int = 3  # 0..5; 3 is TensorRT's default (and demoDiffusion's, to bound build memory)
+    weight_streaming: bool = False  # DiT plans streamable from host memory (see `vidrt plan`)
+    vae_tile: tuple[int, int] | None = None  # (tile_h, tile_w) latent cells; None = from the residency plan
+    gpu_memory: int | None = None  # bytes for the VAE tile choice; None = this GPU's total memory
+    text_seq_opt: int = 128  # token count the text encoder is tuned for
+    components: tuple[str, ...] = ()  # () = all
+
+
+# ---- pure parts (unit-tested) -------------------------------------------------------------------------
+
+
+def check_component_precision(name: str, comp: Component, precision: str, spec: ModelSpec) -> None:
+    """What each graph's ONNX precision must be for a build at `precision`."""
+    if name in spec.experts:
+        if comp.precision != precision:
+            fix = ("quantize it: python -m vidrt.export.quantize_fp8 --help" if precision == "fp8" else
+                   f"re-export: vidrt export --model CHECKPOINT --opset 23 --precision {precision}")
+            raise PackageError(f"{comp.artifact.file} is {comp.precision}, a {precision} build needs a {precision} "
+                               f"graph (TensorRT networks are strongly typed: the precision is in the ONNX); {fix}")
+    elif name == C.TEXT_ENCODER:
+        if comp.precision == "fp16":
+            raise PackageError(f"{comp.artifact.file} is fp16: umT5 overflows in fp16 (non-finite embeddings); "
+                               f"re-export the text encoder in bf16 or fp32")
+    elif name in (C.VAE_FIRST, C.VAE_STEP):
+        if comp.precision != "fp32":
+            raise PackageError(f"{comp.artifact.file} is {comp.precision}: the Wan VAE is built in fp32 only "
+                               f"(it is precision-sensitive); re-export it in fp32")
+
+
+def _bind(contract: Contract, sizes: dict[str, int]) -> dict[str, Shape]:
+    return {t.name: resolve_shape(t.shape, sizes) for t in contract.inputs}
+
+
+def dit_profiles(spec: ModelSpec, contract: Contract, sizes: tuple[tuple[int, int], ...], frames: int) -> list[Profile]:
+    """One profile per (width, height): the latent shape fixed, batch 1..2 (opt 2)."""
+    out = []
+    for width, height in sizes:
+        m = spec.spatial_multiple
+        if width % m or height % m:
+            raise UsageError(f"size {width}x{height}: width and height must be multiples of {m} for {spec.name}")
+        _, f, h, w = spec.latent_shape(width, height, frames)
+        dims = {"frames": f, "height": h, "width": w, "tokens": spec.num_tokens(width, height, frames)}
+        lo, hi = _bind(contract, {**dims, "batch": 1}), _bind(contract, {**dims, "batch": 2})
+        out.append({n: (lo[n], hi[n], hi[n]) for n in lo})
+    return out
+
+
+def text_profiles(spec: ModelSpec, contract: Contract, seq_opt: int) -> list[Profile]:
+    lo = _bind(contract, {"batch": 1, "seq": 1})
+    opt = _bind(contract, {"batch": 2, "seq": min(seq_opt, spec.text.text_len)})
+    hi = _bind(contract, {"batch": 2, "seq": spec.text.text_len})
+    return [{n: (lo[n], opt[n], hi[n]) for n in lo}]
+
+
+def vae_profiles(contract: Contract, tile: tuple[int, int], scale: int) -> list[Profile]:
+    th, tw = tile
+    shapes = _bind(contract, {"lat_h": th, "lat_w": tw, "out_h": th * scale, "out_w": tw * scale})
+    return [{n: (s, s, s) for n, s in shapes.items()}]
+
+
+def choose_vae_tile(spec: ModelSpec, contract: Contract, sizes: tuple[tuple[int, int], ...], frames: int,
+                    budget: int) -> tuple[int, int]:
+    """The residency plan's tile for the largest size bucket (it serves the smaller ones too)."""
+    from vidrt.residency import make_plan
+
+    width, height = max(sizes, key=lambda s: s[0] * s[1])
+    plan = make_plan(spec, width, height, frames, budget, "fp32", contracts={C.VAE_STEP: contract})
+    return plan.vae_tile.tile_shape
+
+
+# ---- TensorRT ---------------------------------------------------------------------------------------------
+
+
+def network_flags(trt: ModuleType) -> int:
+    """Strongly typed: the default and only mode on TensorRT 11; an explicit flag on 10.x."""
+    if version_tuple(str(trt.__version__))[0] >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def build_plan(trt: ModuleType, onnx_path: Path, profiles: list[Profile], options: BuildOptions,
+               timing_cache: Path, *, streamable: bool = False) -> tuple[bytes, dict[str, Any]]:
+    """Build one plan. Returns (plan bytes, report)."""
+    logger: trt_t.Logger = trt.Logger(trt.Logger.WARNING)
+    builder: trt_t.Builder | None = trt.Builder(logger)
+    if builder is None:
+        raise DeviceError("TensorRT could not create a builder (CUDA initialisation failed; see `vidrt doctor`)")
+    network: trt_t.INetworkDefinition = builder.create_network(network_flags(trt))
+    parser: trt_t.OnnxParser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
+        errors = "; ".join(str(parser.get_error(i)) for i in range(min(parser.num_errors, 3)))
+        raise PackageError(f"TensorRT {trt.__version__} cannot parse {onnx_path.name}: {errors[:400]} "
+                           f"(opset 23 Attention/RMSNormalization need TensorRT >= 10.15)")
+    config: trt_t.IBuilderConfig = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
+    config.builder_optimization_level = options.optimization_level
+    if streamable:
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    cache: trt_t.ITimingCache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, False)
+    for prof in profiles:
+        p: trt_t.IOptimizationProfile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in prof.items():
+            p.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
+        config.add_optimization_profile(p)
+    t0 = time.perf_counter()
+    plan: trt_t.IHostMemory | None = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise DeviceError(f"TensorRT could not build {onnx_path.name} (see its log above); try a smaller "
+                          f"--workspace, fewer --sizes or --optimization-level 2")
+    data = bytes(memoryview(plan))
+    timing: trt_t.ITimingCache = config.get_timing_cache()
+    _write_atomic(timing_cache, bytes(memoryview(timing.serialize())))
+    report: dict[str, Any] = {"build_seconds": round(time.perf_counter() - t0, 1), "plan_bytes": len(data)}
+    runtime: trt_t.Runtime = trt.Runtime(logger)
+    engine: trt_t.ICudaEngine | None = runtime.deserialize_cuda_engine(data)
+    if engine is not None:
+        report["device_memory_bytes"] = int(engine.device_memory_size_v2)
+        report["profile_device_memory_bytes"] = [int(engine.get_device_memory_size_for_profile_v2(i))
+                                                 for i in range(engine.num_optimization_profiles)]
+        report["weight_bytes"] = int(engine.streamable_weights_size) if streamable else len(data)
+        del engine
+    return data, report
+
+
+def build_package(package: Path | str, options: BuildOptions, *, trt_mod: ModuleType | None = None,
+                  compute_capability: str | None = None, total_memory: int | None = None,
+                  builder: Callable[..., tuple[bytes, dict[str, Any]]] = build_plan,
+                  log: Callable[[str], None] = print) -> Manifest:
+    """Build every component's plan and record them in the manifest. Returns the new manifest."""
+    package = Path(package)
+    if options.precision not in BUILD_PRECISIONS:
+        raise UsageError(f"--precision {options.precision!r}: use one of {', '.join(BUILD_PRECISIONS)}")
+    manifest = load_manifest(package, verify=True)
+    spec = manifest.model
+    trt = trt_mod if trt_mod is not None else load_tensorrt()
+    if compute_capability is None:
+        gpu = probe()
+        if not gpu.ok:
+            raise DeviceError(f"building TensorRT engines needs the target GPU: {gpu.reason}")
+        compute_capability, total_memory = gpu.devices[0].compute_capability, gpu.devices[0].total_bytes
+    if options.precision == "fp8" and version_tuple(compute_capability) < (8, 9):
+        raise DeviceError(f"fp8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); this GPU is "
+                          f"{compute_capability}: build bf16 or fp16 instead")
+    sizes = options.sizes or spec.sampling.sizes
+    frames = options.frames or spec.sampling.frames
+    if (frames - 1) % spec.vae.stride[0]:
+        raise UsageError(f"--frames {frames}: must be 4k+1")
+    version = str(trt.__version__)
+    folder = engine_dir_name(version, compute_capability, options.precision)
+    out_dir = package / folder
+    out_dir.mkdir(exist_ok=True)
+    cache = out_dir / "timing.cache"
+    names = options.components or tuple(manifest.components)
+    unknown = set(names) - set(manifest.components)
+    if unknown:
+        raise UsageError(f"unknown component(s) {', '.join(sorted(unknown))}; the package has "
+                         f"{', '.join(manifest.components)}")
+    for name in names:
+        check_component_precision(name, manifest.components[name], options.precision, spec)
+    report_path = out_dir / "report.json"
+    reports: dict[str, Any] = json.loads(report_path.read_text()).get("engines", {}) if report_path.is_file() else {}
+    tile = options.vae_tile
+    new: list[EngineEntry] = []
+    for name in names:
+        comp = manifest.components[name]
+        buckets: tuple[tuple[int, int, int], ...] = ()
+        if name in spec.experts:
+            profiles = dit_profiles(spec, comp.contract, sizes, frames)
+            buckets = tuple((w, h, frames) for w, h in sizes)
+        elif name == C.TEXT_ENCODER:
+            profiles = text_profiles(spec, comp.contract, options.text_seq_opt)
+        elif name in (C.VAE_FIRST, C.VAE_STEP):
+            if tile is None:
+                step = manifest.components.get(C.VAE_STEP, comp).contract
+                budget = options.gpu_memory or total_memory or 24 * 10**9
+                tile = choose_vae_tile(spec, step, sizes, frames, budget)
+                log(f"VAE tile {tile[0]}x{tile[1]} latent cells (residency plan for {budget / GiB:.1f} GiB)")
+            profiles = vae_profiles(comp.contract, tile, spec.vae.stride[1])
+            s = spec.vae.stride[1]
+            buckets = ((tile[1] * s, tile[0] * s, 1),)  # the tile in pixels (width, height, 1 latent frame)
+        else:
+            raise UsageError(f"do not know how to profile component {name!r}")
+        log(f"building {name} ({comp.precision}) -> {folder}/{name}.plan, {len(profiles)} profile(s)")
+        data, report = builder(trt, package / comp.artifact.file, profiles, options, cache,
+                               streamable=options.weight_streaming and name in spec.experts)
+        _write_atomic(out_dir / f"{name}.plan", data)
+        reports[name] = report
+        artifact = make_artifact(package, f"{folder}/{name}.plan")
+        new.append(EngineEntry(name, artifact, comp.precision, version, compute_capability, buckets))
+    _write_atomic(report_path, (json.dumps({"tensorrt_version": version, "compute_capability": compute_capability,
+                                            "precision": options.precision, "engines": reports}, indent=1)
+                                + "\n").encode())
+    replaced = {e.artifact.file for e in new}
+    engines = tuple(e for e in manifest.engines if e.artifact.file not in replaced) + tuple(new)
+    manifest = dataclasses.replace(manifest, engines=engines)
+    write_manifest(package, manifest)
+    return manifest
+
+
+__all__ = ["BuildOptions", "BUILD_PRECISIONS", "check_component_precision", "dit_profiles", "text_profiles",
+           "vae_profiles", "choose_vae_tile", "network_flags", "build_plan", "build_package"]
+

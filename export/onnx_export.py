@@ -1,0 +1,258 @@
+"""Export the three Wan components to ONNX (dynamo exporter), atomically, and return their contracts.
+
+Every writer goes to a temporary folder beside the target and renames into place, the external
+data file first, so a killed export never leaves a `.onnx` that points at a half-written
+`.onnx.data`. Large graphs (the 5B/14B DiT) are traced on the meta device and get their weights
+attached afterwards (reference/feasibility.md §2.2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+import torch
+from torch import nn
+from vidrt.contracts import Contract
+from vidrt.errors import UsageError
+from vidrt.export.components import (
+    PRECISIONS,
+    TORCH_DTYPES,
+    GraphSpec,
+    dit_graph_spec,
+    eager_attention,
+    make_low_precision,
+    nearest_upsampling,
+    stack_rope,
+    text_encoder_graph_spec,
+    vae_graph_specs,
+)
+from vidrt.registry import ModelSpec
+
+# Above this many bytes of weights the graph is saved with external data (protobuf caps a file at
+# 2 GiB; torch itself switches at 1.5 GiB, so stay at its threshold to keep the two in agreement).
+EXTERNAL_DATA_BYTES = 1536 * 1024 * 1024
+MIN_OPSET, MAX_OPSET = 18, 23  # the dynamo exporter has nothing below 18
+
+
+def data_file_name(path: Path) -> str:
+    """The external-data file name the exporter records inside `path`."""
+    return path.name + ".data"
+
+
+# ---- the one export routine -------------------------------------------------------------------
+
+
+def export_graph(graph: GraphSpec, path: Path | str, opset: int = 18, *,
+                 weights: Mapping[str, torch.Tensor] | None = None, include_weights: bool = True,
+                 external_data: bool | None = None) -> Contract:
+    """Trace `graph.module` with torch.onnx (dynamo) and write it to `path` atomically.
+
+    weights: for a module on the meta device, the real tensors by initializer name ("model.<key>");
+    they are attached after tracing, then the graph is optimised. include_weights=False writes the
+    graph alone (no initializers): for inspecting full-size graphs without their weights.
+    external_data: None = only when the weights exceed EXTERNAL_DATA_BYTES."""
+    check_opset(opset)
+    path = Path(path)
+    on_meta = any(p.is_meta for p in graph.module.parameters())
+    if on_meta and include_weights and weights is None:
+        raise UsageError("a graph traced on the meta device needs `weights` (or include_weights=False)")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter chatter (TracerWarnings, deprecations)
+        prog = torch.onnx.export(
+            graph.module, graph.args, None, dynamo=True, opset_version=opset, verbose=False,
+            input_names=list(graph.contract.input_names), output_names=list(graph.contract.output_names),
+            dynamic_shapes=graph.dynamic_shapes, optimize=not on_meta, external_data=False)
+    assert prog is not None
+    if weights is not None:
+        _apply_weights(prog, weights)
+        prog.optimize()
+    _name_dims(prog.model, graph.contract)
+    if external_data is None:
+        external_data = include_weights and _initializer_bytes(prog) > EXTERNAL_DATA_BYTES
+    with _atomic_target(path) as tmp_path:
+        prog.save(tmp_path, include_initializers=include_weights, external_data=external_data)
+    return graph.contract
+
+
+def check_opset(opset: int) -> None:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UsageError(f"opset {opset} is not supported: choose {MIN_OPSET} (ONNX Runtime) to {MAX_OPSET} "
+                         f"(fused Attention/RMSNormalization for TensorRT)")
+
+
+def _apply_weights(prog: Any, weights: Mapping[str, torch.Tensor]) -> None:
+    """Attach real tensors to the traced initializers, cast to the dtype the graph was traced with."""
+    inits = prog.model.graph.initializers
+    missing = [name for name in inits if name not in weights and inits[name].const_value is None]
+    if missing:
+        raise UsageError(f"no weights for {len(missing)} graph initializer(s), e.g. {missing[:3]}")
+    cast = {}
+    for name, tensor in weights.items():
+        if name in inits:
+            want = _torch_dtype(inits[name].dtype)
+            cast[name] = tensor.to(want) if tensor.dtype != want else tensor
+    prog.apply_weights(cast)
+
+
+def _torch_dtype(ir_dtype: Any) -> torch.dtype:
+    table = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16,
+             ir.DataType.DOUBLE: torch.float64, ir.DataType.INT64: torch.int64, ir.DataType.INT32: torch.int32,
+             ir.DataType.BOOL: torch.bool}
+    return table[ir_dtype]
+
+
+def _initializer_bytes(prog: Any) -> int:
+    return sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
+
+
+def _name_dims(model: Any, contract: Contract) -> None:
+    """Give the graph's symbolic I/O dims the contract's names ('2*half_height' -> 'height')."""
+    specs = {t.name: t for t in contract.inputs + contract.outputs}
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        spec = specs.get(value.name)
+        if spec is None or value.shape is None:
+            continue
+        pairs = zip(value.shape, spec.shape, strict=True)
+        value.shape = ir.Shape([d if isinstance(want, int) else ir.SymbolicDim(want) for d, want in pairs])
+
+
+@contextlib.contextmanager
+def _atomic_target(path: Path) -> Iterator[Path]:
+    """Yield a temp path with the final file name (the .onnx records its data file's name); on
+    success move the data file, then the graph, into place and drop any stale data file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp_path = tmp_dir / path.name
+        yield tmp_path
+        data = tmp_dir / data_file_name(path)
+        final_data = path.parent / data_file_name(path)
+        if data.exists():
+            os.replace(data, final_data)
+        elif final_data.exists():
+            final_data.unlink()
+        os.replace(tmp_path, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+# ---- per component ----------------------------------------------------------------------------
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision {precision!r} is not supported: choose one of {', '.join(PRECISIONS)}")
+
+
+def text_encoder_precision(precision: str) -> str:
+    """umT5 overflows in fp16: it is exported bf16 only when bf16 is asked for, else fp32."""
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+def export_text_encoder(model: nn.Module, path: Path | str, spec: ModelSpec, opset: int = 18, precision: str = "fp32",
+                        *, external_data: bool | None = None) -> Contract:
+    """UMT5EncoderModel -> ONNX with dynamic [batch, seq] (eager attention; SDPA does not export)."""
+    _check_precision(precision)
+    model = model.eval()
+    if text_encoder_precision(precision) == "bf16":
+        # cast all but the modules transformers keeps fp32 (UMT5: the FFN output `wo`)
+        keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+        for name, p in model.named_parameters():
+            if not any(k in name.split(".") for k in keep):
+                p.data = p.data.to(torch.bfloat16)
+    with eager_attention(model):
+        return export_graph(text_encoder_graph_spec(model, spec), path, opset, external_data=external_data)
+
+
+def build_meta_dit(config: Mapping[str, Any]) -> nn.Module:
+    """WanTransformer3DModel with no storage: for tracing 5B/14B graphs on a small machine."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return WanTransformer3DModel(**cfg).eval()
+
+
+def dit_rope_buffers(config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The RoPE tables are non-persistent buffers (not in checkpoints): compute them on the CPU."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    head_dim = config.get("attention_head_dim", 128)
+    rope = WanRotaryPosEmbed(head_dim, tuple(config.get("patch_size", (1, 2, 2))), config.get("rope_max_seq_len", 1024))
+    return {"model.rope.freqs_cos": rope.freqs_cos, "model.rope.freqs_sin": rope.freqs_sin}
+
+
+def export_dit(model: nn.Module | None, path: Path | str, spec: ModelSpec, opset: int = 18, precision: str = "fp32",
+               state_dict: Mapping[str, torch.Tensor] | None = None, config: Mapping[str, Any] | None = None, *,
+               include_weights: bool = True, external_data: bool | None = None,
+               rewrite_rope: bool = True) -> Contract:
+    """WanTransformer3DModel -> ONNX, dynamic batch/frames/height/width (TI2V: timestep [B, tokens]).
+
+    Either pass a model (exported as is), or model=None with the diffusers `config` and
+    `state_dict`: then the graph is traced on the meta device and the weights attached afterwards,
+    so no second copy of a 14B model is ever materialised. With model=None, state_dict=None and
+    include_weights=False only the graph is written. precision fp16/bf16 keeps DIT_FP32_PARTS fp32."""
+    _check_precision(precision)
+    if model is not None and state_dict is not None:
+        raise UsageError("export_dit takes a model or (config, state_dict), not both")
+    if model is None:
+        if config is None:
+            raise UsageError("export_dit needs a model, or its config (and state_dict) for a meta-device export")
+        model = build_meta_dit(config)
+    model = model.eval()
+    handles = make_low_precision(model, TORCH_DTYPES[precision]) if precision != "fp32" else []
+    weights = None
+    if model_on_meta(model) and state_dict is not None:
+        weights = {"model." + k: v for k, v in state_dict.items()}
+        weights.update(dit_rope_buffers(config if config is not None else dict(model.config)))
+    try:
+        with stack_rope(model) if rewrite_rope else contextlib.nullcontext():
+            return export_graph(dit_graph_spec(model, spec, precision), path, opset, weights=weights,
+                                include_weights=include_weights, external_data=external_data)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def model_on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def export_vae_decoder(vae: nn.Module, first_path: Path | str, step_path: Path | str, spec: ModelSpec,
+                       opset: int = 18, *, include_weights: bool = True,
+                       external_data: bool | None = None) -> tuple[Contract, Contract]:
+    """AutoencoderKLWan decoder -> vae_decode_first + vae_decode_step (explicit 2-frame caches), fp32,
+    dynamic lat_h/lat_w. Includes post_quant_conv, the [-1, 1] clamp and (Wan2.2) the unpatchify."""
+    vae = vae.eval()
+    with nearest_upsampling(vae):
+        first, step = vae_graph_specs(vae, spec)
+        c_first = export_graph(first, first_path, opset, include_weights=include_weights, external_data=external_data)
+        c_step = export_graph(step, step_path, opset, include_weights=include_weights, external_data=external_data)
+    return c_first, c_step
+
+
+def graph_io(path: Path | str) -> dict[str, tuple[str, tuple[int | str, ...]]]:
+    """name -> (numpy dtype name, shape) of a saved graph's inputs and outputs, without its weights."""
+    m = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for v in list(m.graph.input) + list(m.graph.output):
+        t = v.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type != onnx.TensorProto.BFLOAT16 \
+            else "bfloat16"
+        shape = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim)
+        out[v.name] = (dtype, shape)
+    return out
+
+
+__all__ = ["EXTERNAL_DATA_BYTES", "export_graph", "export_text_encoder", "export_dit", "export_vae_decoder",
+           "build_meta_dit", "dit_rope_buffers", "text_encoder_precision", "graph_io", "data_file_name",
+           "check_opset"]

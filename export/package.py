@@ -1,0 +1,228 @@
+"""`vidrt export`: a checkpoint folder -> a model package (DESIGN.md §2).
+
+Stages: tokenizer, text_encoder, one per DiT expert, vae (both decoder graphs). A stage is
+skipped when its inputs' fingerprint (checkpoint files + opset + precision + vidrt version +
+model spec) equals the one in the existing manifest and its files still hash right. A lock file
+serialises concurrent exports into one folder; the manifest is written last and atomically, and
+every file is renamed into place whole, so a killed export leaves either the old manifest (whose
+hashes then no longer match anything rewritten) or none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import vidrt
+from tqdm import tqdm
+from vidrt.contracts import TEXT_ENCODER, VAE_FIRST, VAE_STEP, Contract
+from vidrt.errors import PackageError, UsageError
+from vidrt.export.checkpoints import Checkpoint, open_checkpoint
+from vidrt.export.components import PRECISIONS
+from vidrt.export.onnx_export import (
+    check_opset,
+    data_file_name,
+    export_dit,
+    export_text_encoder,
+    export_vae_decoder,
+    text_encoder_precision,
+)
+from vidrt.manifest import (
+    SCHEMA_VERSION,
+    Artifact,
+    Component,
+    Manifest,
+    load_manifest,
+    make_artifact,
+    sha256_file,
+    write_manifest,
+)
+from vidrt.registry import to_dict
+
+TOKENIZER_FILE = "tokenizer.json"
+LOCK_FILE = ".export.lock"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What one stage leaves in the package: its components (tokenizer: an artifact only)."""
+
+    components: dict[str, Component]
+    tokenizer: Artifact | None = None
+    seconds: float = 0.0
+    skipped: bool = False
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # also the checkpoint component whose files it reads
+    component_names: tuple[str, ...]  # package components it produces ("tokenizer" produces none)
+    precision: str  # what this stage writes (T5 and VAE ignore an fp16 request): part of its fingerprint
+    run: Callable[[], StageResult]
+
+
+def export_package(model_dir: Path | str, out: Path | str | None = None, variant: str | None = None, opset: int = 18,
+                   precision: str = "fp32", progress: bool = True) -> Path:
+    """Export the checkpoint at `model_dir` into the package folder `out` (default engines/<variant>)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision {precision!r} is not supported: choose one of {', '.join(PRECISIONS)}")
+    check_opset(opset)
+    ckpt = open_checkpoint(model_dir, variant)
+    out = Path(out) if out is not None else Path("engines") / ckpt.spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        _remove_leftovers(out)
+        previous = _previous_manifest(out)
+        stages = _stages(ckpt, out, opset, precision)
+        inputs = {s.name: _fingerprint(ckpt, s, opset) for s in stages}
+        results: dict[str, StageResult] = {}
+        bar = tqdm(stages, desc="export", unit="stage", disable=not progress)
+        for stage in bar:
+            bar.set_description(f"export {stage.name}")
+            reused = _reuse(previous, stage, inputs[stage.name], out)
+            results[stage.name] = reused if reused is not None else _timed(stage.run)
+            bar.set_postfix_str("skipped" if reused else f"{results[stage.name].seconds:.1f} s")
+        bar.close()
+        tokenizer = results["tokenizer"].tokenizer
+        assert tokenizer is not None
+        components = {name: comp for r in results.values() for name, comp in r.components.items()}
+        write_manifest(out, Manifest(schema_version=SCHEMA_VERSION, model=ckpt.spec, tokenizer=tokenizer,
+                                     components=components, vidrt_version=vidrt.__version__, export_inputs=inputs))
+    return out
+
+
+def export_main(model: str, variant: str | None, out: str | None, opset: int, precision: str) -> Path:
+    """Glue for the `vidrt export` click command: export, then print where the package is."""
+    path = export_package(model, out, variant, opset, precision, progress=True)
+    print(f"exported {path}")
+    return path
+
+
+# ---- stages -----------------------------------------------------------------------------------
+
+
+def _stages(ckpt: Checkpoint, out: Path, opset: int, precision: str) -> list[Stage]:
+    spec = ckpt.spec
+
+    def tokenizer() -> StageResult:
+        _atomic_write_text(out / TOKENIZER_FILE, ckpt.tokenizer_json())
+        return StageResult({}, tokenizer=make_artifact(out, TOKENIZER_FILE))
+
+    te_precision = text_encoder_precision(precision)
+
+    def text_encoder() -> StageResult:
+        contract = export_text_encoder(ckpt.text_encoder("cpu"), out / f"{TEXT_ENCODER}.onnx", spec, opset,
+                                       te_precision)
+        return StageResult({TEXT_ENCODER: _component(out, TEXT_ENCODER, contract, te_precision, opset)})
+
+    def dit(expert: str) -> Callable[[], StageResult]:
+        def run() -> StageResult:
+            # meta-device trace + the stored tensors (any dtype; cast per initializer at attach time)
+            contract = export_dit(None, out / f"{expert}.onnx", spec, opset, precision,
+                                  state_dict=ckpt.transformer_state_dict(expert, dtype=None),
+                                  config=ckpt.transformer_config(expert))
+            return StageResult({expert: _component(out, expert, contract, precision, opset)})
+        return run
+
+    def vae() -> StageResult:
+        first, step = export_vae_decoder(ckpt.vae(), out / f"{VAE_FIRST}.onnx", out / f"{VAE_STEP}.onnx", spec, opset)
+        return StageResult({VAE_FIRST: _component(out, VAE_FIRST, first, "fp32", opset),
+                            VAE_STEP: _component(out, VAE_STEP, step, "fp32", opset)})
+
+    return [Stage("tokenizer", (), "-", tokenizer), Stage("text_encoder", (TEXT_ENCODER,), te_precision, text_encoder),
+            *(Stage(e, (e,), precision, dit(e)) for e in spec.experts),
+            Stage("vae", (VAE_FIRST, VAE_STEP), "fp32", vae)]
+
+
+def _component(out: Path, name: str, contract: Contract, precision: str, opset: int) -> Component:
+    file = f"{name}.onnx"
+    return Component(name=name, artifact=make_artifact(out, file, data_file_name(out / file)), contract=contract,
+                     precision=precision, opset=opset)
+
+
+def _timed(run: Callable[[], StageResult]) -> StageResult:
+    t0 = time.perf_counter()
+    result = run()
+    gc.collect()  # drop the stage's torch modules/tensors before the next one loads
+    return StageResult(result.components, result.tokenizer, time.perf_counter() - t0)
+
+
+# ---- skipping finished stages -----------------------------------------------------------------
+
+
+def _fingerprint(ckpt: Checkpoint, stage: Stage, opset: int) -> str:
+    """Everything a stage's output depends on: its source files, the export settings, the spec."""
+    payload = {"stage": stage.name, "files": ckpt.fingerprint(stage.name), "opset": opset,
+               "precision": stage.precision,
+               "vidrt": vidrt.__version__, "spec": to_dict(ckpt.spec)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _previous_manifest(out: Path) -> Manifest | None:
+    try:
+        return load_manifest(out, verify=False)
+    except PackageError:
+        return None
+
+
+def _reuse(previous: Manifest | None, stage: Stage, fingerprint: str, out: Path) -> StageResult | None:
+    """The previous run's result for this stage if its inputs are unchanged and its files intact."""
+    if previous is None or previous.export_inputs.get(stage.name) != fingerprint:
+        return None
+    if stage.name == "tokenizer":
+        return StageResult({}, tokenizer=previous.tokenizer, skipped=True) \
+            if _intact(out, previous.tokenizer) else None
+    comps = {n: previous.components.get(n) for n in stage.component_names}
+    if any(c is None or not _intact(out, c.artifact) for c in comps.values()):
+        return None
+    return StageResult({n: c for n, c in comps.items() if c is not None}, skipped=True)
+
+
+def _intact(out: Path, art: Artifact) -> bool:
+    for name, digest, size in art.files():
+        p = out / name
+        if not p.is_file() or p.stat().st_size != size or sha256_file(p) != digest:
+            return False
+    return True
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """One export per package folder at a time (a second one waits, then skips what is done)."""
+    with open(out / LOCK_FILE, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """What a killed export leaves: temp folders `.<graph>.onnx.<random>/` and `*.tmp` files.
+    No manifest ever names them."""
+    for p in out.iterdir():
+        if p.is_dir() and p.name.startswith(".") and ".onnx." in p.name:
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+__all__ = ["export_package", "export_main", "TOKENIZER_FILE", "LOCK_FILE"]

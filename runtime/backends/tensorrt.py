@@ -1,0 +1,524 @@
+"""TensorRT backend: deserialised plans behind the Engine interface (numpy in, numpy out).
+
+    backend = TrtBackend(options, manifest, package)        # picks this GPU's / TensorRT's plans
+    engine = backend.open("dit", package / "dit.onnx", contract)
+    out = engine.run({"hidden_states": x, "timestep": t, "encoder_hidden_states": ctx})
+
+`import tensorrt` happens lazily (the runtime must import without it) and is checked for being the
+real library: with only `tensorrt-stubs` installed, `import tensorrt` succeeds as an empty
+namespace package.
+
+Per engine: one execution context with USER_MANAGED device memory taken from one scratch arena the
+backend shares between its engines (the pipeline runs them one after another on one stream, so
+their activations never live at the same time); one preallocated device buffer per I/O tensor,
+sized for the largest shape any of the plan's optimisation profiles allows; `execute_async_v3` on
+one non-blocking cuda-python stream; a completion event to wait on. Fully static engines (every
+profile min == max: the fixed-tile VAE step) replay a CUDA graph captured on their second call.
+
+Boundary: the pipeline works in numpy, so every call copies its inputs host -> device and its
+outputs device -> host. That is cheap for the DiT (a few MB per multi-second step) and costly for
+the VAE caches (hundreds of MB per tile step). A later version keeps data on the device: latents
+and the scheduler update on the GPU between DiT steps, and the VAE's cache_out buffers bound as
+the next step's cache_in (ping-pong `set_tensor_address`, no copies) -- see `TrtEngine.run`.
+
+Plans are tied to a TensorRT version and a GPU (compute capability). The manifest records both;
+a mismatch is refused with the command that rebuilds them (`vidrt build PACKAGE --precision P`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from vidrt import contracts as C
+from vidrt.backends.base import BackendOptions
+from vidrt.backends.cuda import CudaApi, CudaRuntime, DeviceBuffer, Stream, probe
+from vidrt.contracts import Contract
+from vidrt.errors import DeviceError, PackageError
+from vidrt.manifest import Engine as EngineEntry
+from vidrt.manifest import Manifest
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+MIN_VERSION = (10, 1)  # execute_async_v3, device_memory_size_v2, set_device_memory
+PRECISION_PREFERENCE = ("fp8", "fp16", "bf16", "fp32")  # when a package has plans at several precisions
+
+
+# ---- TensorRT import and versions ------------------------------------------------------------------
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    out = []
+    for part in version.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def load_tensorrt() -> ModuleType:
+    """The real `tensorrt` module, or DeviceError saying why not."""
+    try:
+        mod = importlib.import_module("tensorrt")
+    except ImportError as exc:
+        raise DeviceError(f"TensorRT is not installed ({exc}); install the tensorrt wheel matching your CUDA "
+                          f"from NVIDIA, or use --backend onnxruntime") from None
+    except Exception as exc:  # a wheel whose native libraries are missing fails with OSError and others
+        raise DeviceError(f"TensorRT cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); reinstall it "
+                          f"or use --backend onnxruntime") from None
+    version = getattr(mod, "__version__", None)
+    if not isinstance(version, str) or not hasattr(mod, "Runtime"):
+        raise DeviceError("TensorRT is not installed (`import tensorrt` finds only type stubs, no library); "
+                          "install the tensorrt wheel from NVIDIA, or use --backend onnxruntime")
+    if version_tuple(version) < MIN_VERSION:
+        raise DeviceError(f"TensorRT {version} is too old: vidrt needs {'.'.join(map(str, MIN_VERSION))} or newer")
+    return mod
+
+
+def tensorrt_status() -> tuple[str | None, str]:
+    """(version, "") when TensorRT loads, else (None, why). Never raises."""
+    try:
+        mod = load_tensorrt()
+    except DeviceError as exc:
+        return None, str(exc)
+    return str(mod.__version__), ""
+
+
+def engine_dir_name(trt_version: str, compute_capability: str, precision: str) -> str:
+    """trt-10.13.0.35-sm89-fp8: one folder per TensorRT version, GPU and build precision."""
+    return f"trt-{trt_version}-sm{compute_capability.replace('.', '')}-{precision}"
+
+
+def engine_dir_precision(entry: EngineEntry) -> str:
+    """The build precision of a plan: the suffix of its folder (the plan's own `precision` is the
+    component's, e.g. a bf16 text encoder inside an fp8 build)."""
+    return Path(entry.artifact.file).parts[0].rsplit("-", 1)[-1]
+
+
+def rebuild_command(package: Path | str | None, precision: str) -> str:
+    return f"vidrt build {package if package is not None else 'PACKAGE'} --precision {precision}"
+
+
+def required_components(manifest: Manifest) -> tuple[str, ...]:
+    """Every graph a clip needs (the components the manifest lists)."""
+    return tuple(manifest.components)
+
+
+def select_engines(manifest: Manifest, trt_version: str, compute_capability: str, precision: str | None = None,
+                   package: Path | str | None = None) -> tuple[str, dict[str, EngineEntry]]:
+    """(build precision, component -> plan) for this TensorRT version and GPU; DeviceError otherwise."""
+    need = required_components(manifest)
+    here = [e for e in manifest.engines
+            if e.tensorrt_version == trt_version and e.compute_capability == compute_capability]
+    by_precision: dict[str, dict[str, EngineEntry]] = {}
+    for e in here:
+        by_precision.setdefault(engine_dir_precision(e), {})[e.component] = e
+    order = [precision] if precision else list(PRECISION_PREFERENCE) + sorted(set(by_precision) -
+                                                                               set(PRECISION_PREFERENCE))
+    for p in order:
+        found = by_precision.get(p, {})
+        if all(c in found for c in need):
+            return p, {c: found[c] for c in need}
+    built_precisions = {engine_dir_precision(e) for e in manifest.engines}
+    want = precision or next((p for p in order if p in built_precisions), "bf16")
+    hint = rebuild_command(package, want)
+    if not manifest.engines:
+        raise DeviceError(f"the package has no TensorRT plans; build them: {hint}")
+    if not here:
+        built = sorted({f"TensorRT {e.tensorrt_version} on sm_{e.compute_capability.replace('.', '')}"
+                        for e in manifest.engines})
+        raise DeviceError(f"the package's plans were built for {', '.join(built)}; this machine has TensorRT "
+                          f"{trt_version} on sm_{compute_capability.replace('.', '')}; rebuild them: {hint}")
+    missing = sorted(set(need) - set(by_precision.get(want, {})))
+    raise DeviceError(f"the package's {want} plans for this GPU lack {', '.join(missing)}; rebuild them: {hint}")
+
+
+def availability(manifest: Manifest) -> tuple[bool, str]:
+    """Can `auto` use TensorRT for this package? (GPU + TensorRT + matching plans). Never raises."""
+    if not manifest.engines:
+        return False, "the package has no TensorRT plans (vidrt build)"
+    version, why = tensorrt_status()
+    if version is None:
+        return False, why
+    gpu = probe()
+    if not gpu.ok:
+        return False, gpu.reason
+    try:
+        select_engines(manifest, version, gpu.devices[0].compute_capability)
+    except DeviceError as exc:
+        return False, str(exc)
+    return True, f"TensorRT {version} on {gpu.devices[0].name}"
+
+
+# ---- dtypes --------------------------------------------------------------------------------------------
+
+# TensorRT DataType name -> numpy dtype of the host/device bytes (bf16 travels as its uint16 bits,
+# fp8 as uint8: numpy has neither).
+_NUMPY: dict[str, np.dtype[Any]] = {
+    "FLOAT": np.dtype(np.float32), "HALF": np.dtype(np.float16), "BF16": np.dtype(np.uint16),
+    "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64), "INT8": np.dtype(np.int8),
+    "UINT8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_), "FP8": np.dtype(np.uint8)}
+
+
+def numpy_dtype(trt_dtype: Any) -> np.dtype[Any]:
+    name = str(getattr(trt_dtype, "name", trt_dtype)).rsplit(".", 1)[-1]
+    try:
+        return _NUMPY[name]
+    except KeyError:
+        raise DeviceError(f"engine tensor dtype {name} is not supported by vidrt's TensorRT backend") from None
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
+    f = np.ascontiguousarray(x, dtype=np.float32)
+    u = f.view(np.uint32)
+    rounded: np.ndarray = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                           ).astype(np.uint16)
+    nan = np.isnan(f)
+    if nan.any():
+        rounded[nan] = np.uint16(0x7FC0)
+    return rounded
+
+
+def from_bf16_bits(b: np.ndarray) -> np.ndarray:
+    out: np.ndarray = (np.ascontiguousarray(b, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return out
+
+
+def _is_bf16(trt_dtype: Any) -> bool:
+    return str(getattr(trt_dtype, "name", trt_dtype)).endswith("BF16")
+
+
+# ---- shared activation memory ---------------------------------------------------------------------------
+
+
+class ScratchArena:
+    """One device allocation for the execution contexts of every open engine (USER_MANAGED memory).
+    Grows when an engine needs more: waits for the stream, reallocates, rebinds every context."""
+
+    def __init__(self, cuda: CudaApi, stream: Stream) -> None:
+        self.cuda, self.stream = cuda, stream
+        self.ptr: int | None = None
+        self.size = 0
+        self._users: dict[int, tuple[trt.IExecutionContext, int]] = {}  # id -> (context, bytes it needs)
+
+    def bind(self, key: int, context: trt.IExecutionContext, nbytes: int) -> None:
+        self._users[key] = (context, nbytes)
+        if nbytes > self.size or self.ptr is None:
+            self.stream.sync()
+            if self.ptr is not None:
+                self.cuda.free(self.ptr)
+                self.ptr = None
+            self.ptr = self.cuda.malloc(nbytes)
+            self.size = nbytes
+            for ctx, _need in self._users.values():
+                _set_device_memory(ctx, self.ptr, self.size)
+        else:
+            _set_device_memory(context, self.ptr, self.size)
+
+    def unbind(self, key: int) -> None:
+        self._users.pop(key, None)
+
+    def close(self) -> None:
+        if self.ptr is not None:
+            self.stream.sync()
+            self.cuda.free(self.ptr)
+            self.ptr, self.size = None, 0
+
+
+def _set_device_memory(context: trt.IExecutionContext, ptr: int, size: int) -> None:
+    context.set_device_memory(ptr, size)  # TensorRT >= 10.1 (sized; required with weight streaming)
+
+
+# ---- one engine -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Profile:
+    index: int
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # input -> (min, opt, max)
+
+    def admits(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        for name, shape in shapes.items():
+            lo, _, hi = self.shapes[name]
+            if len(shape) != len(lo) or any(not a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
+                return False
+        return True
+
+    @property
+    def static(self) -> bool:
+        return all(lo == hi for lo, _, hi in self.shapes.values())
+
+
+def _dims(dims: Any) -> tuple[int, ...]:
+    """TensorRT Dims -> tuple of ints (Dims indexes but, per its stubs, does not iterate)."""
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+def _read_profile(engine: trt.ICudaEngine, index: int, inputs: tuple[str, ...]) -> _Profile:
+    shapes = {}
+    for n in inputs:
+        lo, opt, hi = (_dims(dims) for dims in engine.get_tensor_profile_shape(n, index))
+        shapes[n] = (lo, opt, hi)
+    return _Profile(index, shapes)
+
+
+class TrtEngine:
+    """One deserialised plan. See the module docstring for the memory and stream layout."""
+
+    def __init__(self, name: str, plan: bytes, contract: Contract, *, trt_mod: ModuleType, runtime: trt.Runtime,
+                 cuda: CudaApi, stream: Stream, arena: ScratchArena, cuda_graph: bool = True,
+                 rebuild: str = "vidrt build PACKAGE --precision P", plan_path: str = "") -> None:
+        self.name = name
+        self.contract = contract
+        self._trt, self._cuda, self._stream, self._arena = trt_mod, cuda, stream, arena
+        self._rebuild = rebuild
+        engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise DeviceError(f"TensorRT {trt_mod.__version__} cannot load the {name} plan {plan_path} (built by "
+                              f"another TensorRT version or for another GPU, or damaged); rebuild: {rebuild}")
+        self._engine: trt.ICudaEngine | None = engine
+        ctx: trt.IExecutionContext | None = engine.create_execution_context(
+            trt_mod.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if ctx is None:
+            raise DeviceError(f"TensorRT could not create an execution context for {name} (device memory?); "
+                              f"see `vidrt plan` for what fits")
+        self._ctx: trt.IExecutionContext | None = ctx
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        input_mode = trt_mod.TensorIOMode.INPUT
+        self.inputs = tuple(n for n in names if engine.get_tensor_mode(n) == input_mode)
+        self.outputs = tuple(n for n in names if engine.get_tensor_mode(n) != input_mode)
+        missing = (set(contract.input_names) ^ set(self.inputs)) | (set(contract.output_names) - set(self.outputs))
+        if missing:
+            raise PackageError(f"the {name} plan's tensors do not match its contract ({', '.join(sorted(missing))}); "
+                               f"rebuild: {rebuild}")
+        self._trt_dtypes = {n: engine.get_tensor_dtype(n) for n in names}
+        self._dtypes = {n: numpy_dtype(d) for n, d in self._trt_dtypes.items()}
+        self.profiles = tuple(_read_profile(engine, p, self.inputs) for p in range(engine.num_optimization_profiles))
+        self._profile = -1
+        self._graph: int | None = None
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._out_shapes: dict[str, tuple[int, ...]] = {}
+        self.buffers: dict[str, DeviceBuffer] = {}
+        # Capacity per tensor: the largest shape any profile allows (outputs: as TensorRT infers them).
+        capacity: dict[str, int] = {}
+        for prof in self.profiles:
+            self._select_profile(prof.index)
+            for n in self.inputs:
+                ctx.set_input_shape(n, prof.shapes[n][2])
+                capacity[n] = max(capacity.get(n, 0), self._nbytes(n, prof.shapes[n][2]))
+            for n in self.outputs:
+                shape = _dims(ctx.get_tensor_shape(n))
+                if any(v < 0 for v in shape):
+                    raise PackageError(f"{name}: output {n} has no bounded shape {shape}; rebuild: {rebuild}")
+                capacity[n] = max(capacity.get(n, 0), self._nbytes(n, shape))
+        self.capacity = capacity
+        try:
+            for n in names:
+                self.buffers[n] = DeviceBuffer(cuda, capacity[n])
+                ctx.set_tensor_address(n, self.buffers[n].address)
+            arena.bind(id(self), ctx, int(engine.device_memory_size_v2))
+        except BaseException:
+            self.close()
+            raise
+        self._graph_ok = cuda_graph and len(self.profiles) == 1 and self.profiles[0].static
+        self._eager_runs = 0
+
+    def _nbytes(self, name: str, shape: tuple[int, ...]) -> int:
+        return math.prod(shape) * self._dtypes[name].itemsize
+
+    def _select_profile(self, index: int) -> None:
+        if index != self._profile:
+            assert self._ctx is not None
+            if not self._ctx.set_optimization_profile_async(index, self._stream.handle):
+                raise DeviceError(f"{self.name}: TensorRT refused optimisation profile {index}")
+            self._profile = index
+            self._shapes = {}
+            self._drop_graph()
+
+    def _drop_graph(self) -> None:
+        if self._graph is not None:
+            self._cuda.graph_destroy(self._graph)
+            self._graph = None
+
+    @property
+    def device_bytes(self) -> int:
+        """Preallocated I/O bytes (the activation arena is shared and counted by the backend)."""
+        return sum(self.capacity.values())
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ctx = self._ctx
+        if ctx is None:
+            raise DeviceError(f"engine {self.name} was closed")
+        missing = set(self.inputs) - set(feeds)
+        if missing:
+            raise DeviceError(f"{self.name}: missing inputs {sorted(missing)}")
+        shapes = {n: tuple(int(v) for v in feeds[n].shape) for n in self.inputs}
+        if shapes != self._shapes:
+            prof = next((p for p in self.profiles if p.admits(shapes)), None)
+            if prof is None:
+                built = "; ".join(f"{n} {list(p.shapes[n][0])}..{list(p.shapes[n][2])}"
+                                  for p in self.profiles for n in self.inputs)
+                raise DeviceError(f"{self.name}: input shapes {shapes} are outside the plan's profiles ({built}); "
+                                  f"rebuild for this size: {self._rebuild} --sizes WxH --frames N")
+            self._select_profile(prof.index)
+            for n in self.inputs:
+                if not ctx.set_input_shape(n, shapes[n]):
+                    raise DeviceError(f"{self.name}: TensorRT rejected shape {shapes[n]} for {n}")
+            self._out_shapes = {n: _dims(ctx.get_tensor_shape(n)) for n in self.outputs}
+            self._shapes = shapes
+            self._drop_graph()
+            self._eager_runs = 0
+        s = self._stream.handle
+        staged = []  # host copies must outlive the async copies: kept until the stream is synchronised
+        for n in self.inputs:
+            host = self._to_engine(n, feeds[n])
+            staged.append(host)
+            self.buffers[n].upload(host, s)
+        self._execute(ctx, s)
+        outs = {}
+        for n in self.outputs:
+            host = np.empty(self._out_shapes[n], dtype=self._dtypes[n])
+            self.buffers[n].download(host, s)
+            outs[n] = host
+        self._stream.sync()
+        del staged
+        return {n: self._from_engine(n, outs[n]) for n in self.contract.output_names}
+
+    def _execute(self, ctx: trt.IExecutionContext, stream: int) -> None:
+        if self._graph is not None:
+            self._cuda.graph_launch(self._graph, stream)
+            return
+        if self._graph_ok and self._eager_runs >= 1:
+            # Capture after one eager run (TensorRT finishes lazy setup on the first enqueue). Captured
+            # work does not execute, so launch the graph right after instantiating it.
+            self._cuda.graph_begin_capture(stream)
+            try:
+                ok = ctx.execute_async_v3(stream)
+            finally:
+                graph = self._cuda.graph_end_capture(stream)
+            if ok:
+                self._graph = graph
+                self._cuda.graph_launch(graph, stream)
+                return
+            self._cuda.graph_destroy(graph)
+            self._graph_ok = False  # fall through to an eager run
+        if not ctx.execute_async_v3(stream):
+            raise DeviceError(f"TensorRT could not enqueue {self.name} (see the TensorRT log above)")
+        self._eager_runs += 1
+
+    def _to_engine(self, name: str, value: np.ndarray) -> np.ndarray:
+        if _is_bf16(self._trt_dtypes[name]):
+            return to_bf16_bits(value)
+        return np.ascontiguousarray(value, dtype=self._dtypes[name])
+
+    def _from_engine(self, name: str, value: np.ndarray) -> np.ndarray:
+        if _is_bf16(self._trt_dtypes[name]):
+            return from_bf16_bits(value)  # numpy has no bfloat16: float32 (exact)
+        want = self.contract.output(name).dtype
+        try:
+            return value.astype(np.dtype(want), copy=False)
+        except TypeError:
+            return value
+
+    def close(self) -> None:
+        if self._ctx is None and self._engine is None:
+            return
+        try:
+            self._stream.sync()
+        finally:
+            self._drop_graph()
+            self._arena.unbind(id(self))
+            for buf in self.buffers.values():
+                buf.close()
+            self.buffers = {}
+            self._ctx = None
+            self._engine = None
+
+
+# ---- the backend ------------------------------------------------------------------------------------------
+
+
+class TrtBackend:
+    """Opens the plans of one package for this GPU and TensorRT version."""
+
+    name = "tensorrt"
+
+    def __init__(self, options: BackendOptions, manifest: Manifest, package: Path | str | None = None, *,
+                 precision: str | None = None, trt_mod: ModuleType | None = None, cuda: CudaApi | None = None,
+                 compute_capability: str | None = None, cuda_graphs: bool = True) -> None:
+        self.options = options
+        self.manifest = manifest
+        self.package = Path(package) if package is not None else None
+        self._trt = trt_mod if trt_mod is not None else load_tensorrt()
+        if cuda is None:
+            gpu = probe()
+            if not gpu.ok:
+                raise DeviceError(f"the TensorRT backend needs an NVIDIA GPU: {gpu.reason}; use --backend onnxruntime")
+            cuda = CudaRuntime(gpu.devices[0].index)
+            compute_capability = compute_capability or gpu.devices[0].compute_capability
+        if compute_capability is None:
+            raise DeviceError("compute capability unknown (pass compute_capability with a custom CudaApi)")
+        self.cuda = cuda
+        self.version = str(self._trt.__version__)
+        self.compute_capability = compute_capability
+        self.precision, self.plans = select_engines(manifest, self.version, compute_capability, precision,
+                                                    self.package)
+        self._logger: trt.Logger = self._trt.Logger(self._trt.Logger.WARNING)
+        self._runtime: trt.Runtime = self._trt.Runtime(self._logger)
+        self.stream = Stream(cuda)
+        self.arena = ScratchArena(cuda, self.stream)
+        self._plan_bytes: dict[str, bytes] = {}  # kept in host RAM: re-opening a released engine reads no disk
+        self.cuda_graphs = cuda_graphs
+        self._open: dict[str, TrtEngine] = {}
+
+    def _package_of(self, path: Path, name: str) -> Path:
+        if self.package is not None:
+            return self.package
+        comp = self.manifest.components.get(name)
+        depth = len(Path(comp.artifact.file).parts) if comp is not None else 1
+        return path.parents[depth - 1]
+
+    def open(self, name: str, path: Path, contract: Contract) -> TrtEngine:
+        """`path` is the component's ONNX file (what the pipeline passes); its plan is opened instead."""
+        entry = self.plans.get(name)
+        package = self._package_of(Path(path), name)
+        rebuild = rebuild_command(package, self.precision)
+        if entry is None:
+            raise DeviceError(f"no TensorRT plan for {name}; rebuild: {rebuild}")
+        if name not in self._plan_bytes:
+            plan_path = package / entry.artifact.file
+            try:
+                self._plan_bytes[name] = plan_path.read_bytes()
+            except OSError as exc:
+                raise PackageError(f"cannot read {plan_path} ({exc.strerror}); rebuild: {rebuild}") from None
+        # The fixed-tile VAE step is the engine worth a CUDA graph (many small kernels per tile).
+        engine = TrtEngine(name, self._plan_bytes[name], contract, trt_mod=self._trt, runtime=self._runtime,
+                           cuda=self.cuda, stream=self.stream, arena=self.arena,
+                           cuda_graph=self.cuda_graphs and name == C.VAE_STEP, rebuild=rebuild,
+                           plan_path=entry.artifact.file)
+        self._open[name] = engine
+        return engine
+
+    def forget(self, name: str) -> None:
+        """Drop a plan's cached bytes (host RAM) once it will not be reopened."""
+        self._plan_bytes.pop(name, None)
+
+    def close(self) -> None:
+        for engine in self._open.values():
+            engine.close()
+        self._open = {}
+        self.arena.close()
+        self.stream.close()
+
+
+__all__ = ["MIN_VERSION", "version_tuple", "load_tensorrt", "tensorrt_status", "engine_dir_name",
+           "engine_dir_precision", "rebuild_command", "select_engines", "availability", "numpy_dtype",
+           "to_bf16_bits", "from_bf16_bits", "ScratchArena", "TrtEngine", "TrtBackend"]

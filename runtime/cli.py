@@ -1,0 +1,158 @@
+"""`vidrt` command line. Every failure is one line on stderr and an exit code per class
+(2 usage, 3 model/package, 4 runtime/device, 5 output, 130 SIGINT, 143 SIGTERM); --debug shows tracebacks."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vidrt.errors import UsageError, VidrtError
+
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+class Terminated(BaseException):
+    """Raised from the SIGTERM handler so `finally` blocks (temp-file cleanup) run, like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def parse_size(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().replace("*", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UsageError(f"--size {value!r} is not WIDTHxHEIGHT; write it like 832x480")
+    return int(parts[0]), int(parts[1])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="vidrt")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Wan2.1 / Wan2.2 video generation through compiled engines."""
+    ctx.obj = {"debug": debug}
+
+
+def _default_model() -> str | None:
+    from vidrt.models import default_package
+
+    path = default_package()
+    return str(path) if path is not None else None
+
+
+@cli.command()
+@click.option("--prompt", "-p", help="What the clip shows.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a UTF-8 text file.")
+@click.option("--model", "-m", "model", help="Model package folder (default: the bundled tiny model).")
+@click.option("--negative-prompt", help="What to steer away from (default: the model's).")
+@click.option("--size", help="WIDTHxHEIGHT in pixels (default: the model's first size).")
+@click.option("--frames", type=int, help="Video frames, 4k+1 (default: the model's).")
+@click.option("--steps", type=int, help="Denoising steps.")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale (all experts).")
+@click.option("--shift", type=float, help="Flow-matching sigma shift.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--scheduler", help="unipc (default) or dpm++.")
+@click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime or tensorrt.")
+@click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores).")
+@click.option("--vae-memory", help="Memory budget for one VAE tile, e.g. 2GB (default: automatic).")
+@click.option("--fps", type=int, help="Frames per second of the file (default: the model's).")
+@click.option("--crf", type=int, help="Quality, lower is better (default: 18 for H.264, 31 for VP9).")
+@click.option("-o", "--output", default="clip.mp4", show_default=True,
+              help="Output .mp4, .webm, or a folder for PNG frames.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--stats-json", type=click.Path(dir_okay=False), help="Write per-stage timings as JSON here.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
+def run(**kw: Any) -> None:
+    """Generate a clip from a prompt."""
+    from vidrt.run_command import run_command
+
+    run_command(**kw)
+
+
+@cli.command()
+@click.argument("package", required=False)
+def info(package: str | None) -> None:
+    """Describe a model package: variant, sizes, defaults, components, words it knows."""
+    from vidrt.manifest import load_manifest
+
+    package = package or _default_model()
+    if package is None:
+        raise UsageError("no package given and no bundled model found; pass a package folder")
+    m = load_manifest(package, verify=False)
+    spec, d = m.model, m.model.sampling
+    click.echo(f"{spec.name}: {spec.description}")
+    click.echo(f"  package      {Path(package).resolve()}")
+    click.echo(f"  DiT          dim {spec.dit.dim}, {spec.dit.num_layers} layers, {spec.dit.num_heads} heads, "
+               f"experts {', '.join(spec.experts)}")
+    click.echo(f"  VAE          {spec.vae.kind}, z {spec.vae.z_dim}, stride {'x'.join(map(str, spec.vae.stride))}")
+    click.echo(f"  sizes        {', '.join(f'{w}x{h}' for w, h in d.sizes)} (multiples of {spec.spatial_multiple})")
+    guidance = (f"{d.guidance_high_noise} high-noise / {d.guidance_low_noise} low-noise, boundary {d.boundary}"
+                if d.boundary is not None else f"{d.guidance_low_noise}")
+    click.echo(f"  defaults     {d.frames} frames at {d.fps} fps, {d.steps} steps ({d.scheduler}), shift {d.shift}, "
+               f"guidance {guidance}")
+    for name, comp in m.components.items():
+        mb = comp.artifact.size_bytes + (comp.artifact.data_size_bytes or 0)
+        click.echo(f"  {name:<17}{comp.precision}, opset {comp.opset}, {mb / 1e6:.1f} MB")
+    if m.vocabulary:
+        click.echo(f"  knows        {' '.join(m.vocabulary)}")
+
+
+@cli.command("export")
+@click.option("--model", "model_dir", required=True, help="Checkpoint folder (diffusers or official Wan layout).")
+@click.option("--variant", help="Model variant, when it cannot be told from the files.")
+@click.option("--out", help="Package folder (default: engines/<variant>).")
+@click.option("--opset", type=click.Choice(["18", "23"]), default="18", show_default=True,
+              help="18 for ONNX Runtime, 23 for TensorRT (fused Attention / RMSNormalization).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+def export_cmd(model_dir: str, variant: str | None, out: str | None, opset: str, precision: str) -> None:
+    """Export a Wan checkpoint to a model package (ONNX + tokenizer + manifest). Needs vidrt[export]."""
+    try:
+        from vidrt.export.package import export_main
+    except ImportError as exc:
+        raise UsageError(f"export needs the export extras ({exc.name} is missing): "
+                         f"pip install 'vidrt[export]'") from None
+    export_main(model=model_dir, variant=variant, out=out, opset=int(opset), precision=precision)
+
+
+from vidrt.trt_cli import build_cmd, doctor_cmd, plan_cmd  # noqa: E402  (TensorRT commands: runtime/trt_cli.py)
+
+cli.add_command(build_cmd)
+cli.add_command(plan_cmd)
+cli.add_command(doctor_cmd)
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_SIGINT)
+    except click.ClickException as exc:  # bad option syntax
+        click.echo(f"error: {exc.format_message()} (see `vidrt --help`)", err=True)
+        sys.exit(UsageError.exit_code)
+    except VidrtError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_SIGINT)
+    except Terminated:
+        click.echo("terminated", err=True)
+        sys.exit(EXIT_SIGTERM)
+
+
+if __name__ == "__main__":
+    main()

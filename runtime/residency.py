@@ -1,0 +1,497 @@
+"""The device-memory plan: what each stage needs, what stays resident, what is loaded per stage,
+and the VAE tile, so that a card of a given size is never over-committed. Pure arithmetic.
+
+Stages of one clip (runtime/pipeline.py): text (umT5, prompt + negative prompt) -> denoise (one
+DiT, or the two A14B experts one after the other: the high-noise expert while t >= boundary) ->
+decode (VAE first/step engines over fixed-shape tiles). A stage's peak is the sum of what is on
+the device while it runs:
+
+    reserve       CUDA context, cuBLAS/cuDNN/TensorRT handles (RESERVE_BYTES, measured-order value)
+    weights       per engine: from the ONNX file at the engine precision when a package is given
+                  (bytes scaled by the precision ratio of the formula below when the ONNX has another
+                  precision), else params x bytes from the architecture (`dit_param_count`, ...)
+    activations   TensorRT's own figure when a plan was built (report.json: device_memory_size_v2,
+                  written by `vidrt build`), else the per-token estimate of `dit_activation_bytes`
+    I/O buffers   the contract's tensors at the request's shapes x dtype sizes (what the TensorRT
+                  backend preallocates)
+    VAE tile      runtime/vae_decode.py's estimate for the chosen tile (`estimate_memory`)
+
+Decisions, in order:
+  1. Everything resident for the whole clip when it all fits (no reloads between clips).
+  2. Otherwise per stage: the text encoder is released before denoising; the A14B experts swap once
+     at the boundary (each expert alone on the device); the DiT is released before decoding.
+  3. Denoising runs CFG as one batch-2 call when it fits, else as two batch-1 calls (half the
+     activations).
+  4. If a DiT still does not fit, it needs weight streaming (engine built with
+     `--weight-streaming`): the part of its weights that does not fit is streamed from host memory
+     on every call; the plan says how many bytes.
+  5. The VAE tile is the cheapest tiling (`vae_decode.choose_tile`) whose tile fits what is left.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vidrt import contracts as C
+from vidrt.contracts import Contract, TensorSpec, resolve_shape
+from vidrt.errors import UsageError
+from vidrt.manifest import Manifest
+from vidrt.registry import DiTConfig, ModelSpec, TextConfig
+from vidrt.vae_decode import TilePlan, choose_tile, estimate_memory, plan_tiles
+
+MiB, GiB = 2**20, 2**30
+RESERVE_BYTES = 768 * MiB  # CUDA context (~300-500 MiB on Ada) + library handles + TensorRT runtime
+DIT_WORKSPACE_BYTES = 1 * GiB  # tactic scratch beyond the activation estimate (no engine report)
+STREAMING_SCRATCH_BYTES = 512 * MiB  # TensorRT's weight_streaming_scratch_memory_size, order of magnitude
+PCIE_BYTES_PER_S = 25e9  # PCIe 4.0 x16, host -> device, realistic
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1, "bool": 1,
+               "float8_e4m3fn": 1}
+FP8_KEEP_BLOCKS = 3  # first and last blocks kept high precision (ModelOpt's Wan filter: blocks 0-2, 37-39)
+
+# ---- parameter counts from the architecture ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiTParams:
+    """Parameter groups of a Wan DiT (official WanModel == diffusers WanTransformer3DModel).
+
+    Per block (d = dim, f = ffn_dim):
+      self-attn q, k, v, o  4 (d² + d)       cross-attn q, k, v, o  4 (d² + d)
+      q/k RMSNorm x2 attn   4 d              cross-attn LayerNorm   2 d
+      modulation [1, 6, d]  6 d              FFN d->f->d            2 d f + f + d
+      => 8 d² + 2 d f + 21 d + f
+    Outside the blocks:
+      patch embedding Conv3d  in·pt·ph·pw·d + d
+      text embedder           text_dim·d + d + d² + d
+      time embedder           freq_dim·d + d + d² + d
+      time projection         6 d² + 6 d
+      head                    d·out·pt·ph·pw + out·pt·ph·pw + 2 d (its modulation)
+    Cross-check (measured on the meta device, reference/wan_official.md): 1.3B -> 1,418,996,800;
+    14B -> 14,288,491,584; 5B -> 4,999,787,712 (tests/test_residency.py).
+    """
+
+    block_linear_weights: int  # per block: the 8 attention matrices (8 d²)
+    block_ffn_weights: int  # per block: 2 d f
+    block_other: int  # per block: biases, norms, modulation
+    block_fp32: int  # per block, of block_other: norms + modulation (kept fp32 in low-precision graphs)
+    num_layers: int
+    outside: int  # embedders + head
+    outside_fp32: int  # time embedder + time projection + head modulation (fp32 in low-precision graphs)
+
+    @property
+    def per_block(self) -> int:
+        return self.block_linear_weights + self.block_ffn_weights + self.block_other
+
+    @property
+    def total(self) -> int:
+        return self.num_layers * self.per_block + self.outside
+
+
+def dit_params(cfg: DiTConfig) -> DiTParams:
+    d, f = cfg.dim, cfg.ffn_dim
+    p = math.prod(cfg.patch_size)
+    linear = 8 * d * d
+    ffn = 2 * d * f
+    other = 8 * d + 4 * d + 2 * d + 6 * d + f + d  # 8 attention biases, q/k norms, cross norm, modulation, FFN biases
+    fp32 = 4 * d + 2 * d + 6 * d
+    patch = cfg.in_channels * p * d + d
+    text = cfg.text_dim * d + d + d * d + d
+    time = cfg.freq_dim * d + d + d * d + d
+    proj = 6 * d * d + 6 * d
+    head = d * cfg.out_channels * p + cfg.out_channels * p + 2 * d
+    return DiTParams(linear, ffn, other, fp32, cfg.num_layers, patch + text + time + proj + head,
+                     time + proj + 2 * d)
+
+
+def dit_param_count(cfg: DiTConfig) -> int:
+    return dit_params(cfg).total
+
+
+def text_param_count(cfg: TextConfig) -> int:
+    """umT5 encoder (inner attention dim = d_model, as in umT5-XXL: 64 heads x 64):
+    per layer 4 d² (q, k, v, o; no biases) + 3 d d_ff (gated-GELU wi_0, wi_1, wo) + 2 d (RMSNorms)
+    + buckets x heads (umT5: a relative-position bias per layer); plus vocab x d + d.
+    umT5-XXL: 5,680,910,336 (reference: 5.68 B)."""
+    d = cfg.d_model
+    layer = 4 * d * d + 3 * d * cfg.d_ff + 2 * d + cfg.num_buckets * cfg.num_heads
+    return cfg.num_layers * layer + cfg.vocab_size * d + d
+
+
+# Decoder (+ post_quant_conv) parameters and the 32 causal-cache slots (channels, spatial factor vs
+# the latent) of the full-size decoders, traced from diffusers' AutoencoderKLWan on the meta device
+# (tests/test_residency.py re-traces them). Each slot holds 2 frames: [1, C, 2, k·h, k·w].
+VAE_DECODER_PARAMS = {"wan2.1": 73_295_603, "wan2.2": 555_051_580}
+VAE_CACHE_SLOTS: dict[str, tuple[tuple[int, int], ...]] = {
+    "wan2.1": ((16, 1),) + ((384, 1),) * 11 + ((192, 2),) + ((384, 2),) * 6 + ((192, 4),) * 6 + ((96, 8),) * 7,
+    "wan2.2": ((48, 1),) + ((1024, 1),) * 11 + ((1024, 2),) * 7 + ((1024, 4),) + ((512, 4),) * 5
+    + ((512, 8),) + ((256, 8),) * 6,
+}
+
+
+def vae_step_contract(spec: ModelSpec) -> Contract:
+    """The step graph's contract of the full-size decoder (for variants without a package)."""
+    slots = VAE_CACHE_SLOTS.get(spec.vae.kind)
+    if slots is None:
+        raise UsageError(f"no VAE cache table for VAE kind {spec.vae.kind!r}; pass a model package instead")
+
+    def sym(k: int, name: str) -> str:
+        return name if k == 1 else f"{k}*{name}"
+
+    shapes: list[tuple[int | str, ...]] = [(1, c, 2, sym(k, "lat_h"), sym(k, "lat_w")) for c, k in slots]
+    return C.vae_contracts(spec, shapes)[1]
+
+
+# ---- bytes ------------------------------------------------------------------------------------------
+
+
+def dit_weight_bytes(cfg: DiTConfig, precision: str, fp8_scope: str = "linear") -> int:
+    """Device bytes of one DiT's weights at an engine precision.
+
+    fp32 parts (norms, modulation, time embedding/projection) stay 4 bytes in every low-precision
+    graph (export/components.py DIT_FP32_PARTS). fp8: per-tensor E4M3 weights (1 byte) in blocks
+    FP8_KEEP_BLOCKS..L-1-FP8_KEEP_BLOCKS; `fp8_scope` "ffn" quantises only the feed-forward
+    matrices (the qualified first step), "linear" also the attention matrices. The rest is bf16.
+    """
+    p = dit_params(cfg)
+    if precision not in BYTES:
+        raise UsageError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return 4 * p.total
+    hi = 2  # fp16 / bf16, and fp8's high-precision parts
+    block_hp = hi * (p.block_linear_weights + p.block_ffn_weights + p.block_other - p.block_fp32) + 4 * p.block_fp32
+    outside = hi * (p.outside - p.outside_fp32) + 4 * p.outside_fp32
+    if precision != "fp8":
+        return p.num_layers * block_hp + outside
+    kept = min(p.num_layers, 2 * FP8_KEEP_BLOCKS)
+    q_weights = p.block_ffn_weights + (p.block_linear_weights if fp8_scope == "linear" else 0)
+    block_q = block_hp - hi * q_weights + 1 * q_weights
+    return kept * block_hp + (p.num_layers - kept) * block_q + outside
+
+
+def text_weight_bytes(cfg: TextConfig, precision: str) -> int:
+    """umT5 runs bf16 (never fp16: it overflows) or fp32."""
+    return BYTES["fp32" if precision == "fp32" else "bf16"] * text_param_count(cfg)
+
+
+def tensor_bytes(t: TensorSpec, sizes: dict[str, int]) -> int:
+    try:
+        itemsize = DTYPE_BYTES[t.dtype]
+    except KeyError:
+        raise UsageError(f"tensor {t.name} has dtype {t.dtype!r} that the plan does not know") from None
+    return math.prod(resolve_shape(t.shape, sizes)) * itemsize
+
+
+def io_bytes(contract: Contract, sizes: dict[str, int]) -> int:
+    """Bytes of every input and output of one call at these symbolic sizes (the preallocated buffers)."""
+    return sum(tensor_bytes(t, sizes) for t in contract.inputs + contract.outputs)
+
+
+def dit_activation_bytes(spec: ModelSpec, tokens: int, batch: int, precision: str) -> int:
+    """Estimated activation memory of one DiT call (no engine report yet).
+
+    TensorRT reuses activation memory from block to block, so the peak is one block's live set, per
+    token (d = dim, f = ffn_dim, a = bytes of the low-precision dtype; the residual stream is fp32):
+      attention: residual x 4d + q, k, v 3ad + RoPE'd q, k 2ad + output ad + new residual 4d
+                 = 8d + 6ad   (fused flash attention: no tokens² score matrix)
+      FFN:       residual x 4d + modulated norm ad + hidden af + GELU(hidden) af + output ad
+                 + new residual 4d = 8d + a(2d + 2f)   (GELU counted apart, in case it is not fused)
+    TI2V's per-token timestep adds the per-token embedding and 6-way modulation, fp32: 4d + 24d.
+    Text context and cross-attention K/V: 512 rows x (text_dim + 2d) x a per batch item.
+    Plus DIT_WORKSPACE_BYTES of tactic scratch.
+    """
+    d, f = spec.dit.dim, spec.dit.ffn_dim
+    a = 4 if precision == "fp32" else 2
+    per_token = max(8 * d + 6 * a * d, 8 * d + a * (2 * d + 2 * f))
+    if spec.per_token_timestep:
+        per_token += 28 * d
+    context = spec.text.text_len * (spec.dit.text_dim + 2 * d) * a
+    return batch * (tokens * per_token + context) + DIT_WORKSPACE_BYTES
+
+
+def text_activation_bytes(cfg: TextConfig, batch: int, seq: int, precision: str) -> int:
+    """umT5 at `seq` tokens: per token 8d + a(4d + 3 d_ff) (fp32 residual, q/k/v/o, gated FFN), plus the
+    unfused attention scores with the relative-position bias: heads x seq² x 4 bytes, twice (scores, softmax)."""
+    a = 4 if precision == "fp32" else 2
+    d = cfg.d_model
+    return batch * (seq * (8 * d + a * (4 * d + 3 * cfg.d_ff)) + 2 * cfg.num_heads * seq * seq * 4) + 256 * MiB
+
+
+# ---- engine reports (written by `vidrt build` next to the plans) -------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineReport:
+    """What TensorRT said about a built engine: `device_memory_bytes` = device_memory_size_v2 (the
+    activation/scratch memory of one execution context), `weight_bytes` = the plan's weights."""
+
+    device_memory_bytes: int
+    weight_bytes: int | None = None
+
+
+def load_reports(package: Path, manifest: Manifest, precision: str) -> dict[str, EngineReport]:
+    """report.json of the newest engine folder built at `precision` (any GPU: the figures barely move)."""
+    out: dict[str, EngineReport] = {}
+    folders = sorted({Path(e.artifact.file).parent for e in manifest.engines if e.artifact.file.split("/")[0]
+                      .endswith(f"-{precision}")})
+    for folder in folders:
+        path = package / folder / "report.json"
+        if not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text())
+            for comp, r in raw.get("engines", {}).items():
+                out[comp] = EngineReport(int(r["device_memory_bytes"]),
+                                         int(r["weight_bytes"]) if r.get("weight_bytes") is not None else None)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+# ---- the plan -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    bytes: int
+    how: str  # where the number comes from
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    items: tuple[Item, ...]
+    load: tuple[str, ...] = ()  # engines loaded at the start of the stage
+    release: tuple[str, ...] = ()  # engines released at its end
+
+    @property
+    def peak(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+
+@dataclass(frozen=True)
+class ResidencyPlan:
+    model: str
+    width: int
+    height: int
+    frames: int
+    precision: str
+    budget: int
+    stages: tuple[Stage, ...]
+    all_resident: bool
+    cfg_batch: int
+    vae_tile: TilePlan
+    streamed: dict[str, int] = field(default_factory=dict)  # engine -> weight bytes streamed per call
+    notes: tuple[str, ...] = ()
+
+    @property
+    def peak(self) -> int:
+        return max(s.peak for s in self.stages)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+    def table(self) -> str:
+        lines = [f"{self.model} {self.width}x{self.height}x{self.frames}, DiT {self.precision}, "
+                 f"budget {_gib(self.budget)} ({self.budget:,} B)",
+                 f"{'stage':<22}{'item':<34}{'GiB':>9}  source"]
+        for s in self.stages:
+            first = True
+            for it in s.items:
+                lines.append(f"{s.name if first else '':<22}{it.name:<34}{it.bytes / GiB:>9.2f}  {it.how}")
+                first = False
+            verdict = "ok" if s.peak <= self.budget else f"OVER by {_gib(s.peak - self.budget)}"
+            moves = "; ".join(x for x in (f"load {', '.join(s.load)}" if s.load else "",
+                                          f"release {', '.join(s.release)}" if s.release else "") if x)
+            lines.append(f"{'':<22}{'= peak':<34}{s.peak / GiB:>9.2f}  {verdict}" + (f"  [{moves}]" if moves else ""))
+        th, tw = self.vae_tile.tile_shape
+        lines.append(f"residency: {'everything resident' if self.all_resident else 'per stage'}; "
+                     f"CFG {'one batch-2 call' if self.cfg_batch == 2 else 'two batch-1 calls'} per step; "
+                     f"VAE tile {th}x{tw} latent cells ({self.vae_tile.count} tiles, "
+                     f"{th * self.vae_tile.rows.scale}x{tw * self.vae_tile.cols.scale} px)")
+        for name, b in self.streamed.items():
+            lines.append(f"weight streaming: {name} streams {_gib(b)} per call, about {b / PCIE_BYTES_PER_S:.2f} s "
+                         f"at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s (build it with --weight-streaming)")
+        lines.extend(f"note: {n}" for n in self.notes)
+        lines.append(f"peak {_gib(self.peak)} of {_gib(self.budget)}: "
+                     + ("fits" if self.fits else "DOES NOT FIT"))
+        return "\n".join(lines)
+
+
+def _gib(b: int) -> str:
+    return f"{b / GiB:.2f} GiB"
+
+
+def dit_sizes(spec: ModelSpec, width: int, height: int, frames: int, batch: int) -> dict[str, int]:
+    _, f, h, w = spec.latent_shape(width, height, frames)
+    return {"batch": batch, "frames": f, "height": h, "width": w,
+            "tokens": spec.num_tokens(width, height, frames)}
+
+
+def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int, precision: str = "bf16", *,
+              fp8_scope: str = "linear", weight_bytes: dict[str, int] | None = None,
+              reports: dict[str, EngineReport] | None = None, contracts: dict[str, Contract] | None = None,
+              text_precision: str | None = None, reserve: int = RESERVE_BYTES) -> ResidencyPlan:
+    """The plan for one clip. `weight_bytes` (engine -> bytes, e.g. from ONNX sizes), `reports` (from
+    built engines) and `contracts` (from a package's manifest) override the architecture formulas."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    m = spec.spatial_multiple
+    if width % m or height % m or (frames - 1) % spec.vae.stride[0]:
+        raise UsageError(f"{width}x{height}x{frames} is not a valid {spec.name} size: width and height must be "
+                         f"multiples of {m} and frames 4k+1")
+    weight_bytes, reports, contracts = weight_bytes or {}, reports or {}, contracts or {}
+    text_prec = text_precision or ("fp32" if precision == "fp32" else "bf16")
+    dit_dtype = {"fp32": "float32", "fp16": "float16"}.get(precision, "bfloat16")
+    notes: list[str] = []
+
+    def weights(engine: str, formula: int, what: str) -> Item:
+        if engine in reports and reports[engine].weight_bytes is not None:
+            return Item(f"{engine} weights", int(reports[engine].weight_bytes or 0), "engine report")
+        if engine in weight_bytes:
+            return Item(f"{engine} weights", weight_bytes[engine], "ONNX weight bytes")
+        return Item(f"{engine} weights", formula, what)
+
+    def activations(engine: str, estimate: int, what: str) -> Item:
+        if engine in reports:
+            return Item(f"{engine} activations", reports[engine].device_memory_bytes, "device_memory_size_v2")
+        return Item(f"{engine} activations", estimate, what)
+
+    reserve_item = Item("CUDA context + libraries", reserve, "reserve")
+
+    # text
+    te_contract = contracts.get(C.TEXT_ENCODER, C.text_encoder_contract(spec))
+    te_sizes = {"batch": 2, "seq": spec.text.text_len}
+    te_items = (weights(C.TEXT_ENCODER, text_weight_bytes(spec.text, text_prec),
+                        f"{text_param_count(spec.text) / 1e9:.3f} B params x {text_prec}"),
+                activations(C.TEXT_ENCODER, text_activation_bytes(spec.text, 2, spec.text.text_len, text_prec),
+                            "estimate, 2 prompts x 512 tokens"),
+                Item(f"{C.TEXT_ENCODER} I/O", io_bytes(te_contract, te_sizes), "contract shapes x dtypes"))
+
+    # denoise, per expert, at CFG batch 2 then 1
+    tokens = spec.num_tokens(width, height, frames)
+    n_params = dit_param_count(spec.dit)
+
+    def dit_items(expert: str, batch: int) -> tuple[Item, ...]:
+        contract = contracts.get(expert, C.dit_contract(spec, dit_dtype))
+        w = weights(expert, dit_weight_bytes(spec.dit, precision, fp8_scope),
+                    f"{n_params / 1e9:.3f} B params, {precision}" + (f" ({fp8_scope})" if precision == "fp8" else ""))
+        act = activations(expert, dit_activation_bytes(spec, tokens, batch, precision),
+                          f"estimate, {tokens:,} tokens x batch {batch}")
+        io = Item(f"{expert} I/O", io_bytes(contract, dit_sizes(spec, width, height, frames, batch)),
+                  "contract shapes x dtypes")
+        return (w, act, io)
+
+    # decode: VAE first + step engines (each holds the decoder weights) and one tile
+    vae_params = VAE_DECODER_PARAMS.get(spec.vae.kind, 0)
+    step_contract = contracts.get(C.VAE_STEP) or vae_step_contract(spec)
+    _, _, lat_h, lat_w = spec.latent_shape(width, height, frames)
+    vae_w = [weights(name, 4 * vae_params, f"{vae_params / 1e6:.1f} M params x fp32")
+             for name in (C.VAE_FIRST, C.VAE_STEP)]
+    scale = spec.vae.stride[1]
+
+    def vae_stage(room: int) -> tuple[TilePlan, Item]:
+        budget_vae = room - sum(i.bytes for i in vae_w)
+        try:
+            tile = choose_tile(step_contract, lat_h, lat_w, max(budget_vae, 0), scale=scale, same_memory=False)
+        except UsageError:
+            tile = plan_tiles(lat_h, lat_w, min(16, lat_h), min(16, lat_w), scale=scale)
+            notes.append("the VAE does not fit even with the smallest tiles")
+        est = estimate_memory(step_contract, tile)
+        th, tw = tile.tile_shape
+        return tile, Item("VAE tile working set", est.tile_bytes, f"vae_decode.estimate_memory, {th}x{tw} tile")
+
+    experts = spec.experts
+    # 1. everything resident?
+    for batch in (2, 1):
+        dits = [it for e in experts for it in dit_items(e, batch)]
+        fixed = [reserve_item, *te_items, *dits]
+        room = budget - sum(i.bytes for i in fixed)
+        tile, tile_item = vae_stage(room)
+        total = sum(i.bytes for i in fixed) + sum(i.bytes for i in vae_w) + tile_item.bytes
+        if total <= budget and not notes:
+            stage = Stage("all stages", (*fixed, *vae_w, tile_item), load=(C.TEXT_ENCODER, *experts, C.VAE_FIRST,
+                                                                               C.VAE_STEP))
+            return ResidencyPlan(spec.name, width, height, frames, precision, budget, (stage,), True, batch, tile,
+                                 notes=tuple(notes))
+        notes.clear()
+
+    # 2. per stage
+    stages = [Stage("text", (reserve_item, *te_items), load=(C.TEXT_ENCODER,), release=(C.TEXT_ENCODER,))]
+    streamed: dict[str, int] = {}
+    cfg_batch = 2
+    dit_stage_items: dict[str, tuple[Item, ...]] = {}
+    for e in experts:
+        items = dit_items(e, 2)
+        if reserve + sum(i.bytes for i in items) > budget:
+            cfg_batch = 1
+    for e in experts:
+        items = dit_items(e, cfg_batch)
+        over = reserve + sum(i.bytes for i in items) - budget
+        if over > 0:  # 4. weight streaming: keep what fits, stream the rest every call
+            w = items[0]
+            over += STREAMING_SCRATCH_BYTES
+            resident = w.bytes - over
+            if resident <= 0:
+                notes.append(f"{e}: activations alone exceed the budget; choose a smaller size or fewer frames")
+            else:
+                streamed[e] = over
+                items = (Item(f"{e} weights (resident part)", resident, f"{w.how}; {_gib(over)} streamed"),
+                         Item(f"{e} weight-streaming scratch", STREAMING_SCRATCH_BYTES, "allowance"),
+                         *items[1:])
+        dit_stage_items[e] = items
+    if len(experts) > 1:
+        both = reserve + sum(i.bytes for e in experts for i in dit_stage_items[e])
+        if both <= budget and not streamed:
+            stages.append(Stage("denoise", (reserve_item, *(i for e in experts for i in dit_stage_items[e])),
+                                load=experts, release=experts))
+        else:
+            for e in experts:
+                label = "denoise " + e.removeprefix("dit_")
+                stages.append(Stage(label, (reserve_item, *dit_stage_items[e]), load=(e,), release=(e,)))
+            notes.append("the experts swap once at the boundary; keep their plan bytes in host RAM for a fast reload")
+    else:
+        e = experts[0]
+        stages.append(Stage("denoise", (reserve_item, *dit_stage_items[e]), load=(e,), release=(e,)))
+    room = budget - reserve
+    tile, tile_item = vae_stage(room)
+    stages.append(Stage("decode", (reserve_item, *vae_w, tile_item), load=(C.VAE_FIRST, C.VAE_STEP)))
+    if cfg_batch == 1:
+        notes.append("CFG as two batch-1 DiT calls per step (batch 2 does not fit)")
+    return ResidencyPlan(spec.name, width, height, frames, precision, budget, tuple(stages), False, cfg_batch,
+                         tile, streamed, tuple(notes))
+
+
+def plan_for_package(package: Path, manifest: Manifest, width: int, height: int, frames: int, budget: int,
+                     precision: str, fp8_scope: str = "linear") -> ResidencyPlan:
+    """As make_plan, with the package's contracts, ONNX weight bytes (rescaled to `precision` when the
+    ONNX has another one) and any engine reports of a build at that precision."""
+    spec = manifest.model
+    weight_bytes: dict[str, int] = {}
+    for name, comp in manifest.components.items():
+        onnx = comp.artifact.size_bytes + (comp.artifact.data_size_bytes or 0)
+        if name in spec.experts:
+            target, source = dit_weight_bytes(spec.dit, precision, fp8_scope), \
+                dit_weight_bytes(spec.dit, comp.precision, fp8_scope)
+            weight_bytes[name] = onnx * target // max(source, 1)
+        elif name == C.TEXT_ENCODER:
+            tp = "fp32" if precision == "fp32" else "bf16"
+            weight_bytes[name] = onnx * BYTES[tp] // BYTES[comp.precision if comp.precision in BYTES else "fp32"]
+        elif name in (C.VAE_FIRST, C.VAE_STEP):
+            weight_bytes[name] = onnx * 4 // BYTES.get(comp.precision, 4)
+    contracts = {n: c.contract for n, c in manifest.components.items()}
+    return make_plan(spec, width, height, frames, budget, precision, fp8_scope=fp8_scope,
+                     weight_bytes=weight_bytes, reports=load_reports(package, manifest, precision),
+                     contracts=contracts)
+
+
+__all__ = ["DiTParams", "dit_params", "dit_param_count", "text_param_count", "VAE_DECODER_PARAMS",
+           "VAE_CACHE_SLOTS", "vae_step_contract", "dit_weight_bytes", "text_weight_bytes", "tensor_bytes",
+           "io_bytes", "dit_activation_bytes", "text_activation_bytes", "EngineReport", "load_reports", "Item",
+           "Stage", "ResidencyPlan", "make_plan", "plan_for_package", "RESERVE_BYTES"]

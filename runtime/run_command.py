@@ -1,0 +1,132 @@
+"""`vidrt run`: options -> Request -> Pipeline.run -> streamed video file, with a progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vidrt.errors import OutputError, UsageError
+from vidrt.request import Request
+
+
+def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise UsageError("give either --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            return Path(prompt_file).read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"--prompt-file {prompt_file} does not exist") from None
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"--prompt-file {prompt_file} is not UTF-8 text (byte {exc.start}); "
+                             f"save it as UTF-8") from None
+        except OSError as exc:
+            raise UsageError(f"--prompt-file {prompt_file} cannot be read ({exc.strerror})") from None
+    if prompt is None:
+        raise UsageError('no prompt: pass --prompt "a red circle moving left" or --prompt-file FILE')
+    return prompt
+
+
+class _Progress:
+    """One tqdm bar per stage (denoise steps, decoded frames) with ETA; silent with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Any = None
+        self.stage = ""
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, unit="step" if stage == "denoise" else "frame",
+                            file=sys.stderr, leave=True, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_command(*, prompt: str | None, prompt_file: str | None, model: str | None, negative_prompt: str | None,
+                size: str | None, frames: int | None, steps: int | None, guidance: float | None,
+                shift: float | None, seed: int, scheduler: str | None, backend: str, threads: int | None,
+                vae_memory: str | None, fps: int | None, crf: int | None, output: str, overwrite: bool,
+                stats_json: str | None, quiet: bool) -> None:
+    from vidrt.cli import parse_size
+    from vidrt.models import default_package
+    from vidrt.pipeline import Pipeline
+    from vidrt.vae_decode import parse_bytes
+    from vidrt.video import VideoWriter, clean_stale_temps, output_format
+
+    text = _read_prompt(prompt, prompt_file)
+    wh = parse_size(size)
+    vae_bytes = parse_bytes(vae_memory) if vae_memory not in (None, "auto") else None
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads} must be at least 1")
+    if fps is not None and not 1 <= fps <= 240:
+        raise UsageError(f"--fps {fps} is out of range; use 1..240")
+    if crf is not None and not 0 <= crf <= 63:
+        raise UsageError(f"--crf {crf} is out of range; use 0..63 (18 is visually lossless for H.264)")
+    out_path = Path(output)
+    output_format(out_path)  # refuses unknown suffixes before any work
+    if out_path.exists() and not overwrite:
+        raise OutputError(f"{out_path} exists; pass --overwrite to replace it or choose another -o")
+    if stats_json is not None and Path(stats_json).is_dir():
+        raise UsageError(f"--stats-json {stats_json} is a folder; give a file path")
+    package = model if model is not None else default_package()
+    if package is None:
+        raise UsageError("no --model given and this build ships no default model; pass --model PACKAGE")
+    clean_stale_temps(out_path.parent if str(out_path.parent) else Path("."))
+
+    warnings: list[str] = []
+
+    def warn(msg: str) -> None:
+        warnings.append(msg)
+        click.echo(f"warning: {msg}", err=True)
+
+    pipe = Pipeline.load(package, backend=backend, threads=threads, warn=warn)
+    request = Request(prompt=text, negative_prompt=negative_prompt, width=wh[0] if wh else None,
+                      height=wh[1] if wh else None, num_frames=frames, steps=steps, guidance=guidance,
+                      shift=shift, seed=seed, scheduler=scheduler)
+    from vidrt.request import resolve
+
+    settings = resolve(request, pipe.manifest.model)  # checked before the file is opened
+    metadata = {"prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "seed": str(settings.seed),
+                "model": pipe.manifest.model.name, "steps": str(settings.steps), "shift": str(settings.shift),
+                "guidance": f"{settings.guidance_high_noise}/{settings.guidance_low_noise}",
+                "scheduler": settings.scheduler, "size": f"{settings.width}x{settings.height}",
+                "frames": str(settings.num_frames), "software": "vidrt"}
+    progress = _Progress(quiet)
+    fps_out = fps or pipe.manifest.model.sampling.fps
+    try:
+        with VideoWriter(out_path, fps=fps_out, crf=crf, metadata=metadata, overwrite=overwrite) as writer:
+            result = pipe.run(request, on_frames=writer.write, progress=progress, vae_memory_bytes=vae_bytes,
+                              keep_text_encoder=False)
+    finally:
+        progress.close()
+    stats = result.stats
+    if stats_json is not None:
+        record = {"settings": settings.__dict__, "output": str(out_path), "stats": stats.to_dict(),
+                  "warnings": warnings}
+        tmp = Path(stats_json + f".{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, stats_json)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"cannot write --stats-json {stats_json} ({exc.strerror})") from None
+    if not quiet:
+        click.echo(stats.table(), err=True)
+        click.echo(f"wrote {out_path} ({settings.num_frames} frames, {settings.width}x{settings.height}, "
+                   f"{fps_out} fps)", err=True)

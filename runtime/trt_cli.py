@@ -1,0 +1,100 @@
+"""`vidrt build`, `vidrt plan`, `vidrt doctor` (registered on the `vidrt` group in runtime/cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from vidrt.errors import UsageError
+
+
+def _sizes(value: str | None) -> tuple[tuple[int, int], ...]:
+    if not value:
+        return ()
+    out = []
+    for part in value.split(","):
+        w, sep, h = part.strip().lower().partition("x")
+        if not sep or not w.isdigit() or not h.isdigit():
+            raise UsageError(f"size {part!r} is not WIDTHxHEIGHT; write sizes like 832x480,1280x720")
+        out.append((int(w), int(h)))
+    return tuple(out)
+
+
+def _bytes(value: str) -> int:
+    from vidrt.vae_decode import parse_bytes
+
+    return parse_bytes(value)
+
+
+@click.command("build")
+@click.argument("package", type=click.Path(file_okay=False))
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp8", "fp32"]), required=True,
+              help="Engine precision; the DiT graph must have been exported (or quantised) at it.")
+@click.option("--sizes", help="Resolution buckets WxH[,WxH...], one optimisation profile each (default: the model's).")
+@click.option("--frames", type=int, help="Video frames, 4k+1 (default: the model's).")
+@click.option("--workspace", default="4GiB", show_default=True, help="Builder scratch memory limit.")
+@click.option("--optimization-level", type=click.IntRange(0, 5), default=3, show_default=True)
+@click.option("--weight-streaming", is_flag=True, help="DiT plans that can stream weights from host memory.")
+@click.option("--vae-tile", help="VAE tile in latent cells HxW (default: from the residency plan for this GPU).")
+@click.option("--gpu-memory", help="Memory to plan the VAE tile for (default: this GPU's).")
+@click.option("--component", "components", multiple=True, help="Build only this component (repeatable).")
+def build_cmd(package: str, precision: str, sizes: str | None, frames: int | None, workspace: str,
+              optimization_level: int, weight_streaming: bool, vae_tile: str | None, gpu_memory: str | None,
+              components: tuple[str, ...]) -> None:
+    """Build TensorRT engines for a model package (needs TensorRT and the target GPU)."""
+    from vidrt.export.build_engines import BuildOptions, build_package
+
+    tile = None
+    if vae_tile:
+        (th, tw), = _sizes(vae_tile)
+        tile = (th, tw)
+    opts = BuildOptions(precision=precision, sizes=_sizes(sizes), frames=frames, workspace_bytes=_bytes(workspace),
+                        optimization_level=optimization_level, weight_streaming=weight_streaming, vae_tile=tile,
+                        gpu_memory=_bytes(gpu_memory) if gpu_memory else None, components=components)
+    manifest = build_package(Path(package), opts, log=click.echo)
+    click.echo(f"{len(manifest.engines)} plan(s) recorded in {Path(package) / 'manifest.json'}")
+
+
+@click.command("plan")
+@click.argument("model")
+@click.option("--size", required=True, help="WIDTHxHEIGHT, e.g. 1280x704.")
+@click.option("--frames", type=int, help="Video frames, 4k+1 (default: the model's).")
+@click.option("--gpu-memory", default="24GB", show_default=True,
+              help="Device memory to plan for (GB = 10^9 bytes, GiB = 2^30: a '24 GB' RTX 4090 has 24GiB).")
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp8", "fp32"]), default="bf16", show_default=True,
+              help="DiT engine precision.")
+@click.option("--fp8-scope", type=click.Choice(["linear", "ffn"]), default="linear", show_default=True,
+              help="fp8: quantise all block matrices, or only the feed-forward ones.")
+def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precision: str, fp8_scope: str) -> None:
+    """Device-memory plan for a clip: per stage peak, what stays resident, the VAE tile.
+    MODEL is a package folder or a variant name (no weights needed)."""
+    from vidrt.registry import VARIANTS, get_variant
+    from vidrt.residency import make_plan, plan_for_package
+
+    (width, height), = _sizes(size)
+    budget = _bytes(gpu_memory)
+    if Path(model).is_dir():
+        from vidrt.manifest import load_manifest
+
+        manifest = load_manifest(model, verify=False)
+        n = frames or manifest.model.sampling.frames
+        plan = plan_for_package(Path(model), manifest, width, height, n, budget, precision, fp8_scope)
+    elif model in VARIANTS:
+        spec = get_variant(model)
+        plan = make_plan(spec, width, height, frames or spec.sampling.frames, budget, precision, fp8_scope=fp8_scope)
+    else:
+        raise UsageError(f"{model!r} is neither a package folder nor a variant ({', '.join(VARIANTS)})")
+    click.echo(plan.table())
+
+
+@click.command("doctor")
+@click.argument("package", required=False)
+def doctor_cmd(package: str | None) -> None:
+    """What this machine can run: GPU, driver, CUDA, TensorRT, onnxruntime, backends."""
+    from vidrt.doctor import diagnose
+
+    for line in diagnose(package).lines():
+        click.echo(line)
+
+
+__all__ = ["build_cmd", "plan_cmd", "doctor_cmd"]

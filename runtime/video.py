@@ -1,0 +1,356 @@
+"""Write decoded frames to .mp4 (H.264), .webm (VP9) or a folder of PNG frames, with PyAV.
+
+Frames arrive in chunks as the VAE decodes them and are encoded at once. Everything goes to a
+temporary file (or folder) beside the output, named `.<name>.vidrt-<pid>.tmp`, which is renamed
+onto the output only when complete, so a crash or Ctrl-C never leaves a half-written video and never
+damages an existing one. `clean_stale_temps` removes the temps of processes that died anyway
+(SIGKILL, power loss).
+
+The prompt, seed and settings go into the file: a JSON object in the container's `comment` tag
+(mp4 and webm; the prompt also as `title`, which players show), or `metadata.json` beside the
+frames of a PNG folder. `read_metadata` reads either back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import av
+import numpy as np
+from vidrt.errors import OutputError
+
+SIDECAR = "metadata.json"  # in a PNG folder
+FRAME_NAME = "frame_{:06d}.png"
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.vidrt-(?P<pid>\d+)(?P<old>\.old)?\.tmp$")
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    kind: str  # "mp4" | "webm" | "png"
+    codec: str  # libx264 | libvpx-vp9 | png
+    default_crf: int | None  # constant-quality level; lower = better (x264: 18 ~ visually lossless)
+    options: tuple[tuple[str, str], ...] = ()
+
+
+FORMATS = {
+    ".mp4": OutputFormat("mp4", "libx264", 18),
+    # VP9 constant quality needs b:v 0; row-mt uses both cores on small frames.
+    ".webm": OutputFormat("webm", "libvpx-vp9", 31, (("b:v", "0"), ("row-mt", "1"))),
+}
+PNG = OutputFormat("png", "png", None)
+
+
+def output_format(path: str | os.PathLike[str]) -> OutputFormat:
+    """.mp4 / .webm -> that container; a path ending in '/' or without a suffix -> a PNG folder."""
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)):
+        return PNG
+    suffix = Path(text).suffix.lower()
+    if not suffix:
+        return PNG
+    if suffix in FORMATS:
+        return FORMATS[suffix]
+    raise OutputError(f"{text}: unsupported output type {suffix!r}; use .mp4, .webm, or a folder path ending "
+                      f"in '/' for PNG frames")
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """[-1, 1] float -> uint8 [0, 255], rounded to nearest (as diffusers' video post-processing)."""
+    if frames.dtype == np.uint8:
+        return frames
+    return np.clip(np.rint((frames.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def temp_path(final: Path, pid: int | None = None, old: bool = False) -> Path:
+    """`.<name>.vidrt-<pid>.tmp` beside `final` (recognisable by clean_stale_temps)."""
+    return final.parent / f".{final.name}.vidrt-{os.getpid() if pid is None else pid}{'.old' if old else ''}.tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove temps that dead vidrt processes left in `folder`; returns what was removed.
+
+    A `.old` temp is an output a dead process was replacing: if the output itself is gone it is
+    put back rather than deleted. (The pid test is per machine: do not share a folder between hosts
+    that write into it at the same time.)
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        m = _TEMP_RE.match(entry.name)
+        if m is None or _pid_alive(int(m["pid"])):
+            continue
+        final = folder / m["name"]
+        if m["old"] and not final.exists():
+            os.replace(entry, final)
+            continue
+        _remove(entry)
+        removed.append(entry)
+    return removed
+
+
+def _is_vidrt_frame_folder(path: Path) -> bool:
+    """True for an empty folder or one holding only what a PNG-folder output writes."""
+    return all(p.name == SIDECAR or re.fullmatch(r"frame_\d+\.png", p.name) for p in path.iterdir())
+
+
+class VideoWriter:
+    """Encode frame chunks as they come; `close()` publishes the file, `abort()` removes the temp.
+
+    Use as a context manager: on any exception (KeyboardInterrupt included) the temp is removed and
+    the output path is left as it was.
+
+        with VideoWriter("clip.mp4", fps=16, metadata={"prompt": p, "seed": 42}) as out:
+            for chunk in iter_decode(...):
+                out.write(chunk)          # [n, H, W, 3] uint8, or float in [-1, 1]
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fps: float | Fraction, crf: int | None = None,
+                 metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
+        self.format = output_format(path)
+        self.path = Path(os.fspath(path).rstrip("/" + os.sep) or ".").absolute()
+        self.fps = Fraction(fps).limit_denominator(1001)
+        if self.fps <= 0:
+            raise OutputError(f"{self.path}: fps must be positive, got {fps}")
+        self.crf = self.format.default_crf if crf is None else crf
+        self.metadata = dict(metadata or {})
+        try:
+            self._meta_json = json.dumps(self.metadata, ensure_ascii=False, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise OutputError(f"{self.path}: metadata is not JSON-serialisable ({exc})") from None
+        self.overwrite = overwrite
+        self.frames_written = 0
+        self.size: tuple[int, int] | None = None  # (width, height), set by the first frame
+        self._check_target()
+        self.temp: Path | None = temp_path(self.path)
+        self._container: Any = None
+        self._file: Any = None
+        self._stream: Any = None
+        self._png: Any = None
+        self._open_temp()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _check_target(self) -> None:
+        p = self.path
+        if p.exists() or p.is_symlink():
+            if not self.overwrite:
+                raise OutputError(f"{p} already exists; choose another path or pass --overwrite")
+            if self.format.kind == "png":
+                if not p.is_dir() or not _is_vidrt_frame_folder(p):
+                    raise OutputError(f"{p} exists and is not a vidrt PNG frame folder; refusing to replace it")
+            elif p.is_dir():
+                raise OutputError(f"{p} is a folder; give a file path for a .{self.format.kind} video")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the output folder {p.parent}: {exc.strerror or exc}") from None
+        if not os.access(p.parent, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write to the output folder {p.parent}: permission denied")
+
+    def _open_temp(self) -> None:
+        try:
+            if self.format.kind == "png":
+                self.temp.mkdir()
+            else:
+                # Our own file object: the temp exists from now on (FFmpeg would create it only at the
+                # first packet) and "x" refuses to follow anything already there.
+                self._file = open(self.temp, "xb")  # closed in close() / _discard()
+                self._container = av.open(self._file, "w", format=self.format.kind)
+                self._container.metadata["comment"] = self._meta_json
+                prompt = self.metadata.get("prompt")
+                if isinstance(prompt, str):
+                    self._container.metadata["title"] = prompt
+        except (OSError, av.FFmpegError) as exc:
+            self._discard()
+            raise OutputError(f"cannot write {self.path}: {_reason(exc)}") from None
+
+    def _start_stream(self, width: int, height: int) -> None:
+        if self.format.kind == "png":
+            self._png = av.CodecContext.create("png", "w")
+            self._png.width, self._png.height, self._png.pix_fmt = width, height, "rgb24"
+            return
+        if width % 2 or height % 2:
+            raise OutputError(f"{self.path}: {self.format.kind} (yuv420p) needs an even width and height, got "
+                              f"{width}x{height}; crop the frames or write a PNG folder")
+        stream = self._container.add_stream(self.format.codec, rate=self.fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(self.crf), **dict(self.format.options)}
+        self._stream = stream
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append frames: [n, H, W, 3] or [H, W, 3]; uint8, or float in [-1, 1]."""
+        temp = self.temp
+        if temp is None:
+            raise ValueError("write() after close() or abort()")
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be [n, H, W, 3], got {frames.shape}")
+        frames = to_uint8(frames)
+        height, width = frames.shape[1:3]
+        try:
+            if self.size is None:
+                self._start_stream(width, height)
+                self.size = (width, height)
+            elif self.size != (width, height):
+                raise ValueError(f"frame size changed from {self.size[0]}x{self.size[1]} to {width}x{height}")
+            for frame in frames:
+                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                if self._png is not None:
+                    data = b"".join(bytes(p) for p in self._png.encode(vf))
+                    (temp / FRAME_NAME.format(self.frames_written)).write_bytes(data)
+                else:
+                    for packet in self._stream.encode(vf):
+                        self._container.mux(packet)
+                self.frames_written += 1
+        except (OSError, av.FFmpegError) as exc:
+            raise OutputError(f"writing {self.path} failed: {_reason(exc)}") from None
+
+    def close(self) -> Path:
+        """Flush, then move the finished temp onto the output path. Returns the output path."""
+        if self.temp is None:
+            return self.path
+        if self.frames_written == 0:
+            self.abort()
+            raise OutputError(f"{self.path}: no frames to write")
+        try:
+            if self.format.kind == "png":
+                sidecar = {"video": {"fps": str(self.fps), "frames": self.frames_written,
+                                     "width": self.size[0] if self.size else 0,
+                                     "height": self.size[1] if self.size else 0},
+                           "metadata": self.metadata}
+                (self.temp / SIDECAR).write_text(json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n",
+                                                 encoding="utf-8")
+            else:
+                for packet in self._stream.encode():  # flush the encoder
+                    self._container.mux(packet)
+                self._container.close()
+                self._container = None
+                self._file.close()
+                self._file = None
+            self._publish()
+        except (OSError, av.FFmpegError) as exc:
+            self.abort()
+            raise OutputError(f"writing {self.path} failed: {_reason(exc)}") from None
+        except BaseException:
+            self.abort()
+            raise
+        self.temp = None
+        return self.path
+
+    def _publish(self) -> None:
+        final, temp = self.path, self.temp
+        assert temp is not None
+        if self.format.kind == "png":
+            if final.exists():  # overwrite (checked in _check_target): swap the old folder out first
+                if not self.overwrite:
+                    raise OutputError(f"{final} appeared while writing; the new frames were discarded")
+                old = temp_path(final, old=True)
+                os.replace(final, old)
+                os.replace(temp, final)
+                _remove(old)
+            else:
+                os.replace(temp, final)
+            return
+        if self.overwrite:
+            os.replace(temp, final)  # atomic: readers see the old file or the new one
+            return
+        try:  # no-clobber publish: link fails if the output appeared meanwhile
+            os.link(temp, final)
+        except FileExistsError:
+            raise OutputError(f"{final} appeared while writing; the new video was discarded") from None
+        except OSError:  # no hard links on this file system
+            if final.exists():
+                raise OutputError(f"{final} appeared while writing; the new video was discarded") from None
+            os.replace(temp, final)
+            return
+        temp.unlink()
+
+    def abort(self) -> None:
+        """Drop everything written so far; the output path is left untouched."""
+        self._discard()
+        self.temp = None
+
+    def _discard(self) -> None:
+        if self._container is not None:
+            with contextlib.suppress(Exception):
+                self._container.close()
+            self._container = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.temp is not None:
+            _remove(self.temp)
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _reason(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc)
+    return " ".join(str(text).split())  # one line
+
+
+def write_video(path: str | os.PathLike[str], frames: Iterable[np.ndarray], *, fps: float | Fraction,
+                crf: int | None = None, metadata: Mapping[str, Any] | None = None,
+                overwrite: bool = False) -> Path:
+    """Write every chunk of `frames` (e.g. vae_decode.iter_decode(...)) to `path`; see VideoWriter."""
+    with VideoWriter(path, fps=fps, crf=crf, metadata=metadata, overwrite=overwrite) as out:
+        for chunk in frames:
+            out.write(chunk)
+    return out.path
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata mapping a VideoWriter stored in `path` ({} if there is none)."""
+    p = Path(path)
+    if p.is_dir():
+        sidecar = p / SIDECAR
+        if not sidecar.is_file():
+            return {}
+        return dict(json.loads(sidecar.read_text(encoding="utf-8")).get("metadata", {}))
+    with av.open(str(p)) as container:
+        tags = {k.lower(): v for k, v in container.metadata.items()}
+    try:
+        return dict(json.loads(tags.get("comment", "{}")))
+    except (json.JSONDecodeError, TypeError):
+        return {}

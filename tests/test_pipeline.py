@@ -1,0 +1,121 @@
+"""vidrt's whole pipeline against diffusers' WanPipeline driven by the official FlowUniPC scheduler.
+
+Same tiny random-weight checkpoint (diffusers folder), same noise, prompt, negative prompt, steps,
+shift and guidance. diffusers runs torch; vidrt runs the exported ONNX package on ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import wan_ref
+from tiny import TINY_VARIANT, write_diffusers_checkpoint
+
+from vidrt.export.package import export_package
+from vidrt.pipeline import Pipeline
+from vidrt.request import Request
+
+PROMPT = "a red cat walks on the beach"
+NEGATIVE = "blue sky night"
+WIDTH, HEIGHT, FRAMES, STEPS, SHIFT = 64, 64, 9, 6, 5.0
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+@pytest.fixture(scope="module", params=["t2v", "a14b", "ti2v"])
+def tiny_package(request, tmp_path_factory):
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"ckpt-{kind}")
+    write_diffusers_checkpoint(root, kind)
+    package = export_package(root, root / "package", variant=TINY_VARIANT[kind], progress=False)
+    return kind, root, package
+
+
+def official_unipc(shift: float):
+    """The official scheduler as Wan's text2video.py configures it: shift=1 at construction, the
+    real shift given to set_timesteps (constructing with shift=S moves sigma_max/min)."""
+    base = wan_ref.load("utils.fm_solvers_unipc").FlowUniPCMultistepScheduler
+
+    class OfficialUniPC(base):
+        def set_timesteps(self, num_inference_steps, device=None, **_):
+            return super().set_timesteps(num_inference_steps, device=device, shift=shift)
+
+    return OfficialUniPC(num_train_timesteps=1000, shift=1, use_dynamic_shifting=False)
+
+
+def reference_frames(root: Path, kind: str, noise: np.ndarray, guidance_high: float,
+                     guidance_low: float) -> np.ndarray:
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(root, scheduler=official_unipc(SHIFT))
+    pipe.text_encoder.config._attn_implementation = "eager"
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {}
+    if kind == "a14b":  # diffusers: transformer (high noise) with guidance_scale, transformer_2 with guidance_scale_2
+        kwargs["guidance_scale_2"] = guidance_low
+    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, num_frames=FRAMES,
+               num_inference_steps=STEPS, guidance_scale=guidance_high, latents=torch.from_numpy(noise)[None],
+               output_type="np", **kwargs).frames[0]  # [F, H, W, 3] in [0, 1]
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def test_matches_diffusers_pipeline(tiny_package):
+    kind, root, package = tiny_package
+    pipe = Pipeline.load(package)
+    spec = pipe.manifest.model
+    noise = np.random.default_rng(7).standard_normal(spec.latent_shape(WIDTH, HEIGHT, FRAMES), dtype=np.float32)
+    # a14b: per-expert guidance from the manifest defaults (4.0 high-noise / 3.0 low-noise)
+    g_high, g_low = (4.0, 3.0) if kind == "a14b" else (5.0, 5.0)
+    req = Request(prompt=PROMPT, negative_prompt=NEGATIVE, width=WIDTH, height=HEIGHT, num_frames=FRAMES,
+                  steps=STEPS, shift=SHIFT, scheduler="unipc", guidance=None if kind == "a14b" else 5.0)
+    ours = pipe.run(req, noise=noise).frames
+    ref = reference_frames(root, kind, noise, g_high, g_low)
+    assert ours.shape == ref.shape == (FRAMES, HEIGHT, WIDTH, 3)
+    value = psnr(ours, ref)
+    print(f"{kind}: PSNR vidrt vs diffusers WanPipeline = {value:.1f} dB")
+    assert value >= 40.0
+
+
+def test_seed_reproducible(tiny_package):
+    kind, _, package = tiny_package
+    if kind != "t2v":
+        pytest.skip("one model is enough for seeding")
+    pipe = Pipeline.load(package)
+    req = Request(prompt=PROMPT, width=WIDTH, height=HEIGHT, num_frames=FRAMES, steps=3, seed=11)
+    a = pipe.run(req).frames
+    b = pipe.run(req).frames
+    c = pipe.run(replace(req, seed=12)).frames
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_run_never_imports_torch(tiny_package, tmp_path):
+    """A full `vidrt run` in a fresh interpreter: torch (and friends) never get imported."""
+    kind, _, package = tiny_package
+    if kind != "t2v":
+        pytest.skip("one model is enough")
+    out = tmp_path / "clip.mp4"
+    code = (
+        "import sys\n"
+        "from vidrt.cli import main\n"
+        "try:\n"
+        f"    main(['run', '--model', {str(package)!r}, '--prompt', 'a cat', '--size', '64x64', '--frames', '9',"
+        f" '--steps', '2', '-o', {str(out)!r}, '--quiet'])\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnx') if m in sys.modules)\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "HEAVY=\n" in res.stdout or res.stdout.strip().endswith("HEAVY="), res.stdout
+    assert out.is_file()

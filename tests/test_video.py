@@ -1,0 +1,202 @@
+"""vidrt.video: mp4 / webm / PNG-folder output, metadata, atomic publish, temp cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from vidrt.errors import OutputError
+from vidrt.video import (
+    VideoWriter,
+    clean_stale_temps,
+    output_format,
+    read_metadata,
+    temp_path,
+    to_uint8,
+    write_video,
+)
+
+META = {"prompt": "a red fox runs through snow, 雪", "seed": 1234, "steps": 50, "guidance": 5.0}
+
+
+def smooth_clip(n: int = 9, h: int = 64, w: int = 96) -> np.ndarray:
+    """uint8 [n, h, w, 3]: slowly moving colour gradients (what 4:2:0 video codes well)."""
+    t = np.arange(n)[:, None, None]
+    y = np.arange(h)[None, :, None] / h
+    x = np.arange(w)[None, None, :] / w
+    r = 0.5 + 0.4 * np.sin(np.pi * (x + 0.03 * t))
+    g = 0.5 + 0.4 * np.cos(np.pi * (y - 0.02 * t))
+    b = 0.5 + 0.3 * np.sin(np.pi * (x + y) / 2)
+    return np.rint(np.stack(np.broadcast_arrays(r, g, b), -1) * 255).astype(np.uint8)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def read_frames(path: Path) -> tuple[np.ndarray, av.VideoStream]:
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(stream)])
+        return frames, stream
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".vidrt-" in p.name)
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm"])
+def test_video_round_trip(tmp_path: Path, suffix: str) -> None:
+    clip = smooth_clip()
+    chunks = [clip[:1], clip[1:5], clip[5:]]  # streamed like the VAE: 1 frame, then 4 at a time
+    out = write_video(tmp_path / f"clip{suffix}", chunks, fps=16, metadata=META)
+    frames, stream = read_frames(out)
+    assert frames.shape == clip.shape
+    assert stream.average_rate == 16
+    assert stream.codec_context.name == ("h264" if suffix == ".mp4" else "vp9")
+    quality = psnr(frames, clip)
+    print(f"{suffix}: PSNR {quality:.1f} dB, {out.stat().st_size} bytes")
+    assert quality >= 35
+    assert read_metadata(out) == META
+    assert leftovers(tmp_path) == []
+
+
+def test_float_frames_and_crf(tmp_path: Path) -> None:
+    clip = smooth_clip(5)
+    as_float = clip.astype(np.float32) / 127.5 - 1.0  # what vae_decode yields
+    assert np.array_equal(to_uint8(as_float), clip)
+    hi = write_video(tmp_path / "hi.mp4", [as_float], fps=24, crf=12)
+    lo = write_video(tmp_path / "lo.mp4", [as_float], fps=24, crf=40)
+    assert psnr(read_frames(hi)[0], clip) > psnr(read_frames(lo)[0], clip)
+    assert read_frames(hi)[1].average_rate == 24
+
+
+@pytest.mark.parametrize("name", ["frames/", "frames"])
+def test_png_folder(tmp_path: Path, name: str) -> None:
+    clip = smooth_clip(5, 30, 34)  # odd-free but not a multiple of 16: PNG takes any size
+    out = write_video(tmp_path / name, [clip[:1], clip[1:]], fps=16, metadata=META)
+    assert out == tmp_path / "frames" and out.is_dir()
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["frame_000000.png", "frame_000001.png", "frame_000002.png", "frame_000003.png",
+                     "frame_000004.png", "metadata.json"]
+    for i in range(5):  # PNG is lossless
+        frames, _ = read_frames(out / f"frame_{i:06d}.png")
+        assert np.array_equal(frames[0], clip[i])
+    assert read_metadata(out) == META
+    side = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
+    assert side["video"] == {"fps": "16", "frames": 5, "width": 34, "height": 30}
+    assert leftovers(tmp_path) == []
+
+
+def test_output_format() -> None:
+    assert output_format("a.mp4").kind == "mp4"
+    assert output_format("a.WEBM").kind == "webm"
+    assert output_format("out/").kind == "png"
+    assert output_format("out").kind == "png"
+    with pytest.raises(OutputError, match="unsupported output type"):
+        output_format("a.mov")
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "clip.webm", "frames/"])
+def test_exception_mid_write_leaves_nothing(tmp_path: Path, name: str) -> None:
+    clip = smooth_clip()
+
+    def chunks():
+        yield clip[:1]
+        yield clip[1:5]
+        raise RuntimeError("decoder blew up")
+
+    with pytest.raises(RuntimeError, match="blew up"):
+        write_video(tmp_path / name, chunks(), fps=16)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keyboard_interrupt_leaves_nothing(tmp_path: Path) -> None:
+    clip = smooth_clip()
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(tmp_path / "clip.mp4", fps=16) as out:
+            out.write(clip[:4])
+            assert out.temp is not None and out.temp.exists()
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "frames/"])
+def test_existing_output_refused_and_untouched(tmp_path: Path, name: str) -> None:
+    clip = smooth_clip(5)
+    first = write_video(tmp_path / name, [clip], fps=16, metadata={"seed": 1})
+    snapshot = {p: p.read_bytes() for p in ([first] if first.is_file() else sorted(first.iterdir()))}
+    with pytest.raises(OutputError, match="already exists") as err:
+        write_video(tmp_path / name, [clip[::-1]], fps=16, metadata={"seed": 2})
+    assert "\n" not in str(err.value)
+    assert {p: p.read_bytes() for p in snapshot} == snapshot
+    assert leftovers(tmp_path) == []
+    # overwrite=True replaces it in one step
+    write_video(tmp_path / name, [clip[::-1]], fps=16, metadata={"seed": 2}, overwrite=True)
+    assert read_metadata(first) == {"seed": 2}
+    assert leftovers(tmp_path) == []
+
+
+def test_overwrite_never_replaces_a_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.tex").write_text("precious")
+    with pytest.raises(OutputError, match="not a vidrt PNG frame folder"):
+        VideoWriter(tmp_path / "docs/", fps=16, overwrite=True)
+    assert (tmp_path / "docs" / "thesis.tex").read_text() == "precious"
+
+
+def test_odd_size_video_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match="even width and height, got 33x24"):
+        write_video(tmp_path / "odd.mp4", [np.zeros((2, 24, 33, 3), np.uint8)], fps=16)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_folder_that_cannot_exist(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="cannot create the output folder"):
+        VideoWriter(tmp_path / "file" / "clip.mp4", fps=16)
+    (tmp_path / "d.mp4").mkdir()
+    with pytest.raises(OutputError, match="is a folder"):
+        VideoWriter(tmp_path / "d.mp4", fps=16, overwrite=True)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_unwritable_folder(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(OutputError, match="cannot write"):
+            VideoWriter(ro / "clip.mp4", fps=16)
+        with pytest.raises(OutputError, match="cannot create the output folder"):
+            VideoWriter(ro / "sub" / "clip.mp4", fps=16)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_clean_stale_temps(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    stale_file = temp_path(tmp_path / "a.mp4", pid=dead_pid)
+    stale_file.write_bytes(b"half")
+    stale_dir = temp_path(tmp_path / "frames", pid=dead_pid)
+    stale_dir.mkdir()
+    (stale_dir / "frame_000000.png").write_bytes(b"x")
+    mine = temp_path(tmp_path / "b.mp4")  # this process is alive: keep
+    mine.write_bytes(b"in progress")
+    old = temp_path(tmp_path / "c.mp4", pid=dead_pid, old=True)  # an output being replaced: restore
+    old.write_bytes(b"previous output")
+    unrelated = tmp_path / ".hidden.tmp"
+    unrelated.write_bytes(b"not ours")
+    removed = clean_stale_temps(tmp_path)
+    assert sorted(removed) == sorted([stale_file, stale_dir])
+    assert mine.exists() and unrelated.exists()
+    assert (tmp_path / "c.mp4").read_bytes() == b"previous output"

@@ -1,0 +1,261 @@
+"""Host-memory stand-ins for cuda-python and TensorRT, so the TensorRT backend and the builder run
+(and are tested) without a GPU. They follow the real APIs' shapes: integer handles, device pointers
+into a fake address space, contexts that read their inputs from and write their outputs to the
+addresses bound with set_tensor_address, stream capture that records work instead of running it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from vidrt.backends.tensorrt import from_bf16_bits, to_bf16_bits
+
+
+class FakeCuda:
+    """CudaApi on host memory. `allocations` records every malloc size; `calls` the API calls."""
+
+    def __init__(self) -> None:
+        self.mem: dict[int, bytearray] = {}
+        self.allocations: list[int] = []
+        self.calls: list[str] = []
+        self._next = 0x1000
+        self.capturing: dict[int, list[Callable[[], None]]] = {}
+        self.graphs: dict[int, list[Callable[[], None]]] = {}
+
+    def _handle(self) -> int:
+        self._next += 0x1000
+        return self._next
+
+    def set_device(self, index: int) -> None:
+        self.calls.append("set_device")
+
+    def mem_info(self) -> tuple[int, int]:
+        return 20 * 2**30, 24 * 2**30
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = self._handle()
+        self.mem[ptr] = bytearray(nbytes)
+        self.allocations.append(nbytes)
+        self.calls.append("malloc")
+        return ptr
+
+    def free(self, ptr: int) -> None:
+        del self.mem[ptr]
+        self.calls.append("free")
+
+    def alloc_host(self, nbytes: int) -> np.ndarray:
+        return np.zeros(nbytes, np.uint8)
+
+    def free_host(self, array: np.ndarray) -> None:
+        pass
+
+    def copy_htod(self, dst: int, src: np.ndarray, stream: int) -> None:
+        assert stream not in self.capturing, "copies must stay outside the captured graph"
+        self.mem[dst][:src.nbytes] = src.tobytes()
+        self.calls.append("htod")
+
+    def copy_dtoh(self, dst: np.ndarray, src: int, stream: int) -> None:
+        dst.reshape(-1).view(np.uint8)[:] = np.frombuffer(bytes(self.mem[src][:dst.nbytes]), np.uint8)
+        self.calls.append("dtoh")
+
+    def stream_create(self) -> int:
+        return self._handle()
+
+    def stream_sync(self, stream: int) -> None:
+        self.calls.append("stream_sync")
+
+    def stream_destroy(self, stream: int) -> None:
+        pass
+
+    def event_create(self, timing: bool = False) -> int:
+        return self._handle()
+
+    def event_record(self, event: int, stream: int) -> None:
+        self.calls.append("event_record")
+
+    def event_sync(self, event: int) -> None:
+        self.calls.append("event_sync")
+
+    def event_elapsed_ms(self, start: int, end: int) -> float:
+        return 1.0
+
+    def event_destroy(self, event: int) -> None:
+        pass
+
+    def graph_begin_capture(self, stream: int) -> None:
+        self.capturing[stream] = []
+        self.calls.append("begin_capture")
+
+    def graph_end_capture(self, stream: int) -> int:
+        work = self.capturing.pop(stream)
+        exe = self._handle()
+        self.graphs[exe] = work
+        self.calls.append("end_capture")
+        return exe
+
+    def graph_launch(self, graph_exec: int, stream: int) -> None:
+        for kernel in self.graphs[graph_exec]:
+            kernel()
+        self.calls.append("graph_launch")
+
+    def graph_destroy(self, graph_exec: int) -> None:
+        del self.graphs[graph_exec]
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str
+
+
+FLOAT, HALF, BF16, INT64 = DType("FLOAT"), DType("HALF"), DType("BF16"), DType("INT64")
+_NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "BF16": np.uint16}
+INPUT, OUTPUT = "INPUT", "OUTPUT"
+
+
+@dataclass
+class FakePlan:
+    """What a fake plan deserialises to. inputs: name -> (dtype, [(min, opt, max) per profile]);
+    outputs: name -> (dtype, shape function of the input shapes); compute: float inputs -> float outputs."""
+
+    inputs: dict[str, tuple[DType, list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]]
+    outputs: dict[str, tuple[DType, Callable[[dict[str, tuple[int, ...]]], tuple[int, ...]]]]
+    compute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    device_memory: int = 1 << 20
+
+
+class FakeContext:
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.addresses: dict[str, int] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.profile = 0
+        self.device_memory: tuple[int, int] | None = None
+        self.profile_calls: list[int] = []
+
+    def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+        self.profile = index
+        self.profile_calls.append(index)
+        return True
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        lo, _, hi = self.engine.plan.inputs[name][1][self.profile]
+        if not all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        if name in self.engine.plan.inputs:
+            return self.shapes[name]
+        return self.engine.plan.outputs[name][1](self.shapes)
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        self.addresses[name] = ptr
+        return True
+
+    def set_device_memory(self, ptr: int, size: int) -> None:
+        self.device_memory = (ptr, size)
+
+    def execute_async_v3(self, stream: int) -> bool:
+        cuda = self.engine.cuda
+        assert self.device_memory is not None, "USER_MANAGED context without device memory"
+
+        def kernel() -> None:
+            feeds = {}
+            for n, (dt, _) in self.engine.plan.inputs.items():
+                shape = self.shapes[n]
+                nbytes = math.prod(shape) * np.dtype(_NP[dt.name]).itemsize
+                raw = np.frombuffer(bytes(cuda.mem[self.addresses[n]][:nbytes]), _NP[dt.name]).reshape(shape)
+                feeds[n] = from_bf16_bits(raw) if dt is BF16 else raw
+            outs = self.engine.plan.compute(feeds)
+            for n, (dt, _) in self.engine.plan.outputs.items():
+                arr = to_bf16_bits(outs[n]) if dt is BF16 else np.ascontiguousarray(outs[n], _NP[dt.name])
+                cuda.mem[self.addresses[n]][:arr.nbytes] = arr.tobytes()
+            self.engine.executions += 1
+
+        if stream in cuda.capturing:
+            cuda.capturing[stream].append(kernel)
+        else:
+            kernel()
+        return True
+
+
+class FakeEngine:
+    def __init__(self, plan: FakePlan, cuda: FakeCuda) -> None:
+        self.plan, self.cuda = plan, cuda
+        self.names = list(plan.inputs) + list(plan.outputs)
+        self.executions = 0
+        self.contexts: list[FakeContext] = []
+
+    @property
+    def num_io_tensors(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_optimization_profiles(self) -> int:
+        return len(next(iter(self.plan.inputs.values()))[1])
+
+    @property
+    def device_memory_size_v2(self) -> int:
+        return self.plan.device_memory
+
+    def get_tensor_name(self, i: int) -> str:
+        return self.names[i]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return INPUT if name in self.plan.inputs else OUTPUT
+
+    def get_tensor_dtype(self, name: str) -> DType:
+        return (self.plan.inputs.get(name) or self.plan.outputs[name])[0]
+
+    def get_tensor_profile_shape(self, name: str, index: int) -> list[tuple[int, ...]]:
+        return list(self.plan.inputs[name][1][index])
+
+    def create_execution_context(self, strategy: Any = None) -> FakeContext:
+        assert strategy == "USER_MANAGED"
+        ctx = FakeContext(self)
+        self.contexts.append(ctx)
+        return ctx
+
+
+@dataclass
+class FakeTensorRT:
+    """The `tensorrt` module: `plans` maps plan bytes to what they deserialise to (unknown bytes ->
+    None, as TensorRT does for a plan of another version or GPU)."""
+
+    cuda: FakeCuda
+    version: str = "10.13.0.35"
+    plans: dict[bytes, FakePlan] = field(default_factory=dict)
+    engines: list[FakeEngine] = field(default_factory=list)
+
+    def module(self) -> Any:
+        fake = self
+
+        class Logger:
+            WARNING = "WARNING"
+
+            def __init__(self, level: str) -> None:
+                self.level = level
+
+        class Runtime:
+            def __init__(self, logger: Logger) -> None:
+                pass
+
+            def deserialize_cuda_engine(self, data: bytes) -> FakeEngine | None:
+                plan = fake.plans.get(bytes(data))
+                if plan is None:
+                    return None
+                engine = FakeEngine(plan, fake.cuda)
+                fake.engines.append(engine)
+                return engine
+
+        return SimpleNamespace(
+            __version__=self.version, Logger=Logger, Runtime=Runtime,
+            ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED="USER_MANAGED"),
+            TensorIOMode=SimpleNamespace(INPUT=INPUT, OUTPUT=OUTPUT),
+            NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1))
