@@ -217,6 +217,11 @@ class MemoryEstimate:
         return 2 * self.cache_bytes + self.work_bytes
 
     @property
+    def tile_bytes(self) -> int:
+        """Alias of device_bytes (the name residency.py uses)."""
+        return self.device_bytes
+
+    @property
     def host_bytes(self) -> int:
         """Held between latent frames: all tiles' caches + the frame chunk."""
         return self.tiles * self.cache_bytes + self.chunk_bytes

@@ -101,7 +101,7 @@ def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     put back rather than deleted. (The pid test is per machine: do not share a folder between hosts
     that write into it at the same time.)
     """
-    removed = []
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
@@ -178,13 +178,15 @@ class VideoWriter:
             raise OutputError(f"cannot write to the output folder {p.parent}: permission denied")
 
     def _open_temp(self) -> None:
+        temp = self.temp
+        assert temp is not None
         try:
             if self.format.kind == "png":
-                self.temp.mkdir()
+                temp.mkdir()
             else:
                 # Our own file object: the temp exists from now on (FFmpeg would create it only at the
                 # first packet) and "x" refuses to follow anything already there.
-                self._file = open(self.temp, "xb")  # closed in close() / _discard()
+                self._file = open(temp, "xb")  # closed in close() / _discard()
                 self._container = av.open(self._file, "w", format=self.format.kind)
                 self._container.metadata["comment"] = self._meta_json
                 prompt = self.metadata.get("prompt")

@@ -250,7 +250,8 @@ def _full_dit_config(spec) -> dict:
                 eps=d.eps, rope_max_seq_len=1024)
 
 
-# Measured on the 2-core dev box (shared): TI2V-5B (30 layers) FULL_5B_S s, 14B (40 layers) FULL_14B_S s.
+# Measured on the 2-core dev box (shared with other jobs, load 2-3): TI2V-5B (30 layers) 68 s, 14B (40 layers) 80 s;
+# 117 s / 220 s at load 6-7. Graph files without weights: 22 MB / 29 MB.
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["wan2.2-ti2v-5b", "wan2.1-t2v-14b"])
 def test_full_size_dit_graph(variant: str, tmp_path: Path) -> None:
@@ -266,7 +267,7 @@ def test_full_size_dit_graph(variant: str, tmp_path: Path) -> None:
     assert path.stat().st_size < 50 * 2**20  # the graph alone: no weights inside
 
 
-# Measured with the machine shared (load ~7 on 2 cores): 81 s. Graph only: 7.3 MB.
+# Measured on 2 shared cores: 34 s (81 s at load 7). Graph only: 7.3 MB. Slow: it would add a fifth to `make test`.
 @pytest.mark.slow
 def test_full_size_text_encoder_graph(tmp_path: Path) -> None:
     from transformers import UMT5Config, UMT5EncoderModel
@@ -287,7 +288,8 @@ def test_full_size_text_encoder_graph(tmp_path: Path) -> None:
                   "last_hidden_state": ("float32", ("batch", "seq", 4096))}
 
 
-# Measured with the machine shared: Wan2.1 102 s, Wan2.2 106 s for both graphs (2.9 / 3.2 MB without weights).
+# Measured on 2 shared cores, both graphs: Wan2.1 24 s, Wan2.2 29 s (102 s / 106 s at load 6-7); 2.9 / 3.2 MB
+# without weights. Slow only to keep `make test` near 3 minutes.
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["wan2.1-t2v-1.3b", "wan2.2-ti2v-5b"])
 def test_full_size_vae_graphs(variant: str, tmp_path: Path) -> None:
