@@ -82,6 +82,7 @@ class Pipeline:
                                          manifest.model.text.text_len)
         self._engines: dict[str, Engine] = {}
         self.load_seconds = 0.0
+        self.cfg_batch = 2  # 1: cond and uncond as two DiT calls (a GPU memory plan may ask for it)
 
     @classmethod
     def load(cls, package: str | Path, backend: str = "auto", device: str = "cpu",
@@ -182,19 +183,27 @@ class Pipeline:
         return Result(frames=video, settings=s, stats=stats)
 
     def _velocity(self, p: PlannedStep, latents: np.ndarray, context: np.ndarray) -> np.ndarray:
-        """One DiT call for cond and uncond together (batch 2), then CFG: u + g (c - u)."""
+        """DiT on cond and uncond, then CFG: u + g (c - u). One batch-2 call, or two batch-1 calls
+        when the memory plan says batch 2 does not fit (cfg_batch == 1); the results are the same."""
         spec = self.manifest.model
-        batch = np.stack([latents, latents])  # [2, C, F, h, w]
         if spec.per_token_timestep:
             # TI2V text-to-video: every token at the step's timestep (image mode would zero frame 0).
             _, f, h, w = latents.shape
             pt, ph, pw = spec.dit.patch_size
-            tokens = (f // pt) * (h // ph) * (w // pw)
-            t = np.full((2, tokens), p.step.timestep, dtype=np.float32)
+            t_row = np.full(((f // pt) * (h // ph) * (w // pw),), p.step.timestep, dtype=np.float32)
         else:
-            t = np.full((2,), p.step.timestep, dtype=np.float32)
-        out = self.engine(p.expert).run({C.LATENTS: batch, C.TIMESTEP: t, C.CONTEXT: context})[C.VELOCITY]
-        cond, uncond = out[0], out[1]
+            t_row = np.full((), p.step.timestep, dtype=np.float32)
+        engine = self.engine(p.expert)
+
+        def dit(batch: int, rows: slice) -> np.ndarray:
+            feeds = {C.LATENTS: np.broadcast_to(latents, (batch, *latents.shape)),
+                     C.TIMESTEP: np.broadcast_to(t_row, (batch, *t_row.shape)), C.CONTEXT: context[rows]}
+            return engine.run(feeds)[C.VELOCITY]
+
+        if self.cfg_batch == 2:
+            cond, uncond = dit(2, slice(0, 2))
+        else:
+            cond, uncond = dit(1, slice(0, 1))[0], dit(1, slice(1, 2))[0]
         return uncond + np.float32(p.guidance) * (cond - uncond)
 
     def _warn_unknown_words(self, prompt: str) -> None:

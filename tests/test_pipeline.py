@@ -119,3 +119,16 @@ def test_run_never_imports_torch(tiny_package, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "HEAVY=\n" in res.stdout or res.stdout.strip().endswith("HEAVY="), res.stdout
     assert out.is_file()
+
+
+def test_cfg_as_two_calls_matches_batch_two(tiny_package):
+    """The memory plan may split CFG into two batch-1 DiT calls; the clip must not change."""
+    kind, _, package = tiny_package
+    if kind != "a14b":
+        pytest.skip("one model is enough")
+    pipe = Pipeline.load(package)
+    req = Request(prompt=PROMPT, width=WIDTH, height=HEIGHT, num_frames=FRAMES, steps=3, seed=3)
+    batched = pipe.run(req).frames
+    pipe.cfg_batch = 1
+    split = pipe.run(req).frames
+    assert psnr(batched, split) >= 60.0
