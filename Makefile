@@ -24,6 +24,11 @@ venv: $(VENV)/.installed
 test: venv
 	$(VENV)/bin/pytest -q
 
+# A clip from the bundled tiny model, in seconds on a CPU (PROMPT="a blue square moving up" to change it)
+PROMPT ?= a red circle moving left
+run: venv
+	$(VIDRT) run --prompt "$(PROMPT)" -o clip.mp4 --overwrite
+
 lint: venv
 	$(VENV)/bin/ruff check runtime export tests benchmarks
 
@@ -31,6 +36,11 @@ lint: venv
 engines: venv
 	@test -n "$(MODEL)" || { echo "usage: make engines MODEL=/path/to/checkpoint [OUT=engines/NAME]"; exit 2; }
 	$(VIDRT) export --model "$(MODEL)" $(if $(OUT),--out "$(OUT)")
+
+# Seconds per clip, per stage, peak memory, side by side with diffusers, cost growth, FLOPs (benchmarks/).
+# Writes benchmarks/results/cpu-quick.{json,txt,png}; `$(PY) -m benchmarks.run` is the full suite.
+bench: venv
+	$(PY) -m benchmarks.run --quick
 
 typecheck: venv
 	$(PY) tests/typing_prep.py >/dev/null
