@@ -6,6 +6,8 @@ Every failure becomes one-line `PackageError` naming the file. Nothing here know
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,11 +101,24 @@ def safetensors_header(path: Path) -> dict[str, TensorInfo]:
 def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     """.pth files load ONLY as weights (no pickled code) and memory-mapped (lazy)."""
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) file: still weights only
     except FileNotFoundError:
         raise PackageError(f"{path}: missing; the checkpoint folder is incomplete") from None
-    except Exception as exc:  # torch raises RuntimeError/UnpicklingError/EOFError/... on bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except pickle.UnpicklingError as exc:
+        # torch's message suggests weights_only=False, i.e. running the file's code: never do that here
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise PackageError(f"{path}: holds pickled Python objects{what}, not only tensors; vidrt loads .pth files as "
+                           f"weights only and refused it (nothing in it ran); get the file from the official source "
+                           f"or convert it to .safetensors") from None
+    except Exception as exc:  # torch raises RuntimeError/EOFError/... on damaged files
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch puts ANSI bold in some messages
+        first = text.splitlines()[0][:200] if text else type(exc).__name__
         raise PackageError(f"{path}: cannot be read as a weights-only torch file ({first}); re-download it") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from vidrt import contracts as C
 from vidrt.contracts import Contract
 from vidrt.errors import PackageError
 from vidrt.registry import ModelSpec, from_dict, to_dict
@@ -102,8 +106,12 @@ def write_manifest(package: Path, manifest: Manifest) -> None:
 
 def _inside(package: Path, name: str) -> Path:
     """Resolve an artifact name, refusing anything that escapes the package folder (.., abs, symlinks)."""
-    root = package.resolve()
-    p = (package / name).resolve()
+    try:
+        root = package.resolve()
+        p = (package / name).resolve()
+    except (OSError, RuntimeError, ValueError):  # symlink loop, name too long, NUL byte
+        raise PackageError(f"{package}: artifact {name!r} cannot be resolved (symlink loop?); "
+                           f"re-export the package") from None
     if Path(name).is_absolute() or root not in p.parents:
         raise PackageError(f"{package}: artifact {name!r} points outside the package folder; re-export the package")
     return p
@@ -119,19 +127,114 @@ def load_manifest(package: Path | str, verify: bool = True) -> Manifest:
         raise PackageError(f"{package} has no {MANIFEST_NAME}: not a model package (export one with `vidrt export`)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PackageError(f"{path} is not valid JSON ({exc}); re-export the package") from None
-    if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
+    except OSError as exc:
+        raise PackageError(f"{path} cannot be read ({exc.strerror}); check its permissions or re-export") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting or number lengths
+        reason = " ".join(str(exc).split())[:200]
+        raise PackageError(f"{path} is not valid JSON ({reason}); re-export the package") from None
+    if not isinstance(raw, dict) or type(raw.get("schema_version")) is not int \
+            or raw["schema_version"] != SCHEMA_VERSION:
         found = raw.get("schema_version") if isinstance(raw, dict) else None
-        raise PackageError(f"{path} has schema version {found!r}, this vidrt reads {SCHEMA_VERSION}; "
+        raise PackageError(f"{path} has schema version {str(found)[:40]!r}, this vidrt reads {SCHEMA_VERSION}; "
                            f"re-export with this version (`vidrt export`)")
     try:
         manifest = from_dict(Manifest, raw)
+        check_manifest(manifest)
     except (TypeError, ValueError, KeyError) as exc:
-        raise PackageError(f"{path} is malformed ({exc}); re-export the package") from None
+        reason = " ".join(str(exc).split())[:300]  # one line, bounded (values come from the file)
+        raise PackageError(f"{path} is malformed ({reason}); re-export the package") from None
     if verify:
         verify_artifacts(package, manifest)
     return manifest
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_DIM = re.compile(r"([1-9][0-9]*\*)?[A-Za-z_][A-Za-z0-9_]*")
+_DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool"}
+_VAE_DIMS = {"lat_h", "lat_w", "out_h", "out_w"}
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def _check_artifact(art: Artifact) -> None:
+    for name, digest, size in [(art.file, art.sha256, art.size_bytes)] + (
+            [(art.data_file, art.data_sha256, art.data_size_bytes)] if art.data_file is not None else []):
+        _check(isinstance(name, str) and 0 < len(name) <= 255 and "\x00" not in name, f"bad artifact name {name!r}")
+        _check(isinstance(digest, str) and _SHA256.fullmatch(digest) is not None,
+               f"{name}: sha256 is not 64 hex digits")
+        _check(isinstance(size, int) and size >= 0, f"{name}: bad size {size!r}")
+    _check(art.data_file is not None or (art.data_sha256 is None and art.data_size_bytes is None),
+           f"{art.file}: data_sha256/data_size_bytes without data_file")
+
+
+def _check_contract(name: str, contract: Contract, inputs: set[str], outputs: set[str], dims: set[str] | None) -> None:
+    for kind, tensors, needed in (("input", contract.inputs, inputs), ("output", contract.outputs, outputs)):
+        names = [t.name for t in tensors]
+        _check(len(set(names)) == len(names), f"{name}: duplicate {kind} names")
+        _check(needed <= set(names), f"{name}: {kind}s lack {sorted(needed - set(names))}")
+        for t in tensors:
+            _check(t.dtype in _DTYPES, f"{name}.{t.name}: unknown dtype {t.dtype!r}")
+            for d in t.shape:
+                if isinstance(d, int):
+                    _check(d >= 0, f"{name}.{t.name}: negative dim {d}")
+                else:
+                    _check(_DIM.fullmatch(d) is not None and (dims is None or d.rpartition("*")[2] in dims),
+                           f"{name}.{t.name}: bad symbolic dim {d!r}")
+
+
+def check_manifest(m: Manifest) -> None:
+    """What the runtime relies on beyond the types: raises ValueError naming the first problem.
+
+    The manifest itself is not hashed, so every number and name in it is checked here: a hand-edited
+    or damaged manifest must fail at load with one line, not deep inside a run."""
+    spec = m.model
+    ints = {"dit.dim": spec.dit.dim, "dit.ffn_dim": spec.dit.ffn_dim, "dit.num_layers": spec.dit.num_layers,
+            "dit.num_heads": spec.dit.num_heads, "dit.in_channels": spec.dit.in_channels,
+            "dit.out_channels": spec.dit.out_channels, "dit.freq_dim": spec.dit.freq_dim,
+            "dit.text_dim": spec.dit.text_dim, "vae.z_dim": spec.vae.z_dim, "vae.base_dim": spec.vae.base_dim,
+            "vae.decoder_base_dim": spec.vae.decoder_base_dim, "text.vocab_size": spec.text.vocab_size,
+            "text.d_model": spec.text.d_model, "text.d_ff": spec.text.d_ff, "text.num_layers": spec.text.num_layers,
+            "text.num_heads": spec.text.num_heads, "text.num_buckets": spec.text.num_buckets,
+            "text.text_len": spec.text.text_len, "sampling.steps": spec.sampling.steps,
+            "sampling.frames": spec.sampling.frames, "sampling.fps": spec.sampling.fps,
+            "sampling.num_train_timesteps": spec.sampling.num_train_timesteps}
+    ints.update({f"dit.patch_size[{i}]": v for i, v in enumerate(spec.dit.patch_size)})
+    ints.update({f"vae.stride[{i}]": v for i, v in enumerate(spec.vae.stride)})
+    for key, v in ints.items():
+        _check(1 <= v <= 1 << 20, f"model.{key} = {v} is out of range")
+    _check(len(spec.vae.latents_mean) == len(spec.vae.latents_std) == spec.vae.z_dim,
+           "vae.latents_mean/latents_std do not have z_dim values")
+    f32 = float(np.finfo(np.float32).max)
+    _check(all(math.isfinite(x) and abs(x) < f32 for x in spec.vae.latents_mean), "vae.latents_mean not finite")
+    _check(all(math.isfinite(x) and 0 < x < f32 for x in spec.vae.latents_std), "vae.latents_std not positive")
+    s = spec.sampling
+    for key, x in (("shift", s.shift), ("guidance_high_noise", s.guidance_high_noise),
+                   ("guidance_low_noise", s.guidance_low_noise)):
+        _check(math.isfinite(x), f"sampling.{key} = {x} is not finite")
+    _check(len(s.sizes) > 0 and all(1 <= v <= 1 << 16 for wh in s.sizes for v in wh), "sampling.sizes are invalid")
+    two = spec.experts == ("dit_high", "dit_low")
+    _check(spec.experts == ("dit",) or two, f"experts {spec.experts!r} are neither ('dit',) nor two experts")
+    _check((s.boundary is not None) == two and (s.boundary is None or 0.0 < s.boundary < 1.0),
+           f"sampling.boundary {s.boundary!r} does not fit experts {spec.experts!r}")
+    _check_artifact(m.tokenizer)
+    needed = (C.TEXT_ENCODER, *spec.experts, C.VAE_FIRST, C.VAE_STEP)
+    _check(set(needed) <= set(m.components), f"components lack {sorted(set(needed) - set(m.components))}")
+    for name, comp in m.components.items():
+        _check_artifact(comp.artifact)
+        if name == C.TEXT_ENCODER:
+            _check_contract(name, comp.contract, {C.INPUT_IDS, C.ATTENTION_MASK}, {C.TEXT_HIDDEN}, None)
+        elif name in spec.experts:
+            _check_contract(name, comp.contract, {C.LATENTS, C.TIMESTEP, C.CONTEXT}, {C.VELOCITY}, None)
+        elif name in (C.VAE_FIRST, C.VAE_STEP):
+            caches = {t.name for t in comp.contract.outputs if t.name.startswith("cache_out_")}
+            ins = {C.VAE_LATENT} | ({n.replace("_out_", "_in_") for n in caches} if name == C.VAE_STEP else set())
+            _check_contract(name, comp.contract, ins, {C.VAE_FRAMES}, _VAE_DIMS)
+    for engine in m.engines:
+        _check_artifact(engine.artifact)
+        _check(engine.component in m.components, f"engine for unknown component {engine.component!r}")
 
 
 def all_artifacts(manifest: Manifest) -> list[Artifact]:
@@ -148,7 +251,12 @@ def verify_artifacts(package: Path, manifest: Manifest) -> None:
             if p.stat().st_size != size:
                 raise PackageError(f"{package}: {name} has {p.stat().st_size} bytes, the manifest says {size} "
                                    f"(truncated or replaced); re-export the package")
-            if sha256_file(p) != digest:
+            try:
+                actual = sha256_file(p)
+            except OSError as exc:
+                raise PackageError(f"{package}: {name} cannot be read ({exc.strerror}); check its permissions "
+                                   f"or re-export the package") from None
+            if actual != digest:
                 raise PackageError(f"{package}: {name} does not match its sha256 in the manifest (modified or "
                                    f"corrupt); re-export the package")
 

@@ -25,7 +25,7 @@ from vidrt.request import Request, Settings, resolve
 from vidrt.schedulers import Step, expert_for_timestep, make_schedule, make_solver
 from vidrt.stats import RunStats
 from vidrt.text import PromptTokenizer, check_prompt, encode_prompts
-from vidrt.vae_decode import auto_budget_bytes, choose_tile, iter_decode
+from vidrt.vae_decode import TilePlan, auto_budget_bytes, choose_tile, iter_decode
 from vidrt.video import to_uint8
 
 # (stage, done, total): "denoise" counts steps, "decode" counts video frames.
@@ -63,9 +63,19 @@ def plan_steps(manifest: Manifest, s: Settings) -> list[PlannedStep]:
     return out
 
 
-def _check_finite(name: str, x: np.ndarray, hint: str) -> None:
+def _check_finite(stage: str, x: np.ndarray, precision: str, reduced_hint: str,
+                  fp32_hint: str = "its weights may be corrupt; re-export the package (`vidrt export`)") -> None:
+    """NaN/Inf out of a stage stops the run, naming the stage and its likely cause."""
     if not np.isfinite(x).all():
-        raise DeviceError(f"the {name} produced NaN/Inf; {hint}")
+        cause = reduced_hint if precision in ("fp16", "bf16", "fp8") else fp32_hint
+        raise DeviceError(f"the {stage} produced NaN/Inf ({precision}); {cause}")
+
+
+def decode_plan(manifest: Manifest, s: Settings, vae_memory_bytes: int | None) -> TilePlan:
+    """The VAE tile plan for these settings; a budget too small fails here, before any inference."""
+    _, _, lat_h, lat_w = manifest.model.latent_shape(s.width, s.height, s.num_frames)
+    return choose_tile(manifest.components[C.VAE_STEP].contract, lat_h, lat_w,
+                       vae_memory_bytes or auto_budget_bytes(), scale=manifest.model.vae.stride[1])
 
 
 class Pipeline:
@@ -121,13 +131,16 @@ class Pipeline:
         report = progress or (lambda stage, done, total: None)
         latent_shape = spec.latent_shape(s.width, s.height, s.num_frames)  # [C, F, h, w]
         stats.num_tokens = spec.num_tokens(s.width, s.height, s.num_frames)
+        tiles = decode_plan(self.manifest, s, vae_memory_bytes)
+        precision = {name: comp.precision for name, comp in self.manifest.components.items()}
 
         # 1. text: [2, 512, d_model], row 0 = prompt, row 1 = negative prompt
         with stats.stage("text"):
             self._warn_unknown_words(s.prompt)
             context = encode_prompts(self.engine(C.TEXT_ENCODER), self.tokenizer,
                                      [s.prompt, s.negative_prompt], self.warn)
-            _check_finite("text encoder", context, "umT5 overflows in fp16: export it in fp32 or bf16")
+            _check_finite("text encoder", context, precision[C.TEXT_ENCODER],
+                          "umT5 overflows in reduced precision: re-export it in fp32")
             if not keep_text_encoder:
                 self.release(C.TEXT_ENCODER)  # its memory is not needed again for this clip
 
@@ -148,10 +161,12 @@ class Pipeline:
             for i, p in enumerate(plan):
                 t0 = time.perf_counter()
                 velocity = self._velocity(p, latents, context)
+                _check_finite(f"denoiser ({p.expert}, step {i + 1}/{len(plan)})", velocity, precision[p.expert],
+                              "the DiT overflows in fp16: use bf16 or fp32 engines",
+                              "--guidance/--shift may be extreme or the weights corrupt; lower them or re-export")
                 latents = solver.step(velocity, latents)
                 stats.denoise_step_seconds.append(time.perf_counter() - t0)
                 report("denoise", i + 1, len(plan))
-            _check_finite("denoiser", latents, "try fp32 or bf16 engines instead of fp16")
 
         # 5. decode (+ write, timed apart inside the consumer)
         frames: list[np.ndarray] = []
@@ -159,7 +174,7 @@ class Pipeline:
 
         def consume(chunk: np.ndarray) -> None:
             nonlocal done
-            _check_finite("VAE decoder", chunk, "the VAE must run in fp32")
+            _check_finite("VAE decoder", chunk, precision[C.VAE_STEP], "the VAE must run in fp32: re-export it")
             uint8 = to_uint8(chunk)
             t0 = time.perf_counter()
             if on_frames is None:
@@ -171,9 +186,6 @@ class Pipeline:
             report("decode", done, s.num_frames)
 
         first, step = self.engine(C.VAE_FIRST), self.engine(C.VAE_STEP)
-        _, _, lat_h, lat_w = latent_shape
-        tiles = choose_tile(step.contract, lat_h, lat_w, vae_memory_bytes or auto_budget_bytes(),
-                            scale=spec.vae.stride[1])
         stats.vae_tiles = tiles.count
         t_decode = time.perf_counter()
         for chunk in iter_decode(latents, first, step, tiles, mean=spec.vae.latents_mean, std=spec.vae.latents_std):

@@ -56,7 +56,9 @@ def _nearest_multiple(value: int, multiple: int) -> str:
 def resolve(request: Request, spec: ModelSpec) -> Settings:
     """Fill defaults from the model and refuse values that cannot work, naming the nearest valid ones."""
     d = spec.sampling
-    width, height = (request.width, request.height) if request.width and request.height else d.sizes[0]
+    if (request.width is None) != (request.height is None):
+        raise UsageError("give both width and height (--size WxH), or neither for the model's default size")
+    width, height = (request.width, request.height) if request.width is not None else d.sizes[0]
     m = spec.spatial_multiple
     for name, v in (("width", width), ("height", height)):
         if not m <= v <= MAX_SIDE_PX:

@@ -186,7 +186,7 @@ class VideoWriter:
             else:
                 # Our own file object: the temp exists from now on (FFmpeg would create it only at the
                 # first packet) and "x" refuses to follow anything already there.
-                self._file = open(temp, "xb")  # closed in close() / _discard()
+                self._file = open(temp, "xb", buffering=0)  # closed in close() / _discard()
                 self._container = av.open(self._file, "w", format=self.format.kind)
                 self._container.metadata["comment"] = self._meta_json
                 prompt = self.metadata.get("prompt")
@@ -311,7 +311,8 @@ class VideoWriter:
                 self._container.close()
             self._container = None
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # e.g. ENOSPC flushing what is being thrown away
+                self._file.close()
             self._file = None
         if self.temp is not None:
             _remove(self.temp)

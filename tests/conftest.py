@@ -2,3 +2,37 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_t2v_checkpoint(tmp_path_factory):
+    """A tiny random-weight Wan2.1 T2V checkpoint (diffusers layout), written once per test session."""
+    from tiny import write_diffusers_checkpoint
+
+    root = tmp_path_factory.mktemp("shared-ckpt-t2v")
+    write_diffusers_checkpoint(root, "t2v")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_t2v_package(tiny_t2v_checkpoint, tmp_path_factory):
+    """That checkpoint exported once per session (about a minute on 2 cores): share it, never modify it
+    (copy it to tmp_path first)."""
+    from tiny import TINY_VARIANT
+    from vidrt.export.package import export_package
+
+    out = tmp_path_factory.mktemp("shared-package-t2v") / "package"
+    return export_package(tiny_t2v_checkpoint, out, variant=TINY_VARIANT["t2v"], progress=False)
+
+
+@pytest.fixture(scope="session")
+def run_package(request):
+    """The bundled default model when this build ships one (runtime/models/tiny-shapes/), else the tiny
+    random package: for tests that only need some real package to run."""
+    from vidrt.models import default_package
+
+    bundled = default_package()
+    return bundled if bundled is not None else request.getfixturevalue("tiny_t2v_package")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,14 @@ class OrtEngine:
         if options.threads is not None:
             so.intra_op_num_threads = options.threads
             so.inter_op_num_threads = 1
+        # ORT's pool threads busy-wait between ops by default. On a CPU shared with other work (the
+        # machines vidrt's CPU path runs on) the spinning threads compete for the cores the kernels
+        # need: measured with benchmarks/ (2 busy cores, A/B interleaved) one Wan2.1-1.3B DiT call
+        # took 9.3 s spinning vs 6.6 s not, a whole tiny-model clip 1.74 s vs 0.47 s.
+        # VIDRT_ORT_SPIN=1 turns spinning back on (a dedicated, otherwise idle machine).
+        if os.environ.get("VIDRT_ORT_SPIN", "0") != "1":
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self._session: ort.InferenceSession | None = ort.InferenceSession(
                 str(path), sess_options=so, providers=_providers(options.device))
@@ -43,18 +52,35 @@ class OrtEngine:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PackageError(f"{path.name} cannot be loaded by onnxruntime ({first[:200]}); "
                                f"re-export the package") from None
-        graph_inputs = {i.name for i in self._session.get_inputs()}
-        missing = set(contract.input_names) - graph_inputs
-        if missing:
-            raise PackageError(f"{path.name} lacks inputs {sorted(missing)} that its manifest contract names; "
-                               f"re-export the package")
-        self._dtypes = {t.name: np.dtype(t.dtype) for t in contract.inputs}
+        for kind, graph, names in (("inputs", self._session.get_inputs(), contract.input_names),
+                                   ("outputs", self._session.get_outputs(), contract.output_names)):
+            missing = set(names) - {t.name for t in graph}
+            if missing:
+                raise PackageError(f"{path.name} lacks {kind} {sorted(missing)[:4]} that its manifest contract "
+                                   f"names; re-export the package")
+        try:
+            self._dtypes = {t.name: np.dtype(t.dtype) for t in contract.inputs}
+        except TypeError:
+            raise PackageError(f"{path.name}: onnxruntime cannot feed the input dtypes "
+                               f"{sorted({t.dtype for t in contract.inputs})} of its contract; "
+                               f"use --backend tensorrt or re-export in fp32") from None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
             raise DeviceError(f"engine {self.name} was closed")
         cast = {k: np.ascontiguousarray(v, dtype=self._dtypes[k]) for k, v in feeds.items()}
-        outs = self._session.run(list(self.contract.output_names), cast)
+        try:
+            outs = self._session.run(list(self.contract.output_names), cast)
+        except MemoryError:
+            raise DeviceError(f"{self.name}: out of memory in onnxruntime; lower --size/--frames or "
+                              f"--vae-memory") from None
+        except Exception as exc:  # ORT's own types (InvalidArgument: shapes/dtypes, RuntimeException: memory)
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            if "INVALID_ARGUMENT" in first:
+                raise PackageError(f"{self.name} does not accept the inputs its manifest describes ({first}); "
+                                   f"re-export the package") from None
+            raise DeviceError(f"{self.name} failed in onnxruntime ({first}); if memory ran out, lower --size, "
+                              f"--frames or --vae-memory") from None
         return dict(zip(self.contract.output_names, outs))
 
     def close(self) -> None:

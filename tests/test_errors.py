@@ -1,0 +1,437 @@
+"""Bad input, faults and unsafe files: one-line errors, an exit code per class, nothing lost, nothing
+executed. One test (or parametrised case) per row of docs/errors.md.
+
+CLI cases run `vidrt.cli.main` in this process; signals and killed exports run in subprocesses.
+Every run uses the shared tiny package (tests/conftest.py) at 32x32, 1 frame, 1 step.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import SMALL, VIDRT, assert_error, copy_package, rehash, temps, vidrt
+from vidrt.export.package import LOCK_FILE
+from vidrt.manifest import MANIFEST_NAME, load_manifest
+from vidrt.video import read_metadata
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture
+def pkg(tiny_t2v_package):
+    return tiny_t2v_package
+
+
+def run_args(package: Path, out: Path, *extra: str, prompt: str | None = "a cat walks on the beach") -> list[str]:
+    args = ["run", "-m", str(package), "-o", str(out), *SMALL, *extra]
+    return args + (["-p", prompt] if prompt is not None else [])
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", " \n\t "])
+def test_empty_prompt(capsys, pkg, tmp_path, prompt):
+    out = tmp_path / "a.mp4"
+    assert_error(*vidrt(capsys, *run_args(pkg, out, prompt=prompt)), 2, "prompt is empty", "--prompt")
+    assert not out.exists() and temps(tmp_path) == []
+
+
+def test_no_prompt_and_both_prompts(capsys, pkg, tmp_path):
+    assert_error(*vidrt(capsys, *run_args(pkg, tmp_path / "a.mp4", prompt=None)), 2, "--prompt-file")
+    f = tmp_path / "p.txt"
+    f.write_text("a cat")
+    assert_error(*vidrt(capsys, *run_args(pkg, tmp_path / "a.mp4", "--prompt-file", str(f))), 2, "not both")
+
+
+def test_prompt_over_512_tokens_is_truncated_with_a_warning(capsys, pkg, tmp_path):
+    out = tmp_path / "a.mp4"
+    code, err = vidrt(capsys, *run_args(pkg, out, prompt=" ".join(["cat"] * 600)))
+    assert code == 0, err
+    assert "warning: prompt is longer than 512 tokens; it was truncated" in err and "Traceback" not in err
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("data, needle", [(b"a caf\xe9 at night", "not UTF-8"),  # latin-1
+                                          (b"\xff\xfea\x00 \x00c\x00a\x00t\x00", "not UTF-8"),  # UTF-16
+                                          (None, "does not exist")])
+def test_prompt_file_bad_encoding_or_missing(capsys, pkg, tmp_path, data, needle):
+    f = tmp_path / "prompt.txt"
+    if data is not None:
+        f.write_bytes(data)
+    line = assert_error(*vidrt(capsys, *run_args(pkg, tmp_path / "a.mp4", "--prompt-file", str(f), prompt=None)),
+                        2, needle)
+    assert "UTF-8" in line or "does not exist" in line
+
+
+def test_prompt_file_with_utf8_bom_is_read(capsys, pkg, tmp_path):
+    f = tmp_path / "prompt.txt"
+    f.write_bytes("\ufeffa cat walks".encode())
+    code, err = vidrt(capsys, *run_args(pkg, tmp_path / "a.mp4", "--prompt-file", str(f), prompt=None))
+    assert code == 0, err
+    assert read_metadata(tmp_path / "a.mp4")["prompt"] == "a cat walks"
+
+
+BAD_VALUES = [
+    (["--size", "abc"], "WIDTHxHEIGHT"), (["--size", "32x"], "WIDTHxHEIGHT"),
+    (["--size", "0x0"], "out of range"), (["--size", "0x32"], "out of range"),
+    (["--size", "33x32"], "use 32 or 48"), (["--size", "32x8192"], "out of range"),
+    (["--frames", "0"], "out of range"), (["--frames", "4"], "4k+1; use 1 or 5"),
+    (["--frames", "100000"], "out of range"),
+    (["--steps", "0"], "--steps 0"), (["--steps", "1001"], "1..1000"),
+    (["--guidance", "-1"], "--guidance"), (["--guidance", "nan"], "--guidance"), (["--guidance", "inf"], "--guidance"),
+    (["--shift", "0"], "--shift"), (["--shift", "-3"], "--shift"), (["--shift", "nan"], "--shift"),
+    (["--shift", "1e9"], "--shift"),
+    (["--seed", "-1"], "--seed"), (["--seed", str(2**63)], "--seed"),
+    (["--fps", "0"], "--fps"), (["--fps", "241"], "--fps"), (["--crf", "-1"], "--crf"), (["--crf", "64"], "--crf"),
+    (["--threads", "0"], "--threads"), (["--threads", "100000"], "1..256"),
+    (["--vae-memory", "0"], "--vae-memory"), (["--vae-memory", "lots"], "memory size"),
+    (["--vae-memory", "1"], "too small"),
+    (["--scheduler", "euler"], "unknown scheduler 'euler'; use one of unipc, dpm++"),
+    (["--backend", "cuda-magic"], "unknown backend 'cuda-magic'; use one of auto, onnxruntime, tensorrt"),
+    (["--steps", "many"], "--help"),  # click's own type check, still one line and exit 2
+]
+
+
+@pytest.mark.parametrize("extra, needle", BAD_VALUES, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_out_of_range_values(capsys, pkg, tmp_path, extra, needle):
+    out = tmp_path / "a.mp4"
+    t0 = time.perf_counter()
+    assert_error(*vidrt(capsys, *run_args(pkg, out, *extra)), 2, needle)
+    assert time.perf_counter() - t0 < 5  # refused before any model work
+    assert not out.exists() and temps(tmp_path) == []
+
+
+# ---- the model package -------------------------------------------------------------------------
+
+
+def test_missing_package_or_manifest(capsys, tmp_path):
+    assert_error(*vidrt(capsys, *run_args(tmp_path / "nope", tmp_path / "a.mp4")), 3, "does not exist", "vidrt export")
+    (tmp_path / "empty").mkdir()
+    assert_error(*vidrt(capsys, *run_args(tmp_path / "empty", tmp_path / "a.mp4")), 3, "no manifest.json")
+
+
+def test_partial_package(capsys, pkg, tmp_path):
+    p = copy_package(pkg, tmp_path / "p")
+    (p / "vae_decode_step.onnx").unlink()
+    assert_error(*vidrt(capsys, *run_args(p, tmp_path / "a.mp4")), 3, "vae_decode_step.onnx is missing", "re-export")
+    assert not (tmp_path / "a.mp4").exists()
+
+
+def test_tampered_artifact(capsys, pkg, tmp_path):
+    p = copy_package(pkg, tmp_path / "p")
+    data = bytearray((p / "dit.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed
+    (p / "dit.onnx").write_bytes(bytes(data))
+    assert_error(*vidrt(capsys, *run_args(p, tmp_path / "a.mp4")), 3, "dit.onnx does not match its sha256")
+
+
+def test_truncated_onnx(capsys, pkg, tmp_path):
+    p = copy_package(pkg, tmp_path / "p")
+    f = p / "text_encoder.onnx"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    assert_error(*vidrt(capsys, *run_args(p, tmp_path / "a.mp4")), 3, "text_encoder.onnx has", "truncated")
+    rehash(p, "text_encoder")  # a manifest that vouches for the truncated file: onnxruntime refuses it
+    assert_error(*vidrt(capsys, *run_args(p, tmp_path / "a.mp4")), 3, "cannot be loaded by onnxruntime")
+    assert temps(tmp_path) == [] and not (tmp_path / "a.mp4").exists()
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", True, None])
+def test_manifest_of_another_schema_version(capsys, pkg, tmp_path, version):
+    p = copy_package(pkg, tmp_path / "p")
+    raw = json.loads((p / MANIFEST_NAME).read_text())
+    raw["schema_version"] = version
+    (p / MANIFEST_NAME).write_text(json.dumps(raw))
+    assert_error(*vidrt(capsys, *run_args(p, tmp_path / "a.mp4")), 3, "schema version", "re-export")
+    assert_error(*vidrt(capsys, "info", str(p)), 3, "schema version")
+
+
+@pytest.mark.parametrize("damage", ["not json", "list", "no dit", "bad dtype", "nan std", "zero patch"])
+def test_malformed_manifest(capsys, pkg, tmp_path, damage):
+    p = copy_package(pkg, tmp_path / "p")
+    raw = json.loads((p / MANIFEST_NAME).read_text())
+    if damage == "no dit":
+        del raw["components"]["dit"]
+    elif damage == "bad dtype":
+        raw["components"]["dit"]["contract"]["inputs"][0]["dtype"] = "complex-ish"
+    elif damage == "nan std":
+        raw["model"]["vae"]["latents_std"][0] = 1e308
+    elif damage == "zero patch":
+        raw["model"]["dit"]["patch_size"][1] = 0
+    text = {"not json": "{ this is not json", "list": "[1, 2, 3]"}.get(damage, json.dumps(raw))
+    (p / MANIFEST_NAME).write_text(text)
+    assert_error(*vidrt(capsys, *run_args(p, tmp_path / "a.mp4")), 3, "re-export")
+
+
+@pytest.mark.parametrize("name", ["../outside.onnx", "/etc/hostname", "sub/../../outside.onnx"])
+def test_artifact_name_outside_the_package(capsys, pkg, tmp_path, name):
+    p = copy_package(pkg, tmp_path / "p")
+    shutil.copy(p / "dit.onnx", tmp_path / "outside.onnx")
+    raw = json.loads((p / MANIFEST_NAME).read_text())
+    raw["components"]["dit"]["artifact"]["file"] = name
+    (p / MANIFEST_NAME).write_text(json.dumps(raw))
+    assert_error(*vidrt(capsys, *run_args(p, tmp_path / "a.mp4")), 3, "points outside the package folder")
+
+
+def test_symlink_out_of_the_package(capsys, pkg, tmp_path):
+    p = copy_package(pkg, tmp_path / "p")
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.move(p / "dit.onnx", outside)  # identical bytes: only the location is wrong
+    (p / "dit.onnx").symlink_to(outside)
+    assert_error(*vidrt(capsys, *run_args(p, tmp_path / "a.mp4")), 3, "'dit.onnx' points outside the package")
+    (p / "loop.onnx").symlink_to(p / "loop.onnx")  # a symlink loop as an artifact name
+    raw = json.loads((p / MANIFEST_NAME).read_text())
+    raw["components"]["dit"]["artifact"]["file"] = "loop.onnx"
+    (p / MANIFEST_NAME).write_text(json.dumps(raw))
+    assert_error(*vidrt(capsys, *run_args(p, tmp_path / "a.mp4")), 3, "loop.onnx")
+
+
+def test_truncated_safetensors_checkpoint(capsys, tiny_t2v_checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_t2v_checkpoint, ckpt, ignore=shutil.ignore_patterns("package"))
+    f = next((ckpt / "transformer").glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[: f.stat().st_size - 1000])
+    out = tmp_path / "pkg"
+    assert_error(*vidrt(capsys, "export", "--model", str(ckpt), "--variant", "wan2.1-t2v-1.3b", "--out", str(out)),
+                 3, f.name, "truncated", "re-download")
+    assert not (out / MANIFEST_NAME).exists()
+
+
+class _Evil:
+    """Unpickling this runs `touch MARKER`: what a malicious .pth does."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Custom:  # any non-tensor object: needs pickle code to rebuild
+    pass
+
+
+@pytest.fixture(scope="module")
+def official_checkpoint(tmp_path_factory):
+    from tiny import write_official_checkpoint
+
+    root = tmp_path_factory.mktemp("official-t2v")
+    write_official_checkpoint(root, "t2v")
+    return root
+
+
+@pytest.mark.parametrize("payload", ["os.system", "custom object", "legacy pickle"])
+def test_pth_with_pickled_code_is_refused_not_run(capsys, official_checkpoint, tmp_path, payload):
+    import pickle
+
+    import torch
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(official_checkpoint, ckpt)
+    marker = tmp_path / "PWNED"
+    evil = _Evil()
+    evil.marker = str(marker)
+    vae = ckpt / "Wan2.1_VAE.pth"
+    if payload == "os.system":
+        torch.save({"decoder.conv1.weight": torch.zeros(2), "x": evil}, vae)
+    elif payload == "custom object":
+        torch.save({"decoder.conv1.weight": torch.zeros(2), "x": _Custom()}, vae)
+    else:  # not even a torch zip: a bare pickle stream
+        vae.write_bytes(pickle.dumps(evil))
+    out = tmp_path / "pkg"
+    line = assert_error(*vidrt(capsys, "export", "--model", str(ckpt), "--variant", "wan2.1-t2v-1.3b",
+                               "--out", str(out)), 3, "Wan2.1_VAE.pth", "refused", "nothing in it ran")
+    assert "weights_only" not in line  # never advise loading it with code execution
+    assert not marker.exists(), "the pickled os.system call ran"
+    assert not (out / MANIFEST_NAME).exists()
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+
+def test_existing_output_is_refused_unless_overwrite(capsys, pkg, tmp_path):
+    out = tmp_path / "a.mp4"
+    out.write_bytes(b"precious")
+    assert_error(*vidrt(capsys, *run_args(pkg, out)), 5, "exists", "--overwrite")
+    assert out.read_bytes() == b"precious"
+    code, err = vidrt(capsys, *run_args(pkg, out, "--overwrite"))
+    assert code == 0, err
+    assert read_metadata(out)["prompt"] == "a cat walks on the beach" and temps(tmp_path) == []
+
+
+def test_unwritable_output_folder(capsys, pkg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    assert_error(*vidrt(capsys, *run_args(pkg, blocker / "a.mp4")), 5, "cannot create the output folder")
+    assert_error(*vidrt(capsys, *run_args(pkg, tmp_path / "a.mp4", "--stats-json", str(blocker / "s.json"))),
+                 5, "--stats-json")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (not root?); the folder-is-a-file case ran")
+    try:  # read-only even for root
+        assert_error(*vidrt(capsys, *run_args(pkg, mnt / "a.mp4")), 5, "cannot write to the output folder")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("output", ["a.mp4", "a.webm", "frames/"])
+def test_full_disk(capsys, pkg, tmp_path, output):
+    """A real full disk: a 64 KiB tmpfs filled to the last byte (needs root; no monkeypatching)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        with open(mnt / "filler", "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 1024)
+            except OSError:
+                pass
+        line = assert_error(*vidrt(capsys, *run_args(pkg, mnt / output, "--frames", "9")), 5)
+        assert "No space left on device" in line
+        assert sorted(p.name for p in mnt.iterdir()) == ["filler"]  # no output, no temporaries
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _signal_mid_run(pkg: Path, tmp_path: Path, sig: signal.Signals) -> tuple[int, str, float]:
+    """Start a real run over an existing output (--overwrite), signal it once denoising is under way."""
+    out = tmp_path / "a.mp4"
+    out.write_bytes(b"the old clip")
+    args = [VIDRT, *run_args(pkg, out, "--overwrite")]
+    args[args.index("--steps") + 1] = "200"  # long enough to be mid-run for sure
+    args.remove("-q")
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    seen = ""
+    while "denoise:" not in seen:  # the progress bar: the temp file is open, steps are running
+        ch = proc.stderr.read(1)
+        assert ch, f"vidrt ended early: {seen}"
+        seen += ch
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    t0 = time.perf_counter()
+    rest = proc.stderr.read()
+    proc.wait(timeout=10)
+    return proc.returncode, seen + rest, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_signal_mid_run(pkg, tmp_path, sig, code, word):
+    rc, err, seconds = _signal_mid_run(pkg, tmp_path, sig)
+    assert rc == code, err
+    assert seconds < 2.0
+    assert err.rstrip().splitlines()[-1].endswith(word) and "Traceback" not in err
+    assert (tmp_path / "a.mp4").read_bytes() == b"the old clip"  # never damaged
+    assert temps(tmp_path) == []
+
+
+# ---- numerics ----------------------------------------------------------------------------------
+
+
+def _nan_package(src: Path, dest: Path, component: str, precision: str | None = None) -> Path:
+    """A copy of the package whose `component` graph has NaN weights (and a manifest that vouches for it)."""
+    import onnx
+    from onnx import numpy_helper
+
+    p = copy_package(src, dest)
+    model = onnx.load(str(p / f"{component}.onnx"))
+    for init in model.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype == np.float32 and a.ndim >= 2 and "weight" in init.name:
+            init.CopyFrom(numpy_helper.from_array(np.full_like(a, np.nan), init.name))
+    onnx.save(model, str(p / f"{component}.onnx"))
+    rehash(p, component)
+    if precision is not None:
+        raw = json.loads((p / MANIFEST_NAME).read_text())
+        raw["components"][component]["precision"] = precision
+        (p / MANIFEST_NAME).write_text(json.dumps(raw))
+    return p
+
+
+@pytest.mark.parametrize("component, precision, needles", [
+    ("text_encoder", None, ["the text encoder produced NaN/Inf", "re-export"]),
+    ("text_encoder", "fp16", ["the text encoder produced NaN/Inf (fp16)", "umT5 overflows", "fp32"]),
+    ("dit", None, ["the denoiser (dit, step 1/1) produced NaN/Inf"]),
+    ("dit", "fp16", ["denoiser (dit, step 1/1)", "fp16", "bf16 or fp32"]),
+    ("vae_decode_first", None, ["the VAE decoder produced NaN/Inf"]),
+])
+def test_nan_in_a_stage(capsys, pkg, tmp_path, component, precision, needles):
+    p = _nan_package(pkg, tmp_path / "p", component, precision)
+    out = tmp_path / "a.mp4"
+    assert_error(*vidrt(capsys, *run_args(p, out)), 4, *needles)
+    assert not out.exists() and temps(tmp_path) == []
+
+
+# ---- concurrency -------------------------------------------------------------------------------
+
+
+def test_concurrent_exports_are_serialised_by_the_lock(tiny_t2v_checkpoint, pkg, tmp_path):
+    from tiny import TINY_VARIANT
+    from vidrt.export.package import LOCK_FILE, export_package
+
+    p = copy_package(pkg, tmp_path / "p")  # same inputs: the second export reuses every stage
+    before = (p / MANIFEST_NAME).stat().st_mtime_ns
+    with open(p / LOCK_FILE, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # "another export" holds the folder
+        worker = threading.Thread(target=export_package, args=(tiny_t2v_checkpoint, p),
+                                  kwargs={"variant": TINY_VARIANT["t2v"], "progress": False})
+        worker.start()
+        worker.join(timeout=3)
+        assert worker.is_alive(), "the export did not wait for the lock"
+        assert (p / MANIFEST_NAME).stat().st_mtime_ns == before
+        fcntl.flock(held, fcntl.LOCK_UN)
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    load_manifest(p, verify=True)  # finished after the first, intact
+
+
+def test_killed_export_leaves_nothing_trusted(capsys, tiny_t2v_checkpoint, pkg, tmp_path):
+    """SIGKILL a re-export (new VAE weights) while it writes: the next `vidrt run` either refuses the
+    package with one line (exit 3) or runs on files that all still match their sha256."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_t2v_checkpoint, ckpt, ignore=shutil.ignore_patterns("package"))
+    p = copy_package(pkg, tmp_path / "p")
+    vae = next((ckpt / "vae").glob("*.safetensors"))
+    os.utime(vae, ns=(time.time_ns(), time.time_ns()))  # changed inputs: the VAE stage must run again
+    code = ("from vidrt.export.package import export_package; import sys; "
+            "export_package(sys.argv[1], sys.argv[2], variant='wan2.1-t2v-1.3b', progress=False)")
+    start = time.time_ns()
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ckpt), str(p)], stderr=subprocess.DEVNULL)
+
+    def writing() -> bool:  # the VAE stage has begun: a temp folder or a rewritten file in the package
+        return any(x.name.startswith(".vae") or x.stat().st_mtime_ns > start for x in p.iterdir()
+                   if x.name != LOCK_FILE)
+
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not writing():
+        time.sleep(0.02)
+    time.sleep(np.random.default_rng().uniform(0, 1.0))
+    proc.kill()
+    proc.wait()
+    code_, err = vidrt(capsys, *run_args(p, tmp_path / "a.mp4"))
+    if code_ == 0:  # killed before anything was replaced, or after the new manifest: every file verifies
+        load_manifest(p, verify=True)
+    else:
+        assert_error(code_, err, 3, "re-export")
+
+
+# ---- no traceback unless --debug ---------------------------------------------------------------
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    code, err = vidrt(capsys, "--debug", *run_args(tmp_path / "nope", tmp_path / "a.mp4"))
+    assert code == 3 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("error: ")
