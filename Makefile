@@ -6,7 +6,7 @@ VIDRT  := $(VENV)/bin/vidrt
 MODEL  ?=
 OUT    ?=
 
-.PHONY: venv test run engines bench lint typecheck clean
+.PHONY: venv test run engines bench lint typecheck train-tiny default-model clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -39,8 +39,9 @@ engines: venv
 
 # Seconds per clip, per stage, peak memory, side by side with diffusers, cost growth, FLOPs (benchmarks/).
 # Writes benchmarks/results/cpu-quick.{json,txt,png}; `$(PY) -m benchmarks.run` is the full suite.
+# BENCH_ARGS="--workloads tiny" etc. adds options (python -m benchmarks.run --help).
 bench: venv
-	$(PY) -m benchmarks.run --quick
+	$(PY) -m benchmarks.run --quick $(BENCH_ARGS)
 
 typecheck: venv
 	$(PY) tests/typing_prep.py >/dev/null
@@ -51,6 +52,13 @@ typecheck: venv
 # Seeded and step-counted; about an hour on a busy 2-core CPU. Writes checkpoints/tiny-shapes/.
 train-tiny: venv
 	nice -n 15 $(PY) -m vidrt.export.train_tiny --out checkpoints/tiny-shapes --stage all --seed 0
+
+# Re-export the bundled default package (package data of vidrt) from its checkpoint, and its picture.
+default-model: venv
+	rm -rf runtime/models/tiny-shapes
+	$(VIDRT) export --model checkpoints/tiny-shapes --out runtime/models/tiny-shapes
+	rm -f runtime/models/tiny-shapes/.export.lock
+	$(PY) -m vidrt.export.contact_sheet --out docs/tiny-shapes.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache

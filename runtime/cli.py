@@ -12,9 +12,10 @@ from typing import Any
 
 import click
 
-from vidrt.errors import UsageError, VidrtError
+from vidrt.errors import DeviceError, UsageError, VidrtError
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+EXIT_INTERNAL = 1  # an unexpected exception: a vidrt bug (the user-error classes are 2..5)
 
 
 class Terminated(BaseException):
@@ -130,6 +131,33 @@ cli.add_command(build_cmd)
 cli.add_command(plan_cmd)
 cli.add_command(doctor_cmd)
 
+from vidrt.fleet_cli import batch_cmd, serve_cmd  # noqa: E402  (Ray scale-out: runtime/fleet_cli.py)
+
+cli.add_command(batch_cmd)
+cli.add_command(serve_cmd)
+
+
+@click.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                          "help_option_names": []})
+@click.pass_context
+def bench_cmd(ctx: click.Context) -> None:
+    """Benchmark suite vs diffusers (source checkout only; options: vidrt bench --help)."""
+    root = str(Path(__file__).resolve().parent.parent)  # editable install: the repo root holds benchmarks/
+    for folder in (root, str(Path.cwd())):
+        if (Path(folder) / "benchmarks" / "run.py").is_file() and folder not in sys.path:
+            sys.path.insert(0, folder)
+    try:
+        from benchmarks.run import main as bench_main
+    except ImportError as exc:
+        raise UsageError(f"vidrt bench runs from a source checkout with the dev extras ({exc}); "
+                         f"cd to the repository and run `make bench`") from None
+    code = bench_main(list(ctx.args))
+    if code:
+        sys.exit(code)
+
+
+cli.add_command(bench_cmd)
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -139,12 +167,12 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("interrupted", err=True)
         sys.exit(EXIT_SIGINT)
     except click.ClickException as exc:  # bad option syntax
-        click.echo(f"error: {exc.format_message()} (see `vidrt --help`)", err=True)
+        click.echo(f"error: {' '.join(exc.format_message().split())} (see `vidrt --help`)", err=True)
         sys.exit(UsageError.exit_code)
     except VidrtError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {' '.join(str(exc).split())}", err=True)  # one line, whatever the message holds
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -152,6 +180,17 @@ def main(argv: list[str] | None = None) -> None:
     except Terminated:
         click.echo("terminated", err=True)
         sys.exit(EXIT_SIGTERM)
+    except MemoryError:
+        if debug:
+            traceback.print_exc()
+        click.echo("error: out of memory; lower --size, --frames or --vae-memory", err=True)
+        sys.exit(DeviceError.exit_code)
+    except Exception as exc:  # a bug, not a user error: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        click.echo(f"internal error: {reason}; rerun with --debug and report it", err=True)
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

@@ -31,3 +31,9 @@ class OutputError(VidrtError):
     """The output path cannot be written (exists, unwritable folder, full disk)."""
 
     exit_code = 5
+
+
+class Cancelled(VidrtError):
+    """A job stopped on request (between denoising steps or decoded frames); nothing was written."""
+
+    exit_code = 130

@@ -13,13 +13,15 @@ import click
 from vidrt.errors import OutputError, UsageError
 from vidrt.request import Request
 
+MAX_THREADS = 256  # ONNX Runtime makes one OS thread each: 100000 would exhaust the machine
+
 
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     if prompt is not None and prompt_file is not None:
         raise UsageError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:
         try:
-            return Path(prompt_file).read_bytes().decode("utf-8")
+            return Path(prompt_file).read_bytes().decode("utf-8-sig")  # a BOM is not part of the prompt
         except FileNotFoundError:
             raise UsageError(f"--prompt-file {prompt_file} does not exist") from None
         except UnicodeDecodeError as exc:
@@ -63,17 +65,28 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
                 shift: float | None, seed: int, scheduler: str | None, backend: str, threads: int | None,
                 vae_memory: str | None, fps: int | None, crf: int | None, output: str, overwrite: bool,
                 stats_json: str | None, quiet: bool) -> None:
+    from vidrt.backends import BACKENDS
     from vidrt.cli import parse_size
+    from vidrt.jobs import clip_metadata
+    from vidrt.manifest import load_manifest
     from vidrt.models import default_package
-    from vidrt.pipeline import Pipeline
+    from vidrt.pipeline import Pipeline, decode_plan
+    from vidrt.request import resolve
+    from vidrt.text import check_prompt
     from vidrt.vae_decode import parse_bytes
     from vidrt.video import VideoWriter, clean_stale_temps, output_format
 
+    # Every value is checked before any heavy work (hashing the package, loading engines).
     text = _read_prompt(prompt, prompt_file)
+    check_prompt(text)
     wh = parse_size(size)
     vae_bytes = parse_bytes(vae_memory) if vae_memory not in (None, "auto") else None
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads {threads} must be at least 1")
+    if vae_bytes is not None and vae_bytes <= 0:
+        raise UsageError(f"--vae-memory {vae_memory} must be more than 0 bytes, e.g. 2GB (or auto)")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise UsageError(f"--threads {threads} is out of range; use 1..{MAX_THREADS} (default: all cores)")
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if fps is not None and not 1 <= fps <= 240:
         raise UsageError(f"--fps {fps} is out of range; use 1..240")
     if crf is not None and not 0 <= crf <= 63:
@@ -84,9 +97,17 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
         raise OutputError(f"{out_path} exists; pass --overwrite to replace it or choose another -o")
     if stats_json is not None and Path(stats_json).is_dir():
         raise UsageError(f"--stats-json {stats_json} is a folder; give a file path")
+    if stats_json is not None and not Path(stats_json).absolute().parent.is_dir():
+        raise OutputError(f"--stats-json {stats_json}: its folder does not exist; create it or choose another path")
     package = model if model is not None else default_package()
     if package is None:
         raise UsageError("no --model given and this build ships no default model; pass --model PACKAGE")
+    request = Request(prompt=text, negative_prompt=negative_prompt, width=wh[0] if wh else None,
+                      height=wh[1] if wh else None, num_frames=frames, steps=steps, guidance=guidance,
+                      shift=shift, seed=seed, scheduler=scheduler)
+    spec_only = load_manifest(package, verify=False)  # the model's limits; Pipeline.load checks the hashes
+    settings = resolve(request, spec_only.model)
+    decode_plan(spec_only, settings, vae_bytes)  # a --vae-memory too small fails now, not after denoising
     clean_stale_temps(out_path.parent if str(out_path.parent) else Path("."))
 
     warnings: list[str] = []
@@ -96,17 +117,7 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
         click.echo(f"warning: {msg}", err=True)
 
     pipe = Pipeline.load(package, backend=backend, threads=threads, warn=warn)
-    request = Request(prompt=text, negative_prompt=negative_prompt, width=wh[0] if wh else None,
-                      height=wh[1] if wh else None, num_frames=frames, steps=steps, guidance=guidance,
-                      shift=shift, seed=seed, scheduler=scheduler)
-    from vidrt.request import resolve
-
-    settings = resolve(request, pipe.manifest.model)  # checked before the file is opened
-    metadata = {"prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "seed": str(settings.seed),
-                "model": pipe.manifest.model.name, "steps": str(settings.steps), "shift": str(settings.shift),
-                "guidance": f"{settings.guidance_high_noise}/{settings.guidance_low_noise}",
-                "scheduler": settings.scheduler, "size": f"{settings.width}x{settings.height}",
-                "frames": str(settings.num_frames), "software": "vidrt"}
+    metadata = clip_metadata(settings, pipe.manifest.model.name)  # the job contract's (vidrt.jobs): same file as serve
     progress = _Progress(quiet)
     fps_out = fps or pipe.manifest.model.sampling.fps
     try:

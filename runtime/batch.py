@@ -1,0 +1,189 @@
+"""`vidrt batch jobs.jsonl --out DIR`: every line a job (vidrt.jobs.JobRequest fields, plus an
+optional "output" name), run across Ray worker actors that keep the model resident.
+
+Resumable: a clip is published atomically (temp + rename) and its stats JSON before it, so a clip
+that exists is finished and is skipped on the next run; an unnamed job's file is named after a
+hash of its request, so reordering or adding lines keeps the old names. The whole file is checked
+against the model before Ray starts: a bad line stops the batch with one line naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vidrt.errors import UsageError
+from vidrt.jobs import JobRequest
+from vidrt.registry import ModelSpec
+from vidrt.request import Settings
+
+SUMMARY = "batch-summary.json"
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    line: int
+    job: JobRequest
+    settings: Settings
+    output: Path
+
+
+def read_jobs(path: str | os.PathLike[str], spec: ModelSpec, package: str | os.PathLike[str],
+              out_dir: Path) -> list[BatchLine]:
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{p} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{p} is a folder; give a .jsonl file with one job per line") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{p} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"{p} cannot be read ({exc.strerror})") from None
+    lines: list[BatchLine] = []
+    seen: dict[Path, int] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        where = f"{p.name} line {number}"
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from None
+        name = data.pop("output", None) if isinstance(data, dict) else None
+        job = JobRequest.from_dict(data, where, extra_fields=("output",))
+        if job.model is not None and job.model != spec.name and \
+                Path(job.model).expanduser().resolve() != Path(package).resolve():
+            raise UsageError(f"{where}: model {job.model!r} is not this batch's model ({spec.name}, {package}); "
+                             f"one batch runs one model")
+        try:
+            settings = job.settings(spec)
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+        output = out_dir / (_output_name(name, job, where) + job.suffix)
+        if output in seen:
+            raise UsageError(f"{where}: writes {output.name}, like line {seen[output]}; give each an \"output\" "
+                             f"name or drop the duplicate")
+        seen[output] = number
+        lines.append(BatchLine(number, job, settings, output))
+    if not lines:
+        raise UsageError(f"{p} has no jobs; write one JSON object per line, e.g. {{\"prompt\": \"a cat\"}}")
+    return lines
+
+
+def _output_name(name: Any, job: JobRequest, where: str) -> str:
+    if name is None:
+        return job.key()
+    if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise UsageError(f"{where}: output must be a plain file name like \"clip-01\", got {json.dumps(name)[:40]}")
+    if job.suffix and name.lower().endswith(job.suffix):
+        name = name[: -len(job.suffix)]
+    if not name:
+        raise UsageError(f"{where}: output name is empty")
+    return name
+
+
+def run_batch(jobs_file: str, out_dir: str, package: str | os.PathLike[str], *, address: str | None = None,
+              workers: int | None = None, threads: int | None = None, backend: str = "auto",
+              use_gpu: bool | None = None, quiet: bool = False,
+              echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
+    """Run every unfinished line; returns (and writes to DIR/batch-summary.json) the summary."""
+    from vidrt.manifest import load_manifest
+    from vidrt.scaleout import connect_ray, require_ray, write_json_atomic
+    from vidrt.video import clean_stale_temps
+
+    require_ray("batch")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers {workers} must be at least 1")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads} must be at least 1")
+    spec = load_manifest(package, verify=False).model
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    lines = read_jobs(jobs_file, spec, package, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out {out} ({exc.strerror})") from None
+    clean_stale_temps(out)
+    todo = [b for b in lines if not b.output.exists()]
+    summary: dict[str, Any] = {"jobs_file": str(jobs_file), "model": spec.name, "clips": len(lines),
+                               "skipped": len(lines) - len(todo), "completed": 0, "failed": [], "workers": 0,
+                               "retries": 0, "seconds": 0.0, "seconds_after_start": 0.0, "clips_per_hour": None}
+    if todo:
+        import ray
+
+        started = connect_ray(address, "batch")
+        try:
+            asyncio.run(_drive(summary, lines, todo, out, package, workers, threads, backend, use_gpu, quiet, echo))
+        finally:
+            if started:
+                ray.shutdown()
+    write_json_atomic(out / SUMMARY, summary)
+    _print_summary(summary, out, echo)
+    return summary
+
+
+async def _drive(summary: dict[str, Any], lines: list[BatchLine], todo: list[BatchLine], out: Path,
+                 package: str | os.PathLike[str], workers: int | None, threads: int | None, backend: str,
+                 use_gpu: bool | None, quiet: bool, echo: Callable[[str], None]) -> None:
+    from tqdm import tqdm
+    from vidrt.scaleout import JobManager
+
+    t0 = time.monotonic()
+    manager = JobManager(package, out, workers=workers, threads=threads, backend=backend, use_gpu=use_gpu)
+    bar = None
+    warning = manager.capacity_warning()
+    if warning:
+        echo(f"warning: {warning}")
+    try:
+        if not quiet:
+            echo(f"{len(todo)} clips to make ({summary['skipped']} already in {out}); starting workers...")
+        await manager.start()
+        ready = time.monotonic()
+        jobs = [manager.submit(b.job, b.settings, output=b.output, job_id=f"line{b.line}", tag=b.line) for b in todo]
+        bar = tqdm(total=len(lines), initial=summary["skipped"], unit="clip", file=sys.stderr, disable=quiet,
+                   dynamic_ncols=True, desc="clips")
+        waiting = {asyncio.ensure_future(j.done.wait()): j for j in jobs}
+        while waiting:
+            finished, _ = await asyncio.wait(waiting, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            for fut in finished:
+                job = waiting.pop(fut)
+                bar.update(1)
+                if job.status == "completed":
+                    summary["completed"] += 1
+                else:
+                    summary["failed"].append({"line": job.tag, "error": job.error or job.status})
+                    bar.write(f"line {job.tag}: {job.error or job.status}")
+            running = [j for j in jobs if j.status == "in_progress"]
+            bar.set_postfix_str(" ".join(f"L{j.tag}:{j.percent:.0f}%" for j in running[:6])
+                                + (f" failed {len(summary['failed'])}" if summary["failed"] else ""))
+        end = time.monotonic()
+        summary["retries"] = manager.retries
+        summary["workers"] = sum(s.ready for s in manager.slots)
+        summary["seconds"] = round(end - t0, 3)
+        summary["seconds_after_start"] = round(end - ready, 3)
+        if summary["completed"]:
+            summary["clips_per_hour"] = round(summary["completed"] * 3600.0 / max(end - ready, 1e-9), 1)
+    finally:
+        if bar is not None:
+            bar.close()
+        await manager.shutdown()
+
+
+def _print_summary(s: dict[str, Any], out: Path, echo: Callable[[str], None]) -> None:
+    rate = f", {s['clips_per_hour']} clips/hour on {s['workers']} workers" if s["clips_per_hour"] else ""
+    retries = f", {s['retries']} retried after a worker died" if s["retries"] else ""
+    echo(f"{s['clips']} clips: {s['completed']} made, {s['skipped']} skipped (already done), "
+         f"{len(s['failed'])} failed in {s['seconds']:.1f} s{rate}{retries}; summary in {out / SUMMARY}")
+    for f in s["failed"]:
+        echo(f"  failed: line {f['line']}: {f['error']}")

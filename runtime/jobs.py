@@ -1,0 +1,224 @@
+"""The one job contract shared by `vidrt run`, `vidrt batch` and `vidrt serve`.
+
+    job = JobRequest.from_dict({"prompt": "a red circle", "size": "64x64", "steps": 4}, where="line 3")
+    settings = job.settings(pipe.manifest.model)          # every default filled in, UsageError if invalid
+    result = execute_job(pipe, job, "out/clip.mp4", on_event=print, should_stop=flag.is_set)
+    result.to_dict()                                       # settings + per-stage seconds: the stats JSON
+
+A job is a `Request` plus what the file needs (format, fps, CRF). `execute_job` writes the clip
+atomically through `VideoWriter` (a temp beside the output, renamed when complete) and reports
+`ProgressEvent`s: stage, step i/N, percent and ETA. Cancellation: `should_stop` is polled at every
+progress point of `Pipeline.run` (after each denoising step and each decoded chunk) and raises
+`Cancelled` from the progress callback, so the pipeline unwinds the way it does on any error: the
+video writer drops its temp and nothing is published. No ray, no torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from vidrt.errors import Cancelled, UsageError
+from vidrt.registry import ModelSpec
+from vidrt.request import Request, Settings, resolve
+
+FORMATS = {"mp4": ".mp4", "webm": ".webm", "png": ""}  # output_format -> suffix ("" = a PNG frame folder)
+
+# Share of the bar each stage fills: denoising is where the time goes, decoding the rest.
+_STAGE_SPAN = {"denoise": (0.0, 90.0), "decode": (90.0, 100.0)}
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One clip to make. None = the model's default. Field names are the JSON keys of jobs.jsonl."""
+
+    prompt: str
+    model: str | None = None  # package path or model name; must match what the worker serves
+    negative_prompt: str | None = None
+    size: str | None = None  # "WIDTHxHEIGHT"
+    frames: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    shift: float | None = None
+    seed: int = 0
+    scheduler: str | None = None
+    output_format: str = "mp4"  # mp4 | webm | png
+    fps: int | None = None
+    crf: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "request", extra_fields: tuple[str, ...] = ()) -> JobRequest:
+        """Type-check a JSON object; one-line UsageError naming `where` and the field. `extra_fields`:
+        keys the caller has already taken out (named in the unknown-field message)."""
+        if not isinstance(data, Mapping):
+            raise UsageError(f"{where}: expected a JSON object like {{\"prompt\": \"a cat\"}}, "
+                             f"got {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise UsageError(f"{where}: unknown field {unknown[0]!r}; fields are {', '.join([*known, *extra_fields])}")
+        if "prompt" not in data:
+            raise UsageError(f"{where}: missing \"prompt\"")
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            if value is None and name != "prompt":
+                continue
+            values[name] = _check_type(name, value, where)
+        if not values["prompt"].strip():
+            raise UsageError(f"{where}: \"prompt\" is empty")
+        if values.get("output_format", "mp4") not in FORMATS:
+            raise UsageError(f"{where}: output_format {values['output_format']!r} is not one of "
+                             f"{', '.join(FORMATS)}")
+        job = cls(**values)
+        job.size_px()  # malformed sizes fail here, with the field named
+        return job
+
+    def to_dict(self) -> dict[str, Any]:
+        """The non-default fields (what a jobs.jsonl line would hold)."""
+        return {k: v for k, v in asdict(self).items() if v is not None and not (k == "output_format" and v == "mp4")
+                and not (k == "seed" and v == 0)}
+
+    def size_px(self) -> tuple[int, int] | None:
+        if self.size is None:
+            return None
+        parts = self.size.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and len(p) <= 5 for p in parts):
+            raise UsageError(f"size {self.size!r} is not WIDTHxHEIGHT; write it like 832x480")
+        return int(parts[0]), int(parts[1])
+
+    def to_request(self) -> Request:
+        wh = self.size_px()
+        return Request(prompt=self.prompt, negative_prompt=self.negative_prompt, width=wh[0] if wh else None,
+                       height=wh[1] if wh else None, num_frames=self.frames, steps=self.steps,
+                       guidance=self.guidance, shift=self.shift, seed=self.seed, scheduler=self.scheduler)
+
+    def settings(self, spec: ModelSpec) -> Settings:
+        """Resolve against the model (defaults, ranges, multiples); also checks fps and CRF."""
+        if self.fps is not None and not 1 <= self.fps <= 240:
+            raise UsageError(f"fps {self.fps} is out of range; use 1..240")
+        if self.crf is not None and not 0 <= self.crf <= 63:
+            raise UsageError(f"crf {self.crf} is out of range; use 0..63")
+        return resolve(self.to_request(), spec)
+
+    @property
+    def suffix(self) -> str:
+        return FORMATS[self.output_format]
+
+    def key(self) -> str:
+        """A stable name for this request's clip (same request -> same key): resumable batch outputs."""
+        record = {k: v for k, v in asdict(self).items() if k != "model"}
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "prompt": (str,), "model": (str,), "negative_prompt": (str,), "size": (str,), "scheduler": (str,),
+    "output_format": (str,), "frames": (int,), "steps": (int,), "seed": (int,), "fps": (int,), "crf": (int,),
+    "guidance": (int, float), "shift": (int, float),
+}
+
+
+def _check_type(name: str, value: Any, where: str) -> Any:
+    kinds = _TYPES[name]
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        want = "a string" if kinds == (str,) else "an integer" if kinds == (int,) else "a number"
+        raise UsageError(f"{where}: {name} must be {want}, got {json.dumps(value)[:40]}")
+    if float in kinds:
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise UsageError(f"{where}: {name} must be a finite number")
+    if isinstance(value, int) and abs(value) > 2**63 - 1:
+        raise UsageError(f"{where}: {name} {value} is out of range")
+    return value
+
+
+def clip_metadata(settings: Settings, model_name: str) -> dict[str, str]:
+    """What goes into the file (same for run, batch and serve, so their files are identical)."""
+    s = settings
+    return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": str(s.seed), "model": model_name,
+            "steps": str(s.steps), "shift": str(s.shift), "guidance": f"{s.guidance_high_noise}/{s.guidance_low_noise}",
+            "scheduler": s.scheduler, "size": f"{s.width}x{s.height}", "frames": str(s.num_frames),
+            "software": "vidrt"}
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """stage: "text" | "denoise" | "decode" | "done"; done/total count steps or frames of that stage."""
+
+    stage: str
+    done: int
+    total: int
+    percent: float  # of the whole job, 0..100
+    elapsed_seconds: float
+    eta_seconds: float | None  # None until there is something to extrapolate from
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ProgressTracker:
+    """Turns Pipeline.run's (stage, done, total) calls into ProgressEvents; raises Cancelled on request."""
+
+    def __init__(self, on_event: Callable[[ProgressEvent], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> None:
+        self.on_event = on_event
+        self.should_stop = should_stop
+        self.t0 = time.monotonic()
+        self.last = ProgressEvent("text", 0, 1, 0.0, 0.0, None)
+
+    def check(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled("the job was cancelled")
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        lo, hi = _STAGE_SPAN.get(stage, (0.0, 100.0))
+        percent = lo + (hi - lo) * done / max(total, 1)
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed * (100.0 - percent) / percent if percent > 0 else None
+        self.emit(ProgressEvent(stage, done, total, percent, elapsed, eta))
+        self.check()
+
+    def emit(self, event: ProgressEvent) -> None:
+        self.last = event
+        if self.on_event is not None:
+            self.on_event(event)
+
+
+@dataclass
+class JobResult:
+    path: Path
+    settings: Settings
+    stats: dict[str, Any]
+    fps: int
+    model: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": str(self.path), "model": self.model, "fps": self.fps,
+                "settings": asdict(self.settings), "stats": self.stats}
+
+
+def execute_job(pipe: Any, job: JobRequest, output: str | os.PathLike[str], *,
+                on_event: Callable[[ProgressEvent], None] | None = None,
+                should_stop: Callable[[], bool] | None = None, overwrite: bool = False,
+                vae_memory_bytes: int | None = None, keep_text_encoder: bool = True) -> JobResult:
+    """Run one job on a loaded Pipeline and publish its file atomically. Raises UsageError for a
+    request the model cannot run, Cancelled when should_stop() turns true (nothing is written)."""
+    from vidrt.video import VideoWriter
+
+    spec = pipe.manifest.model
+    settings = job.settings(spec)
+    fps = job.fps or spec.sampling.fps
+    tracker = ProgressTracker(on_event, should_stop)
+    tracker.check()
+    with VideoWriter(output, fps=fps, crf=job.crf, metadata=clip_metadata(settings, spec.name),
+                     overwrite=overwrite) as writer:
+        result = pipe.run(job.to_request(), on_frames=writer.write, progress=tracker,
+                          vae_memory_bytes=vae_memory_bytes, keep_text_encoder=keep_text_encoder)
+        tracker.check()  # last chance before the file is published
+    tracker.emit(ProgressEvent("done", 1, 1, 100.0, time.monotonic() - tracker.t0, 0.0))
+    return JobResult(path=writer.path, settings=settings, stats=result.stats.to_dict(), fps=fps, model=spec.name)
