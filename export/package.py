@@ -96,7 +96,8 @@ def export_package(model_dir: Path | str, out: Path | str | None = None, variant
         assert tokenizer is not None
         components = {name: comp for r in results.values() for name, comp in r.components.items()}
         write_manifest(out, Manifest(schema_version=SCHEMA_VERSION, model=ckpt.spec, tokenizer=tokenizer,
-                                     components=components, vidrt_version=vidrt.__version__, export_inputs=inputs))
+                                     components=components, vidrt_version=vidrt.__version__, export_inputs=inputs,
+                                     vocabulary=closed_vocabulary((out / TOKENIZER_FILE).read_text("utf-8"))))
     return out
 
 
@@ -223,6 +224,20 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+# A word-level tokenizer this small is a closed vocabulary (the bundled tiny model): the manifest
+# lists its words so `vidrt info` and the unknown-word warning can name them. umT5's 256k
+# sentencepiece vocabulary is open and listed as nothing.
+MAX_LISTED_WORDS = 1000
+
+
+def closed_vocabulary(tokenizer_json: str) -> tuple[str, ...]:
+    model = json.loads(tokenizer_json).get("model", {})
+    vocab = model.get("vocab")
+    if model.get("type") != "WordLevel" or not isinstance(vocab, dict) or len(vocab) > MAX_LISTED_WORDS:
+        return ()
+    return tuple(w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if not w.startswith("<"))
 
 
 __all__ = ["export_package", "export_main", "TOKENIZER_FILE", "LOCK_FILE"]

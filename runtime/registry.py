@@ -195,6 +195,20 @@ VARIANTS: dict[str, ModelSpec] = {
         experts=("dit_high", "dit_low"),
         source="W22 wan/configs/wan_t2v_A14B.py, wan/text2video.py",
     ),
+    # vidrt's bundled default: a tiny Wan trained on synthetic moving shapes (export/train_tiny.py).
+    # Architecture and latent statistics come from its files; the sampling defaults are the ones
+    # the training sweep chose (checkpoints/tiny-shapes/TRAINING.md).
+    "vidrt-tiny-shapes": ModelSpec(
+        name="vidrt-tiny-shapes",
+        description="tiny Wan (1 M-param DiT) trained on coloured shapes moving left/right/up/down, 64x64",
+        dit=DiTConfig(dim=128, ffn_dim=256, num_layers=4, num_heads=4, in_channels=8, out_channels=8,
+                      text_dim=64),
+        vae=VAEConfig("wan2.1", 8, (4, 8, 8), 8, 8, (0.0,) * 8, (1.0,) * 8),
+        text=TextConfig(vocab_size=18, d_model=64, d_ff=128, num_layers=2, num_heads=4),
+        sampling=SamplingDefaults(steps=25, shift=2.0, guidance_high_noise=2.0, guidance_low_noise=2.0,
+                                  frames=17, fps=8, sizes=((64, 64),), negative_prompt=""),
+        source="checkpoints/tiny-shapes/TRAINING.md (sampling sweep on the 72-prompt grid)",
+    ),
 }
 
 

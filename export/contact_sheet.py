@@ -1,0 +1,59 @@
+"""docs/tiny-shapes.png: what the bundled model makes. One row per prompt, every 4th frame.
+
+    python -m vidrt.export.contact_sheet [--out docs/tiny-shapes.png] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import av
+import numpy as np
+
+from vidrt.models import default_package
+from vidrt.pipeline import Pipeline
+from vidrt.request import Request
+
+PROMPTS = ("a red circle moving left", "a green square moving right", "a blue triangle moving up",
+           "a yellow circle moving down", "a white square moving left", "a purple triangle moving right")
+GAP_PX = 2
+
+
+def contact_sheet(pipe: Pipeline, prompts: tuple[str, ...], seed: int, every: int = 4) -> np.ndarray:
+    """-> uint8 [rows * (H + gap), cols * (W + gap), 3]: each row one prompt's frames 0, every, 2*every, ..."""
+    rows = []
+    for prompt in prompts:
+        frames = pipe.run(Request(prompt=prompt, seed=seed)).frames  # [F, H, W, 3]
+        assert frames is not None
+        picked = frames[::every]
+        padded = np.pad(picked, ((0, 0), (0, GAP_PX), (0, GAP_PX), (0, 0)), constant_values=128)
+        rows.append(np.concatenate(list(padded), axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "rgb24"
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+    path.write_bytes(b"".join(bytes(p) for p in codec.encode(frame)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("docs/tiny-shapes.png"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=int, default=2, help="pixel repeat, so 64x64 frames are visible")
+    args = ap.parse_args(argv)
+    package = default_package()
+    if package is None:
+        raise SystemExit("no bundled model package (runtime/models/tiny-shapes): export it first")
+    sheet = contact_sheet(Pipeline.load(package), PROMPTS, args.seed)
+    sheet = sheet.repeat(args.scale, axis=0).repeat(args.scale, axis=1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_png(sheet, args.out)
+    print(f"wrote {args.out} ({sheet.shape[1]}x{sheet.shape[0]})")
+
+
+if __name__ == "__main__":
+    main()
