@@ -10,7 +10,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-
 from vidrt.models import default_package
 from vidrt.pipeline import Pipeline
 from vidrt.request import Request

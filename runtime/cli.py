@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import traceback
@@ -11,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from vidrt.errors import DeviceError, UsageError, VidrtError
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143

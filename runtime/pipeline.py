@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from vidrt import contracts as C
 from vidrt.backends import open_backend
 from vidrt.backends.base import BackendOptions, Engine

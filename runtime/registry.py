@@ -275,7 +275,7 @@ def _convert(tp: Any, data: Any) -> Any:
             return tuple(_convert(args[0], x) for x in data)
         if len(args) != len(data):
             raise ValueError(f"expected {len(args)} items, got {len(data)}")
-        return tuple(_convert(a, x) for a, x in zip(args, data))
+        return tuple(_convert(a, x) for a, x in zip(args, data, strict=True))
     if origin is dict:
         kt, vt = typing.get_args(tp)
         if not isinstance(data, dict):

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from vidrt.errors import OutputError, UsageError
 from vidrt.request import Request
 

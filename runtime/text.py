@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from vidrt.backends.base import Engine
 from vidrt.contracts import ATTENTION_MASK, INPUT_IDS, TEXT_HIDDEN
 from vidrt.errors import PackageError, UsageError
@@ -68,7 +67,7 @@ class PromptTokenizer:
         ids = np.asarray(full.ids, dtype=np.int64)
         unknown: list[str] = []
         if self._unk_id is not None:
-            for token_id, (start, end) in zip(full.ids, full.offsets):
+            for token_id, (start, end) in zip(full.ids, full.offsets, strict=True):
                 if token_id == self._unk_id:
                     unknown.append(prompt[start:end])
         return Tokens(ids=ids, truncated=truncated, unknown_words=tuple(unknown))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from vidrt.export.shapes_data import classify_clip, grid, prompt_for, score
 from vidrt.models import default_package
 from vidrt.pipeline import Pipeline

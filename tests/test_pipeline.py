@@ -16,7 +16,6 @@ import pytest
 import torch
 import wan_ref
 from tiny import TINY_VARIANT, write_diffusers_checkpoint
-
 from vidrt.export.package import export_package
 from vidrt.pipeline import Pipeline
 from vidrt.request import Request

@@ -42,7 +42,7 @@ def _sdpa_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_sc
                     q_scale=None, causal=False, window_size=(-1, -1), deterministic=False,
                     dtype=torch.bfloat16, version=None):
     """fp32 stand-in for wan.modules.attention.flash_attention. q,k,v: [B, L, heads, head_dim]."""
-    b, lk = k.shape[0], k.shape[1]
+    lk = k.shape[1]
     mask = None
     if k_lens is not None:
         # True where attention is allowed: key index < k_lens[b]

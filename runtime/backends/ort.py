@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-
 from vidrt.backends.base import BackendOptions
 from vidrt.contracts import Contract
 from vidrt.errors import DeviceError, PackageError
@@ -81,7 +80,7 @@ class OrtEngine:
                                    f"re-export the package") from None
             raise DeviceError(f"{self.name} failed in onnxruntime ({first}); if memory ran out, lower --size, "
                               f"--frames or --vae-memory") from None
-        return dict(zip(self.contract.output_names, outs))
+        return dict(zip(self.contract.output_names, outs, strict=True))
 
     def close(self) -> None:
         self._session = None
