@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from vidrt.export.random_weights import randomise_, write_word_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "build" / "bench"
@@ -88,41 +89,9 @@ def _rel(p: Path) -> str:
 # ---- random checkpoints --------------------------------------------------------------------------
 
 
-def randomise_(module: Any, seed: int) -> Any:
-    """Every parameter random (as tests/tiny.py does): norm scales near 1, matrices ~ 1/sqrt(fan_in),
-    so no head or modulation is zero and the output is not a constant (PSNR would mean nothing)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "norm" in name or name.endswith("gamma"):
-                p.copy_(1.0 + 0.1 * r)
-            elif p.ndim >= 2 and "embedding" not in name and "modulation" not in name:
-                p.copy_(r / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(0.1 * r if p.ndim == 1 else 0.5 * r)
-    return module.eval()
-
-
 def write_tokenizer(folder: Path) -> int:
     """A T5-like Unigram tokenizer over WORDS (<pad>=0, </s>=1, <unk>=2); returns its vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    pieces = ["<pad>", "</s>", "<unk>", "▁", *(f"▁{w}" for w in WORDS), *"abcdefghijklmnopqrstuvwxyz"]
-    vocab = [(p, 0.0 if i < 3 else -float(i)) for i, p in enumerate(pieces)]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "</s>",
-        "unk_token": "<unk>", "model_max_length": 512}))
-    return len(pieces)
+    return write_word_tokenizer(folder, WORDS)
 
 
 def write_random_checkpoint(root: Path, dit_cfg: dict, t5_cfg: dict, vae_cfg: dict, seed: int = 0,

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import wan_ref
 from safetensors.torch import save_file
+from vidrt.export.random_weights import randomise_, write_word_tokenizer
 
 KINDS = ("t2v", "a14b", "ti2v")
 TINY_VARIANT = {"t2v": "wan2.1-t2v-1.3b", "a14b": "wan2.2-t2v-a14b", "ti2v": "wan2.2-ti2v-5b"}
@@ -50,38 +51,9 @@ def _experts(kind: str) -> tuple[str, ...]:
     return ("dit_high", "dit_low") if kind == "a14b" else ("dit",)
 
 
-def randomise_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter random (heads and modulations are zero/ones at init: a key map that
-    dropped or swapped them would go unnoticed). Norm scales near 1, matrices ~ 1/sqrt(fan_in)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "norm" in name or name.endswith("gamma"):
-                p.copy_(1.0 + 0.1 * r)
-            elif p.ndim >= 2 and "embedding" not in name and "modulation" not in name:
-                p.copy_(r / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(0.1 * r if p.ndim == 1 else 0.5 * r)
-    return module.eval()
-
-
 def write_tokenizer(folder: Path) -> Path:
-    """A T5-like Unigram tokenizer: <pad>=0, </s>=1, <unk>=2, Metaspace, '</s>' appended."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    pieces = ["<pad>", "</s>", "<unk>", "▁", *(f"▁{w}" for w in WORDS), *"abcdefghijklmnopqrstuvwxyz"]
-    vocab = [(p, 0.0 if i < 3 else -float(i)) for i, p in enumerate(pieces)]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "</s>",
-        "unk_token": "<unk>", "model_max_length": TEXT_LEN}))
+    """A T5-like Unigram tokenizer over WORDS: <pad>=0, </s>=1, <unk>=2, Metaspace, '</s>' appended."""
+    write_word_tokenizer(folder, WORDS, TEXT_LEN)
     return folder
 
 
