@@ -312,7 +312,10 @@ def _signal_mid_run(pkg: Path, tmp_path: Path, sig: signal.Signals) -> tuple[int
     out = tmp_path / "a.mp4"
     out.write_bytes(b"the old clip")
     args = [VIDRT, *run_args(pkg, out, "--overwrite")]
-    args[args.index("--steps") + 1] = "200"  # long enough to be mid-run for sure
+    # Long enough to be mid-run for sure on a fast idle machine too (1000 steps over 576 tokens: several
+    # seconds; 200 steps at 32x32 once finished before the signal came).
+    for flag, value in (("--steps", "1000"), ("--size", "128x128"), ("--frames", "33")):
+        args[args.index(flag) + 1] = value
     args.remove("-q")
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None

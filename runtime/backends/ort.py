@@ -44,6 +44,10 @@ class OrtEngine:
         if os.environ.get("VIDRT_ORT_SPIN", "0") != "1":
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        # FP8 Q/DQ graphs: ORT's QDQ propagation (level EXTENDED and up) moves a QuantizeLinear above
+        # Reshape/Transpose, which then have no float8 CPU kernel ("Failed to find kernel for
+        # Reshape(19)"). Graphs without Q/DQ are unaffected.
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
         try:
             self._session: ort.InferenceSession | None = ort.InferenceSession(
                 str(path), sess_options=so, providers=_providers(options.device))
