@@ -14,20 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import ftfy  # tiny, pure Python: the official cleaner fixes mojibake with it, so do we
 import numpy as np
 from vidrt.backends.base import Engine
 from vidrt.contracts import ATTENTION_MASK, INPUT_IDS, TEXT_HIDDEN
 from vidrt.errors import PackageError, UsageError
 
-try:  # ftfy is tiny and pure Python; the official cleaner uses it when present, so do we
-    import ftfy
-except ImportError:  # pragma: no cover - ftfy is a dependency, this guards odd installs
-    ftfy = None
-
 
 def clean_prompt(text: str) -> str:
-    if ftfy is not None:
-        text = ftfy.fix_text(text)
+    text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
 
