@@ -20,8 +20,22 @@ class Terminated(BaseException):
     """Raised from the SIGTERM handler so `finally` blocks (temp-file cleanup) run, like Ctrl-C."""
 
 
+_signal_received: int | None = None  # set by the handlers below, read by main()
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    global _signal_received
+    _signal_received = signum
     raise Terminated()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    # Python's own handler, plus a record: a KeyboardInterrupt raised while a C extension module is
+    # initialising (numpy, onnxruntime, av) reaches us as "ImportError: initialization failed", and
+    # that is still the user's Ctrl-C, not a vidrt bug.
+    global _signal_received
+    _signal_received = signum
+    raise KeyboardInterrupt()
 
 
 def parse_size(value: str | None) -> tuple[int, int] | None:
@@ -156,9 +170,18 @@ def bench_cmd(ctx: click.Context) -> None:
 
 cli.add_command(bench_cmd)
 
+def _exit_interrupted() -> None:
+    interrupted = _signal_received == signal.SIGINT
+    click.echo("interrupted" if interrupted else "terminated", err=True)
+    sys.exit(EXIT_SIGINT if interrupted else EXIT_SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> None:
+    global _signal_received
+    _signal_received = None
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:
@@ -168,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {' '.join(exc.format_message().split())} (see `vidrt --help`)", err=True)
         sys.exit(UsageError.exit_code)
     except VidrtError as exc:
+        if _signal_received is not None:  # e.g. a session load that a Ctrl-C cut short, re-raised as ours
+            _exit_interrupted()
         if debug:
             traceback.print_exc()
         click.echo(f"error: {' '.join(str(exc).split())}", err=True)  # one line, whatever the message holds
@@ -184,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("error: out of memory; lower --size, --frames or --vae-memory", err=True)
         sys.exit(DeviceError.exit_code)
     except Exception as exc:  # a bug, not a user error: still one line unless --debug
+        if _signal_received is not None:  # the signal surfaced as another exception (see _on_sigint)
+            _exit_interrupted()
         if debug:
             traceback.print_exc()
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

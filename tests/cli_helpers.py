@@ -19,8 +19,8 @@ TEMP_RE = re.compile(r"^\..+\.vidrt-\d+(\.old)?\.tmp$")
 
 
 def vidrt(capsys, *args: str) -> tuple[int, str]:
-    """`vidrt ARGS` in this process -> (exit code, stderr). Restores the SIGTERM handler main() sets."""
-    old = signal.getsignal(signal.SIGTERM)
+    """`vidrt ARGS` in this process -> (exit code, stderr). Restores the signal handlers main() sets."""
+    old, old_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
         main([str(a) for a in args])
         code = 0
@@ -28,6 +28,7 @@ def vidrt(capsys, *args: str) -> tuple[int, str]:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
     return code, capsys.readouterr().err
 
 

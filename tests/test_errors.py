@@ -342,6 +342,28 @@ def test_signal_mid_run(pkg, tmp_path, sig, code, word):
     assert temps(tmp_path) == []
 
 
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_signal_during_a_c_extension_import(capsys, monkeypatch, sig, code, word):
+    """A Ctrl-C that lands while a C extension initialises surfaces as `ImportError: initialization
+    failed` (seen in CI, killing `vidrt run` at start-up): still the user's signal, not an internal error."""
+    import click
+    from vidrt import cli as cli_module
+
+    @click.command("fake-import")
+    def fake_import() -> None:
+        try:
+            os.kill(os.getpid(), sig)  # the handler main() installed raises here
+            time.sleep(5)
+        except BaseException as exc:  # what a failing PyInit_* does with the pending exception
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setitem(cli_module.cli.commands, "fake-import", fake_import)
+    rc, err = vidrt(capsys, "fake-import")
+    assert (rc, err.strip()) == (code, word)
+    rc, err = vidrt(capsys, "info", "/nonexistent/package")  # the record does not outlive that run
+    assert rc == 3 and err.startswith("error: ")
+
+
 # ---- numerics ----------------------------------------------------------------------------------
 
 
