@@ -35,6 +35,7 @@ from vidrt.export.components import (
     text_encoder_graph_spec,
     vae_graph_specs,
 )
+from vidrt.export.onnx_optimize import optimize_model
 from vidrt.registry import ModelSpec
 
 # Above this many bytes of weights the graph is saved with external data (protobuf caps a file at
@@ -70,11 +71,12 @@ def export_graph(graph: GraphSpec, path: Path | str, opset: int = 18, *,
         prog = torch.onnx.export(
             graph.module, graph.args, None, dynamo=True, opset_version=opset, verbose=False,
             input_names=list(graph.contract.input_names), output_names=list(graph.contract.output_names),
-            dynamic_shapes=graph.dynamic_shapes, optimize=not on_meta, external_data=False)
+            dynamic_shapes=graph.dynamic_shapes, optimize=False, external_data=False)
     assert prog is not None
     if weights is not None:
         _apply_weights(prog, weights)
-        prog.optimize()
+    if weights is not None or not on_meta:  # after the weights: constant folding needs their values
+        optimize_model(prog.model)
     _name_dims(prog.model, graph.contract)
     if external_data is None:
         external_data = include_weights and _initializer_bytes(prog) > EXTERNAL_DATA_BYTES

@@ -326,3 +326,31 @@ def test_concurrent_export_waits_for_the_lock(t2v: Exported, tmp_path: Path) -> 
         fcntl.flock(held, fcntl.LOCK_UN)
     worker.join(30)
     assert done.is_set() and not (pkg / ".dit.onnx.abc123").exists()
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "dit", "vae"])
+def test_optimizer_equals_torchs_own(pkg: Exported, component: str, tmp_path: Path, monkeypatch) -> None:
+    """vidrt.export.onnx_optimize leaves out onnxscript's quadratic multi-output rewrite rules; on the
+    Wan graphs that must change nothing: the graph equals the one torch's ONNXProgram.optimize() makes."""
+    from torch.onnx._internal.exporter import _onnx_program
+    from vidrt.export import onnx_export
+
+    spec, tiny = pkg.manifest.model, pkg.tiny
+
+    def export(folder: Path) -> list[Path]:
+        folder.mkdir()
+        if component == "text_encoder":
+            export_text_encoder(tiny.text_encoder, folder / "te.onnx", spec)
+        elif component == "dit":
+            export_dit(next(iter(tiny.transformer.values())), folder / "dit.onnx", spec)
+        else:
+            export_vae_decoder(tiny.vae, folder / "first.onnx", folder / "step.onnx", spec)
+        return sorted(folder.glob("*.onnx"))
+
+    ours = export(tmp_path / "ours")
+    monkeypatch.setattr(onnx_export, "optimize_model", _onnx_program.onnxscript_apis.optimize)
+    torchs = export(tmp_path / "torch")
+    for a, b in zip(ours, torchs, strict=True):
+        ga, gb = onnx.load(str(a)).graph, onnx.load(str(b)).graph
+        assert [n.op_type for n in ga.node] == [n.op_type for n in gb.node], a.name
+        assert ga == gb, a.name
