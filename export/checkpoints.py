@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vidrt.errors import PackageError
 from vidrt.export import keymaps
-from vidrt.export.weights import TensorInfo, WeightFiles, read_json, safetensors_files, shapes
+from vidrt.export.weights import TensorInfo, WeightFiles, read_json, safetensors_files, shapes, stored
 from vidrt.export.weights import load as load_tensors
 from vidrt.registry import VARIANTS, DiTConfig, ModelSpec, TextConfig, VAEConfig, get_variant
 
@@ -76,6 +76,19 @@ class Checkpoint:
         cfg._attn_implementation = "eager"  # sdpa fails under the dynamo exporter (feasibility §4)
         return _build(part, lambda: UMT5EncoderModel(cfg), self._tensors(part), device)
 
+    def text_encoder_on_meta(self) -> UMT5EncoderModel:
+        """The text encoder without storage (for tracing); its weights come from text_encoder_readers()."""
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        cfg = UMT5Config(**self.parts["text_encoder"].config)
+        cfg._attn_implementation = "eager"
+        with torch.device("meta"):
+            return UMT5EncoderModel(cfg).eval()
+
+    def text_encoder_readers(self) -> dict[str, Callable[[], torch.Tensor]]:
+        part = self.parts["text_encoder"]
+        return stored(part.weights, dict(part.names))
+
     def transformer(self, expert: str, device: str = "cpu") -> WanTransformer3DModel:
         from diffusers import WanTransformer3DModel
         from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
@@ -93,6 +106,12 @@ class Checkpoint:
     def transformer_state_dict(self, expert: str, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
         """diffusers key names -> tensors read once from the files (dtype None keeps the stored one)."""
         return self._tensors(self._expert(expert), dtype)
+
+    def transformer_readers(self, expert: str) -> dict[str, Callable[[], torch.Tensor]]:
+        """diffusers key names -> readers that load each tensor (stored dtype) when called: for
+        exports that stream the weights instead of holding the model in RAM."""
+        part = self._expert(expert)
+        return stored(part.weights, dict(part.names))
 
     def transformer_config(self, expert: str) -> dict:
         return dict(self._expert(expert).config)

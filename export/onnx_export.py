@@ -13,16 +13,18 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
 from vidrt.contracts import Contract
-from vidrt.errors import UsageError
+from vidrt.errors import PackageError, UsageError
 from vidrt.export.components import (
     PRECISIONS,
     TORCH_DTYPES,
@@ -41,6 +43,7 @@ from vidrt.registry import ModelSpec
 # Above this many bytes of weights the graph is saved with external data (protobuf caps a file at
 # 2 GiB; torch itself switches at 1.5 GiB, so stay at its threshold to keep the two in agreement).
 EXTERNAL_DATA_BYTES = 1536 * 1024 * 1024
+Weight = torch.Tensor | Callable[[], torch.Tensor]  # a tensor, or a reader that loads it (streamed export)
 MIN_OPSET, MAX_OPSET = 18, 23  # the dynamo exporter has nothing below 18
 
 
@@ -53,7 +56,7 @@ def data_file_name(path: Path) -> str:
 
 
 def export_graph(graph: GraphSpec, path: Path | str, opset: int = 18, *,
-                 weights: Mapping[str, torch.Tensor] | None = None, include_weights: bool = True,
+                 weights: Mapping[str, Weight] | None = None, include_weights: bool = True,
                  external_data: bool | None = None) -> Contract:
     """Trace `graph.module` with torch.onnx (dynamo) and write it to `path` atomically.
 
@@ -91,18 +94,64 @@ def check_opset(opset: int) -> None:
                          f"(fused Attention/RMSNormalization for TensorRT)")
 
 
-def _apply_weights(prog: Any, weights: Mapping[str, torch.Tensor]) -> None:
-    """Attach real tensors to the traced initializers, cast to the dtype the graph was traced with."""
+def _apply_weights(prog: Any, weights: Mapping[str, Weight]) -> None:
+    """Attach real tensors to the traced initializers, cast to the dtype the graph was traced with.
+    Readers become onnx_ir LazyTensors: read, cast and written one at a time when the graph is saved,
+    so peak RAM is about one tensor, not the model plus its cast copy (57 GB for a 14B DiT)."""
     inits = prog.model.graph.initializers
     missing = [name for name in inits if name not in weights and inits[name].const_value is None]
     if missing:
         raise UsageError(f"no weights for {len(missing)} graph initializer(s), e.g. {missing[:3]}")
     cast = {}
     for name, tensor in weights.items():
-        if name in inits:
-            want = _torch_dtype(inits[name].dtype)
+        if name not in inits:
+            continue
+        want = _torch_dtype(inits[name].dtype)
+        if callable(tensor):
+            init = inits[name]
+            shape = tuple(int(d) for d in init.shape)
+            init.const_value = ir.LazyTensor(partial(_read_cast, tensor, want, shape, name), dtype=init.dtype,
+                                             shape=ir.Shape(shape))
+        else:
             cast[name] = tensor.to(want) if tensor.dtype != want else tensor
     prog.apply_weights(cast)
+    _transpose_lazily(prog.model.graph)
+
+
+def _transpose_lazily(graph: Any) -> None:
+    """onnxscript's constant folder folds Transpose(weight) whatever the weight's size (a Linear is
+    traced as MatMul(x, Transpose(W))), which would materialise every transposed weight in RAM. For a
+    lazy weight read by nothing else, fold it here instead: the initializer transposes when read."""
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        src = node.inputs[0]
+        if src is None or not src.is_initializer() or not isinstance(src.const_value, ir.LazyTensor) \
+                or len(src.uses()) != 1 or node.outputs[0].is_graph_output():
+            continue
+        lazy = src.const_value
+        perm = tuple(node.attributes["perm"].as_ints()) if "perm" in node.attributes \
+            else tuple(reversed(range(len(lazy.shape))))
+        shape = ir.Shape([lazy.shape[i] for i in perm])
+        src.const_value = ir.LazyTensor(partial(_transposed, lazy, perm), dtype=lazy.dtype, shape=shape)
+        src.shape = shape
+        node.outputs[0].replace_all_uses_with(src)
+        graph.remove(node, safe=True)
+
+
+def _transposed(lazy: Any, perm: tuple[int, ...]) -> ir.Tensor:
+    return ir.Tensor(np.ascontiguousarray(lazy.numpy().transpose(perm)), dtype=lazy.dtype)
+
+
+def _read_cast(read: Callable[[], torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...], name: str) -> ir.Tensor:
+    t = read()
+    if tuple(t.shape) != shape:
+        raise PackageError(f"weight {name.removeprefix('model.')} has shape {tuple(t.shape)}, the model needs {shape}; "
+                           f"the checkpoint's config does not match its weights")
+    t = t.to(dtype).contiguous()
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: hand onnx_ir the raw bits
+        return ir.Tensor(t.view(torch.uint16).numpy(), dtype=ir.DataType.BFLOAT16)
+    return ir.Tensor(t.numpy())
 
 
 def _torch_dtype(ir_dtype: Any) -> torch.dtype:
@@ -161,8 +210,11 @@ def text_encoder_precision(precision: str) -> str:
 
 
 def export_text_encoder(model: nn.Module, path: Path | str, spec: ModelSpec, opset: int = 18, precision: str = "fp32",
-                        *, external_data: bool | None = None) -> Contract:
-    """UMT5EncoderModel -> ONNX with dynamic [batch, seq] (eager attention; SDPA does not export)."""
+                        *, external_data: bool | None = None,
+                        state_dict: Mapping[str, Weight] | None = None) -> Contract:
+    """UMT5EncoderModel -> ONNX with dynamic [batch, seq] (eager attention; SDPA does not export).
+    A model on the meta device takes its weights from `state_dict` (tensors or readers, any dtype),
+    attached after tracing and streamed into the file: umT5-XXL is 23 GB in fp32."""
     _check_precision(precision)
     model = model.eval()
     if text_encoder_precision(precision) == "bf16":
@@ -171,8 +223,14 @@ def export_text_encoder(model: nn.Module, path: Path | str, spec: ModelSpec, ops
         for name, p in model.named_parameters():
             if not any(k in name.split(".") for k in keep):
                 p.data = p.data.to(torch.bfloat16)
+    weights = None
+    if model_on_meta(model):
+        if state_dict is None:
+            raise UsageError("a text encoder on the meta device needs its state_dict")
+        weights = {"model." + k: v for k, v in state_dict.items()}
     with eager_attention(model):
-        return export_graph(text_encoder_graph_spec(model, spec), path, opset, external_data=external_data)
+        return export_graph(text_encoder_graph_spec(model, spec), path, opset, weights=weights,
+                            external_data=external_data)
 
 
 def build_meta_dit(config: Mapping[str, Any]) -> nn.Module:
@@ -194,7 +252,7 @@ def dit_rope_buffers(config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def export_dit(model: nn.Module | None, path: Path | str, spec: ModelSpec, opset: int = 18, precision: str = "fp32",
-               state_dict: Mapping[str, torch.Tensor] | None = None, config: Mapping[str, Any] | None = None, *,
+               state_dict: Mapping[str, Weight] | None = None, config: Mapping[str, Any] | None = None, *,
                include_weights: bool = True, external_data: bool | None = None,
                rewrite_rope: bool = True) -> Contract:
     """WanTransformer3DModel -> ONNX, dynamic batch/frames/height/width (TI2V: timestep [B, tokens]).

@@ -121,15 +121,17 @@ def _stages(ckpt: Checkpoint, out: Path, opset: int, precision: str) -> list[Sta
     te_precision = text_encoder_precision(precision)
 
     def text_encoder() -> StageResult:
-        contract = export_text_encoder(ckpt.text_encoder("cpu"), out / f"{TEXT_ENCODER}.onnx", spec, opset,
-                                       te_precision)
+        # traced on meta, weights streamed in when saved (umT5-XXL: 23 GB in fp32)
+        contract = export_text_encoder(ckpt.text_encoder_on_meta(), out / f"{TEXT_ENCODER}.onnx", spec, opset,
+                                       te_precision, state_dict=ckpt.text_encoder_readers())
         return StageResult({TEXT_ENCODER: _component(out, TEXT_ENCODER, contract, te_precision, opset)})
 
     def dit(expert: str) -> Callable[[], StageResult]:
         def run() -> StageResult:
-            # meta-device trace + the stored tensors (any dtype; cast per initializer at attach time)
+            # meta-device trace + readers of the stored tensors: each is read, cast to the traced
+            # dtype and written when the graph is saved (RAM: about one tensor, not the model)
             contract = export_dit(None, out / f"{expert}.onnx", spec, opset, precision,
-                                  state_dict=ckpt.transformer_state_dict(expert, dtype=None),
+                                  state_dict=ckpt.transformer_readers(expert),
                                   config=ckpt.transformer_config(expert))
             return StageResult({expert: _component(out, expert, contract, precision, opset)})
         return run

@@ -9,7 +9,9 @@ import json
 import pickle
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -162,3 +164,28 @@ def load(wf: WeightFiles, names: dict[str, str], dtype: torch.dtype | None) -> d
             except (SafetensorError, OSError, RuntimeError) as exc:
                 raise PackageError(f"{f}: cannot be read ({exc}); re-download it") from None
     return {new: by_source[src] for new, src in names.items()}
+
+
+def stored(wf: WeightFiles, names: dict[str, str]) -> dict[str, Callable[[], torch.Tensor]]:
+    """{new_name: source_name} -> {new_name: reader}: each reader returns that tensor from the file when
+    called, so an export can stream a 14B model into its ONNX data file one tensor at a time instead of
+    holding it all (plus cast copies) in RAM. .pth tensors are mmapped; safetensors are read per call."""
+    if wf.fmt == "pth":
+        sd = _load_pth(wf.files[0])
+        return {new: partial(_identity, sd[src]) for new, src in names.items()}
+    where = {k: info.file for f in wf.files for k, info in safetensors_header(f).items()}
+    return {new: partial(_read_safetensor, where[src], src) for new, src in names.items()}
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _read_safetensor(file: Path, key: str) -> torch.Tensor:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as st:
+            return st.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise PackageError(f"{file}: cannot be read ({exc}); re-download it") from None

@@ -20,6 +20,7 @@ from vidrt import contracts as C
 from vidrt.contracts import Contract
 from vidrt.errors import PackageError
 from vidrt.registry import ModelSpec, from_dict, to_dict
+from vidrt.verified import VerifiedFiles
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -243,22 +244,31 @@ def all_artifacts(manifest: Manifest) -> list[Artifact]:
 
 
 def verify_artifacts(package: Path, manifest: Manifest) -> None:
-    for art in all_artifacts(manifest):
-        for name, digest, size in art.files():
-            p = _inside(package, name)
-            if not p.is_file():
-                raise PackageError(f"{package}: {name} is missing; re-export the package (`vidrt export`)")
-            if p.stat().st_size != size:
-                raise PackageError(f"{package}: {name} has {p.stat().st_size} bytes, the manifest says {size} "
-                                   f"(truncated or replaced); re-export the package")
-            try:
-                actual = sha256_file(p)
-            except OSError as exc:
-                raise PackageError(f"{package}: {name} cannot be read ({exc.strerror}); check its permissions "
-                                   f"or re-export the package") from None
-            if actual != digest:
-                raise PackageError(f"{package}: {name} does not match its sha256 in the manifest (modified or "
-                                   f"corrupt); re-export the package")
+    """Size and sha256 of every artifact. A file whose identity is unchanged since it last matched
+    is not read again (vidrt.verified; VIDRT_VERIFY=full hashes everything)."""
+    verified = VerifiedFiles()
+    try:
+        for art in all_artifacts(manifest):
+            for name, digest, size in art.files():
+                p = _inside(package, name)
+                if not p.is_file():
+                    raise PackageError(f"{package}: {name} is missing; re-export the package (`vidrt export`)")
+                if p.stat().st_size != size:
+                    raise PackageError(f"{package}: {name} has {p.stat().st_size} bytes, the manifest says {size} "
+                                       f"(truncated or replaced); re-export the package")
+                if verified.known(p, digest):
+                    continue
+                try:
+                    actual = sha256_file(p)
+                except OSError as exc:
+                    raise PackageError(f"{package}: {name} cannot be read ({exc.strerror}); check its permissions "
+                                       f"or re-export the package") from None
+                if actual != digest:
+                    raise PackageError(f"{package}: {name} does not match its sha256 in the manifest (modified or "
+                                       f"corrupt); re-export the package")
+                verified.remember(p, digest)
+    finally:
+        verified.save()  # what did match is remembered even when a later file fails
 
 
 def artifact_path(package: Path | str, name: str) -> Path:

@@ -1,5 +1,7 @@
 """prompt -> frames, on any backend. The loop reads like the algorithm (DESIGN.md §3-§5).
 
+    0. memory   on a GPU backend, the residency plan (`vidrt plan`'s code) for this clip: CFG batch,
+                VAE tile, which engines are released after their stage; refused if it cannot fit
     1. text     umT5 embeddings of the prompt and the negative prompt, zero-padded to 512 rows
     2. plan     every step's timestep, sigma, expert and guidance, built on the host up front
     3. noise    seeded normal latents [C, F, H, W] (or the caller's array)
@@ -21,6 +23,7 @@ from vidrt.backends.base import BackendOptions, Engine
 from vidrt.errors import DeviceError, UsageError
 from vidrt.manifest import Manifest, artifact_path, load_manifest
 from vidrt.request import Request, Settings, resolve
+from vidrt.residency import ResidencyPlan, plan_for_package
 from vidrt.schedulers import Step, expert_for_timestep, make_schedule, make_solver
 from vidrt.stats import RunStats
 from vidrt.text import PromptTokenizer, check_prompt, encode_prompts
@@ -91,7 +94,7 @@ class Pipeline:
                                          manifest.model.text.text_len)
         self._engines: dict[str, Engine] = {}
         self.load_seconds = 0.0
-        self.cfg_batch = 2  # 1: cond and uncond as two DiT calls (a GPU memory plan may ask for it)
+        self.cfg_batch: int | None = None  # None: the memory plan's (2 where there is none); 1: two DiT calls
 
     @classmethod
     def load(cls, package: str | Path, backend: str = "auto", device: str = "cpu",
@@ -130,8 +133,15 @@ class Pipeline:
         report = progress or (lambda stage, done, total: None)
         latent_shape = spec.latent_shape(s.width, s.height, s.num_frames)  # [C, F, h, w]
         stats.num_tokens = spec.num_tokens(s.width, s.height, s.num_frames)
-        tiles = decode_plan(self.manifest, s, vae_memory_bytes)
         precision = {name: comp.precision for name, comp in self.manifest.components.items()}
+
+        # 0. memory
+        memory = self.memory_plan(s)
+        cfg_batch = self.cfg_batch or (memory.cfg_batch if memory else 2)
+        tiles = memory.vae_tile if memory and vae_memory_bytes is None else \
+            decode_plan(self.manifest, s, vae_memory_bytes)
+        released = {name for stage in memory.stages for name in stage.release} if memory else set()
+        keep_text_encoder = keep_text_encoder and C.TEXT_ENCODER not in released
 
         # 1. text: [2, 512, d_model], row 0 = prompt, row 1 = negative prompt
         with stats.stage("text"):
@@ -156,10 +166,13 @@ class Pipeline:
             latents = np.asarray(noise, dtype=np.float32).copy()
 
         # 4. denoise
+        last_step = {p.expert: i for i, p in enumerate(plan)}
         with stats.stage("denoise"):
             for i, p in enumerate(plan):
                 t0 = time.perf_counter()
-                velocity = self._velocity(p, latents, context)
+                velocity = self._velocity(p, latents, context, cfg_batch)
+                if i == last_step[p.expert] and p.expert in released:
+                    self.release(p.expert)  # A14B: the high-noise expert goes at the boundary
                 _check_finite(f"denoiser ({p.expert}, step {i + 1}/{len(plan)})", velocity, precision[p.expert],
                               "the DiT overflows in fp16: use bf16 or fp32 engines",
                               "--guidance/--shift may be extreme or the weights corrupt; lower them or re-export")
@@ -193,7 +206,21 @@ class Pipeline:
         video = np.concatenate(frames) if frames else None
         return Result(frames=video, settings=s, stats=stats)
 
-    def _velocity(self, p: PlannedStep, latents: np.ndarray, context: np.ndarray) -> np.ndarray:
+    def memory_plan(self, s: Settings) -> ResidencyPlan | None:
+        """The device-memory plan for these settings on a backend whose memory vidrt plans (None on
+        ONNX Runtime); a clip that cannot fit is refused here, before any engine runs."""
+        device = self.backend.device_memory()
+        if device is None:
+            return None
+        budget, precision = device
+        plan = plan_for_package(self.package, self.manifest, s.width, s.height, s.num_frames, budget, precision)
+        if not plan.fits:
+            raise DeviceError(f"{s.width}x{s.height}x{s.num_frames} needs {plan.peak / 2**30:.1f} GiB of GPU memory "
+                              f"and {budget / 2**30:.1f} GiB are free; lower --size or --frames (see `vidrt plan "
+                              f"{self.package} --size {s.width}x{s.height} --frames {s.num_frames}`)")
+        return plan
+
+    def _velocity(self, p: PlannedStep, latents: np.ndarray, context: np.ndarray, cfg_batch: int) -> np.ndarray:
         """DiT on cond and uncond, then CFG: u + g (c - u). One batch-2 call, or two batch-1 calls
         when the memory plan says batch 2 does not fit (cfg_batch == 1); the results are the same."""
         spec = self.manifest.model
@@ -211,7 +238,7 @@ class Pipeline:
                      C.TIMESTEP: np.broadcast_to(t_row, (batch, *t_row.shape)), C.CONTEXT: context[rows]}
             return engine.run(feeds)[C.VELOCITY]
 
-        if self.cfg_batch == 2:
+        if cfg_batch == 2:
             cond, uncond = dit(2, slice(0, 2))
         else:
             cond, uncond = dit(1, slice(0, 1))[0], dit(1, slice(1, 2))[0]

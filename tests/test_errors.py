@@ -137,6 +137,49 @@ def test_tampered_artifact(capsys, pkg, tmp_path):
     assert_error(*vidrt(capsys, *run_args(p, tmp_path / "a.mp4")), 3, "dit.onnx does not match its sha256")
 
 
+def test_remembered_hashes_skip_unchanged_files_only(pkg, tmp_path, monkeypatch):
+    """A second load does not re-read files that matched before (vidrt.verified); a same-size edit
+    with its mtime put back is still hashed and refused (ctime moved); VIDRT_VERIFY=full hashes all."""
+    from vidrt import manifest as manifest_mod
+    from vidrt import verified
+    from vidrt.errors import PackageError
+
+    monkeypatch.setenv("VIDRT_CACHE_DIR", str(tmp_path / "cache"))
+    p = copy_package(pkg, tmp_path / "p")
+    hashed: list[str] = []
+    real = manifest_mod.sha256_file
+    monkeypatch.setattr(manifest_mod, "sha256_file", lambda f, *a: hashed.append(f.name) or real(f, *a))
+    every = {f for a in manifest_mod.all_artifacts(load_manifest(p, verify=False)) for f, _, _ in a.files()}
+
+    load_manifest(p)  # files written just now are hashed but not remembered (same clock tick risk)
+    load_manifest(p)
+    assert sorted(hashed) == sorted([*every, *every])
+    hashed.clear()
+    monkeypatch.setattr(verified, "RACY_NS", 0)
+    load_manifest(p)
+    assert sorted(hashed) == sorted(every)
+    hashed.clear()
+    load_manifest(p)
+    assert hashed == []  # nothing read again
+
+    f = p / "dit.onnx"
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
+    with pytest.raises(PackageError, match="dit.onnx does not match its sha256"):
+        load_manifest(p)
+    assert hashed == ["dit.onnx"]
+
+    data[len(data) // 2] ^= 0xFF  # put the byte back
+    f.write_bytes(bytes(data))
+    hashed.clear()
+    monkeypatch.setenv("VIDRT_VERIFY", "full")
+    load_manifest(p)
+    assert sorted(hashed) == sorted(every)
+
+
 def test_truncated_onnx(capsys, pkg, tmp_path):
     p = copy_package(pkg, tmp_path / "p")
     f = p / "text_encoder.onnx"

@@ -18,7 +18,7 @@ import wan_ref
 from tiny import TINY_VARIANT, write_diffusers_checkpoint
 from vidrt.export.package import export_package
 from vidrt.pipeline import Pipeline
-from vidrt.request import Request
+from vidrt.request import Request, resolve
 
 PROMPT = "a red cat walks on the beach"
 NEGATIVE = "blue sky night"
@@ -131,3 +131,76 @@ def test_cfg_as_two_calls_matches_batch_two(tiny_package):
     pipe.cfg_batch = 1
     split = pipe.run(req).frames
     assert psnr(batched, split) >= 60.0
+
+
+class _PlannedBackend:
+    """ONNX Runtime engines behind a device budget, as the TensorRT backend reports one: the pipeline
+    then runs by the residency plan. Records (event, engine, DiT batch) in call order."""
+
+    name = "onnxruntime"
+
+    def __init__(self, inner, budget: int) -> None:
+        self.inner, self.budget, self.events = inner, budget, []
+
+    def device_memory(self):
+        return self.budget, "fp32"
+
+    def open(self, name, path, contract):
+        engine, events = self.inner.open(name, path, contract), self.events
+
+        class Recorded:
+            def __getattr__(self, attr):  # name, contract, ...: the real engine's
+                return getattr(engine, attr)
+
+            def run(self, feeds):
+                events.append(("run", name, feeds["hidden_states"].shape[0] if "hidden_states" in feeds else None))
+                return engine.run(feeds)
+
+            def close(self):
+                events.append(("close", name, None))
+                engine.close()
+
+        return Recorded()
+
+
+def test_gpu_memory_plan_drives_the_run(tiny_package):
+    """With a device budget the run follows `vidrt plan`'s plan: at the smallest budget that fits,
+    A14B runs per stage (text encoder released before denoising, the high-noise expert released at
+    the boundary before the low-noise one runs) with CFG as batch-1 calls, and makes the same clip;
+    one byte less is refused before anything runs, pointing at `vidrt plan`."""
+    from vidrt.errors import DeviceError
+    from vidrt.residency import plan_for_package
+
+    kind, _, package = tiny_package
+    if kind != "a14b":
+        pytest.skip("one model is enough (A14B has the expert swap)")
+    pipe = Pipeline.load(package)
+    req = Request(prompt=PROMPT, width=WIDTH, height=HEIGHT, num_frames=FRAMES, steps=4, seed=5)
+    reference = pipe.run(req).frames
+    s = resolve(req, pipe.manifest.model)
+
+    def fits(budget: int) -> bool:
+        return plan_for_package(package, pipe.manifest, s.width, s.height, s.num_frames, budget, "fp32").fits
+
+    lo, hi = 0, 2**40  # smallest fitting budget, by bisection
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    plan = plan_for_package(package, pipe.manifest, s.width, s.height, s.num_frames, hi, "fp32")
+    assert not plan.all_resident and plan.cfg_batch == 1, plan.table()
+
+    inner = pipe.backend
+    pipe.backend = backend = _PlannedBackend(inner, hi)
+    pipe._engines.clear()  # reopened through the recording backend
+    planned = pipe.run(req).frames
+    events = backend.events
+    dit_runs = [e for e in events if e[0] == "run" and e[1].startswith("dit")]
+    assert dit_runs and {e[2] for e in dit_runs} == {1}, "CFG as batch-1 calls"
+    order = [(e[0], e[1]) for e in events]
+    assert order.index(("close", "text_encoder")) < order.index(("run", "dit_high"))
+    assert order.index(("close", "dit_high")) < order.index(("run", "dit_low"))
+    assert psnr(reference, planned) >= 40.0, psnr(reference, planned)
+
+    backend.budget = hi - 1
+    with pytest.raises(DeviceError, match="vidrt plan"):
+        pipe.run(req)

@@ -40,5 +40,10 @@ class BackendOptions:
 class Backend(Protocol):
     name: str
 
+    def device_memory(self) -> tuple[int, str] | None:
+        """(bytes this process may use on the device, DiT precision of the engines) for backends whose
+        memory vidrt plans (TensorRT); None where the runtime manages it (ONNX Runtime)."""
+        ...
+
     def open(self, name: str, path: Path, contract: Contract) -> Engine:
         ...

@@ -96,5 +96,8 @@ class OrtBackend:
     def __init__(self, options: BackendOptions) -> None:
         self.options = options
 
+    def device_memory(self) -> tuple[int, str] | None:
+        return None  # CPU RAM, or the CUDA provider's own arena: no vidrt plan
+
     def open(self, name: str, path: Path, contract: Contract) -> OrtEngine:
         return OrtEngine(name, path, contract, self.options)

@@ -478,6 +478,11 @@ class TrtBackend:
         self._plan_bytes: dict[str, bytes] = {}  # kept in host RAM: re-opening a released engine reads no disk
         self.cuda_graphs = cuda_graphs
         self._open: dict[str, TrtEngine] = {}
+        # What the GPU has for this process before any engine is opened: the residency plan's budget.
+        self.free_bytes_at_start = cuda.mem_info()[0]
+
+    def device_memory(self) -> tuple[int, str] | None:
+        return self.free_bytes_at_start, self.precision
 
     def _package_of(self, path: Path, name: str) -> Path:
         if self.package is not None:
