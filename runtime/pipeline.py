@@ -141,6 +141,8 @@ class Pipeline:
         tiles = memory.vae_tile if memory and vae_memory_bytes is None else \
             decode_plan(self.manifest, s, vae_memory_bytes)
         released = {name for stage in memory.stages for name in stage.release} if memory else set()
+        if memory:
+            self.backend.stream_weights(memory.streamed)
         keep_text_encoder = keep_text_encoder and C.TEXT_ENCODER not in released
 
         # 1. text: [2, 512, d_model], row 0 = prompt, row 1 = negative prompt

@@ -39,6 +39,14 @@ def tiny_package(request, tmp_path_factory):
     return kind, root, package
 
 
+def only(tiny_package, kind: str) -> Path:
+    """The package, for tests that need one model kind: the fixture's other kinds skip."""
+    got, _, package = tiny_package
+    if got != kind:
+        pytest.skip(f"one model is enough ({kind})")
+    return package
+
+
 def official_unipc(shift: float):
     """The official scheduler as Wan's text2video.py configures it: shift=1 at construction, the
     real shift given to set_timesteps (constructing with shift=S moves sigma_max/min)."""
@@ -85,9 +93,7 @@ def test_matches_diffusers_pipeline(tiny_package):
 
 
 def test_seed_reproducible(tiny_package):
-    kind, _, package = tiny_package
-    if kind != "t2v":
-        pytest.skip("one model is enough for seeding")
+    package = only(tiny_package, "t2v")
     pipe = Pipeline.load(package)
     req = Request(prompt=PROMPT, width=WIDTH, height=HEIGHT, num_frames=FRAMES, steps=3, seed=11)
     a = pipe.run(req).frames
@@ -99,9 +105,7 @@ def test_seed_reproducible(tiny_package):
 
 def test_run_never_imports_torch(tiny_package, tmp_path):
     """A full `vidrt run` in a fresh interpreter: torch (and friends) never get imported."""
-    kind, _, package = tiny_package
-    if kind != "t2v":
-        pytest.skip("one model is enough")
+    package = only(tiny_package, "t2v")
     out = tmp_path / "clip.mp4"
     code = (
         "import sys\n"
@@ -122,9 +126,7 @@ def test_run_never_imports_torch(tiny_package, tmp_path):
 
 def test_cfg_as_two_calls_matches_batch_two(tiny_package):
     """The memory plan may split CFG into two batch-1 DiT calls; the clip must not change."""
-    kind, _, package = tiny_package
-    if kind != "a14b":
-        pytest.skip("one model is enough")
+    package = only(tiny_package, "a14b")
     pipe = Pipeline.load(package)
     req = Request(prompt=PROMPT, width=WIDTH, height=HEIGHT, num_frames=FRAMES, steps=3, seed=3)
     batched = pipe.run(req).frames
@@ -144,6 +146,9 @@ class _PlannedBackend:
 
     def device_memory(self):
         return self.budget, "fp32"
+
+    def stream_weights(self, streamed):
+        self.events.append(("stream", tuple(sorted(streamed)), None))
 
     def open(self, name, path, contract):
         engine, events = self.inner.open(name, path, contract), self.events
@@ -171,9 +176,7 @@ def test_gpu_memory_plan_drives_the_run(tiny_package):
     from vidrt.errors import DeviceError
     from vidrt.residency import plan_for_package
 
-    kind, _, package = tiny_package
-    if kind != "a14b":
-        pytest.skip("one model is enough (A14B has the expert swap)")
+    package = only(tiny_package, "a14b")
     pipe = Pipeline.load(package)
     req = Request(prompt=PROMPT, width=WIDTH, height=HEIGHT, num_frames=FRAMES, steps=4, seed=5)
     reference = pipe.run(req).frames

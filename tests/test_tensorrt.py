@@ -319,6 +319,30 @@ def test_backend_opens_this_gpus_plans(tmp_path: Path) -> None:
     assert cuda.mem == {}
 
 
+def test_streamed_weights_set_the_engines_budget(tmp_path: Path) -> None:
+    """The residency plan's streamed bytes become weight_streaming_budget_v2 = streamable - streamed;
+    a plan built without --weight-streaming is refused with the rebuild command."""
+    comps = (C.TEXT_ENCODER, "dit", C.VAE_FIRST, C.VAE_STEP)
+    m = _write_package(tmp_path, engines=_entries(tmp_path, "10.13.0.35", "8.9", "bf16", comps))
+    cuda = FakeCuda()
+    streamable = dataclasses.replace(_dit_plan([(3, 6, 8)]), streamable=10 * 2**30)
+    fake = FakeTensorRT(cuda, plans={b"dit": streamable})
+    backend = TrtBackend(BackendOptions(backend="tensorrt"), m, trt_mod=fake.module(), cuda=cuda,
+                         compute_capability="8.9")
+    backend.stream_weights({"dit": 3 * 2**30})
+    backend.open("dit", tmp_path / "dit.onnx", _contract())
+    assert fake.engines[-1].weight_streaming_budget_v2 == 7 * 2**30
+    backend.close()
+
+    fake.plans[b"dit"] = _dit_plan([(3, 6, 8)])  # built without --weight-streaming
+    backend = TrtBackend(BackendOptions(backend="tensorrt"), m, trt_mod=fake.module(), cuda=cuda,
+                         compute_capability="8.9")
+    backend.stream_weights({"dit": 3 * 2**30})
+    with pytest.raises(DeviceError, match=r"3.0 GiB of the dit weights do not fit.*--weight-streaming"):
+        backend.open("dit", tmp_path / "dit.onnx", _contract())
+    backend.close()
+
+
 # ---- builder ------------------------------------------------------------------------------------------
 
 

@@ -126,6 +126,7 @@ class FakePlan:
     outputs: dict[str, tuple[DType, Callable[[dict[str, tuple[int, ...]]], tuple[int, ...]]]]
     compute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     device_memory: int = 1 << 20
+    streamable: int = 0  # streamable_weights_size: > 0 for a plan built with --weight-streaming
 
 
 class FakeContext:
@@ -191,6 +192,11 @@ class FakeEngine:
         self.names = list(plan.inputs) + list(plan.outputs)
         self.executions = 0
         self.contexts: list[FakeContext] = []
+        self.weight_streaming_budget_v2 = plan.streamable  # TensorRT's default: stream nothing
+
+    @property
+    def streamable_weights_size(self) -> int:
+        return self.plan.streamable
 
     @property
     def num_io_tensors(self) -> int:

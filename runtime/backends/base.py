@@ -45,5 +45,10 @@ class Backend(Protocol):
         memory vidrt plans (TensorRT); None where the runtime manages it (ONNX Runtime)."""
         ...
 
+    def stream_weights(self, streamed: dict[str, int]) -> None:
+        """engine -> weight bytes to keep in host memory and stream each call (the plan's); applied
+        when the engine is next opened. A no-op where nothing is planned."""
+        ...
+
     def open(self, name: str, path: Path, contract: Contract) -> Engine:
         ...

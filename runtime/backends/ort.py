@@ -99,5 +99,8 @@ class OrtBackend:
     def device_memory(self) -> tuple[int, str] | None:
         return None  # CPU RAM, or the CUDA provider's own arena: no vidrt plan
 
+    def stream_weights(self, streamed: dict[str, int]) -> None:
+        pass  # nothing is planned, so nothing is streamed
+
     def open(self, name: str, path: Path, contract: Contract) -> OrtEngine:
         return OrtEngine(name, path, contract, self.options)

@@ -275,7 +275,8 @@ class TrtEngine:
 
     def __init__(self, name: str, plan: bytes, contract: Contract, *, trt_mod: ModuleType, runtime: trt.Runtime,
                  cuda: CudaApi, stream: Stream, arena: ScratchArena, cuda_graph: bool = True,
-                 rebuild: str = "vidrt build PACKAGE --precision P", plan_path: str = "") -> None:
+                 rebuild: str = "vidrt build PACKAGE --precision P", plan_path: str = "",
+                 streamed_bytes: int = 0) -> None:
         self.name = name
         self.contract = contract
         self._trt, self._cuda, self._stream, self._arena = trt_mod, cuda, stream, arena
@@ -285,6 +286,13 @@ class TrtEngine:
             raise DeviceError(f"TensorRT {trt_mod.__version__} cannot load the {name} plan {plan_path} (built by "
                               f"another TensorRT version or for another GPU, or damaged); rebuild: {rebuild}")
         self._engine: trt.ICudaEngine | None = engine
+        if streamed_bytes > 0:  # the residency plan keeps part of the weights in host memory
+            streamable = int(engine.streamable_weights_size)
+            if streamable <= 0:
+                raise DeviceError(f"{streamed_bytes / 2**30:.1f} GiB of the {name} weights do not fit on this GPU "
+                                  f"and its plan cannot stream weights; rebuild: {rebuild} --weight-streaming")
+            # bytes of streamable weights kept on the device; set before the context sizes its scratch
+            engine.weight_streaming_budget_v2 = max(0, streamable - streamed_bytes)
         ctx: trt.IExecutionContext | None = engine.create_execution_context(
             trt_mod.ExecutionContextAllocationStrategy.USER_MANAGED)
         if ctx is None:
@@ -480,9 +488,14 @@ class TrtBackend:
         self._open: dict[str, TrtEngine] = {}
         # What the GPU has for this process before any engine is opened: the residency plan's budget.
         self.free_bytes_at_start = cuda.mem_info()[0]
+        self.streamed: dict[str, int] = {}  # engine -> weight bytes the plan streams per call
 
     def device_memory(self) -> tuple[int, str] | None:
         return self.free_bytes_at_start, self.precision
+
+    def stream_weights(self, streamed: dict[str, int]) -> None:
+        """The plan's streamed bytes per engine, applied when each engine is next opened."""
+        self.streamed = dict(streamed)
 
     def _package_of(self, path: Path, name: str) -> Path:
         if self.package is not None:
@@ -508,7 +521,7 @@ class TrtBackend:
         engine = TrtEngine(name, self._plan_bytes[name], contract, trt_mod=self._trt, runtime=self._runtime,
                            cuda=self.cuda, stream=self.stream, arena=self.arena,
                            cuda_graph=self.cuda_graphs and name == C.VAE_STEP, rebuild=rebuild,
-                           plan_path=entry.artifact.file)
+                           plan_path=entry.artifact.file, streamed_bytes=self.streamed.get(name, 0))
         self._open[name] = engine
         return engine
 
