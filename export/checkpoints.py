@@ -69,21 +69,23 @@ class Checkpoint:
     # ---- modules (fp32, eval, one at a time) ------------------------------------------------
 
     def text_encoder(self, device: str = "cpu") -> UMT5EncoderModel:
-        from transformers import UMT5Config, UMT5EncoderModel
-
         part = self.parts["text_encoder"]
-        cfg = UMT5Config(**part.config)
-        cfg._attn_implementation = "eager"  # sdpa fails under the dynamo exporter (feasibility §4)
-        return _build(part, lambda: UMT5EncoderModel(cfg), self._tensors(part), device)
+        return _build(part, self._text_encoder_factory(), self._tensors(part), device)
 
     def text_encoder_on_meta(self) -> UMT5EncoderModel:
-        """The text encoder without storage (for tracing); its weights come from text_encoder_readers()."""
+        """The text encoder without storage (for tracing), its keys and shapes checked against the
+        files' headers; its weights come from text_encoder_readers()."""
+        part = self.parts["text_encoder"]
+        info = shapes(part.weights)
+        have = {new: info[src] for new, src in part.names.items() if src in info}
+        return _checked_on_meta(part, self._text_encoder_factory(), have).eval()
+
+    def _text_encoder_factory(self) -> Callable[[], UMT5EncoderModel]:
         from transformers import UMT5Config, UMT5EncoderModel
 
         cfg = UMT5Config(**self.parts["text_encoder"].config)
-        cfg._attn_implementation = "eager"
-        with torch.device("meta"):
-            return UMT5EncoderModel(cfg).eval()
+        cfg._attn_implementation = "eager"  # sdpa fails under the dynamo exporter (feasibility §4)
+        return lambda: UMT5EncoderModel(cfg)
 
     def text_encoder_readers(self) -> dict[str, Callable[[], torch.Tensor]]:
         part = self.parts["text_encoder"]
@@ -168,10 +170,7 @@ class Checkpoint:
 def _build(part: Part, factory: Callable[[], Any], sd: dict[str, torch.Tensor], device: str,
            fix: Callable[[Any], None] | None = None) -> Any:
     """Module on meta + the file's tensors assigned (no second copy), checked key by key."""
-    with torch.device("meta"):
-        model = factory()
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    _check_keys(part, want, {k: TensorInfo(tuple(v.shape), part.weights.label) for k, v in sd.items()})
+    model = _checked_on_meta(part, factory, {k: TensorInfo(tuple(v.shape), part.weights.label) for k, v in sd.items()})
     model.load_state_dict(sd, strict=True, assign=True)
     if fix is not None:
         fix(model)
@@ -181,6 +180,14 @@ def _build(part: Part, factory: Callable[[], Any], sd: dict[str, torch.Tensor], 
     # the tensors are fp32 already (load casts); `.to(dtype)` would also warn about diffusers'
     # keep-in-fp32 modules, so move only when another device is asked for
     return (model if device == "cpu" else model.to(device)).eval()
+
+
+def _checked_on_meta(part: Part, factory: Callable[[], Any], have: Mapping[str, TensorInfo]) -> Any:
+    """The module built on the meta device, after `have` (the files' keys -> shapes) matched it."""
+    with torch.device("meta"):
+        model = factory()
+    _check_keys(part, {k: tuple(v.shape) for k, v in model.state_dict().items()}, have)
+    return model
 
 
 def _check_keys(part: Part, want: Mapping[str, tuple[int, ...]], have: Mapping[str, TensorInfo]) -> None:
