@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import ray
-    from vidrt.batch import run_batch
+    from vidrt.service.batch import run_batch
 
     work = Path(tempfile.mkdtemp(prefix="vidrt-batch-bench-"))
     jobs = work / "jobs.jsonl"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from vidrt.registry import VARIANTS, ModelSpec
+from vidrt.package.registry import VARIANTS, ModelSpec
 
 TEXT_ROWS = 512
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 from vidrt.export.shapes_data import classify_clip, grid, prompt_for, score
-from vidrt.manifest import load_manifest, make_artifact, write_manifest
 from vidrt.models import default_package
+from vidrt.package.manifest import load_manifest, make_artifact, write_manifest
 from vidrt.pipeline import Pipeline
 from vidrt.request import Request
 
@@ -110,8 +110,8 @@ def export_fp8_dit(model: Any, spec: Any, path: Path) -> dict[str, Any]:
     fake-quant: "We found a fake tensor in the exported program constant's list")."""
     import onnx
     import torch
-    from vidrt import contracts as C
     from vidrt.export.components import dit_graph_spec, stack_rope
+    from vidrt.package import contracts as C
 
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
     video = {0: "batch", 2: "frames", 3: "height", 4: "width"}

@@ -22,7 +22,7 @@ import numpy as np
 
 
 def _feeds(manifest: Any, component: str, width: int, height: int, frames: int) -> dict[str, np.ndarray]:
-    from vidrt import contracts as C
+    from vidrt.package import contracts as C
 
     spec = manifest.model
     rng = np.random.default_rng(0)
@@ -45,7 +45,7 @@ def _feeds(manifest: Any, component: str, width: int, height: int, frames: int) 
 def profile(package: Path, component: str, width: int, height: int, frames: int, threads: int | None,
             repeats: int = 1, top: int = 25) -> dict[str, Any]:
     import onnxruntime as ort
-    from vidrt.manifest import artifact_path, load_manifest
+    from vidrt.package.manifest import artifact_path, load_manifest
 
     manifest = load_manifest(package, verify=False)
     path = artifact_path(package, manifest.components[component].artifact.file)

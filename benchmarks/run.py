@@ -76,7 +76,7 @@ def _finite(x: float) -> float | None:
 
 
 def _spec(package: Path) -> Any:
-    from vidrt.manifest import load_manifest
+    from vidrt.package.manifest import load_manifest
 
     p = package if package.is_absolute() else workloads.REPO / package
     return load_manifest(p, verify=False).model
@@ -86,7 +86,7 @@ def gpu_check(package: Path) -> tuple[bool, str]:
     """Can the GPU mode run here? (GPU + TensorRT + plans in the package); never raises."""
     try:
         from vidrt.backends.tensorrt import availability, tensorrt_status
-        from vidrt.manifest import load_manifest
+        from vidrt.package.manifest import load_manifest
     except ImportError as exc:
         return False, f"vidrt's TensorRT backend cannot be imported ({exc})"
     if not machine.gpus():
@@ -100,7 +100,7 @@ def gpu_check(package: Path) -> tuple[bool, str]:
 
 def side_by_side(wl: workloads.Workload, pairs: int, threads: int | None, reference: bool, gpu: bool,
                  peak: dict[str, float] | None, log: Tee) -> dict[str, Any]:
-    from vidrt.manifest import load_manifest
+    from vidrt.package.manifest import load_manifest
 
     spec = load_manifest(wl.package, verify=False).model
     clip = wl.clip

@@ -23,7 +23,7 @@ from benchmarks.memory import PeakRSS, rss_bytes
 
 def _dit_point(package: str, width: int, height: int, frames: int, threads: int | None, repeats: int,
                backend: str) -> dict[str, Any]:
-    from vidrt import contracts as C
+    from vidrt.package import contracts as C
     from vidrt.pipeline import Pipeline
 
     pipe = Pipeline.load(package, backend=backend, threads=threads, verify=False, warn=lambda m: None)
@@ -57,7 +57,7 @@ def _dit_point(package: str, width: int, height: int, frames: int, threads: int 
 
 def _vae_point(package: str, width: int, height: int, frames: int, threads: int | None, tiled: bool,
                repeats: int, backend: str) -> dict[str, Any]:
-    from vidrt import contracts as C
+    from vidrt.package import contracts as C
     from vidrt.pipeline import Pipeline
     from vidrt.vae_decode import DEFAULT_OVERLAP, choose_tile, estimate_memory, iter_decode, plan_tiles, untiled_plan
 

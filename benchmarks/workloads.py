@@ -150,7 +150,7 @@ def _export_stamp(checkpoint: Path, variant: str) -> str:
 
     h = hashlib.sha256(f"{vidrt.__version__} {variant}".encode())
     sources = sorted((REPO / "export").glob("*.py"))
-    sources += [REPO / "runtime" / n for n in ("contracts.py", "manifest.py", "registry.py")]
+    sources += [REPO / "runtime" / "package" / n for n in ("contracts.py", "manifest.py", "registry.py")]
     for src in sources:
         h.update(src.name.encode() + src.read_bytes())
     for f in sorted(checkpoint.rglob("*")):
@@ -180,7 +180,7 @@ def tiny(cache: Path = CACHE, steps: int | None = None, log: Any = print) -> Wor
         defaults = ckpt / "sampling_defaults.json"
         if defaults.is_file():
             d = json.loads(defaults.read_text())
-        from vidrt.manifest import load_manifest
+        from vidrt.package.manifest import load_manifest
 
         m = load_manifest(pkg, verify=False)
         s = m.model.sampling

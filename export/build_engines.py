@@ -30,14 +30,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from vidrt import contracts as C
 from vidrt.backends.cuda import probe
 from vidrt.backends.tensorrt import engine_dir_name, load_tensorrt, version_tuple
-from vidrt.contracts import Contract, resolve_shape
 from vidrt.errors import DeviceError, PackageError, UsageError
-from vidrt.manifest import Component, Manifest, load_manifest, make_artifact, write_manifest
-from vidrt.manifest import Engine as EngineEntry
-from vidrt.registry import ModelSpec
+from vidrt.package import contracts as C
+from vidrt.package.contracts import Contract, resolve_shape
+from vidrt.package.manifest import Component, Manifest, load_manifest, make_artifact, write_manifest
+from vidrt.package.manifest import Engine as EngineEntry
+from vidrt.package.registry import ModelSpec
 
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) check every call below; the module itself loads lazily
     import tensorrt as trt_t
@@ -117,7 +117,7 @@ def vae_profiles(contract: Contract, tile: tuple[int, int], scale: int) -> list[
 def choose_vae_tile(spec: ModelSpec, contract: Contract, sizes: tuple[tuple[int, int], ...], frames: int,
                     budget: int) -> tuple[int, int]:
     """The residency plan's tile for the largest size bucket (it serves the smaller ones too)."""
-    from vidrt.residency import make_plan
+    from vidrt.backends.residency import make_plan
 
     width, height = max(sizes, key=lambda s: s[0] * s[1])
     plan = make_plan(spec, width, height, frames, budget, "fp32", contracts={C.VAE_STEP: contract})

@@ -34,7 +34,7 @@ from vidrt.errors import PackageError
 from vidrt.export import keymaps
 from vidrt.export.weights import TensorInfo, WeightFiles, read_json, safetensors_files, shapes, stored
 from vidrt.export.weights import load as load_tensors
-from vidrt.registry import VARIANTS, DiTConfig, ModelSpec, TextConfig, VAEConfig, get_variant
+from vidrt.package.registry import VARIANTS, DiTConfig, ModelSpec, TextConfig, VAEConfig, get_variant
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel

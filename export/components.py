@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.export import Dim
-from vidrt.contracts import Contract, dit_contract, text_encoder_contract, vae_contracts
-from vidrt.registry import ModelSpec
+from vidrt.package.contracts import Contract, dit_contract, text_encoder_contract, vae_contracts
+from vidrt.package.registry import ModelSpec
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -23,7 +23,6 @@ import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
-from vidrt.contracts import Contract
 from vidrt.errors import PackageError, UsageError
 from vidrt.export.components import (
     PRECISIONS,
@@ -38,7 +37,8 @@ from vidrt.export.components import (
     vae_graph_specs,
 )
 from vidrt.export.onnx_optimize import optimize_model
-from vidrt.registry import ModelSpec
+from vidrt.package.contracts import Contract
+from vidrt.package.registry import ModelSpec
 
 # Above this many bytes of weights the graph is saved with external data (protobuf caps a file at
 # 2 GiB; torch itself switches at 1.5 GiB, so stay at its threshold to keep the two in agreement).

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import vidrt
 from tqdm import tqdm
-from vidrt.contracts import TEXT_ENCODER, VAE_FIRST, VAE_STEP, Contract
 from vidrt.errors import PackageError, UsageError
 from vidrt.export.checkpoints import Checkpoint, open_checkpoint
 from vidrt.export.components import PRECISIONS
@@ -36,7 +35,8 @@ from vidrt.export.onnx_export import (
     export_vae_decoder,
     text_encoder_precision,
 )
-from vidrt.manifest import (
+from vidrt.package.contracts import TEXT_ENCODER, VAE_FIRST, VAE_STEP, Contract
+from vidrt.package.manifest import (
     SCHEMA_VERSION,
     Artifact,
     Component,
@@ -46,7 +46,7 @@ from vidrt.manifest import (
     sha256_file,
     write_manifest,
 )
-from vidrt.registry import to_dict
+from vidrt.package.registry import to_dict
 
 TOKENIZER_FILE = "tokenizer.json"
 LOCK_FILE = ".export.lock"

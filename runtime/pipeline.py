@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from vidrt import contracts as C
 from vidrt.backends import open_backend
 from vidrt.backends.base import BackendOptions, Engine
+from vidrt.backends.residency import ResidencyPlan, plan_for_package
 from vidrt.errors import DeviceError, UsageError
-from vidrt.manifest import Manifest, artifact_path, load_manifest
+from vidrt.package import contracts as C
+from vidrt.package.manifest import Manifest, artifact_path, load_manifest
 from vidrt.request import Request, Settings, resolve
-from vidrt.residency import ResidencyPlan, plan_for_package
 from vidrt.schedulers import Step, expert_for_timestep, make_schedule, make_solver
 from vidrt.stats import RunStats
 from vidrt.text import PromptTokenizer, check_prompt, encode_prompts

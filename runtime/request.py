@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vidrt.errors import UsageError
-from vidrt.registry import ModelSpec
+from vidrt.package.registry import ModelSpec
 from vidrt.schedulers import SOLVERS
 
 MAX_STEPS = 1000

@@ -17,8 +17,8 @@ from pathlib import Path
 import ftfy  # tiny, pure Python: the official cleaner fixes mojibake with it, so do we
 import numpy as np
 from vidrt.backends.base import Engine
-from vidrt.contracts import ATTENTION_MASK, INPUT_IDS, TEXT_HIDDEN
 from vidrt.errors import PackageError, UsageError
+from vidrt.package.contracts import ATTENTION_MASK, INPUT_IDS, TEXT_HIDDEN
 
 
 def clean_prompt(text: str) -> str:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from vidrt.contracts import VAE_FRAMES, VAE_LATENT, Contract, cache_in, cache_out, resolve_shape
 from vidrt.errors import UsageError
+from vidrt.package.contracts import VAE_FRAMES, VAE_LATENT, Contract, cache_in, cache_out, resolve_shape
 
 # Default tile overlap in latent cells. The decoder's theoretical spatial receptive field is about
 # 17 cells in radius per latent frame (Wan2.1: 11 3x3 convs at 1x, then 7 at 2x, 7 at 4x, 8 at 8x

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from vidrt.cli import main
-from vidrt.manifest import MANIFEST_NAME, make_artifact
+from vidrt.package.manifest import MANIFEST_NAME, make_artifact
 
 VIDRT = str(Path(sys.executable).with_name("vidrt"))  # the console script of this venv
 SMALL = ["--steps", "1", "--size", "32x32", "--frames", "1", "-q"]  # a run of well under a second

@@ -4,7 +4,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-# vidrt's remembered sha256 checks (vidrt.verified) go to a per-session folder, not ~/.cache
+# vidrt's remembered sha256 checks (vidrt.package.verified) go to a per-session folder, not ~/.cache
 os.environ.setdefault("VIDRT_CACHE_DIR", tempfile.mkdtemp(prefix="vidrt-test-cache-"))
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from cli_helpers import SMALL, VIDRT, assert_error, copy_package, rehash, temps, vidrt
 from vidrt.export.package import LOCK_FILE
-from vidrt.manifest import MANIFEST_NAME, load_manifest
+from vidrt.package.manifest import MANIFEST_NAME, load_manifest
 from vidrt.video import read_metadata
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -138,11 +138,11 @@ def test_tampered_artifact(capsys, pkg, tmp_path):
 
 
 def test_remembered_hashes_skip_unchanged_files_only(pkg, tmp_path, monkeypatch):
-    """A second load does not re-read files that matched before (vidrt.verified); a same-size edit
+    """A second load does not re-read files that matched before (vidrt.package.verified); a same-size edit
     with its mtime put back is still hashed and refused (ctime moved); VIDRT_VERIFY=full hashes all."""
-    from vidrt import manifest as manifest_mod
-    from vidrt import verified
     from vidrt.errors import PackageError
+    from vidrt.package import manifest as manifest_mod
+    from vidrt.package import verified
 
     monkeypatch.setenv("VIDRT_CACHE_DIR", str(tmp_path / "cache"))
     p = copy_package(pkg, tmp_path / "p")
@@ -390,7 +390,7 @@ def test_signal_during_a_c_extension_import(capsys, monkeypatch, sig, code, word
     """A Ctrl-C that lands while a C extension initialises surfaces as `ImportError: initialization
     failed` (seen in CI, killing `vidrt run` at start-up): still the user's signal, not an internal error."""
     import click
-    from vidrt import cli as cli_module
+    from vidrt.cli import app as cli_module
 
     @click.command("fake-import")
     def fake_import() -> None:

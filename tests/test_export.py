@@ -17,12 +17,12 @@ import onnxruntime as ort
 import pytest
 import torch
 from tiny import TINY_VARIANT, write_diffusers_checkpoint
-from vidrt.contracts import cache_in
 from vidrt.export import package as package_mod
 from vidrt.export.components import stack_rope
 from vidrt.export.onnx_export import export_dit, export_text_encoder, export_vae_decoder, graph_io
-from vidrt.manifest import load_manifest
-from vidrt.registry import VARIANTS
+from vidrt.package.contracts import cache_in
+from vidrt.package.manifest import load_manifest
+from vidrt.package.registry import VARIANTS
 
 RTOL = 1e-4
 
@@ -363,7 +363,7 @@ import json, sys
 from pathlib import Path
 from vidrt.export.onnx_export import export_dit
 from vidrt.export.weights import WeightFiles, load, safetensors_header, stored
-from vidrt.registry import VARIANTS
+from vidrt.package.registry import VARIANTS
 
 mode, folder, out = sys.argv[1:]
 f = Path(folder) / "diffusion_pytorch_model.safetensors"

@@ -173,8 +173,8 @@ def test_gpu_memory_plan_drives_the_run(tiny_package):
     A14B runs per stage (text encoder released before denoising, the high-noise expert released at
     the boundary before the low-noise one runs) with CFG as batch-1 calls, and makes the same clip;
     one byte less is refused before anything runs, pointing at `vidrt plan`."""
+    from vidrt.backends.residency import plan_for_package
     from vidrt.errors import DeviceError
-    from vidrt.residency import plan_for_package
 
     package = only(tiny_package, "a14b")
     pipe = Pipeline.load(package)

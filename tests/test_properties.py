@@ -18,7 +18,7 @@ from cli_helpers import USER_ERROR_CODES, copy_package, temps, vidrt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vidrt.errors import PackageError
-from vidrt.manifest import MANIFEST_NAME, load_manifest
+from vidrt.package.manifest import MANIFEST_NAME, load_manifest
 from vidrt.pipeline import Pipeline, Result
 from vidrt.request import resolve
 from vidrt.stats import RunStats

@@ -9,12 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from trt_fakes import BF16, FLOAT, FakeCuda, FakePlan, FakeTensorRT
-from vidrt import contracts as C
 from vidrt.backends.cuda import Stream
-from vidrt.backends.tensorrt import ScratchArena, TrtEngine
-from vidrt.contracts import resolve_shape
-from vidrt.registry import VARIANTS, DiTConfig, TextConfig
-from vidrt.residency import (
+from vidrt.backends.residency import (
     VAE_CACHE_SLOTS,
     VAE_DECODER_PARAMS,
     GiB,
@@ -25,6 +21,10 @@ from vidrt.residency import (
     make_plan,
     text_param_count,
 )
+from vidrt.backends.tensorrt import ScratchArena, TrtEngine
+from vidrt.package import contracts as C
+from vidrt.package.contracts import resolve_shape
+from vidrt.package.registry import VARIANTS, DiTConfig, TextConfig
 
 BUDGET_24GB = 24 * 10**9
 TINY_DIT = DiTConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, freq_dim=32, text_dim=64)
@@ -143,7 +143,7 @@ def test_too_small_a_card_is_reported_not_overcommitted() -> None:
 
 
 def test_plan_command_for_a_variant_without_weights() -> None:
-    from vidrt.cli import cli
+    from vidrt.cli.app import cli
 
     res = CliRunner().invoke(cli, ["plan", "wan2.2-ti2v-5b", "--size", "1280x704", "--frames", "121",
                                    "--gpu-memory", "24GB", "--precision", "fp8"])

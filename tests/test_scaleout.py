@@ -27,9 +27,9 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("fastapi")
 requests = pytest.importorskip("requests")
 
-from vidrt.cli import cli, main  # noqa: E402
+from vidrt.cli.app import cli, main  # noqa: E402
 from vidrt.errors import UsageError  # noqa: E402
-from vidrt.jobs import JobRequest, execute_job  # noqa: E402
+from vidrt.service.jobs import JobRequest, execute_job  # noqa: E402
 from vidrt.video import read_metadata  # noqa: E402
 
 # crf 0: lossless H.264. At lossy CRFs libx264 (PyAV 18's FFmpeg) does not encode the same frames to
@@ -83,7 +83,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(package, local_ray, tmp_path_factory):
-    from vidrt import server as srv
+    from vidrt.service import server as srv
 
     out = tmp_path_factory.mktemp("served")
     config = srv.ServeConfig(package=str(package), out_dir=str(out), workers=2, threads=1, max_steps=400,
@@ -188,7 +188,7 @@ def test_batch_bad_line_names_it(package, tmp_path, capsys):
 
 
 def test_batch_runs_and_resumes(package, local_ray, tmp_path):
-    from vidrt.batch import run_batch
+    from vidrt.service.batch import run_batch
 
     lines = [{"prompt": "a red cat walks", **SMALL, "seed": 1},
              {"prompt": "a blue dog runs", **SMALL, "seed": 2, "output": "dog"},
@@ -233,7 +233,7 @@ def test_token_is_checked():
     from types import SimpleNamespace
 
     from fastapi.security import HTTPAuthorizationCredentials
-    from vidrt import server as srv
+    from vidrt.service import server as srv
 
     req = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(token="s3cret")))
     srv.require_token(req, HTTPAuthorizationCredentials(scheme="Bearer", credentials="s3cret"))

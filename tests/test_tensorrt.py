@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 from trt_fakes import BF16, FLOAT, FakeCuda, FakePlan, FakeTensorRT
-from vidrt import contracts as C
 from vidrt.backends import open_backend
 from vidrt.backends.base import BackendOptions
 from vidrt.backends.cuda import Stream, probe
 from vidrt.backends.ort import OrtBackend
+from vidrt.backends.residency import vae_step_contract
 from vidrt.backends.tensorrt import (
     ScratchArena,
     TrtBackend,
@@ -30,10 +30,10 @@ from vidrt.backends.tensorrt import (
     to_bf16_bits,
 )
 from vidrt.errors import DeviceError, PackageError
-from vidrt.manifest import SCHEMA_VERSION, Component, Manifest, load_manifest, make_artifact, write_manifest
-from vidrt.manifest import Engine as EngineEntry
-from vidrt.registry import VARIANTS
-from vidrt.residency import vae_step_contract
+from vidrt.package import contracts as C
+from vidrt.package.manifest import SCHEMA_VERSION, Component, Manifest, load_manifest, make_artifact, write_manifest
+from vidrt.package.manifest import Engine as EngineEntry
+from vidrt.package.registry import VARIANTS
 
 SPEC = VARIANTS["wan2.1-t2v-1.3b"]
 
@@ -86,7 +86,7 @@ def test_probe_on_this_machine_never_raises() -> None:
 
 def test_doctor_runs_and_says_why_not(tmp_path: Path) -> None:
     from click.testing import CliRunner
-    from vidrt.cli import cli
+    from vidrt.cli.app import cli
 
     res = CliRunner().invoke(cli, ["doctor"])
     assert res.exit_code == 0, res.output

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from vidrt.contracts import Contract, cache_in, cache_out, vae_contracts
 from vidrt.errors import UsageError
-from vidrt.registry import VARIANTS, ModelSpec
+from vidrt.package.contracts import Contract, cache_in, cache_out, vae_contracts
+from vidrt.package.registry import VARIANTS, ModelSpec
 from vidrt.vae_decode import (
     DEFAULT_OVERLAP,
     AxisPlan,
@@ -324,8 +324,8 @@ _MEASURE = textwrap.dedent("""
     import json, sys
     import numpy as np, onnxruntime as ort
     from vidrt import vae_decode as vd
-    from vidrt.contracts import vae_contracts
-    from vidrt.registry import VARIANTS
+    from vidrt.package.contracts import vae_contracts
+    from vidrt.package.registry import VARIANTS
     a = json.loads(sys.argv[1])
     spec = VARIANTS[a["variant"]]
     cf, cs = vae_contracts(spec, [tuple(s) for s in a["caches"]])

@@ -20,8 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "typings"
-PACKAGE_DIR = {"vidrt": "runtime", "vidrt.export": "export", "vidrt.backends": "runtime/backends",
-               "vidrt.models": "runtime/models"}
+PACKAGE_DIR = {"vidrt": "runtime", "vidrt.export": "export"}
 
 
 def _package_dir() -> dict[str, str]:
@@ -115,13 +114,15 @@ def prepare(out: Path = OUT) -> Path:
     if tree.exists():
         shutil.rmtree(tree)
     for pkg, rel in sorted(_package_dir().items()):
-        dst = out.joinpath(*pkg.split("."))
-        dst.mkdir(parents=True, exist_ok=True)
-        for f in (ROOT / rel).iterdir():
-            if f.suffix in (".py", ".pyi") or f.name == "py.typed":
-                link = dst / f.name
-                if not link.exists():
-                    os.symlink(f, link)
+        root = ROOT / rel
+        for src in [root, *sorted(d for d in root.rglob("*") if (d / "__init__.py").is_file())]:
+            dst = out.joinpath(*pkg.split("."), *src.relative_to(root).parts)  # subpackages follow their parent
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in src.iterdir():
+                if f.suffix in (".py", ".pyi") or f.name == "py.typed":
+                    link = dst / f.name
+                    if not link.exists():
+                        os.symlink(f, link)
     return out
 
 

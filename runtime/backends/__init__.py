@@ -1,5 +1,15 @@
-"""Backend selection. `auto` takes TensorRT when a GPU, TensorRT and matching plans are all present,
-else ONNX Runtime."""
+"""vidrt.backends: engines and everything device-specific.
+
+    base.py       the Engine / Backend interface every stage calls
+    ort.py        ONNX Runtime (CPU; the CUDA provider selectable)
+    tensorrt.py   TensorRT plans: buffers, streams, CUDA graphs, weight streaming (not yet run on a GPU)
+    cuda.py       the cuda-python calls TensorRT needs, typed
+    residency.py  the GPU memory plan: what is resident per stage, the VAE tile, the peak
+    doctor.py     what this machine can run, and why not
+
+Backend selection (below): `auto` takes TensorRT when a GPU, TensorRT and matching plans are all
+present, else ONNX Runtime. Imports vidrt.package and vidrt.errors, never the CLI or the job service.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,7 @@ from pathlib import Path
 
 from vidrt.backends.base import Backend, BackendOptions
 from vidrt.errors import UsageError
-from vidrt.manifest import Manifest
+from vidrt.package.manifest import Manifest
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 

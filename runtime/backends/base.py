@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from vidrt.contracts import Contract
+from vidrt.package.contracts import Contract
 
 
 class Engine(Protocol):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 from vidrt.backends.base import BackendOptions
-from vidrt.contracts import Contract
 from vidrt.errors import DeviceError, PackageError
+from vidrt.package.contracts import Contract
 
 
 def _providers(device: str) -> list[str]:

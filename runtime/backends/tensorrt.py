@@ -35,13 +35,13 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from vidrt import contracts as C
 from vidrt.backends.base import BackendOptions
 from vidrt.backends.cuda import CudaApi, CudaRuntime, DeviceBuffer, Stream, probe
-from vidrt.contracts import Contract
 from vidrt.errors import DeviceError, PackageError
-from vidrt.manifest import Engine as EngineEntry
-from vidrt.manifest import Manifest
+from vidrt.package import contracts as C
+from vidrt.package.contracts import Contract
+from vidrt.package.manifest import Engine as EngineEntry
+from vidrt.package.manifest import Manifest
 
 if TYPE_CHECKING:
     import tensorrt as trt

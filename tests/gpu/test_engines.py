@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from vidrt import contracts as C
-from vidrt.contracts import resolve_shape
+from vidrt.package import contracts as C
+from vidrt.package.contracts import resolve_shape
 
 pytestmark = pytest.mark.gpu
 
@@ -48,7 +48,7 @@ def test_each_engine_matches_onnxruntime(package: Path) -> None:
     from vidrt.backends.base import BackendOptions
     from vidrt.backends.ort import OrtBackend
     from vidrt.backends.tensorrt import TrtBackend
-    from vidrt.manifest import artifact_path, load_manifest
+    from vidrt.package.manifest import artifact_path, load_manifest
 
     m = load_manifest(package)
     spec = m.model

@@ -65,12 +65,12 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
                 vae_memory: str | None, fps: int | None, crf: int | None, output: str, overwrite: bool,
                 stats_json: str | None, quiet: bool) -> None:
     from vidrt.backends import BACKENDS
-    from vidrt.cli import parse_size
-    from vidrt.jobs import clip_metadata
-    from vidrt.manifest import load_manifest
+    from vidrt.cli.app import parse_size
     from vidrt.models import default_package
+    from vidrt.package.manifest import load_manifest
     from vidrt.pipeline import Pipeline, decode_plan
     from vidrt.request import resolve
+    from vidrt.service.jobs import clip_metadata
     from vidrt.text import check_prompt
     from vidrt.vae_decode import parse_bytes
     from vidrt.video import VideoWriter, clean_stale_temps, output_format
@@ -116,7 +116,7 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
         click.echo(f"warning: {msg}", err=True)
 
     pipe = Pipeline.load(package, backend=backend, threads=threads, warn=warn)
-    metadata = clip_metadata(settings, pipe.manifest.model.name)  # the job contract's (vidrt.jobs): same file as serve
+    metadata = clip_metadata(settings, pipe.manifest.model.name)  # same metadata as batch and serve write
     progress = _Progress(quiet)
     fps_out = fps or pipe.manifest.model.sampling.fps
     try:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vidrt.errors import Cancelled, UsageError
-from vidrt.registry import ModelSpec
+from vidrt.package.registry import ModelSpec
 from vidrt.request import Request, Settings, resolve
 
 FORMATS = {"mp4": ".mp4", "webm": ".webm", "png": ""}  # output_format -> suffix ("" = a PNG frame folder)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vidrt.registry import ModelSpec
+from vidrt.package.registry import ModelSpec
 
 Dim = int | str
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from vidrt import contracts as C
-from vidrt.contracts import Contract
 from vidrt.errors import PackageError
-from vidrt.registry import ModelSpec, from_dict, to_dict
-from vidrt.verified import VerifiedFiles
+from vidrt.package import contracts as C
+from vidrt.package.contracts import Contract
+from vidrt.package.registry import ModelSpec, from_dict, to_dict
+from vidrt.package.verified import VerifiedFiles
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -245,7 +245,7 @@ def all_artifacts(manifest: Manifest) -> list[Artifact]:
 
 def verify_artifacts(package: Path, manifest: Manifest) -> None:
     """Size and sha256 of every artifact. A file whose identity is unchanged since it last matched
-    is not read again (vidrt.verified; VIDRT_VERIFY=full hashes everything)."""
+    is not read again (vidrt.package.verified; VIDRT_VERIFY=full hashes everything)."""
     verified = VerifiedFiles()
     try:
         for art in all_artifacts(manifest):

@@ -35,11 +35,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vidrt import contracts as C
-from vidrt.contracts import Contract, TensorSpec, resolve_shape
 from vidrt.errors import UsageError
-from vidrt.manifest import Manifest
-from vidrt.registry import DiTConfig, ModelSpec, TextConfig
+from vidrt.package import contracts as C
+from vidrt.package.contracts import Contract, TensorSpec, resolve_shape
+from vidrt.package.manifest import Manifest
+from vidrt.package.registry import DiTConfig, ModelSpec, TextConfig
 from vidrt.vae_decode import TilePlan, choose_tile, estimate_memory, plan_tiles
 
 MiB, GiB = 2**20, 2**30

@@ -67,9 +67,9 @@ def batch_cmd(jobs_file: str, out_dir: str, model: str | None, address: str | No
 
     \b
     One job per line: {"prompt": "a red circle moving left", "size": "832x480", "frames": 81,
-      "steps": 50, "seed": 1, "output": "circle-1"}  (fields: vidrt.jobs.JobRequest)
+      "steps": 50, "seed": 1, "output": "circle-1"}  (fields: vidrt.service.jobs.JobRequest)
     """
-    from vidrt.batch import run_batch
+    from vidrt.service.batch import run_batch
 
     summary = run_batch(jobs_file, out_dir, _package(model), address=address, workers=workers, threads=threads,
                         backend=backend, use_gpu=use_gpu, quiet=quiet,
@@ -97,8 +97,8 @@ def serve_cmd(model: str | None, address: str | None, workers: int | None, threa
 
     Loopback only unless --token is given; the schema is at /openapi.json, docs at /docs.
     """
-    from vidrt.cli import parse_size
-    from vidrt.scaleout import connect_ray, require_ray
+    from vidrt.cli.app import parse_size
+    from vidrt.service.scaleout import connect_ray, require_ray
 
     if not 1 <= port <= 65535:
         raise UsageError(f"--port {port} is out of range; use 1..65535")
@@ -109,7 +109,7 @@ def serve_cmd(model: str | None, address: str | None, workers: int | None, threa
     wh = parse_size(max_size)
     ray = require_ray("serve")
     try:
-        from vidrt import server
+        from vidrt.service import server
     except ImportError as exc:
         raise UsageError(f"vidrt serve needs FastAPI ({exc.name} is missing): pip install 'vidrt[serve]'") from None
     server.check_bind(host, token)  # before anything starts

@@ -1,4 +1,4 @@
-"""`vidrt build`, `vidrt plan`, `vidrt doctor` (registered on the `vidrt` group in runtime/cli.py)."""
+"""`vidrt build`, `vidrt plan`, `vidrt doctor` (registered on the `vidrt` group in runtime/cli/app.py)."""
 
 from __future__ import annotations
 
@@ -68,13 +68,13 @@ def build_cmd(package: str, precision: str, sizes: str | None, frames: int | Non
 def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precision: str, fp8_scope: str) -> None:
     """Device-memory plan for a clip: per stage peak, what stays resident, the VAE tile.
     MODEL is a package folder or a variant name (no weights needed)."""
-    from vidrt.registry import VARIANTS, get_variant
-    from vidrt.residency import make_plan, plan_for_package
+    from vidrt.backends.residency import make_plan, plan_for_package
+    from vidrt.package.registry import VARIANTS, get_variant
 
     (width, height), = _sizes(size)
     budget = _bytes(gpu_memory)
     if Path(model).is_dir():
-        from vidrt.manifest import load_manifest
+        from vidrt.package.manifest import load_manifest
 
         manifest = load_manifest(model, verify=False)
         n = frames or manifest.model.sampling.frames
@@ -91,7 +91,7 @@ def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precisi
 @click.argument("package", required=False)
 def doctor_cmd(package: str | None) -> None:
     """What this machine can run: GPU, driver, CUDA, TensorRT, onnxruntime, backends."""
-    from vidrt.doctor import diagnose
+    from vidrt.backends.doctor import diagnose
 
     for line in diagnose(package).lines():
         click.echo(line)

@@ -87,7 +87,7 @@ def _default_model() -> str | None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
 def run(**kw: Any) -> None:
     """Generate a clip from a prompt."""
-    from vidrt.run_command import run_command
+    from vidrt.cli.run import run_command
 
     run_command(**kw)
 
@@ -96,7 +96,7 @@ def run(**kw: Any) -> None:
 @click.argument("package", required=False)
 def info(package: str | None) -> None:
     """Describe a model package: variant, sizes, defaults, components, words it knows."""
-    from vidrt.manifest import load_manifest
+    from vidrt.package.manifest import load_manifest
 
     package = package or _default_model()
     if package is None:
@@ -137,13 +137,13 @@ def export_cmd(model_dir: str, variant: str | None, out: str | None, opset: str,
     export_main(model=model_dir, variant=variant, out=out, opset=int(opset), precision=precision)
 
 
-from vidrt.trt_cli import build_cmd, doctor_cmd, plan_cmd  # noqa: E402  (TensorRT commands: runtime/trt_cli.py)
+from vidrt.cli.trt import build_cmd, doctor_cmd, plan_cmd  # noqa: E402  (TensorRT commands: runtime/cli/trt.py)
 
 cli.add_command(build_cmd)
 cli.add_command(plan_cmd)
 cli.add_command(doctor_cmd)
 
-from vidrt.fleet_cli import batch_cmd, serve_cmd  # noqa: E402  (Ray scale-out: runtime/fleet_cli.py)
+from vidrt.cli.fleet import batch_cmd, serve_cmd  # noqa: E402  (Ray scale-out: runtime/cli/fleet.py)
 
 cli.add_command(batch_cmd)
 cli.add_command(serve_cmd)

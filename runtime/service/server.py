@@ -35,9 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException
 from vidrt.errors import UsageError
-from vidrt.jobs import JobRequest
 from vidrt.request import MAX_FRAMES, MAX_SEED, MAX_STEPS
-from vidrt.scaleout import Job, JobManager
+from vidrt.service.jobs import JobRequest
+from vidrt.service.scaleout import Job, JobManager
 
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 MEDIA_TYPES = {".mp4": "video/mp4", ".webm": "video/webm"}
@@ -191,7 +191,7 @@ def require_token(request: Request, creds: Annotated[HTTPAuthorizationCredential
 @serve.ingress(app)
 class VideoAPI:
     async def __init__(self, config: ServeConfig) -> None:
-        from vidrt.manifest import load_manifest
+        from vidrt.package.manifest import load_manifest
 
         self.config = config
         self.spec = load_manifest(config.package, verify=False).model

@@ -86,7 +86,7 @@ def diagnose(package: Path | str | None = None) -> Report:
     package_lines: list[str] = []
     if package is not None:
         try:
-            from vidrt.manifest import load_manifest
+            from vidrt.package.manifest import load_manifest
 
             m = load_manifest(package, verify=False)
             ok, why = availability(m)

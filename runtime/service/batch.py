@@ -1,4 +1,4 @@
-"""`vidrt batch jobs.jsonl --out DIR`: every line a job (vidrt.jobs.JobRequest fields, plus an
+"""`vidrt batch jobs.jsonl --out DIR`: every line a job (vidrt.service.jobs.JobRequest fields, plus an
 optional "output" name), run across Ray worker actors that keep the model resident.
 
 Resumable: a clip is published atomically (temp + rename) and its stats JSON before it, so a clip
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from vidrt.errors import UsageError
-from vidrt.jobs import JobRequest
-from vidrt.registry import ModelSpec
+from vidrt.package.registry import ModelSpec
 from vidrt.request import Settings
+from vidrt.service.jobs import JobRequest
 
 SUMMARY = "batch-summary.json"
 
@@ -96,8 +96,8 @@ def run_batch(jobs_file: str, out_dir: str, package: str | os.PathLike[str], *, 
               use_gpu: bool | None = None, quiet: bool = False,
               echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
     """Run every unfinished line; returns (and writes to DIR/batch-summary.json) the summary."""
-    from vidrt.manifest import load_manifest
-    from vidrt.scaleout import connect_ray, require_ray, write_json_atomic
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.scaleout import connect_ray, require_ray, write_json_atomic
     from vidrt.video import clean_stale_temps
 
     require_ray("batch")
@@ -137,7 +137,7 @@ async def _drive(summary: dict[str, Any], lines: list[BatchLine], todo: list[Bat
                  package: str | os.PathLike[str], workers: int | None, threads: int | None, backend: str,
                  use_gpu: bool | None, quiet: bool, echo: Callable[[str], None]) -> None:
     from tqdm import tqdm
-    from vidrt.scaleout import JobManager
+    from vidrt.service.scaleout import JobManager
 
     t0 = time.monotonic()
     manager = JobManager(package, out, workers=workers, threads=threads, backend=backend, use_gpu=use_gpu)

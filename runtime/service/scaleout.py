@@ -1,7 +1,7 @@
 """Many clips across a fleet: resident-model worker actors on Ray and an asyncio job manager.
 
     Worker       one per GPU (per CPU slot in CPU mode): loads the model package once, keeps it
-                 resident, runs one job at a time through `vidrt.jobs.execute_job` into a private
+                 resident, runs one job at a time through `vidrt.service.jobs.execute_job` into a private
                  scratch folder and returns the finished file's bytes. A threaded actor, so
                  `progress()` and `cancel()` are answered while `run()` works.
     JobManager   owns the queue and the job table; one dispatch loop per worker; polls progress;
@@ -10,7 +10,7 @@
                  up to `max_attempts` tries. A job turns "completed" only after its file has been
                  published into the output folder (temp beside it, then rename): never before.
 
-`vidrt batch` (batch_command.py) and `vidrt serve` (server.py) both drive a JobManager. ray is
+`vidrt batch` (batch.py) and `vidrt serve` (server.py) both drive a JobManager. ray is
 imported inside functions only: the runtime core never needs it (DESIGN.md §1).
 """
 
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from vidrt.errors import Cancelled, UsageError, VidrtError
-from vidrt.jobs import JobRequest, ProgressEvent, execute_job
 from vidrt.request import Settings
+from vidrt.service.jobs import JobRequest, ProgressEvent, execute_job
 
 ACTIVE = ("queued", "in_progress")
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # a local Ray's shared memory: finished clips pass through it
