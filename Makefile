@@ -8,10 +8,22 @@ OUT    ?=
 
 .PHONY: venv test run engines bench lint typecheck train-tiny default-model clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+# Two layers: `make run` needs only the torch-free runtime (numpy, onnxruntime, tokenizers, av, ...);
+# `make test` and the export/bench targets add torch, diffusers, Ray and the dev tools on top.
+$(VENV)/bin/python:
 	python3 -m venv $(VENV)
-	# the pinned CPU wheel first: an unpinned torch would pull a multi-GB CUDA build
-	$(PIP) install torch==2.13.0
+
+$(VENV)/.runtime: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -e .
+	touch $@
+
+# torch: the CPU build, always. Plain `pip install torch` on Linux takes the multi-GB CUDA build.
+# TORCH_INDEX empty: pip's own sources (these machines keep a CPU wheel of 2.13.0 on local disk);
+# on a stock machine: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu  (PyTorch's CPU index)
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
+$(VENV)/.installed: $(VENV)/.runtime Makefile
+	$(PIP) install $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -e '.[export,dev]'
 	# the official Wan code, only as a test reference (its own requirements include flash_attn)
 	$(PIP) install --no-deps wan22==2.2.11
@@ -24,9 +36,10 @@ venv: $(VENV)/.installed
 test: venv
 	$(VENV)/bin/pytest -q
 
-# A clip from the bundled tiny model, in seconds on a CPU (PROMPT="a blue square moving up" to change it)
+# A clip from the bundled tiny model, in seconds on a CPU (PROMPT="a blue square moving up" to change it).
+# Installs the runtime only: no torch.
 PROMPT ?= a red circle moving left
-run: venv
+run: $(VENV)/.runtime
 	$(VIDRT) run --prompt "$(PROMPT)" -o clip.mp4 --overwrite
 
 lint: venv

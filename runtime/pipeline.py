@@ -1,5 +1,9 @@
 """prompt -> frames, on any backend. The loop reads like the algorithm (DESIGN.md §3-§5).
 
+    pipe = Pipeline.load("engines/wan2.1-t2v-1.3b")        # or Pipeline.load(): the bundled model
+    result = pipe("a cat surfing a wave at sunset", num_frames=81, seed=7)
+    result.save("cat.mp4")                                  # frames: uint8 [F, H, W, 3]
+
     0. memory   on a GPU backend, the residency plan (`vidrt plan`'s code) for this clip: CFG batch,
                 VAE tile, which engines are released after their stage; refused if it cannot fit
     1. text     umT5 embeddings of the prompt and the negative prompt, zero-padded to 512 rows
@@ -28,7 +32,7 @@ from vidrt.schedulers import Step, expert_for_timestep, make_schedule, make_solv
 from vidrt.stats import RunStats
 from vidrt.text import PromptTokenizer, check_prompt, encode_prompts
 from vidrt.vae_decode import TilePlan, auto_budget_bytes, choose_tile, iter_decode
-from vidrt.video import to_uint8
+from vidrt.video import VideoWriter, clip_metadata, to_uint8
 
 # (stage, done, total): "denoise" counts steps, "decode" counts video frames.
 ProgressFn = Callable[[str, int, int], None]
@@ -44,9 +48,34 @@ class PlannedStep:
 
 @dataclass
 class Result:
-    frames: np.ndarray | None  # uint8 [num_frames, H, W, 3]; None when the caller consumed them as a stream
+    """One generated clip.
+
+    frames    uint8 [num_frames, height, width, 3] (RGB), or None when `on_frames` consumed them as a stream
+    settings  the request with every default filled in (the seed, size, steps, guidance... actually used)
+    stats     per-stage seconds (`stats.table()`, `stats.to_dict()`)
+    fps       the model's frame rate (frames per second); `save` writes at this rate unless told otherwise
+    model     the model's name (manifest), written into the file's metadata
+    """
+
+    frames: np.ndarray | None
     settings: Settings
     stats: RunStats
+    fps: int = 16
+    model: str = ""
+
+    def save(self, path: str | Path, *, fps: int | None = None, crf: int | None = None,
+             overwrite: bool = False) -> Path:
+        """Write the clip: `.mp4` (H.264), `.webm` (VP9), or a folder of PNG frames (a path without a
+        suffix), with the settings as metadata. Written to a temporary file and renamed when complete.
+        Raises OutputError if `path` exists and `overwrite` is false or the format is unknown, UsageError
+        if the frames were streamed to `on_frames` instead of kept. Returns the absolute path."""
+        if self.frames is None:
+            raise UsageError("this result holds no frames: they were streamed to on_frames; "
+                             "run without on_frames to keep them")
+        with VideoWriter(path, fps=fps or self.fps, crf=crf, metadata=clip_metadata(self.settings, self.model),
+                         overwrite=overwrite) as writer:
+            writer.write(self.frames)
+        return writer.path
 
 
 def plan_steps(manifest: Manifest, s: Settings) -> list[PlannedStep]:
@@ -97,10 +126,25 @@ class Pipeline:
         self.cfg_batch: int | None = None  # None: the memory plan's (2 where there is none); 1: two DiT calls
 
     @classmethod
-    def load(cls, package: str | Path, backend: str = "auto", device: str = "cpu",
+    def load(cls, package: str | Path | None = None, backend: str = "auto", device: str = "cpu",
              threads: int | None = None, verify: bool = True,
              warn: Callable[[str], None] | None = None) -> Pipeline:
+        """Open a model package folder (what `vidrt export` writes; None = the bundled tiny model).
+
+        backend  "auto" (TensorRT when a GPU, TensorRT and matching plans are present, else ONNX Runtime),
+                 "onnxruntime" or "tensorrt"; threads: ONNX Runtime CPU threads (None = all cores);
+                 verify: check the artifacts' sha256 (remembered per file, vidrt.package.verified);
+                 warn: where warnings go (default: print).
+        Raises PackageError (missing/damaged package, wrong schema or hashes), UsageError (unknown backend),
+        DeviceError (TensorRT asked for but not usable here). Engines open on first use.
+        """
         t0 = time.perf_counter()
+        if package is None:
+            from vidrt.models import default_package
+
+            package = default_package()
+            if package is None:
+                raise UsageError("this build ships no bundled model; pass a package folder to Pipeline.load")
         package = Path(package)
         manifest = load_manifest(package, verify=verify)
         pipe = cls(package, manifest, BackendOptions(backend=backend, device=device, threads=threads), warn)
@@ -121,6 +165,44 @@ class Pipeline:
             engine.close()
 
     # ---- the run -------------------------------------------------------------------------------
+
+    def __call__(self, prompt: str, *, negative_prompt: str | None = None,
+                 size: str | tuple[int, int] | None = None, width: int | None = None, height: int | None = None,
+                 num_frames: int | None = None, steps: int | None = None, guidance: float | None = None,
+                 guidance_low_noise: float | None = None, shift: float | None = None, seed: int = 0,
+                 scheduler: str | None = None, noise: np.ndarray | None = None,
+                 on_frames: FramesFn | None = None, progress: ProgressFn | None = None,
+                 vae_memory: str | int | None = None) -> Result:
+        """Generate one clip; keyword names follow `vidrt run`'s flags. None = the model's default.
+
+        size        "WxH" (e.g. "832x480") or (width, height), pixels; or width= and height=
+        num_frames  video frames, 4k+1 (Wan: 81 at 16 fps; TI2V-5B: 121 at 24 fps)
+        steps, shift, scheduler ("unipc" | "dpm++"), seed (0..2**63-1)
+        guidance    CFG scale; guidance_low_noise: the low-noise expert's scale on two-expert models (A14B)
+        noise       float32 [C, F_lat, H/8, W/8] (Wan2.2 TI2V: H/16, W/16) initial latents instead of the seed's
+        on_frames   called with uint8 [n, H, W, 3] chunks as they are decoded (then Result.frames is None)
+        progress    called with (stage, done, total): "denoise" counts steps, "decode" counts frames
+        vae_memory  memory budget for one VAE tile, bytes or "2GB" (default: chosen automatically)
+        Returns a Result (frames uint8 [F, H, W, 3], settings, stats). Raises UsageError for values the
+        model cannot run (naming the nearest valid ones), DeviceError for failures while running.
+        """
+        from vidrt.vae_decode import parse_bytes
+
+        if size is not None:
+            if width is not None or height is not None:
+                raise UsageError("give size or width and height, not both")
+            if isinstance(size, str):
+                parts = size.lower().replace("*", "x").split("x")
+                if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+                    raise UsageError(f"size {size!r} is not WIDTHxHEIGHT; write it like 832x480")
+                width, height = int(parts[0]), int(parts[1])
+            else:
+                width, height = size
+        budget = parse_bytes(vae_memory) if isinstance(vae_memory, str) else vae_memory
+        request = Request(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+                          num_frames=num_frames, steps=steps, guidance=guidance,
+                          guidance_low_noise=guidance_low_noise, shift=shift, seed=seed, scheduler=scheduler)
+        return self.run(request, noise=noise, on_frames=on_frames, progress=progress, vae_memory_bytes=budget)
 
     def run(self, request: Request, noise: np.ndarray | None = None, on_frames: FramesFn | None = None,
             progress: ProgressFn | None = None, vae_memory_bytes: int | None = None,
@@ -206,7 +288,7 @@ class Pipeline:
             consume(chunk)
         stats.seconds["decode"] = time.perf_counter() - t_decode - stats.seconds["write"]
         video = np.concatenate(frames) if frames else None
-        return Result(frames=video, settings=s, stats=stats)
+        return Result(frames=video, settings=s, stats=stats, fps=spec.sampling.fps, model=spec.name)
 
     def memory_plan(self, s: Settings) -> ResidencyPlan | None:
         """The device-memory plan for these settings on a backend whose memory vidrt plans (None on

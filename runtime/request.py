@@ -24,7 +24,9 @@ class Request:
     height: int | None = None
     num_frames: int | None = None
     steps: int | None = None
-    guidance: float | None = None  # one scale for every expert; None = each expert's default
+    guidance: float | None = None  # the CFG scale; on two-expert models the high-noise expert's (and the
+    #                                low-noise one's too unless guidance_low_noise is given); None = default
+    guidance_low_noise: float | None = None  # two-expert models (Wan2.2 A14B) only: the low-noise expert's scale
     shift: float | None = None
     seed: int = 0
     scheduler: str | None = None
@@ -79,20 +81,27 @@ def resolve(request: Request, spec: ModelSpec) -> Settings:
     shift = request.shift if request.shift is not None else d.shift
     if not (0.0 < shift <= 100.0):
         raise UsageError(f"--shift {shift} is out of range; use a value in (0, 100], e.g. {d.shift}")
-    if request.guidance is not None and not (0.0 <= request.guidance <= 50.0):
-        raise UsageError(f"--guidance {request.guidance} is out of range; use 0..50, e.g. {d.guidance_low_noise}")
+    for flag, g in (("--guidance", request.guidance), ("--guidance-low-noise", request.guidance_low_noise)):
+        if g is not None and not (0.0 <= g <= 50.0):
+            raise UsageError(f"{flag} {g} is out of range; use 0..50, e.g. {d.guidance_low_noise}")
+    if request.guidance_low_noise is not None and d.boundary is None:
+        raise UsageError(f"--guidance-low-noise is for two-expert models (Wan2.2 A14B); {spec.name} has one "
+                         f"denoiser: use --guidance")
     scheduler = request.scheduler or d.scheduler
     if scheduler not in SOLVERS:
         raise UsageError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SOLVERS)}")
     if not 0 <= request.seed <= MAX_SEED:
         raise UsageError(f"--seed {request.seed} is out of range; use 0..{MAX_SEED}")
     g = request.guidance
+    # Official A14B defaults differ per expert (wan/configs/wan_t2v_A14B.py sample_guide_scale = (3.0, 4.0):
+    # low-noise, high-noise). One --guidance sets both, as before; --guidance-low-noise then overrides the second.
+    g_low = request.guidance_low_noise if request.guidance_low_noise is not None else g
     return Settings(
         prompt=request.prompt,
         negative_prompt=d.negative_prompt if request.negative_prompt is None else request.negative_prompt,
         width=width, height=height, num_frames=frames, steps=steps,
         guidance_high_noise=d.guidance_high_noise if g is None else g,
-        guidance_low_noise=d.guidance_low_noise if g is None else g,
+        guidance_low_noise=d.guidance_low_noise if g_low is None else g_low,
         shift=shift, seed=request.seed, scheduler=scheduler,
     )
 

@@ -23,11 +23,14 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
 from vidrt.errors import OutputError
+
+if TYPE_CHECKING:
+    from vidrt.request import Settings
 
 SIDECAR = "metadata.json"  # in a PNG folder
 FRAME_NAME = "frame_{:06d}.png"
@@ -69,6 +72,15 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     if frames.dtype == np.uint8:
         return frames
     return np.clip(np.rint((frames.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def clip_metadata(settings: Settings, model_name: str) -> dict[str, str]:
+    """What goes into the file (same for run, batch and serve, so their files are identical)."""
+    s = settings
+    return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": str(s.seed), "model": model_name,
+            "steps": str(s.steps), "shift": str(s.shift), "guidance": f"{s.guidance_high_noise}/{s.guidance_low_noise}",
+            "scheduler": s.scheduler, "size": f"{s.width}x{s.height}", "frames": str(s.num_frames),
+            "software": "vidrt"}
 
 
 def temp_path(final: Path, pid: int | None = None, old: bool = False) -> Path:

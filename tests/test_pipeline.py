@@ -80,10 +80,11 @@ def test_matches_diffusers_pipeline(tiny_package):
     pipe = Pipeline.load(package)
     spec = pipe.manifest.model
     noise = np.random.default_rng(7).standard_normal(spec.latent_shape(WIDTH, HEIGHT, FRAMES), dtype=np.float32)
-    # a14b: per-expert guidance from the manifest defaults (4.0 high-noise / 3.0 low-noise)
-    g_high, g_low = (4.0, 3.0) if kind == "a14b" else (5.0, 5.0)
+    # a14b: one scale per expert, neither the default (4.0 / 3.0): diffusers guidance_scale / guidance_scale_2
+    g_high, g_low = (4.5, 2.5) if kind == "a14b" else (5.0, 5.0)
     req = Request(prompt=PROMPT, negative_prompt=NEGATIVE, width=WIDTH, height=HEIGHT, num_frames=FRAMES,
-                  steps=STEPS, shift=SHIFT, scheduler="unipc", guidance=None if kind == "a14b" else 5.0)
+                  steps=STEPS, shift=SHIFT, scheduler="unipc", guidance=g_high,
+                  guidance_low_noise=g_low if kind == "a14b" else None)
     ours = pipe.run(req, noise=noise).frames
     ref = reference_frames(root, kind, noise, g_high, g_low)
     assert ours.shape == ref.shape == (FRAMES, HEIGHT, WIDTH, 3)

@@ -71,7 +71,10 @@ def _default_model() -> str | None:
 @click.option("--size", help="WIDTHxHEIGHT in pixels (default: the model's first size).")
 @click.option("--frames", type=int, help="Video frames, 4k+1 (default: the model's).")
 @click.option("--steps", type=int, help="Denoising steps.")
-@click.option("--guidance", type=float, help="Classifier-free guidance scale (all experts).")
+@click.option("--guidance", type=float,
+              help="Classifier-free guidance scale (two-expert models: both experts, unless --guidance-low-noise).")
+@click.option("--guidance-low-noise", type=float,
+              help="Two-expert models (Wan2.2 A14B): the low-noise expert's guidance scale (default: the model's).")
 @click.option("--shift", type=float, help="Flow-matching sigma shift.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--scheduler", help="unipc (default) or dpm++.")

@@ -61,7 +61,8 @@ class _Progress:
 
 def run_command(*, prompt: str | None, prompt_file: str | None, model: str | None, negative_prompt: str | None,
                 size: str | None, frames: int | None, steps: int | None, guidance: float | None,
-                shift: float | None, seed: int, scheduler: str | None, backend: str, threads: int | None,
+                guidance_low_noise: float | None, shift: float | None, seed: int, scheduler: str | None,
+                backend: str, threads: int | None,
                 vae_memory: str | None, fps: int | None, crf: int | None, output: str, overwrite: bool,
                 stats_json: str | None, quiet: bool) -> None:
     from vidrt.backends import BACKENDS
@@ -70,10 +71,9 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
     from vidrt.package.manifest import load_manifest
     from vidrt.pipeline import Pipeline, decode_plan
     from vidrt.request import resolve
-    from vidrt.service.jobs import clip_metadata
     from vidrt.text import check_prompt
     from vidrt.vae_decode import parse_bytes
-    from vidrt.video import VideoWriter, clean_stale_temps, output_format
+    from vidrt.video import VideoWriter, clean_stale_temps, clip_metadata, output_format
 
     # Every value is checked before any heavy work (hashing the package, loading engines).
     text = _read_prompt(prompt, prompt_file)
@@ -103,7 +103,7 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
         raise UsageError("no --model given and this build ships no default model; pass --model PACKAGE")
     request = Request(prompt=text, negative_prompt=negative_prompt, width=wh[0] if wh else None,
                       height=wh[1] if wh else None, num_frames=frames, steps=steps, guidance=guidance,
-                      shift=shift, seed=seed, scheduler=scheduler)
+                      guidance_low_noise=guidance_low_noise, shift=shift, seed=seed, scheduler=scheduler)
     spec_only = load_manifest(package, verify=False)  # the model's limits; Pipeline.load checks the hashes
     settings = resolve(request, spec_only.model)
     decode_plan(spec_only, settings, vae_bytes)  # a --vae-memory too small fails now, not after denoising

@@ -27,6 +27,7 @@ from typing import Any
 from vidrt.errors import Cancelled, UsageError
 from vidrt.package.registry import ModelSpec
 from vidrt.request import Request, Settings, resolve
+from vidrt.video import clip_metadata  # noqa: F401  (re-exported: the job contract writes the same metadata)
 
 FORMATS = {"mp4": ".mp4", "webm": ".webm", "png": ""}  # output_format -> suffix ("" = a PNG frame folder)
 
@@ -45,6 +46,7 @@ class JobRequest:
     frames: int | None = None
     steps: int | None = None
     guidance: float | None = None
+    guidance_low_noise: float | None = None  # two-expert models (A14B): the low-noise expert's scale
     shift: float | None = None
     seed: int = 0
     scheduler: str | None = None
@@ -96,7 +98,8 @@ class JobRequest:
         wh = self.size_px()
         return Request(prompt=self.prompt, negative_prompt=self.negative_prompt, width=wh[0] if wh else None,
                        height=wh[1] if wh else None, num_frames=self.frames, steps=self.steps,
-                       guidance=self.guidance, shift=self.shift, seed=self.seed, scheduler=self.scheduler)
+                       guidance=self.guidance, guidance_low_noise=self.guidance_low_noise, shift=self.shift,
+                       seed=self.seed, scheduler=self.scheduler)
 
     def settings(self, spec: ModelSpec) -> Settings:
         """Resolve against the model (defaults, ranges, multiples); also checks fps and CRF."""
@@ -119,7 +122,7 @@ class JobRequest:
 _TYPES: dict[str, tuple[type, ...]] = {
     "prompt": (str,), "model": (str,), "negative_prompt": (str,), "size": (str,), "scheduler": (str,),
     "output_format": (str,), "frames": (int,), "steps": (int,), "seed": (int,), "fps": (int,), "crf": (int,),
-    "guidance": (int, float), "shift": (int, float),
+    "guidance": (int, float), "guidance_low_noise": (int, float), "shift": (int, float),
 }
 
 
@@ -135,15 +138,6 @@ def _check_type(name: str, value: Any, where: str) -> Any:
     if isinstance(value, int) and abs(value) > 2**63 - 1:
         raise UsageError(f"{where}: {name} {value} is out of range")
     return value
-
-
-def clip_metadata(settings: Settings, model_name: str) -> dict[str, str]:
-    """What goes into the file (same for run, batch and serve, so their files are identical)."""
-    s = settings
-    return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": str(s.seed), "model": model_name,
-            "steps": str(s.steps), "shift": str(s.shift), "guidance": f"{s.guidance_high_noise}/{s.guidance_low_noise}",
-            "scheduler": s.scheduler, "size": f"{s.width}x{s.height}", "frames": str(s.num_frames),
-            "software": "vidrt"}
 
 
 @dataclass(frozen=True)

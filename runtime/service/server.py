@@ -76,6 +76,8 @@ class CreateVideoRequest(BaseModel):
     frames: int | None = Field(None, ge=1, le=MAX_FRAMES, description="Video frames, 4k+1.")
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     guidance: float | None = Field(None, ge=0, le=50)
+    guidance_low_noise: float | None = Field(None, ge=0, le=50,
+                                             description="Two-expert models (A14B): the low-noise expert scale.")
     shift: float | None = Field(None, gt=0, le=100)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     scheduler: Literal["unipc", "dpm++"] | None = None

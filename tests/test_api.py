@@ -1,0 +1,151 @@
+"""The public Python API (`from vidrt import Pipeline`), per-expert guidance, and the rooms' layering."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNTIME = ROOT / "runtime"
+
+
+def test_pipeline_load_runs_the_bundled_model_and_saves_a_playable_file(tmp_path):
+    import vidrt
+
+    pipe = vidrt.Pipeline.load()
+    result = pipe("a red circle moving left", size="64x64", num_frames=9, steps=4, seed=5)
+    assert isinstance(result, vidrt.Result)
+    assert result.frames.dtype == np.uint8 and result.frames.shape == (9, 64, 64, 3)
+    assert result.settings.seed == 5 and result.settings.steps == 4 and result.fps == 8
+    assert result.stats.seconds["denoise"] > 0
+
+    path = result.save(tmp_path / "clip.mp4")
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+        assert container.metadata["title"] == "a red circle moving left"  # the settings travel with the file
+        assert json.loads(container.metadata["comment"])["seed"] == "5"
+        rate = stream.average_rate
+    assert decoded.shape == result.frames.shape and rate == 8
+    mse = np.mean((decoded.astype(np.float64) - result.frames) ** 2)
+    assert 10 * np.log10(255**2 / max(mse, 1e-9)) > 30  # H.264 at CRF 18 of the same frames
+    with pytest.raises(vidrt.errors.OutputError, match="exists"):
+        result.save(path)  # nothing is replaced without overwrite=True
+
+
+def test_call_keywords_match_a_request_and_streaming_keeps_no_frames():
+    from vidrt import Pipeline, Request
+    from vidrt.errors import UsageError
+
+    pipe = Pipeline.load()
+    chunks: list[np.ndarray] = []
+    events: list[tuple[str, int, int]] = []
+    streamed = pipe("a blue square moving up", width=64, height=64, num_frames=5, steps=2, seed=1,
+                    on_frames=chunks.append, progress=lambda *e: events.append(e))
+    by_request = pipe.run(Request(prompt="a blue square moving up", width=64, height=64, num_frames=5, steps=2,
+                                  seed=1))
+    assert streamed.frames is None and np.array_equal(np.concatenate(chunks), by_request.frames)
+    assert ("denoise", 2, 2) in events and events[-1] == ("decode", 5, 5)
+    with pytest.raises(UsageError, match="streamed"):
+        streamed.save("never.mp4")
+    with pytest.raises(UsageError, match="not WIDTHxHEIGHT"):
+        pipe("a blue square", size="64by64")
+    with pytest.raises(UsageError, match="not both"):
+        pipe("a blue square", size="64x64", width=64)
+
+
+def test_guidance_per_expert():
+    """Wan2.2 A14B: one scale per expert (official default 4.0 high-noise, 3.0 low-noise)."""
+    from vidrt.errors import UsageError
+    from vidrt.package.registry import get_variant
+    from vidrt.request import Request, resolve
+
+    a14b, single = get_variant("wan2.2-t2v-a14b"), get_variant("wan2.1-t2v-1.3b")
+
+    def scales(spec, **kw):
+        s = resolve(Request(prompt="x", **kw), spec)
+        return s.guidance_high_noise, s.guidance_low_noise
+
+    assert scales(a14b) == (4.0, 3.0)
+    assert scales(a14b, guidance=5.0) == (5.0, 5.0)  # one scale for both, as before
+    assert scales(a14b, guidance=4.5, guidance_low_noise=2.5) == (4.5, 2.5)
+    assert scales(a14b, guidance_low_noise=2.0) == (4.0, 2.0)
+    assert scales(single, guidance=6.0) == (6.0, 6.0)
+    with pytest.raises(UsageError, match="two-expert"):
+        scales(single, guidance_low_noise=3.0)
+    with pytest.raises(UsageError, match="--guidance-low-noise 60"):
+        scales(a14b, guidance_low_noise=60.0)
+
+
+def test_guidance_low_noise_reaches_the_job_contract_and_the_cli(capsys):
+    from cli_helpers import vidrt
+    from vidrt.service.jobs import JobRequest
+
+    job = JobRequest.from_dict({"prompt": "x", "guidance": 4, "guidance_low_noise": 2.5})
+    assert job.to_request().guidance_low_noise == 2.5
+    rc, err = vidrt(capsys, "run", "-p", "a red circle moving left", "--guidance-low-noise", "3", "-o", "x.mp4")
+    assert rc == 2 and "two-expert" in err  # the bundled model has one denoiser
+
+
+# ---- layering: what each room may import ---------------------------------------------------------
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (lazy imports inside functions too), resolved to vidrt.*."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def _room(path: Path) -> str:
+    rel = path.relative_to(RUNTIME).parts
+    return rel[0] if len(rel) > 1 else "pipeline"
+
+
+def test_rooms_import_only_what_they_may():
+    """The pipeline, the package contract and the backends never reach into the CLI or the job service;
+    the package contract imports nothing of vidrt but errors; nothing in the runtime imports torch & co."""
+    heavy = ("torch", "diffusers", "transformers", "onnx", "onnxscript")
+    allowed_by_room = {
+        "package": ("vidrt.errors", "vidrt.package"),
+        "backends": ("vidrt.errors", "vidrt.package", "vidrt.backends", "vidrt.vae_decode"),
+    }
+    problems = []
+    files = sorted(p for p in RUNTIME.rglob("*.py") if "models" not in p.relative_to(RUNTIME).parts[:1])
+    assert len(files) > 25
+    for path in files:
+        room = _room(path)
+        for mod in _imports(path):
+            top = mod.split(".")[0]
+            if top in heavy or any(mod == h or mod.startswith(h + ".") for h in heavy):
+                problems.append(f"{path.relative_to(ROOT)} imports {mod} (the runtime is torch-free)")
+            if room != "cli" and mod.startswith("vidrt.export"):  # `vidrt export`/`build` load it lazily
+                problems.append(f"{path.relative_to(ROOT)} ({room}) imports {mod} (torch world)")
+            if not mod.startswith("vidrt.") or mod in ("vidrt.errors",):
+                continue
+            if room != "cli" and mod.startswith("vidrt.cli"):
+                problems.append(f"{path.relative_to(ROOT)} ({room}) imports {mod}: nothing imports the CLI")
+            if room not in ("cli", "service") and mod.startswith("vidrt.service"):
+                problems.append(f"{path.relative_to(ROOT)} ({room}) imports {mod}: the pipeline never needs "
+                                f"the job service")
+            allowed = allowed_by_room.get(room)
+            if allowed and not any(mod == a or mod.startswith(a + ".") for a in allowed):
+                problems.append(f"{path.relative_to(ROOT)} ({room}) imports {mod}")
+    assert problems == [], "\n".join(problems)
+
+
+def test_the_layering_check_sees_a_violation(tmp_path):
+    """The check above is only worth something if it catches a lazy import inside a function."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from vidrt.service.jobs import JobRequest\n    import torch\n")
+    assert {"vidrt.service.jobs", "vidrt.service.jobs.JobRequest", "torch"} <= _imports(bad)
