@@ -169,7 +169,7 @@ class Pipeline:
     def __call__(self, prompt: str, *, negative_prompt: str | None = None,
                  size: str | tuple[int, int] | None = None, width: int | None = None, height: int | None = None,
                  num_frames: int | None = None, steps: int | None = None, guidance: float | None = None,
-                 guidance_low_noise: float | None = None, shift: float | None = None, seed: int = 0,
+                 guidance_low_noise: float | None = None, shift: float | None = None, seed: int | None = None,
                  scheduler: str | None = None, noise: np.ndarray | None = None,
                  on_frames: FramesFn | None = None, progress: ProgressFn | None = None,
                  vae_memory: str | int | None = None) -> Result:
@@ -177,7 +177,8 @@ class Pipeline:
 
         size        "WxH" (e.g. "832x480") or (width, height), pixels; or width= and height=
         num_frames  video frames, 4k+1 (Wan: 81 at 16 fps; TI2V-5B: 121 at 24 fps)
-        steps, shift, scheduler ("unipc" | "dpm++"), seed (0..2**63-1)
+        steps, shift, scheduler ("unipc" | "dpm++")
+        seed        0..2**63-1; None or -1: a random one (Result.settings.seed says which)
         guidance    CFG scale; guidance_low_noise: the low-noise expert's scale on two-expert models (A14B)
         noise       float32 [C, F_lat, H/8, W/8] (Wan2.2 TI2V: H/16, W/16) initial latents instead of the seed's
         on_frames   called with uint8 [n, H, W, 3] chunks as they are decoded (then Result.frames is None)
@@ -188,6 +189,7 @@ class Pipeline:
         """
         from vidrt.vae_decode import parse_bytes
 
+        # The keywords that are not Request fields are checked here; Request checks its own (FIELD_TYPES).
         if size is not None:
             if width is not None or height is not None:
                 raise UsageError("give size or width and height, not both")
@@ -196,8 +198,14 @@ class Pipeline:
                 if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
                     raise UsageError(f"size {size!r} is not WIDTHxHEIGHT; write it like 832x480")
                 width, height = int(parts[0]), int(parts[1])
-            else:
+            elif isinstance(size, tuple | list) and len(size) == 2:
                 width, height = size
+            else:
+                raise UsageError(f"size must be \"WIDTHxHEIGHT\" or (width, height), got {size!r}"[:200])
+        if vae_memory is not None and (isinstance(vae_memory, bool) or not isinstance(vae_memory, str | int)):
+            raise UsageError(f"vae_memory must be bytes (an integer) or a string like \"2GB\", got {vae_memory!r}")
+        if noise is not None and not isinstance(noise, np.ndarray):
+            raise UsageError(f"noise must be a numpy array [C, F, H, W], got {type(noise).__name__}")
         budget = parse_bytes(vae_memory) if isinstance(vae_memory, str) else vae_memory
         request = Request(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                           num_frames=num_frames, steps=steps, guidance=guidance,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import numbers
+import secrets
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from vidrt.errors import UsageError
 from vidrt.package.registry import ModelSpec
@@ -12,11 +16,57 @@ MAX_STEPS = 1000
 MAX_FRAMES = 1001
 MAX_SIDE_PX = 4096
 MAX_SEED = 2**63 - 1
+RANDOM_SEED = -1  # as the official generate.py: --seed -1 (or no seed) = a random one
+RANDOM_SEEDS = 2**32  # a drawn seed is below this: short enough to read off and retype
+
+
+def draw_seed() -> int:
+    """A random seed in 0..2**32-1 (what `seed=None` / `-1` becomes; reported in Settings.seed)."""
+    return secrets.randbelow(RANDOM_SEEDS)
+
+
+# Field -> the types it accepts (None is accepted wherever the field's default is None). One table:
+# a new Request field adds one row (tests/test_inputs.py fails for a field without one). numbers.Integral
+# takes numpy integers, numbers.Real numpy floats and ints; both are stored as plain int / float.
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "prompt": (str,), "negative_prompt": (str,), "scheduler": (str,),
+    "width": (numbers.Integral,), "height": (numbers.Integral,), "num_frames": (numbers.Integral,),
+    "steps": (numbers.Integral,), "seed": (numbers.Integral,),
+    "guidance": (numbers.Real,), "guidance_low_noise": (numbers.Real,), "shift": (numbers.Real,),
+}
+_KIND = {str: "a string", numbers.Integral: "an integer", numbers.Real: "a number"}
+_FLAG = {"width": "--size", "height": "--size", "num_frames": "--frames"}  # the `vidrt run` flag of a field
+
+
+def _flag(name: str) -> str:
+    return _FLAG.get(name, "--" + name.replace("_", "-"))
+
+
+def check_field_types(obj: Any, table: dict[str, tuple[type, ...]], where: str) -> None:
+    """Check (and normalise: numpy scalars -> int/float) a frozen dataclass's fields against `table`.
+    Raises UsageError `<where>: <field> must be <kind>, got <value> (<type>)`."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if value is None and f.default is None:
+            continue
+        kinds = table[f.name]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            want = " or ".join(_KIND.get(k, k.__name__) for k in kinds)
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise UsageError(f"{where}: {f.name} must be {want}, got {shown} ({type(value).__name__})")
+        if kinds == (numbers.Integral,):
+            object.__setattr__(obj, f.name, int(value))
+        elif kinds == (numbers.Real,):
+            if not math.isfinite(value):
+                raise UsageError(f"{where}: {f.name} ({_flag(f.name)}) must be a finite number, got {value}")
+            object.__setattr__(obj, f.name, float(value))
 
 
 @dataclass(frozen=True)
 class Request:
-    """Everything that decides the clip. None = the model's default (from its manifest)."""
+    """Everything that decides the clip. None = the model's default (from its manifest); seed None or -1 =
+    a random seed, drawn once (`seeded()`) and reported in Settings.seed. Every field is type-checked
+    when the Request is made (FIELD_TYPES): a wrong type is a one-line UsageError naming the field."""
 
     prompt: str
     negative_prompt: str | None = None
@@ -28,8 +78,19 @@ class Request:
     #                                low-noise one's too unless guidance_low_noise is given); None = default
     guidance_low_noise: float | None = None  # two-expert models (Wan2.2 A14B) only: the low-noise expert's scale
     shift: float | None = None
-    seed: int = 0
+    seed: int | None = None
     scheduler: str | None = None
+
+    def __post_init__(self) -> None:
+        check_field_types(self, FIELD_TYPES, "Request")
+        if self.seed is not None and not RANDOM_SEED <= self.seed <= MAX_SEED:
+            raise UsageError(f"--seed {self.seed} is out of range; use 0..{MAX_SEED}, or -1 for a random one")
+
+    def seeded(self) -> Request:
+        """This request with a concrete seed: a random one drawn now if seed is None or -1. Callers that
+        write the settings before running (metadata, --stats-json) resolve a seeded request, so the
+        seed they record is the one the run uses."""
+        return self if self.seed is not None and self.seed != RANDOM_SEED else replace(self, seed=draw_seed())
 
 
 @dataclass(frozen=True)
@@ -58,6 +119,8 @@ def _nearest_multiple(value: int, multiple: int) -> str:
 def resolve(request: Request, spec: ModelSpec) -> Settings:
     """Fill defaults from the model and refuse values that cannot work, naming the nearest valid ones."""
     d = spec.sampling
+    request = request.seeded()
+    assert request.seed is not None
     if (request.width is None) != (request.height is None):
         raise UsageError("give both width and height (--size WxH), or neither for the model's default size")
     width, height = (request.width, request.height) if request.width is not None else d.sizes[0]
@@ -90,8 +153,6 @@ def resolve(request: Request, spec: ModelSpec) -> Settings:
     scheduler = request.scheduler or d.scheduler
     if scheduler not in SOLVERS:
         raise UsageError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SOLVERS)}")
-    if not 0 <= request.seed <= MAX_SEED:
-        raise UsageError(f"--seed {request.seed} is out of range; use 0..{MAX_SEED}")
     g = request.guidance
     # Official A14B defaults differ per expert (wan/configs/wan_t2v_A14B.py sample_guide_scale = (3.0, 4.0):
     # low-noise, high-noise). One --guidance sets both, as before; --guidance-low-noise then overrides the second.

@@ -93,7 +93,7 @@ BAD_VALUES = [
     (["--guidance", "-1"], "--guidance"), (["--guidance", "nan"], "--guidance"), (["--guidance", "inf"], "--guidance"),
     (["--shift", "0"], "--shift"), (["--shift", "-3"], "--shift"), (["--shift", "nan"], "--shift"),
     (["--shift", "1e9"], "--shift"),
-    (["--seed", "-1"], "--seed"), (["--seed", str(2**63)], "--seed"),
+    (["--seed", "-2"], "--seed"), (["--seed", str(2**63)], "--seed"),
     (["--fps", "0"], "--fps"), (["--fps", "241"], "--fps"), (["--crf", "-1"], "--crf"), (["--crf", "64"], "--crf"),
     (["--threads", "0"], "--threads"), (["--threads", "100000"], "1..256"),
     (["--vae-memory", "0"], "--vae-memory"), (["--vae-memory", "lots"], "memory size"),

@@ -76,7 +76,7 @@ def _default_model() -> str | None:
 @click.option("--guidance-low-noise", type=float,
               help="Two-expert models (Wan2.2 A14B): the low-noise expert's guidance scale (default: the model's).")
 @click.option("--shift", type=float, help="Flow-matching sigma shift.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, help="Noise seed; -1 or none = a random one (printed, and kept in the file).")
 @click.option("--scheduler", help="unipc (default) or dpm++.")
 @click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime or tensorrt.")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores).")

@@ -61,7 +61,7 @@ class _Progress:
 
 def run_command(*, prompt: str | None, prompt_file: str | None, model: str | None, negative_prompt: str | None,
                 size: str | None, frames: int | None, steps: int | None, guidance: float | None,
-                guidance_low_noise: float | None, shift: float | None, seed: int, scheduler: str | None,
+                guidance_low_noise: float | None, shift: float | None, seed: int | None, scheduler: str | None,
                 backend: str, threads: int | None,
                 vae_memory: str | None, fps: int | None, crf: int | None, output: str, overwrite: bool,
                 stats_json: str | None, quiet: bool) -> None:
@@ -103,12 +103,15 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
         raise UsageError("no --model given and this build ships no default model; pass --model PACKAGE")
     request = Request(prompt=text, negative_prompt=negative_prompt, width=wh[0] if wh else None,
                       height=wh[1] if wh else None, num_frames=frames, steps=steps, guidance=guidance,
-                      guidance_low_noise=guidance_low_noise, shift=shift, seed=seed, scheduler=scheduler)
+                      guidance_low_noise=guidance_low_noise, shift=shift, seed=seed,
+                      scheduler=scheduler).seeded()  # one seed for the run, the metadata and --stats-json
     spec_only = load_manifest(package, verify=False)  # the model's limits; Pipeline.load checks the hashes
     settings = resolve(request, spec_only.model)
     decode_plan(spec_only, settings, vae_bytes)  # a --vae-memory too small fails now, not after denoising
     clean_stale_temps(out_path.parent if str(out_path.parent) else Path("."))
 
+    if not quiet and (seed is None or seed == -1):
+        click.echo(f"seed {request.seed} (random; --seed {request.seed} makes this clip again)", err=True)
     warnings: list[str] = []
 
     def warn(msg: str) -> None:
@@ -139,4 +142,4 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
     if not quiet:
         click.echo(stats.table(), err=True)
         click.echo(f"wrote {out_path} ({settings.num_frames} frames, {settings.width}x{settings.height}, "
-                   f"{fps_out} fps)", err=True)
+                   f"{fps_out} fps, seed {settings.seed})", err=True)

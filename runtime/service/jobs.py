@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ class JobRequest:
     guidance: float | None = None
     guidance_low_noise: float | None = None  # two-expert models (A14B): the low-noise expert's scale
     shift: float | None = None
-    seed: int = 0
+    seed: int | None = None  # None or -1: a random one, drawn once per clip (seeded()) and written in its metadata
     scheduler: str | None = None
     output_format: str = "mp4"  # mp4 | webm | png
     fps: int | None = None
@@ -84,7 +84,7 @@ class JobRequest:
     def to_dict(self) -> dict[str, Any]:
         """The non-default fields (what a jobs.jsonl line would hold)."""
         return {k: v for k, v in asdict(self).items() if v is not None and not (k == "output_format" and v == "mp4")
-                and not (k == "seed" and v == 0)}
+}
 
     def size_px(self) -> tuple[int, int] | None:
         if self.size is None:
@@ -93,6 +93,10 @@ class JobRequest:
         if len(parts) != 2 or not all(p.isdigit() and len(p) <= 5 for p in parts):
             raise UsageError(f"size {self.size!r} is not WIDTHxHEIGHT; write it like 832x480")
         return int(parts[0]), int(parts[1])
+
+    def seeded(self) -> JobRequest:
+        """This job with a concrete seed (a random one drawn now if seed is None or -1)."""
+        return replace(self, seed=self.to_request().seeded().seed)
 
     def to_request(self) -> Request:
         wh = self.size_px()
@@ -205,6 +209,7 @@ def execute_job(pipe: Any, job: JobRequest, output: str | os.PathLike[str], *,
     from vidrt.video import VideoWriter
 
     spec = pipe.manifest.model
+    job = job.seeded()  # the metadata written below and the run use the same seed
     settings = job.settings(spec)
     fps = job.fps or spec.sampling.fps
     tracker = ProgressTracker(on_event, should_stop)

@@ -79,7 +79,7 @@ class CreateVideoRequest(BaseModel):
     guidance_low_noise: float | None = Field(None, ge=0, le=50,
                                              description="Two-expert models (A14B): the low-noise expert scale.")
     shift: float | None = Field(None, gt=0, le=100)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="None or -1: a random one (kept in the file).")
     scheduler: Literal["unipc", "dpm++"] | None = None
     output_format: Literal["mp4", "webm"] = "mp4"
     fps: int | None = Field(None, ge=1, le=240)
@@ -243,7 +243,7 @@ class VideoAPI:
         fields = body.model_dump(exclude={"model", "seconds"}, exclude_none=True)
         fields["frames"] = frames
         try:
-            job = JobRequest.from_dict(fields, where="request")
+            job = JobRequest.from_dict(fields, where="request").seeded()  # a retry after a worker died: same seed
             settings = job.settings(self.spec)
         except UsageError as exc:
             raise ApiError(400, str(exc)) from None
