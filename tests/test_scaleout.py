@@ -88,9 +88,10 @@ def server(package, local_ray, tmp_path_factory):
     out = tmp_path_factory.mktemp("served")
     config = srv.ServeConfig(package=str(package), out_dir=str(out), workers=2, threads=1, max_steps=400,
                              max_frames=17, max_pixels=128 * 128)
-    url = srv.start_server(config, host="127.0.0.1", port=_free_port())
+    service = srv.Service(config, host="127.0.0.1", port=_free_port())
+    url = service.start_in_thread()
     yield url, out
-    srv.stop_server()
+    service.stop()
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0, every: float = 0.1) -> Any:
@@ -230,18 +231,32 @@ def test_refuses_public_bind_without_token(capsys):
 
 
 def test_token_is_checked():
-    from types import SimpleNamespace
+    """The guard answers 401 from the headers alone, before the app (or the body) is touched."""
+    import asyncio
 
-    from fastapi.security import HTTPAuthorizationCredentials
-    from vidrt.service import server as srv
+    from vidrt.service.guard import Guard
 
-    req = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(token="s3cret")))
-    srv.require_token(req, HTTPAuthorizationCredentials(scheme="Bearer", credentials="s3cret"))
-    for creds in (None, HTTPAuthorizationCredentials(scheme="Bearer", credentials="wrong")):
-        with pytest.raises(srv.ApiError) as err:
-            srv.require_token(req, creds)
-        assert err.value.status == 401
-    srv.require_token(SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace())), None)  # no token: open
+    async def app(scope, receive, send):  # the application behind the guard
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def status_of(headers: list[tuple[bytes, bytes]], token: str | None) -> int:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async def receive() -> dict[str, Any]:
+            raise AssertionError("the guard read the body")
+
+        scope = {"type": "http", "path": "/v1/videos", "headers": [(b"host", b"localhost"), *headers]}
+        asyncio.run(Guard(app, token=token, allowed_hosts={"localhost"}, max_body=100)(scope, receive, send))
+        return sent[0]["status"]
+
+    assert status_of([(b"authorization", b"Bearer s3cret-s3cret-s3cret")], "s3cret-s3cret-s3cret") == 200
+    assert status_of([(b"authorization", b"Bearer wrong")], "s3cret-s3cret-s3cret") == 401
+    assert status_of([], "s3cret-s3cret-s3cret") == 401
+    assert status_of([], None) == 200  # no token: open (loopback only)
 
 
 def test_concurrent_jobs_all_finish_and_match_vidrt_run(server, package, tmp_path):
@@ -308,13 +323,13 @@ def test_cancel_stops_a_running_job_and_frees_its_worker(server):
     vid = _submit_long(url)
     worker = _worker_of(url, vid)
     assert worker is not None
-    r = requests.delete(f"{url}/v1/videos/{vid}", timeout=30)
-    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    r = requests.post(f"{url}/v1/videos/{vid}/cancel", timeout=30)
+    assert r.status_code == 200 and r.json()["error"]["code"] == "cancelled", r.text
     wait_for(f"worker {worker['index']} to let go of {vid}", lambda: _worker_of(url, vid) is None, 60)
     v = get(f"{url}/v1/videos/{vid}")
-    assert v["status"] == "cancelled" and v["completed_at"] is not None, v
+    assert v["status"] == "failed" and v["error"]["code"] == "cancelled" and v["completed_at"] is not None, v
     assert requests.get(f"{url}/v1/videos/{vid}/content", timeout=30).status_code == 409
-    assert not list(out.glob(f"*{vid}*")), "a cancelled job left a file"
+    assert not list(out.glob(f"{vid}.*")), "a cancelled job left a file"
     # the worker is free again: new jobs complete (with two workers, two jobs keep both busy)
     ids = [requests.post(f"{url}/v1/videos", json={"prompt": "a cat", **SMALL, "seed": s}, timeout=30).json()["id"]
            for s in (7, 8)]

@@ -79,23 +79,75 @@ def batch_cmd(jobs_file: str, out_dir: str, model: str | None, address: str | No
                          f"command again to retry only those")
 
 
+def parse_duration(text: str | None, flag: str) -> float | None:
+    """'90s', '30m', '12h', '7d' -> seconds; None or 'forever' -> None."""
+    import re
+
+    if text is None or text.strip().lower() == "forever":
+        return None
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd])\s*", text.lower())
+    if m is None or float(m[1]) <= 0:
+        raise UsageError(f"{flag} {text!r} is not a duration; write it like 7d, 12h, 30m, 90s or forever")
+    return float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+
+
+def parse_bytes(text: str, flag: str) -> int:
+    """'512KB', '4MB', '1GB', '1048576' -> bytes (KB = 1024 bytes here, as in most upload limits)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*", text.lower())
+    if m is None or float(m[1]) <= 0:
+        raise UsageError(f"{flag} {text!r} is not a size; write it like 512KB, 4MB or 1GB")
+    return int(float(m[1]) * 1024 ** {"": 0, "b": 0, "k": 1, "m": 2, "g": 3}[m[2][:1]])
+
+
+def read_token(token: str | None, token_file: str | None) -> str | None:
+    if token_file is None:
+        return token
+    if token is not None:
+        raise UsageError("give --token or --token-file, not both")
+    try:
+        text = Path(token_file).expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--token-file {token_file} cannot be read ({getattr(exc, 'strerror', None) or exc})") \
+            from None
+    if not text or len(text.split()) != 1:
+        raise UsageError(f"--token-file {token_file} must hold one token on one line")
+    return text
+
+
 @click.command("serve")
 @_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; other than loopback "
-                                                                     "needs --token.")
+                                                                     "needs a token of 16+ characters.")
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--token", envvar="VIDRT_SERVE_TOKEN", help="Bearer token clients must send (or VIDRT_SERVE_TOKEN).")
-@click.option("--out", "out_dir", default="vidrt-videos", show_default=True, help="Folder for finished clips.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token clients must "
+                                                                    "send (kept out of `ps`).")
+@click.option("--token", envvar="VIDRT_SERVE_TOKEN", help="The bearer token itself (or VIDRT_SERVE_TOKEN); "
+                                                          "visible to other users in `ps`: prefer --token-file.")
+@click.option("--out", "out_dir", default="vidrt-videos", show_default=True,
+              help="Folder for finished clips and the job table (vidrt-jobs.sqlite).")
+@click.option("--keep", default="forever", show_default=True, help="Remove finished clips this long after they "
+                                                                   "finish: 7d, 12h, 30m, or forever.")
 @click.option("--max-queue", type=int, default=1000, show_default=True, help="Queued jobs before 429.")
 @click.option("--max-steps", type=int, default=100, show_default=True, help="Largest steps a request may ask.")
 @click.option("--max-frames", type=int, help="Largest frame count (default: the model's default).")
 @click.option("--max-size", help="Largest WIDTHxHEIGHT area (default: the model's largest size).")
+@click.option("--max-body", default="1MB", show_default=True, help="Largest request body; larger ones get 413 "
+                                                                   "unread.")
+@click.option("--allow-host", multiple=True, help="Also answer requests whose Host header is this name "
+                                                  "(repeatable; '*' turns the check off). Default: loopback names "
+                                                  "and the bound address.")
+@click.option("--cors-origin", multiple=True, help="Let web pages from this origin call the API "
+                                                   "(repeatable; default: none).")
 def serve_cmd(model: str | None, address: str | None, workers: int | None, threads: int | None, backend: str,
-              use_gpu: bool | None, host: str, port: int, token: str | None, out_dir: str, max_queue: int,
-              max_steps: int, max_frames: int | None, max_size: str | None) -> None:
-    """Serve the asynchronous job API: POST /v1/videos, GET /v1/videos/{id}[/content], DELETE.
+              use_gpu: bool | None, host: str, port: int, token_file: str | None, token: str | None, out_dir: str,
+              keep: str, max_queue: int, max_steps: int, max_frames: int | None, max_size: str | None,
+              max_body: str, allow_host: tuple[str, ...], cors_origin: tuple[str, ...]) -> None:
+    """Serve the job API (OpenAI /v1/videos shape) and a web page at /.
 
-    Loopback only unless --token is given; the schema is at /openapi.json, docs at /docs.
+    Loopback only unless a token is given; jobs survive restarts (the job table is in --out);
+    the schema is at /openapi.json, docs at /docs.
     """
     from vidrt.cli.app import parse_size
     from vidrt.service.scaleout import connect_ray, require_ray
@@ -107,27 +159,43 @@ def serve_cmd(model: str | None, address: str | None, workers: int | None, threa
         if value is not None and value < 1:
             raise UsageError(f"{name} {value} must be at least 1")
     wh = parse_size(max_size)
-    ray = require_ray("serve")
+    keep_seconds = parse_duration(keep, "--keep")
+    body_cap = parse_bytes(max_body, "--max-body")
+    token = read_token(token, token_file)
+    ray = require_ray("serve", local=address is None)
     try:
         from vidrt.service import server
     except ImportError as exc:
         raise UsageError(f"vidrt serve needs FastAPI ({exc.name} is missing): pip install 'vidrt[serve]'") from None
     server.check_bind(host, token)  # before anything starts
-    if address in (None, "auto", "local"):  # the HTTP proxy will run on this machine
-        _check_port_free(host, port)
+    _check_port_free(host, port)
     config = server.ServeConfig(package=_package(model), out_dir=str(Path(out_dir).resolve()), workers=workers,
                                 threads=threads, backend=backend, use_gpu=use_gpu, token=token, max_queue=max_queue,
                                 max_steps=max_steps, max_frames=max_frames,
-                                max_pixels=wh[0] * wh[1] if wh else None)
+                                max_pixels=wh[0] * wh[1] if wh else None, max_body=body_cap,
+                                allowed_hosts=allow_host, cors_origins=cors_origins_checked(cors_origin),
+                                keep_seconds=keep_seconds)
     started = connect_ray(address, "serve")
     try:
+        service = server.Service(config, host=host, port=port)
+        warning = service.warning()
+        if warning:
+            click.echo(f"warning: {warning}", err=True)
+        r = service.restored
+        if any(r.values()):
+            click.echo(f"job table: {r['completed']} finished clips, {r['queued']} queued, {r['requeued']} queued "
+                       f"again (they were running), {r['failed']} failed on restart", err=True)
         click.echo("starting workers (each loads the model once)...", err=True)
-        url = server.start_server(config, host=host, port=port)
-        click.echo(f"serving on {url}  (POST {url}/v1/videos; schema {url}/openapi.json); Ctrl-C stops", err=True)
-        server.wait_forever()
+        click.echo(f"serving on {service.url}  (web page {service.url}/ ; POST {service.url}/v1/videos; schema "
+                   f"{service.url}/openapi.json); Ctrl-C stops", err=True)
+        service.run()
     finally:
-        try:
-            server.stop_server()
-        finally:
-            if started:
-                ray.shutdown()
+        if started:
+            ray.shutdown()
+
+
+def cors_origins_checked(origins: tuple[str, ...]) -> tuple[str, ...]:
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise UsageError(f"--cors-origin {origin!r} is not an origin; write it like https://app.example.com")
+    return origins

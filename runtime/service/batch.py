@@ -100,7 +100,7 @@ def run_batch(jobs_file: str, out_dir: str, package: str | os.PathLike[str], *, 
     from vidrt.service.scaleout import connect_ray, require_ray, write_json_atomic
     from vidrt.video import clean_stale_temps
 
-    require_ray("batch")
+    require_ray("batch", local=address is None)
     if workers is not None and workers < 1:
         raise UsageError(f"--workers {workers} must be at least 1")
     if threads is not None and threads < 1:

@@ -9,6 +9,12 @@
                  the job goes back to the front of the queue, for whichever worker is free first,
                  up to `max_attempts` tries. A job turns "completed" only after its file has been
                  published into the output folder (temp beside it, then rename): never before.
+                 With a JobStore (store.py) every change of a job is written to SQLite, so a
+                 restarted server lists, serves and runs what the last one had (`restore`).
+
+Scratch: a worker encodes into `$TMPDIR/vidrt-worker-<pid>-*`, removed by `close()` when the
+manager ends it; a worker that was killed cannot clean up, so every worker that starts (Ray's
+restart of a killed one included) and the manager at shutdown remove the folders of dead pids.
 
 `vidrt batch` (batch.py) and `vidrt serve` (server.py) both drive a JobManager. ray is
 imported inside functions only: the runtime core never needs it (DESIGN.md §1).
@@ -20,25 +26,37 @@ import asyncio
 import collections
 import json
 import os
+import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from vidrt.errors import Cancelled, UsageError, VidrtError
 from vidrt.request import Settings
 from vidrt.service.jobs import JobRequest, ProgressEvent, execute_job
+from vidrt.service.previews import SUFFIX as PREVIEW_SUFFIX
+from vidrt.service.previews import VARIANTS, make_previews
 
 ACTIVE = ("queued", "in_progress")
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # a local Ray's shared memory: finished clips pass through it
 
 
-def require_ray(command: str) -> Any:
+def require_ray(command: str, local: bool = False) -> Any:
+    """Import ray, or a UsageError naming the extra. local=True (a private Ray on this machine, started
+    by connect_ray(None)): every port that Ray opens, its metrics endpoints and dashboard included, is
+    bound to 127.0.0.1. Ray decides that when it is first imported (ray_constants.ENABLE_RAY_CLUSTER,
+    read from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: off = a single-node Ray that resolves the node's address
+    to the loopback one; ray/_private/services.py get_node_ip_address), so this must run before any
+    `import ray`. A cluster of your own (`ray start`) binds what you tell it to (docs/scale-out.md)."""
+    if local and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
@@ -49,7 +67,7 @@ def require_ray(command: str) -> Any:
 def connect_ray(address: str | None, command: str, num_cpus: int | None = None) -> bool:
     """Join the cluster at `address` ("auto" = the local `ray start` cluster), or start a private
     local Ray when None. Returns True when this call started the connection (so it should end it)."""
-    ray = require_ray(command)
+    ray = require_ray(command, local=not address)
     import logging
 
     if ray.is_initialized():
@@ -87,7 +105,8 @@ class Worker:
             self.pipe = Pipeline.load(package, backend=backend, threads=threads, warn=self.warnings.append)
         except VidrtError as exc:  # reported by info(): a one-line reason beats an actor-creation traceback
             self.load_error = f"{type(exc).__name__}: {exc}"
-        self.scratch = Path(tempfile.mkdtemp(prefix="vidrt-worker-"))
+        sweep_scratch()  # folders of workers that were killed (this process may be the restart of one)
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
         self._lock = threading.Lock()
         self._current: str | None = None
         self._event: ProgressEvent | None = None
@@ -99,6 +118,10 @@ class Worker:
             return {"pid": os.getpid(), "host": socket.gethostname(), "error": self.load_error}
         return {"pid": os.getpid(), "host": socket.gethostname(), "model": self.pipe.manifest.model.name,
                 "backend": self.pipe.backend.name, "jobs_done": self.jobs_done}
+
+    def close(self) -> None:
+        """Remove the scratch folder (the manager calls this before it ends the actor)."""
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
     def progress(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -113,8 +136,9 @@ class Worker:
         with self._lock:
             self._event = event
 
-    def run(self, job_id: str, job: dict[str, Any]) -> dict[str, Any]:
-        """-> {"status": "completed", "files": {relative name: bytes}, "result": {...}} | cancelled | failed."""
+    def run(self, job_id: str, job: dict[str, Any], previews: bool = False) -> dict[str, Any]:
+        """-> {"status": "completed", "files": {relative name: bytes}, "previews": {variant: JPEG bytes},
+        "result": {...}} | cancelled | failed. previews: also a thumbnail and a sprite sheet (previews.py)."""
         request = JobRequest.from_dict(job)
         out = self.scratch / f"{job_id}{request.suffix}"
         with self._lock:
@@ -123,6 +147,7 @@ class Worker:
             result = execute_job(self.pipe, request, out, on_event=self._on_event, overwrite=True,
                                  should_stop=lambda: job_id in self._stop)
             files = _read_output(out)
+            images = make_previews(out) if previews and out.is_file() else {}
         except Cancelled:
             return {"status": "cancelled"}
         except VidrtError as exc:
@@ -137,7 +162,33 @@ class Worker:
         self.jobs_done += 1
         record = result.to_dict()
         record.pop("output")
-        return {"status": "completed", "files": files, "result": record}
+        return {"status": "completed", "files": files, "previews": images, "result": record}
+
+
+SCRATCH_PREFIX = "vidrt-worker-"
+_SCRATCH_RE = re.compile(re.escape(SCRATCH_PREFIX) + r"(?P<pid>[0-9]+)-")
+
+
+def sweep_scratch(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove worker scratch folders whose process is gone (on this machine); returns what was removed."""
+    removed = []
+    base = Path(root or tempfile.gettempdir())
+    for entry in base.glob(SCRATCH_PREFIX + "*"):
+        m = _SCRATCH_RE.match(entry.name)
+        if m is not None and entry.is_dir() and not _pid_alive(int(m["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def _read_output(path: Path) -> dict[str, bytes]:
@@ -193,13 +244,19 @@ class Job:
     status: str = "queued"  # queued | in_progress | completed | failed | cancelled
     started_at: float | None = None
     completed_at: float | None = None
+    expires_at: float | None = None  # when --keep removes it (None: kept)
     event: ProgressEvent | None = None
     attempts: int = 0
+    restarts: int = 0  # times a server restart found it running and queued it again
     worker: int | None = None
     error: str | None = None
     error_code: str | None = None
     result: dict[str, Any] | None = None
+    previews: dict[str, str] = field(default_factory=dict)  # variant -> file, once completed
     cancel_requested: bool = False
+    deleted: bool = False
+    seq: int = 0  # submission order (list paging)
+    api: dict[str, Any] = field(default_factory=dict)  # what the client asked for, as it asked (seconds, size)
     tag: Any = None  # the caller's (batch: the line number)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -213,6 +270,34 @@ class Job:
     def stats_path(self) -> Path:
         return self.output.with_name(self.output.stem + ".json") if self.output.suffix else \
             self.output.with_name(self.output.name + ".json")
+
+    def preview_path(self, variant: str) -> Path:
+        return self.output.with_name(f"{self.output.stem}.{variant}{PREVIEW_SUFFIX}")
+
+    def files(self) -> list[Path]:
+        """Everything this job has (or will have) in the output folder."""
+        return [self.output, self.stats_path, *(self.preview_path(v) for v in VARIANTS)]
+
+    def to_record(self) -> dict[str, Any]:
+        """The row of the job table (store.py): everything but live progress."""
+        return {"id": self.id, "seq": self.seq, "request": self.request.to_dict(), "settings": asdict(self.settings),
+                "output": str(self.output), "created_at": self.created_at, "status": self.status,
+                "started_at": self.started_at, "completed_at": self.completed_at, "expires_at": self.expires_at,
+                "attempts": self.attempts, "restarts": self.restarts, "error": self.error,
+                "error_code": self.error_code, "result": self.result, "previews": self.previews,
+                "cancel_requested": self.cancel_requested, "api": self.api}
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> Job:
+        known = {f.name for f in fields(Settings)}
+        job = cls(id=r["id"], request=JobRequest.from_dict(r["request"], where=f"job {r['id']}"),
+                  settings=Settings(**{k: v for k, v in r["settings"].items() if k in known}), output=Path(r["output"]))
+        for name in ("seq", "created_at", "status", "started_at", "completed_at", "expires_at", "attempts", "restarts",
+                     "error", "error_code", "result", "previews", "cancel_requested", "api"):
+            setattr(job, name, r[name])
+        if job.status not in ACTIVE:
+            job.done.set()
+        return job
 
 
 @dataclass
@@ -234,7 +319,11 @@ class JobManager:
     def __init__(self, package: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                  workers: int | None = None, threads: int | None = None, backend: str = "auto",
                  use_gpu: bool | None = None, max_attempts: int = 3, poll_seconds: float = 0.25,
-                 start_timeout: float = 600.0) -> None:
+                 start_timeout: float = 600.0, store: Any = None, keep_seconds: float | None = None,
+                 previews: bool = False) -> None:
+        """store: a JobStore (store.py) to persist the job table in, or None (batch: in memory only).
+        keep_seconds: finished jobs and their files are removed this long after they finished (None: never).
+        previews: completed clips also get a thumbnail and a sprite sheet (previews.py)."""
         self.package = str(Path(package).resolve())
         self.out_dir = Path(out_dir)
         self.workers_wanted = workers
@@ -244,6 +333,11 @@ class JobManager:
         self.max_attempts = max_attempts
         self.poll_seconds = poll_seconds
         self.start_timeout = start_timeout
+        self.store = store
+        self.keep_seconds = keep_seconds
+        self.previews = previews
+        self.restore_report: dict[str, int] = {}
+        self._seq = 0
         self.jobs: dict[str, Job] = {}
         self.slots: list[Slot] = []
         self.retries = 0
@@ -301,6 +395,10 @@ class JobManager:
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._tasks = [asyncio.create_task(self._dispatch(slot)) for slot in self.slots]
+        if self.keep_seconds is not None:
+            self._tasks.append(asyncio.create_task(self._expire_loop()))
+        if self._pending:  # restored jobs
+            self._wake.set()
         try:
             await asyncio.wait_for(self._ready.wait(), self.start_timeout)
         except asyncio.TimeoutError:
@@ -313,26 +411,103 @@ class JobManager:
         self.ready_at = time.monotonic()
 
     async def shutdown(self) -> None:
+        """Stop dispatching, let each worker remove its scratch folder, end the actors. Jobs that were
+        running stay "in_progress" in the store: the next start queues them again (restore)."""
         import ray
 
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        live = [s for s in self.slots if s.alive]
+        for slot in live:  # a running job is told to stop, so close() is answered promptly
+            if slot.job is not None:
+                slot.actor.cancel.remote(slot.job)
+        closing = [asyncio.wait_for(_await(s.actor.close.remote()), 10.0) for s in live]
+        await asyncio.gather(*closing, return_exceptions=True)
         for slot in self.slots:
             try:
                 ray.kill(slot.actor, no_restart=True)
             except Exception:
                 pass
         self._tasks, self.slots = [], []
+        sweep_scratch()  # workers on this machine that were killed before they could clean up
+
+    # -- the job table across restarts -----------------------------------------------------------
+
+    def restore(self) -> dict[str, int]:
+        """Load the store's jobs (before start()). Finished ones are listed and served again; queued ones
+        run; ones a stopped server was running are queued once more (restarts), or failed if a restart
+        already interrupted them once. Then expire, and remove from the output folder what no job owns
+        (temps of dead processes, clips of jobs deleted while a server was stopping)."""
+        from vidrt.video import clean_stale_temps
+
+        report = {"completed": 0, "queued": 0, "requeued": 0, "failed": 0, "orphans": 0}
+        if self.store is None:
+            return report
+        for record in self.store.load():
+            job = Job.from_record(record)
+            was = job.status
+            self.jobs[job.id] = job
+            self._seq = max(self._seq, job.seq)
+            if job.status == "in_progress" and job.cancel_requested:
+                self._finish(job, "cancelled")
+            elif job.status == "in_progress" and job.restarts >= 1:
+                self._finish(job, "failed", "the server stopped while this job ran, twice; submit it again",
+                             "interrupted")
+                report["failed"] += 1
+            elif job.status == "in_progress":
+                job.status, job.restarts = "queued", job.restarts + 1
+                self._save(job)
+                report["requeued"] += 1
+            elif job.status == "completed" and not job.output.exists():
+                self._finish(job, "failed", f"its file {job.output.name} is gone from the output folder",
+                             "file_missing")
+                report["failed"] += 1
+            elif job.status == "completed":
+                report["completed"] += 1
+            if job.status == "queued":
+                self._enqueue(job)
+                report["queued"] += was == "queued"
+        self.expire()
+        clean_stale_temps(self.out_dir)
+        owned = {p.name for j in self.jobs.values() for p in j.files()}
+        for entry in self.out_dir.iterdir():
+            if entry.name.startswith("video_") and entry.name not in owned:
+                _remove(entry)
+                report["orphans"] += 1
+        self.restore_report = report
+        return report
+
+    def expire(self, now: float | None = None) -> int:
+        """Delete finished jobs whose expires_at has passed, with their files; returns how many."""
+        now = time.time() if now is None else now
+        old = [j.id for j in self.jobs.values() if j.expires_at is not None and j.expires_at <= now
+               and j.status not in ACTIVE]
+        for job_id in old:
+            self.delete(job_id)
+        return len(old)
+
+    async def _expire_loop(self) -> None:
+        assert self.keep_seconds is not None
+        while True:
+            await asyncio.sleep(min(60.0, max(self.keep_seconds / 4, 0.2)))
+            self.expire()
+
+    def _save(self, job: Job) -> None:
+        if self.store is not None and not job.deleted:
+            self.store.save(job.id, job.seq, job.status, job.to_record())
 
     # -- the job API -----------------------------------------------------------------------------
 
     def submit(self, request: JobRequest, settings: Settings, output: Path | None = None,
-               job_id: str | None = None, tag: Any = None) -> Job:
+               job_id: str | None = None, tag: Any = None, api: dict[str, Any] | None = None) -> Job:
         job_id = job_id or f"video_{uuid.uuid4().hex}"
         output = output or self.out_dir / f"{job_id}{request.suffix}"
-        job = Job(id=job_id, request=request, settings=settings, output=output, tag=tag)
+        self._seq += 1
+        job = Job(id=job_id, request=request, settings=settings, output=output, tag=tag, seq=self._seq,
+                  api=dict(api or {}))
         self.jobs[job_id] = job
+        self._save(job)
         self._enqueue(job)
         return job
 
@@ -346,18 +521,22 @@ class JobManager:
             self._finish(job, "cancelled")
         else:  # the dispatch loop tells the worker and finishes the job when the worker returns
             job.status = "cancelled"
+            self._save(job)
         return job
 
     def delete(self, job_id: str) -> bool:
-        """Forget a finished job and remove its files."""
+        """Forget a job (cancelling it first if it is queued or running) and remove its files and row.
+        A running job's worker stops at its next step; its result is dropped when it returns."""
         job = self.jobs.get(job_id)
         if job is None:
             return False
         if job.status in ACTIVE:
             self.cancel(job_id)
-        if job.worker is None:
-            del self.jobs[job_id]
-        for path in (job.output, job.stats_path):
+        del self.jobs[job_id]
+        job.deleted = True
+        if self.store is not None:
+            self.store.delete(job_id)
+        for path in job.files():
             _remove(path)
         return True
 
@@ -420,9 +599,10 @@ class JobManager:
         job.status, job.worker, job.event = "in_progress", slot.index, None
         job.attempts += 1
         job.started_at = job.started_at or time.time()
+        self._save(job)
         slot.job = job.id
         request = {k: v for k, v in job.request.to_dict().items() if k != "model"}
-        reply_task = asyncio.ensure_future(_await(slot.actor.run.remote(job.id, request)))
+        reply_task = asyncio.ensure_future(_await(slot.actor.run.remote(job.id, request, self.previews)))
         cancel_sent = False
         try:
             while not reply_task.done():
@@ -466,6 +646,8 @@ class JobManager:
                 self._finish(job, "failed", reply.get("error", "failed"), reply.get("code"))
             return True
         finally:
+            if not reply_task.done():  # shutting down: the actor is about to be ended
+                reply_task.add_done_callback(lambda t: t.cancelled() or t.exception())
             slot.job = None
             if job.worker == slot.index:
                 job.worker = None
@@ -477,6 +659,7 @@ class JobManager:
         elif job.attempts < self.max_attempts:
             self.retries += 1
             job.status = "queued"
+            self._save(job)
             self._enqueue(job, front=True)  # the next free worker takes it
         else:
             self._finish(job, "failed", f"the worker died {job.attempts} times running this job "
@@ -503,11 +686,20 @@ class JobManager:
         if job.tag is not None:
             job.result["tag"] = job.tag
         write_json_atomic(job.stats_path, job.result)  # first: the clip is the "done" marker
+        for variant, data in reply.get("previews", {}).items():
+            publish({"": data}, job.preview_path(variant))
+            job.previews[variant] = str(job.preview_path(variant))
         publish(reply["files"], job.output)
 
     def _finish(self, job: Job, status: str, error: str | None = None, code: str | None = None) -> None:
         job.status, job.error, job.error_code = status, error, code
         job.completed_at = time.time()
+        if self.keep_seconds is not None:
+            job.expires_at = job.completed_at + self.keep_seconds
+        if job.deleted:  # deleted while its worker ran: whatever it made goes too
+            for path in job.files():
+                _remove(path)
+        self._save(job)
         job.done.set()
 
 

@@ -1,46 +1,61 @@
-"""`vidrt serve`: an asynchronous video-job API (OpenAI `/v1/videos` shape) on Ray Serve + FastAPI.
+"""`vidrt serve`: an asynchronous video-job API in the OpenAI `/v1/videos` shape, and a web page.
 
-    POST   /v1/videos                 create a job -> Video {id, object: "video", status: "queued", ...}
-    GET    /v1/videos                 recent jobs, newest first
-    GET    /v1/videos/{id}            status, progress 0-100, stage, step i/N, ETA, error
-    GET    /v1/videos/{id}/content    the finished clip (409 until status is "completed")
-    DELETE /v1/videos/{id}            cancel a queued/running job, or delete a finished one and its file
-    GET    /v1/workers                the worker actors: pid, host, current job, clips done, deaths
-    GET    /health                    liveness (no token needed)
-    GET    /openapi.json, /docs       the schema
+    GET    /                               the web page (web/index.html: plain HTML + JS over this API)
+    POST   /v1/videos                      create a job (JSON or multipart/form-data) -> Video, status "queued"
+    GET    /v1/videos?after=&limit=&order= jobs, newest first by default; first_id, last_id, has_more
+    GET    /v1/videos/{id}                 status, progress 0-100, stage, step i/N, ETA, error
+    GET    /v1/videos/{id}/content         the clip; ?variant=thumbnail|spritesheet: JPEG stills
+    POST   /v1/videos/{id}/cancel          stop a queued or running job, keep its record (vidrt)
+    DELETE /v1/videos/{id}                 cancel if needed, then delete the record and its files
+    GET    /v1/models                      the served model and what it can make (sizes, frames, fps)
+    GET    /v1/workers                     the worker actors: pid, host, current job, clips done, deaths
+    GET    /health                         liveness (no token needed)
+    GET    /openapi.json, /docs            the schema
 
-One Serve replica (the ingress) holds the job table and a JobManager (scaleout.py) that owns the
-worker actors, one per GPU. Clips are published into --out on the ingress's node. Errors are
-{"error": {"message": one line, "type", "param", "code"}} with a 4xx status for bad requests.
-Imported only by the serve command: fastapi and ray live in the [serve] extra.
+The HTTP server (uvicorn) and the JobManager run in this process on one event loop; the workers
+are Ray actors (scaleout.py), one per GPU. The job table lives in SQLite beside the clips
+(store.py), so a restarted server serves what the last one made and runs what it had queued.
+Before FastAPI sees a request, guard.py refuses foreign Host headers, missing tokens and bodies
+over --max-body, without reading the body. fastapi/uvicorn come with the [serve] extra.
 """
 
-# No `from __future__ import annotations`: Serve's ingress re-wraps the route methods and FastAPI
-# must see real types, not strings, in their signatures.
-import hmac
-import ipaddress
-import math
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from __future__ import annotations
 
-from fastapi import Depends, FastAPI, Query, Request
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
-from ray import serve
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 from vidrt.errors import UsageError
-from vidrt.request import MAX_FRAMES, MAX_SEED, MAX_STEPS
-from vidrt.service.jobs import JobRequest
-from vidrt.service.scaleout import Job, JobManager
+from vidrt.service.api import (
+    ApiError,
+    CreateVideoRequest,
+    ErrorResponse,
+    ServeLimits,
+    Video,
+    VideoAPI,
+    VideoDeleted,
+    VideoList,
+    validation_message,
+)
+from vidrt.service.guard import LOOPBACK_NAMES, Guard, error_body
+from vidrt.service.previews import MEDIA_TYPE as PREVIEW_MEDIA_TYPE
+from vidrt.service.scaleout import ACTIVE, Job, JobManager
+from vidrt.service.store import DB_NAME, JobStore
 
-Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 MEDIA_TYPES = {".mp4": "video/mp4", ".webm": "video/webm"}
+MIN_PUBLIC_TOKEN = 16  # characters; shorter tokens are refused for non-loopback binds
+POLL_AFTER_MS = 500  # openai-poll-after-ms: how often the SDK's poll() asks while a job is active
 
 
 @dataclass(frozen=True)
@@ -57,266 +72,18 @@ class ServeConfig:
     max_frames: int | None = None  # None: the model's default frame count
     max_pixels: int | None = None  # width x height; None: the model's largest listed size
     max_attempts: int = 3
+    max_body: int = 1 << 20  # bytes
+    allowed_hosts: tuple[str, ...] | None = ()  # () = the defaults (allowed_hosts_for); None = any Host
+    cors_origins: tuple[str, ...] = ()
+    keep_seconds: float | None = None  # None: keep finished clips until deleted
 
 
-# ---- schema ------------------------------------------------------------------------------------
-
-
-class CreateVideoRequest(BaseModel):
-    """OpenAI's create-video fields (prompt, model, size, seconds) plus vidrt's sampling controls."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str = Field(min_length=1, max_length=20000, description="What the clip shows.")
-    model: str | None = Field(None, max_length=200, description="The served model's name (optional).")
-    negative_prompt: str | None = Field(None, max_length=20000)
-    size: str | None = Field(None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$", description="WIDTHxHEIGHT, e.g. 832x480.")
-    seconds: str | None = Field(None, pattern=r"^[0-9]{1,4}(\.[0-9]{1,3})?$",
-                                description="Clip length; rounded to the model's 4k+1 frames. Or give frames.")
-    frames: int | None = Field(None, ge=1, le=MAX_FRAMES, description="Video frames, 4k+1.")
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    guidance: float | None = Field(None, ge=0, le=50)
-    guidance_low_noise: float | None = Field(None, ge=0, le=50,
-                                             description="Two-expert models (A14B): the low-noise expert scale.")
-    shift: float | None = Field(None, gt=0, le=100)
-    seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="None or -1: a random one (kept in the file).")
-    scheduler: Literal["unipc", "dpm++"] | None = None
-    output_format: Literal["mp4", "webm"] = "mp4"
-    fps: int | None = Field(None, ge=1, le=240)
-    crf: int | None = Field(None, ge=0, le=63)
-
-
-class VideoError(BaseModel):
-    code: str
-    message: str
-
-
-class Video(BaseModel):
-    id: str
-    object: Literal["video"] = "video"
-    created_at: int
-    completed_at: int | None = None
-    status: Status
-    progress: int = Field(ge=0, le=100)
-    model: str
-    size: str
-    seconds: str
-    error: VideoError | None = None
-    # vidrt extensions
-    stage: str | None = Field(None, description="text | denoise | decode | done while in progress")
-    step: int | None = Field(None, description="steps (denoise) or frames (decode) done in this stage")
-    steps: int | None = Field(None, description="of this many")
-    eta_seconds: float | None = None
-    attempts: int = Field(0, description="tries so far; >1 after a worker died mid-clip")
-    stats: dict[str, Any] | None = Field(None, description="per-stage seconds and settings, once completed")
-
-
-class VideoList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Video]
-
-
-class VideoDeleted(BaseModel):
-    id: str
-    object: Literal["video.deleted"] = "video.deleted"
-    deleted: bool
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 429, 503)}
-
-app = FastAPI(title="vidrt", version="1", description="Wan2.1 / Wan2.2 video generation jobs (OpenAI /v1/videos "
-                                                         "shape).")
-bearer = HTTPBearer(auto_error=False, description="--token of `vidrt serve`, when it was given")
-
-
-def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
-            429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
-    body = ErrorResponse(error=ErrorDetail(message=" ".join(message.split()), type=kind, param=param, code=code))
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-@app.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return _error(exc.status, exc.message, exc.param, exc.code)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-    where = ".".join(loc)
-    msg = str(first.get("msg", "invalid request"))
-    if first.get("type") == "json_invalid":
-        msg, where = "the body is not valid JSON", ""
-    elif first.get("type") == "extra_forbidden":
-        msg = f"unknown field; fields are {', '.join(CreateVideoRequest.model_fields)}"
-    return _error(400, f"{where}: {msg}" if where else msg, param=where or None)
-
-
-@app.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail))
-
-
-def require_token(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    token = getattr(request.app.state, "token", None)
-    if token is None:
-        return
-    if creds is None or not hmac.compare_digest(creds.credentials.encode(), token.encode()):
-        raise ApiError(401, "missing or wrong bearer token: send Authorization: Bearer <token>")
-
-
-# ---- the ingress deployment --------------------------------------------------------------------
-
-
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-@serve.ingress(app)
-class VideoAPI:
-    async def __init__(self, config: ServeConfig) -> None:
-        from vidrt.package.manifest import load_manifest
-
-        self.config = config
-        self.spec = load_manifest(config.package, verify=False).model
-        sizes = self.spec.sampling.sizes
-        self.max_pixels = config.max_pixels or max(w * h for w, h in sizes)
-        self.max_frames = config.max_frames or self.spec.sampling.frames
-        app.state.token = config.token
-        self.manager = JobManager(config.package, config.out_dir, workers=config.workers, threads=config.threads,
-                                  backend=config.backend, use_gpu=config.use_gpu, max_attempts=config.max_attempts)
-        await self.manager.start()  # every worker has the model loaded before Serve reports ready
-
-    # -- helpers --
-
-    def _job(self, video_id: str) -> Job:
-        job = self.manager.jobs.get(video_id)
-        if job is None:
-            raise ApiError(404, f"no video {video_id!r}; ids come from POST /v1/videos", "video_id")
-        return job
-
-    def _video(self, job: Job) -> Video:
-        s = job.settings
-        fps = job.request.fps or self.spec.sampling.fps
-        event = job.event if job.status == "in_progress" else None
-        error = VideoError(code=job.error_code or job.status, message=job.error) if job.error else None
-        if job.status == "cancelled":
-            error = VideoError(code="cancelled", message="the job was cancelled (DELETE)")
-        return Video(id=job.id, created_at=int(job.created_at),
-                     completed_at=int(job.completed_at) if job.completed_at and job.done.is_set() else None,
-                     status=job.status, progress=int(math.floor(job.percent)), model=self.spec.name,
-                     size=f"{s.width}x{s.height}", seconds=f"{s.num_frames / fps:g}", error=error,
-                     stage=event.stage if event else None, step=event.done if event else None,
-                     steps=event.total if event else None,
-                     eta_seconds=round(event.eta_seconds, 1) if event and event.eta_seconds is not None else None,
-                     attempts=job.attempts, stats=job.result.get("stats") if job.result else None)
-
-    def _to_job(self, body: CreateVideoRequest) -> JobRequest:
-        if body.model is not None and body.model != self.spec.name:
-            raise ApiError(400, f"model {body.model!r} is not served here; this server runs {self.spec.name!r}",
-                           "model")
-        if body.seconds is not None and body.frames is not None:
-            raise ApiError(400, "give seconds or frames, not both", "seconds")
-        frames = body.frames
-        if body.seconds is not None:
-            fps = body.fps or self.spec.sampling.fps
-            ft = self.spec.vae.stride[0]
-            frames = ft * max(0, round(float(body.seconds) * fps / ft)) + 1
-        fields = body.model_dump(exclude={"model", "seconds"}, exclude_none=True)
-        fields["frames"] = frames
-        try:
-            job = JobRequest.from_dict(fields, where="request").seeded()  # a retry after a worker died: same seed
-            settings = job.settings(self.spec)
-        except UsageError as exc:
-            raise ApiError(400, str(exc)) from None
-        if settings.width * settings.height > self.max_pixels:
-            raise ApiError(400, f"size {settings.width}x{settings.height} is over this server's limit of "
-                                f"{self.max_pixels} pixels per frame", "size")
-        if settings.num_frames > self.max_frames:
-            raise ApiError(400, f"{settings.num_frames} frames is over this server's limit of {self.max_frames}",
-                           "frames")
-        if settings.steps > self.config.max_steps:
-            raise ApiError(400, f"{settings.steps} steps is over this server's limit of {self.config.max_steps}",
-                           "steps")
-        return job
-
-    # -- routes --
-
-    @app.get("/health")
-    async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.spec.name, "workers": sum(s.alive for s in self.manager.slots),
-                "queued": self.manager.queued()}
-
-    @app.post("/v1/videos", response_model=Video, responses=ERRORS, dependencies=[Depends(require_token)])
-    async def create_video(self, body: CreateVideoRequest) -> Video:
-        job = self._to_job(body)
-        if not any(s.alive for s in self.manager.slots):
-            raise ApiError(503, "no worker is running; restart `vidrt serve`")
-        if self.manager.queued() >= self.config.max_queue:
-            raise ApiError(429, f"the queue is full ({self.config.max_queue} jobs); retry later")
-        return self._video(self.manager.submit(job, job.settings(self.spec)))
-
-    @app.get("/v1/videos", response_model=VideoList, responses=ERRORS, dependencies=[Depends(require_token)])
-    async def list_videos(self, limit: int = Query(20, ge=1, le=100)) -> VideoList:
-        jobs = sorted(self.manager.jobs.values(), key=lambda j: j.created_at, reverse=True)[:limit]
-        return VideoList(data=[self._video(j) for j in jobs])
-
-    @app.get("/v1/videos/{video_id}", response_model=Video, responses=ERRORS, dependencies=[Depends(require_token)])
-    async def retrieve_video(self, video_id: str = PathParam(max_length=200)) -> Video:
-        return self._video(self._job(video_id))
-
-    @app.get("/v1/videos/{video_id}/content", response_class=FileResponse, dependencies=[Depends(require_token)],
-             responses={**ERRORS, 200: {"content": {"video/mp4": {}, "video/webm": {}},
-                                        "description": "The finished clip."}})
-    async def video_content(self, video_id: str = PathParam(max_length=200)) -> FileResponse:
-        job = self._job(video_id)
-        if job.status != "completed":
-            raise ApiError(409, f"video {video_id} is {job.status} ({int(job.percent)}%); its content exists once "
-                                f"GET /v1/videos/{video_id} says completed", code=job.status)
-        path = Path(job.output)
-        if not path.is_file():
-            raise ApiError(404, f"the file of video {video_id} is gone from the server", code="file_missing")
-        return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
-                            filename=f"{video_id}{path.suffix}")
-
-    @app.delete("/v1/videos/{video_id}", response_model=Video | VideoDeleted, responses=ERRORS,
-                dependencies=[Depends(require_token)])
-    async def delete_video(self, video_id: str = PathParam(max_length=200)) -> Video | VideoDeleted:
-        """Queued or running: cancel it (status "cancelled"; the worker stops at its next step or frame).
-        Finished: delete the record and its file."""
-        job = self._job(video_id)
-        if job.status in ("queued", "in_progress"):
-            return self._video(self.manager.cancel(video_id) or job)
-        self.manager.delete(video_id)
-        return VideoDeleted(id=video_id, deleted=True)
-
-    @app.get("/v1/workers", dependencies=[Depends(require_token)])
-    async def workers(self) -> dict[str, Any]:
-        return {"object": "list", "data": self.manager.workers(), "retries": self.manager.retries}
-
-
-# ---- starting and stopping ---------------------------------------------------------------------
+# ---- binding rules -----------------------------------------------------------------------------
 
 
 def is_loopback(host: str) -> bool:
+    import ipaddress
+
     if host == "localhost":
         return True
     try:
@@ -326,29 +93,294 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(host: str, token: str | None) -> None:
-    if not is_loopback(host) and not token:
-        raise UsageError(f"--host {host} is reachable from other machines: give --token T (clients send "
-                         f"Authorization: Bearer T), or bind 127.0.0.1")
+    if is_loopback(host):
+        return
+    if not token:
+        raise UsageError(f"--host {host} is reachable from other machines: give --token-file FILE (or --token T; "
+                         f"clients send Authorization: Bearer T), or bind 127.0.0.1")
+    if len(token) < MIN_PUBLIC_TOKEN:
+        raise UsageError(f"the token is {len(token)} characters; --host {host} needs at least {MIN_PUBLIC_TOKEN} "
+                         f"(make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))')")
 
 
-def start_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
-    """Deploy on the connected Ray cluster; returns once every worker has loaded the model."""
-    check_bind(host, config.token)
-    warning = JobManager(config.package, config.out_dir, workers=config.workers, threads=config.threads,
-                         use_gpu=config.use_gpu).capacity_warning()
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(VideoAPI.bind(config), name="vidrt", route_prefix="/")
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
+def allowed_hosts_for(host: str, extra: tuple[str, ...] | None) -> set[str] | None:
+    """The Host names a server bound to `host` answers to: loopback names, the bound address, and for a
+    wildcard bind this machine's names and addresses; plus `extra` (--allow-host). None: any ('*')."""
+    if extra is None or "*" in extra:
+        return None
+    names = {*LOOPBACK_NAMES, host.lower(), *(h.lower() for h in extra)}
+    if host in ("0.0.0.0", "::", ""):
+        hostname = socket.gethostname()
+        names |= {hostname.lower(), socket.getfqdn().lower()}
+        with contextlib.suppress(OSError):
+            names |= {str(info[4][0]).lower() for info in socket.getaddrinfo(hostname, None)}
+    return names
 
 
-def stop_server() -> None:
-    serve.shutdown()
+# ---- the application ---------------------------------------------------------------------------
 
 
-def wait_forever() -> None:
-    while True:
-        time.sleep(3600)
+@dataclass
+class State:
+    config: ServeConfig
+    api: VideoAPI
+    manager: JobManager
+    store: JobStore
+    startup_error: BaseException | None = None
+    on_startup_error: Any = None
+    started_at: float = field(default_factory=time.time)
+
+
+def _page() -> str:
+    return resources.files("vidrt.service").joinpath("web/index.html").read_text(encoding="utf-8")
+
+
+async def _create_fields(request: Request) -> tuple[dict[str, Any], bytes | None]:
+    """The create request's fields, from JSON or a form, and input_reference's bytes if one was sent."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        try:
+            form = await request.form(max_files=1, max_fields=64)
+        except Exception as exc:  # python-multipart's MultiPartException and starlette's HTTPException
+            raise ApiError(400, f"the form cannot be read ({getattr(exc, 'detail', None) or exc})") from None
+        fields: dict[str, Any] = {}
+        image = None
+        for key, value in form.multi_items():
+            if key in fields:
+                raise ApiError(400, f"{key}: given twice", key)
+            if key == "input_reference":
+                image = await value.read() if hasattr(value, "read") else str(value).encode()
+                continue
+            if not isinstance(value, str):
+                raise ApiError(400, f"{key}: must be a text field, not a file", key)
+            fields[key] = value
+        return fields, image
+    if kind not in ("application/json", ""):
+        raise ApiError(400, f"content-type {kind} is not accepted; send application/json or multipart/form-data")
+    try:
+        data = await request.json()
+    except ValueError:
+        raise ApiError(400, "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object like {\"prompt\": \"a cat\"}")
+    image = data.pop("input_reference", None)
+    return data, (repr(image).encode() if image is not None else None)
+
+
+_CREATE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": CreateVideoRequest.model_json_schema()},
+    "multipart/form-data": {"schema": {**CreateVideoRequest.model_json_schema(), "properties": {
+        **CreateVideoRequest.model_json_schema()["properties"],
+        "input_reference": {"type": "string", "format": "binary",
+                            "description": "An image to start from (refused until image-to-video lands)."}}}}}}}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse}
+                                           for code in (400, 401, 404, 409, 413, 429, 503)}
+
+
+def create_app(state: State) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await state.manager.start()  # a worker has the model loaded before the port opens
+        except BaseException as exc:  # reported by Service after uvicorn stops (one line, no traceback)
+            state.startup_error = exc
+            if state.on_startup_error is not None:
+                state.on_startup_error()
+        try:
+            yield
+        finally:
+            await state.manager.shutdown()
+            state.store.close()
+
+    app = FastAPI(title="vidrt", version="2", lifespan=lifespan,
+                  description="Wan2.1 / Wan2.2 video generation jobs in the OpenAI /v1/videos shape.")
+    api, manager, config = state.api, state.manager, state.config
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if exc.status == 409:
+            headers["x-should-retry"] = "false"  # the OpenAI SDK retries 409 unless told not to
+        if exc.status == 429:
+            headers["retry-after"] = "1"
+        return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(exc.errors())
+        return JSONResponse(error_body(400, message, param), 400)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code)
+
+    def job_of(video_id: str) -> Job:
+        job = manager.jobs.get(video_id)
+        if job is None:
+            raise ApiError(404, f"no video {video_id!r} (deleted, expired or never made); ids come from POST "
+                                f"/v1/videos", "video_id", "not_found")
+        return job
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(_page(), headers={"cache-control": "no-cache", "x-frame-options": "DENY",
+                                              "content-security-policy": "default-src 'self'; style-src 'self' "
+                                              "'unsafe-inline'; script-src 'self' 'unsafe-inline'; media-src 'self' "
+                                              "blob:; img-src 'self' blob: data:; frame-ancestors 'none'"})
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": api.spec.name, "workers": sum(s.alive for s in manager.slots),
+                "queued": manager.queued(), "auth": config.token is not None}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": api.spec.name, "object": "model", "created": int(state.started_at),
+                                            "owned_by": "vidrt", "capabilities": api.capabilities()}]}
+
+    @app.post("/v1/videos", response_model=Video, responses=ERRORS, openapi_extra=_CREATE_BODY)
+    async def create_video(request: Request) -> Video:
+        fields, image = await _create_fields(request)
+        job, settings, asked = api.to_job(fields, image)
+        if not any(s.alive for s in manager.slots):
+            raise ApiError(503, "no worker is running; restart `vidrt serve`")
+        if manager.queued() >= config.max_queue:
+            raise ApiError(429, f"the queue is full ({config.max_queue} jobs); retry later", code="queue_full")
+        return api.video(manager.submit(job, settings, api=asked))
+
+    @app.get("/v1/videos", response_model=VideoList, responses=ERRORS)
+    async def list_videos(after: str | None = Query(None, max_length=200), limit: int = Query(20, ge=1, le=100),
+                          order: Literal["asc", "desc"] = "desc") -> VideoList:
+        jobs = sorted(manager.jobs.values(), key=lambda j: j.seq, reverse=order == "desc")
+        start = 0
+        if after is not None:
+            start = next((i + 1 for i, j in enumerate(jobs) if j.id == after), -1)
+            if start < 0:
+                raise ApiError(400, f"after: no video {after!r} (deleted or never made); start again without after",
+                               "after")
+        page = jobs[start:start + limit]
+        return VideoList(data=[api.video(j) for j in page], first_id=page[0].id if page else None,
+                         last_id=page[-1].id if page else None, has_more=start + limit < len(jobs))
+
+    @app.get("/v1/videos/{video_id}", response_model=Video, responses=ERRORS)
+    async def retrieve_video(response: Response, video_id: str = PathParam(max_length=200)) -> Video:
+        job = job_of(video_id)
+        if job.status in ACTIVE:
+            response.headers["openai-poll-after-ms"] = str(POLL_AFTER_MS)
+        return api.video(job)
+
+    @app.get("/v1/videos/{video_id}/content", response_class=FileResponse, responses={
+        **ERRORS, 200: {"content": {"video/mp4": {}, "video/webm": {}, PREVIEW_MEDIA_TYPE: {}},
+                        "description": "The clip, or a JPEG thumbnail / sprite sheet of it."}})
+    async def video_content(video_id: str = PathParam(max_length=200),
+                            variant: Literal["video", "thumbnail", "spritesheet"] = "video") -> FileResponse:
+        job = job_of(video_id)
+        if job.status != "completed":
+            raise ApiError(409, f"video {video_id} is {job.status} ({int(job.percent)}%); its content exists once "
+                                f"GET /v1/videos/{video_id} says completed", code=job.status)
+        path = job.output if variant == "video" else job.preview_path(variant)
+        if not path.is_file():
+            raise ApiError(404, f"the {variant} of video {video_id} is not on the server", "variant", "file_missing")
+        media = MEDIA_TYPES.get(path.suffix, "application/octet-stream") if variant == "video" else PREVIEW_MEDIA_TYPE
+        return FileResponse(path, media_type=media, filename=f"{video_id}{'' if variant == 'video' else '.' + variant}"
+                                                                  f"{path.suffix}")
+
+    @app.post("/v1/videos/{video_id}/cancel", response_model=Video, responses=ERRORS)
+    async def cancel_video(video_id: str = PathParam(max_length=200)) -> Video:
+        """Stop a queued or running job (the worker stops at its next step or frame); the record stays,
+        with status "failed" and error code "cancelled"."""
+        job = job_of(video_id)
+        if job.status not in ACTIVE and job.status != "cancelled":
+            raise ApiError(409, f"video {video_id} is already {job.status}; DELETE removes it", code=job.status)
+        return api.video(manager.cancel(video_id) or job)
+
+    @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses=ERRORS)
+    async def delete_video(video_id: str = PathParam(max_length=200)) -> VideoDeleted:
+        """Delete a video: a queued or running one is cancelled first. Its record and files are gone
+        afterwards, so a second DELETE gets 404, like any unknown id."""
+        job_of(video_id)
+        manager.delete(video_id)
+        return VideoDeleted(id=video_id, deleted=True)
+
+    @app.get("/v1/workers")
+    async def workers() -> dict[str, Any]:
+        return {"object": "list", "data": manager.workers(), "retries": manager.retries}
+
+    return app
+
+
+# ---- starting and stopping ---------------------------------------------------------------------
+
+
+class Service:
+    """One `vidrt serve`: the job table opened (and locked), the app built. run() blocks (the CLI);
+    start_in_thread() / stop() are for tests. Ray must already be connected (scaleout.connect_ray)."""
+
+    def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+        import uvicorn
+        from vidrt.package.manifest import load_manifest
+
+        check_bind(host, config.token)
+        spec = load_manifest(config.package, verify=False).model
+        limits = ServeLimits(max_pixels=config.max_pixels or max(w * h for w, h in spec.sampling.sizes),
+                             max_frames=config.max_frames or spec.sampling.frames, max_steps=config.max_steps)
+        out = Path(config.out_dir)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create --out {out} ({exc.strerror})") from None
+        store = JobStore(out / DB_NAME)
+        manager = JobManager(config.package, out, workers=config.workers, threads=config.threads,
+                             backend=config.backend, use_gpu=config.use_gpu, max_attempts=config.max_attempts,
+                             store=store, keep_seconds=config.keep_seconds, previews=True)
+        self.restored = manager.restore()
+        self.state = State(config=config, api=VideoAPI(spec, limits, config.package), manager=manager, store=store,
+                           on_startup_error=self._startup_failed)
+        self.app = create_app(self.state)
+        asgi: Any = Guard(self.app, token=config.token, allowed_hosts=allowed_hosts_for(host, config.allowed_hosts),
+                          max_body=config.max_body)
+        if config.cors_origins:
+            from starlette.middleware.cors import CORSMiddleware
+
+            asgi = CORSMiddleware(asgi, allow_origins=list(config.cors_origins),
+                                  allow_methods=["GET", "POST", "DELETE"],
+                                  allow_headers=["authorization", "content-type"])
+        self.server = uvicorn.Server(uvicorn.Config(asgi, host=host, port=port, log_level="warning", lifespan="on",
+                                                    server_header=False, timeout_graceful_shutdown=5,
+                                                    h11_max_incomplete_event_size=64 * 1024))
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{port}"
+        self._thread: threading.Thread | None = None
+
+    def warning(self) -> str | None:
+        return self.state.manager.capacity_warning()
+
+    def _startup_failed(self) -> None:
+        self.server.should_exit = True
+
+    def _raise_startup_error(self) -> None:
+        exc = self.state.startup_error
+        if exc is not None:
+            raise exc if isinstance(exc, (UsageError, Exception)) else RuntimeError(str(exc))
+
+    def run(self) -> None:
+        """Serve until Ctrl-C / SIGTERM (uvicorn's handlers stop it gracefully: workers end, scratch goes)."""
+        self.server.run()
+        self._raise_startup_error()
+
+    def start_in_thread(self, timeout: float = 300.0) -> str:
+        self._thread = threading.Thread(target=self.server.run, name="vidrt-serve", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._raise_startup_error()
+        if not self.server.started:
+            raise RuntimeError(f"the server did not start within {timeout:.0f} s")
+        return self.url
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
 

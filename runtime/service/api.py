@@ -1,0 +1,260 @@
+"""The OpenAI `/v1/videos` shapes of `vidrt serve`, and the translation between them and vidrt's jobs.
+
+    api = VideoAPI(spec, ServeLimits(max_pixels=..., max_frames=..., max_steps=...))
+    job, settings, asked = api.to_job({"prompt": "a cat", "seconds": "4", "size": "832x480"}, image=None)
+    api.video(manager_job)   # -> Video, the object the OpenAI SDK parses (openai.types.Video)
+
+Field names and meanings follow the OpenAI API reference for videos (create: prompt, model, seconds,
+size, input_reference; Video: id, object, created_at, completed_at, expires_at, status, progress,
+model, prompt, seconds, size, error, remixed_from_video_id) as the `openai` Python SDK 3.57 sends
+and parses them; vidrt's own sampling controls (frames, steps, guidance, ...) ride along as extra
+fields. `seconds` becomes frames with the model's fps and the VAE's temporal stride: frames =
+stride * round(seconds * fps / stride) + 1 (4k+1 for Wan). Every refusal is an ApiError: status,
+one line naming the field and what this server can do instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from vidrt.errors import UsageError
+from vidrt.package.registry import ModelSpec
+from vidrt.request import MAX_FRAMES, MAX_SEED, MAX_STEPS, Settings
+from vidrt.schedulers import SOLVERS
+from vidrt.service.jobs import JobRequest
+
+Status = Literal["queued", "in_progress", "completed", "failed"]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _number_to_text(value: Any) -> Any:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+class CreateVideoRequest(BaseModel):
+    """OpenAI's create-video fields (prompt, model, seconds, size; input_reference travels beside this
+    model, as a file) plus vidrt's sampling controls. The same fields as JSON or multipart/form-data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=20000, description="What the clip shows.")
+    model: str | None = Field(None, max_length=200, description="The served model's name (optional).")
+    seconds: Annotated[str, BeforeValidator(_number_to_text)] | None = Field(
+        None, pattern=r"^[0-9]{1,4}(\.[0-9]{1,3})?$",
+        description="Clip length; becomes the model's 4k+1 frames at its fps. Or give frames.")
+    size: str | None = Field(None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$", description="WIDTHxHEIGHT, e.g. 832x480.")
+    negative_prompt: str | None = Field(None, max_length=20000)
+    frames: int | None = Field(None, ge=1, le=MAX_FRAMES, description="Video frames, 4k+1 (instead of seconds).")
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance: float | None = Field(None, ge=0, le=50)
+    guidance_low_noise: float | None = Field(None, ge=0, le=50,
+                                             description="Two-expert models (A14B): the low-noise expert scale.")
+    shift: float | None = Field(None, gt=0, le=100)
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="None or -1: a random one (kept in the file).")
+    scheduler: Literal[tuple(SOLVERS)] | None = None  # type: ignore[valid-type]
+    output_format: Literal["mp4", "webm"] = "mp4"
+    fps: int | None = Field(None, ge=1, le=240)
+    crf: int | None = Field(None, ge=0, le=63)
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class Video(BaseModel):
+    id: str
+    object: Literal["video"] = "video"
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = Field(None, description="when --keep removes it; null: kept until deleted")
+    status: Status
+    progress: int = Field(ge=0, le=100)
+    model: str
+    prompt: str
+    seconds: str = Field(description="as requested (or the model's default length)")
+    size: str = Field(description="as requested (or the model's default size)")
+    error: VideoError | None = Field(None, description="why it failed; code 'cancelled' for a cancelled job")
+    remixed_from_video_id: str | None = None
+    # vidrt extensions
+    frames: int = Field(description="video frames the clip has")
+    output_format: str = "mp4"
+    stage: str | None = Field(None, description="text | denoise | decode | done while in progress")
+    step: int | None = Field(None, description="steps (denoise) or frames (decode) done in this stage")
+    steps: int | None = Field(None, description="of this many")
+    eta_seconds: float | None = None
+    attempts: int = Field(0, description="tries so far; >1 after a worker died mid-clip")
+    stats: dict[str, Any] | None = Field(None, description="per-stage seconds and settings, once completed")
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Video]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    max_pixels: int  # width x height
+    max_frames: int
+    max_steps: int
+
+
+def image_input(spec: ModelSpec) -> bool:
+    """IMAGE-TO-VIDEO (issue 16) switches this on for models that take an image: until then every
+    input_reference is refused with a 400 in VideoAPI.to_job."""
+    return False
+
+
+class VideoAPI:
+    def __init__(self, spec: ModelSpec, limits: ServeLimits, package: str | None = None) -> None:
+        self.spec = spec
+        self.limits = limits
+        self.names = {spec.name} | ({Path(package).name} if package else set())
+        self.fps = spec.sampling.fps
+        self.stride = spec.vae.stride[0]
+
+    # -- what this server can do -------------------------------------------------------------------
+
+    def sizes(self) -> list[str]:
+        return [f"{w}x{h}" for w, h in self.spec.sampling.sizes if w * h <= self.limits.max_pixels]
+
+    def frame_counts(self) -> list[int]:
+        return list(range(1, self.limits.max_frames + 1, self.stride))
+
+    def max_seconds(self, fps: int | None = None) -> float:
+        return (self.limits.max_frames - 1) / (fps or self.fps)
+
+    def capabilities(self) -> dict[str, Any]:
+        s = self.spec.sampling
+        return {"sizes": self.sizes(), "max_pixels": self.limits.max_pixels,
+                "size_multiple": self.spec.spatial_multiple,
+                "fps": s.fps, "frames": self.frame_counts(), "default_frames": min(s.frames, self.limits.max_frames),
+                "max_seconds": round(self.max_seconds(), 3), "steps": s.steps, "max_steps": self.limits.max_steps,
+                "guidance": s.guidance_high_noise, "shift": s.shift, "scheduler": s.scheduler,
+                "schedulers": list(SOLVERS), "output_formats": ["mp4", "webm"], "image_input": image_input(self.spec),
+                "negative_prompt": s.negative_prompt}
+
+    def _can(self) -> str:
+        return (f"{self.spec.name} here makes {' or '.join(self.sizes()) or 'no listed size'} (other multiples of "
+                f"{self.spec.spatial_multiple} up to {self.limits.max_pixels} pixels), up to "
+                f"{self.limits.max_frames} frames at {self.fps} fps ({self.max_seconds():g} s)")
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def parse(self, fields: dict[str, Any]) -> CreateVideoRequest:
+        try:
+            return CreateVideoRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise ApiError(400, *validation_message(exc.errors())) from None
+
+    def to_job(self, fields: dict[str, Any], image: bytes | None = None) -> tuple[JobRequest, Settings, dict[str, Any]]:
+        """A create request (JSON or form fields, image = input_reference's bytes) -> the job, its settings,
+        and what the client asked for as it asked (echoed in the Video object)."""
+        body = self.parse(fields)
+        if image is not None and not image_input(self.spec):
+            # IMAGE-TO-VIDEO (issue 16): once image_input() is true, pass `image` into the job here.
+            raise ApiError(400, f"input_reference: {self.spec.name} makes video from text only (no image-to-video); "
+                                f"send the request without input_reference", "input_reference", "image_unsupported")
+        if body.model is not None and body.model not in self.names:
+            raise ApiError(400, f"model {body.model!r} is not served here; this server runs {self.spec.name!r} "
+                                f"(leave model out, or send {self.spec.name!r})", "model", "model_not_found")
+        if body.seconds is not None and body.frames is not None:
+            raise ApiError(400, "give seconds or frames, not both", "seconds")
+        frames = body.frames
+        if body.seconds is not None:
+            frames = self._frames_of(body.seconds, body.fps)
+        values = body.model_dump(exclude={"model", "seconds"}, exclude_none=True)
+        values["frames"] = frames
+        try:
+            job = JobRequest.from_dict(values, where="request").seeded()  # a retry after a worker died: same seed
+            settings = job.settings(self.spec)
+        except UsageError as exc:
+            param = next((f for f in ("size", "frames", "steps", "width", "height", "guidance", "shift", "scheduler")
+                          if f in str(exc)), None)
+            raise ApiError(400, f"{exc}; {self._can()}" if param in ("size", "width", "height", "frames") else str(exc),
+                           "size" if param in ("width", "height") else param) from None
+        if settings.width * settings.height > self.limits.max_pixels:
+            raise ApiError(400, f"size {settings.width}x{settings.height} is over this server's limit; {self._can()}",
+                           "size", "size_unsupported")
+        if settings.num_frames > self.limits.max_frames:
+            asked = f"seconds {body.seconds} is {settings.num_frames} frames" if body.seconds else \
+                f"{settings.num_frames} frames is"
+            raise ApiError(400, f"{asked} over this server's limit; {self._can()}",
+                           "seconds" if body.seconds else "frames", "length_unsupported")
+        if settings.steps > self.limits.max_steps:
+            raise ApiError(400, f"{settings.steps} steps is over this server's limit of {self.limits.max_steps}",
+                           "steps")
+        asked = {k: v for k, v in (("seconds", body.seconds), ("size", body.size)) if v is not None}
+        return job, settings, asked
+
+    def _frames_of(self, seconds: str, fps: int | None) -> int:
+        value = float(seconds)
+        rate = fps or self.fps
+        frames = self.stride * round(value * rate / self.stride) + 1
+        if value <= 0:
+            raise ApiError(400, f"seconds {seconds} must be more than 0; {self._can()}", "seconds")
+        return frames
+
+    # -- responses ---------------------------------------------------------------------------------
+
+    def video(self, job: Any) -> Video:
+        """A scaleout.Job as the OpenAI Video object. A cancelled job is status "failed" with error code
+        "cancelled" (the SDK's status values are queued, in_progress, completed, failed)."""
+        s = job.settings
+        fps = job.request.fps or self.fps
+        event = job.event if job.status == "in_progress" else None
+        error = VideoError(code=job.error_code or job.status, message=job.error) if job.error else None
+        status = job.status
+        if status == "cancelled":
+            status, error = "failed", VideoError(code="cancelled", message="the job was cancelled")
+        done = job.completed_at if job.done.is_set() and job.completed_at else None
+        return Video(id=job.id, created_at=int(job.created_at), completed_at=int(done) if done else None,
+                     expires_at=int(math.ceil(job.expires_at)) if job.expires_at else None, status=status,
+                     progress=int(math.floor(job.percent)), model=self.spec.name, prompt=job.request.prompt,
+                     seconds=job.api.get("seconds") or f"{s.num_frames / fps:g}",
+                     size=job.api.get("size") or f"{s.width}x{s.height}", error=error, frames=s.num_frames,
+                     output_format=job.request.output_format, stage=event.stage if event else None,
+                     step=event.done if event else None, steps=event.total if event else None,
+                     eta_seconds=round(event.eta_seconds, 1) if event and event.eta_seconds is not None else None,
+                     attempts=job.attempts, stats=job.result.get("stats") if job.result else None)
+
+
+def validation_message(errors: Any) -> tuple[str, str | None]:
+    """The first of pydantic's / FastAPI's validation errors as one line and the field it is about."""
+    first: dict[str, Any] = dict(errors[0]) if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
+    msg = str(first.get("msg", "invalid request"))
+    if first.get("type") == "extra_forbidden":
+        msg = f"unknown field; fields are {', '.join(CreateVideoRequest.model_fields)}, input_reference"
+    elif first.get("type") == "missing":
+        msg = "missing; it is required"
+    return (f"{where}: {msg}" if where else msg), (where or None)

@@ -1,0 +1,369 @@
+"""vidrt serve against the official OpenAI SDK (openai 3.57), its holes closed, its job table across a
+restart, on a private local Ray with the bundled tiny model (64x64, 17 frames at 8 fps).
+
+One server for the module (two workers, a token); the restart test runs its own servers on the same
+Ray. Every wait is bounded and says what it waited for; every address is loopback.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+requests = pytest.importorskip("requests")
+Image = pytest.importorskip("PIL.Image")
+
+from vidrt.errors import UsageError  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
+
+TOKEN = "test-token-0123456789abcdef"
+QUICK = {"steps": 4, "seed": 1}
+LONG = {"prompt": "a red circle moving left", "steps": 1000, "seed": 9}  # ~25 s: stopped long before it ends
+
+
+# ---- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def package(run_package) -> Path:
+    return Path(run_package)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from vidrt.service.scaleout import connect_ray
+
+    started = connect_ray(None, "serve", num_cpus=4)  # CPU slots are scheduling tokens here, not cores
+    yield
+    if started:
+        ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(package, local_ray, tmp_path_factory):
+    from vidrt.service.server import ServeConfig, Service
+
+    out = tmp_path_factory.mktemp("served")
+    config = ServeConfig(package=str(package), out_dir=str(out), workers=2, threads=1, token=TOKEN, max_queue=3,
+                         max_steps=1000, max_body=64 * 1024)
+    service = Service(config, host="127.0.0.1", port=free_port())
+    url = service.start_in_thread()
+    yield url, out, service
+    service.stop()
+
+
+@pytest.fixture
+def client(served):
+    url, _, _ = served
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=60)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0, every: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def auth(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {"authorization": f"Bearer {TOKEN}", **(extra or {})}
+
+
+def get(url: str) -> dict[str, Any]:
+    r = requests.get(url, headers=auth(), timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def decode(data: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def start_long(client) -> str:
+    video = client.videos.create(prompt=LONG["prompt"], extra_body={"steps": LONG["steps"], "seed": LONG["seed"]})
+    wait_for(f"{video.id} to be denoising", lambda: (client.videos.retrieve(video.id).model_extra or {}).get("step"),
+             120, 0.05)
+    return video.id
+
+
+def worker_of(url: str, vid: str) -> dict[str, Any] | None:
+    return next((w for w in get(f"{url}/v1/workers")["data"] if w["job"] == vid), None)
+
+
+# ---- the OpenAI SDK ----------------------------------------------------------------------------
+
+
+def test_sdk_create_poll_retrieve_download(client, served):
+    video = client.videos.create(prompt="a red circle moving left", seconds="2", size="64x64",
+                                 model="tiny-shapes", extra_body=QUICK)  # the SDK sends multipart/form-data
+    assert video.status in ("queued", "in_progress") and video.object == "video", video
+    # `model` may name the package folder or the model; the Video names the model
+    assert (video.prompt, video.seconds, video.size, video.model) == ("a red circle moving left", "2", "64x64",
+                                                                      "vidrt-tiny-shapes")
+    assert video.created_at <= time.time() + 1 and video.completed_at is None and video.expires_at is None
+    polled = client.videos.create_and_poll(prompt="a blue square moving up", poll_interval_ms=100, extra_body=QUICK)
+    assert polled.status == "completed" and polled.progress == 100 and polled.completed_at >= polled.created_at
+    assert polled.seconds == "2.125" and polled.size == "64x64", polled  # the model's default: 17 frames at 8 fps
+    done = wait_for(f"{video.id} to complete", lambda: (v := client.videos.retrieve(video.id)).status == "completed"
+                    and v, 120)
+    assert done.error is None and done.progress == 100
+
+    frames = decode(client.videos.download_content(video.id).content)
+    assert frames.shape == (17, 64, 64, 3)  # 2 s at 8 fps = 16 -> the 4k+1 count 17
+    thumb = Image.open(io.BytesIO(client.videos.download_content(video.id, variant="thumbnail").content))
+    assert thumb.format == "JPEG" and thumb.size == (64, 64)
+    sheet = Image.open(io.BytesIO(client.videos.download_content(video.id, variant="spritesheet").content))
+    assert sheet.format == "JPEG" and sheet.size == (5 * 64, 2 * 64)  # 10 frames, 5 a row
+    # the thumbnail is the clip's middle frame (JPEG-close), not some other picture
+    middle = frames[len(frames) // 2].astype(np.float64)
+    assert np.abs(np.asarray(thumb.convert("RGB"), np.float64) - middle).mean() < 8
+
+
+def test_sdk_list_pages(client, served):
+    url, _, _ = served
+    made = [client.videos.create_and_poll(prompt=f"a green circle {i}", poll_interval_ms=100, extra_body=QUICK).id
+            for i in range(3)]
+    everything = [v.id for v in client.videos.list(limit=100)]
+    assert len(everything) >= 5 and everything[:3] == made[::-1]  # newest first
+    first = client.videos.list(limit=2)
+    assert len(first.data) == 2 and first.has_more and first.last_id == first.data[-1].id
+    assert first.model_extra.get("first_id") == first.data[0].id
+    assert [v.id for v in client.videos.list(limit=2)] == everything  # the SDK follows `after` page by page
+    assert [v.id for v in client.videos.list(limit=2, order="asc")] == everything[::-1]
+    last = client.videos.list(limit=2, after=everything[-3])
+    assert [v.id for v in last.data] == everything[-2:] and last.has_more is False
+    with pytest.raises(openai.BadRequestError, match="after: no video"):
+        client.videos.list(after="video_gone")
+
+
+def test_sdk_delete_cancels_running_job(client, served):
+    url, out, _ = served
+    vid = start_long(client)
+    worker = worker_of(url, vid)
+    assert worker is not None
+    gone = client.videos.delete(vid)
+    assert (gone.id, gone.deleted, gone.object) == (vid, True, "video.deleted")
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(vid)
+    with pytest.raises(openai.NotFoundError):  # a second delete: it is gone, like any unknown id
+        client.videos.delete(vid)
+    wait_for(f"worker {worker['index']} to let go of {vid}", lambda: worker_of(url, vid) is None, 60)
+    assert not list(out.glob(f"*{vid}*")), "a deleted job left files"
+    done = client.videos.delete(client.videos.create_and_poll(prompt="a cat", poll_interval_ms=100,
+                                                              extra_body=QUICK).id)
+    assert done.deleted and not list(out.glob(f"*{done.id}*"))
+
+
+def test_cancel_keeps_the_record(client, served):
+    url, out, _ = served
+    vid = start_long(client)
+    r = requests.post(f"{url}/v1/videos/{vid}/cancel", headers=auth(), timeout=30)
+    assert r.status_code == 200, r.text
+    v = client.videos.retrieve(vid)
+    assert v.status == "failed" and v.error.code == "cancelled", v
+    wait_for(f"{vid}'s worker to stop", lambda: worker_of(url, vid) is None, 60)
+    with pytest.raises(openai.ConflictError):
+        client.videos.download_content(vid)
+    assert not list(out.glob(f"{vid}.mp4"))
+    client.videos.delete(vid)
+
+
+def test_sdk_error_classes(client, served, tmp_path):
+    url, _, _ = served
+    with pytest.raises(openai.NotFoundError, match="no video 'video_nope'"):
+        client.videos.retrieve("video_nope")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong-token-0123456789", max_retries=0).videos.list()
+    for kwargs, needle in (({"size": "720x1280"}, "vidrt-tiny-shapes here makes 64x64"),
+                           ({"seconds": "12"}, "seconds 12 is 97 frames over this server's limit"),
+                           ({"model": "sora-2"}, "model 'sora-2' is not served here; this server runs 'vidrt-tiny-shapes'"),
+                           ({"extra_body": {"frames": 10}}, "is not 4k+1"),
+                           ({"extra_body": {"stepz": 3}}, "unknown field")):
+        with pytest.raises(openai.BadRequestError, match=re.escape(needle)) as err:
+            client.videos.create(prompt="a cat", **kwargs)
+        assert "\n" not in err.value.message
+    image = tmp_path / "start.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+    with pytest.raises(openai.BadRequestError, match="input_reference: vidrt-tiny-shapes makes video from text only") as err:
+        client.videos.create(prompt="a cat", input_reference=image)
+    assert err.value.body["param"] == "input_reference"
+    # a full queue: 429 (two workers busy, max_queue 3 waiting)
+    ids: list[str] = []
+    try:
+        with pytest.raises(openai.RateLimitError, match="the queue is full"):
+            for _ in range(8):
+                ids.append(client.videos.create(prompt="a cat", extra_body={"steps": 1000}).id)
+        assert len(ids) == 5, ids
+    finally:
+        for vid in ids:
+            client.videos.delete(vid)
+
+
+def test_json_and_multipart_take_the_same_fields(served):
+    url, _, _ = served
+    fields = {"prompt": "a red circle", "seconds": "1", "size": "64x64", "steps": "3", "seed": "4",
+              "negative_prompt": "blurry", "output_format": "webm"}
+    as_json = {**fields, "steps": 3, "seed": 4}
+    a = requests.post(f"{url}/v1/videos", json=as_json, headers=auth(), timeout=30)
+    b = requests.post(f"{url}/v1/videos", files={k: (None, v) for k, v in fields.items()}, headers=auth(), timeout=30)
+    assert a.status_code == b.status_code == 200, (a.text, b.text)
+    va, vb = a.json(), b.json()
+    assert {k: va[k] for k in ("seconds", "size", "frames", "output_format")} == \
+           {k: vb[k] for k in ("seconds", "size", "frames", "output_format")} == \
+           {"seconds": "1", "size": "64x64", "frames": 9, "output_format": "webm"}
+    for bad in ({"steps": "many"}, {"seconds": "-1"}, {"prompt": ""}, {"bogus": "1"}, {"steps": "2000"}):
+        ra = requests.post(f"{url}/v1/videos", json={**as_json, **bad}, headers=auth(), timeout=30)
+        rb = requests.post(f"{url}/v1/videos", files={k: (None, v) for k, v in {**fields, **bad}.items()},
+                           headers=auth(), timeout=30)
+        assert ra.status_code == rb.status_code == 400, (bad, ra.text, rb.text)
+        assert ra.json()["error"]["param"] == rb.json()["error"]["param"], (ra.text, rb.text)
+    for r in (a, b):
+        requests.delete(f"{url}/v1/videos/{r.json()['id']}", headers=auth(), timeout=30)
+
+
+# ---- holes -------------------------------------------------------------------------------------
+
+
+def raw_request(url: str, head: str, body: bytes = b"", wait: float = 10.0) -> bytes:
+    """Send `head` (+ `body`) on a fresh connection; return what the server answers within `wait` s."""
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as s:
+        s.sendall(head.encode() + body)
+        chunks = []
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+def test_body_over_the_cap_is_refused_unread(served):
+    url, _, _ = served
+    hostport = url.split("//")[1]
+    big = 200 * 2**20
+    for token, status in ((TOKEN, b"413"), (None, b"401")):  # the token is checked before the size
+        head = (f"POST /v1/videos HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {big}\r\n" + (f"Authorization: Bearer {token}\r\n" if token else "") + "\r\n")
+        t0 = time.monotonic()
+        reply = raw_request(url, head)  # the 200 MB are never sent: an answer proves they were not read
+        assert reply.split(b"\r\n")[0].split(b" ")[1] == status, reply[:300]
+        assert time.monotonic() - t0 < 10
+    # no Content-Length (chunked): counted as it arrives, cut off past the cap
+    head = (f"POST /v1/videos HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\n"
+            f"Transfer-Encoding: chunked\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
+    chunk = b"x" * 32768
+    body = b"".join(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for _ in range(3))  # 96 KB > 64 KB cap
+    reply = raw_request(url, head, body)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:300]
+    assert b"--max-body 65536" in reply
+    assert get(f"{url}/health")["status"] == "ok"
+
+
+def test_foreign_host_refused_and_no_cors(served):
+    url, _, _ = served
+    port = url.rsplit(":", 1)[1]
+    r = requests.get(f"{url}/health", headers={"host": f"evil.example:{port}"}, timeout=30)
+    assert r.status_code == 400 and "--allow-host evil.example" in r.json()["error"]["message"], r.text
+    r = requests.get(f"{url}/", headers={"host": "rebound.example"}, timeout=30)
+    assert r.status_code == 400
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+        assert requests.get(f"{url}/health", headers={"host": host}, timeout=30).status_code == 200
+    r = requests.get(f"{url}/v1/videos", headers=auth({"origin": "http://evil.example"}), timeout=30)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    pre = requests.options(f"{url}/v1/videos", headers={"origin": "http://evil.example",
+                                                        "access-control-request-method": "POST"}, timeout=30)
+    assert "access-control-allow-origin" not in pre.headers
+
+
+def test_bind_and_token_rules(tmp_path):
+    from vidrt.cli.fleet import parse_bytes, parse_duration, read_token
+    from vidrt.service.server import allowed_hosts_for, check_bind
+
+    check_bind("127.0.0.1", None)
+    with pytest.raises(UsageError, match="give --token-file"):
+        check_bind("0.0.0.0", None)
+    with pytest.raises(UsageError, match="the token is 8 characters; --host 192.0.2.1 needs at least 16"):
+        check_bind("192.0.2.1", "short-12")
+    check_bind("0.0.0.0", "x" * 16)
+    tf = tmp_path / "token"
+    tf.write_text("  secret-secret-secret-1\n")
+    assert read_token(None, str(tf)) == "secret-secret-secret-1"
+    with pytest.raises(UsageError, match="not both"):
+        read_token("a", str(tf))
+    with pytest.raises(UsageError, match="cannot be read"):
+        read_token(None, str(tmp_path / "missing"))
+    assert (parse_duration("7d", "--keep"), parse_duration("forever", "--keep"), parse_duration("90s", "-k")) == \
+           (7 * 86400, None, 90)
+    assert parse_bytes("4MB", "--max-body") == 4 << 20 and parse_bytes("512kb", "--max-body") == 512 << 10
+    with pytest.raises(UsageError, match="--keep '7 weeks' is not a duration"):
+        parse_duration("7 weeks", "--keep")
+    assert allowed_hosts_for("127.0.0.1", ("*",)) is None
+    assert {"localhost", "127.0.0.1", "::1", "gpu-box.lan"} <= allowed_hosts_for("127.0.0.1", ("gpu-box.lan",))
+
+
+def test_killed_worker_scratch_is_removed(served):
+    url, _, _ = served
+    import tempfile
+
+    workers = get(f"{url}/v1/workers")["data"]
+    victim = workers[0]
+    scratch = list(Path(tempfile.gettempdir()).glob(f"vidrt-worker-{victim['pid']}-*"))
+    assert len(scratch) == 1 and scratch[0].is_dir(), scratch
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for("the killed worker to restart", lambda: next(
+        w for w in get(f"{url}/v1/workers")["data"] if w["index"] == victim["index"])["pid"] not in (None,
+                                                                                                     victim["pid"]), 120)
+    assert not scratch[0].exists(), "the killed worker's scratch folder was left behind"
+
+
+def test_private_ray_listens_on_loopback_only(tmp_path):
+    """A private Ray (no --ray) binds every port, metrics and dashboard agent included, to loopback."""
+    psutil = pytest.importorskip("psutil")
+    script = tmp_path / "ports.py"
+    script.write_text(
+        "import json, psutil\n"
+        "from vidrt.service.scaleout import connect_ray\n"
+        "connect_ray(None, 'serve', num_cpus=1)  # imports ray itself, first\n"
+        "import ray\n"
+        "import time; time.sleep(3)\n"
+        "kids = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}\n"
+        "ports = [(c.laddr.ip, c.laddr.port) for c in psutil.net_connections('inet') if c.status == 'LISTEN'"
+        " and c.pid in kids]\n"
+        "print(json.dumps(ports)); ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ports = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(ports) >= 5, ports  # GCS, raylet, object manager, dashboard agent, metrics...
+    public = [p for p in ports if not (p[0].startswith("127.") or p[0] in ("::1", "::ffff:127.0.0.1"))]
+    assert not public, f"Ray listens beyond loopback: {public}"
+    del psutil
