@@ -8,9 +8,9 @@ Ray. Every wait is bounded and says what it waited for; every address is loopbac
 from __future__ import annotations
 
 import io
-import re
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -204,7 +204,8 @@ def test_sdk_error_classes(client, served, tmp_path):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong-token-0123456789", max_retries=0).videos.list()
     for kwargs, needle in (({"size": "720x1280"}, "vidrt-tiny-shapes here makes 64x64"),
                            ({"seconds": "12"}, "seconds 12 is 97 frames over this server's limit"),
-                           ({"model": "sora-2"}, "model 'sora-2' is not served here; this server runs 'vidrt-tiny-shapes'"),
+                           ({"model": "sora-2"}, "model 'sora-2' is not served here; this server runs "
+                                                 "'vidrt-tiny-shapes'"),
                            ({"extra_body": {"frames": 10}}, "is not 4k+1"),
                            ({"extra_body": {"stepz": 3}}, "unknown field")):
         with pytest.raises(openai.BadRequestError, match=re.escape(needle)) as err:
@@ -212,7 +213,7 @@ def test_sdk_error_classes(client, served, tmp_path):
         assert "\n" not in err.value.message
     image = tmp_path / "start.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
-    with pytest.raises(openai.BadRequestError, match="input_reference: vidrt-tiny-shapes makes video from text only") as err:
+    with pytest.raises(openai.BadRequestError, match="input_reference: vidrt-tiny-shapes makes video from text") as err:
         client.videos.create(prompt="a cat", input_reference=image)
     assert err.value.body["param"] == "input_reference"
     # a full queue: 429 (two workers busy, max_queue 3 waiting)
@@ -339,9 +340,11 @@ def test_killed_worker_scratch_is_removed(served):
     scratch = list(Path(tempfile.gettempdir()).glob(f"vidrt-worker-{victim['pid']}-*"))
     assert len(scratch) == 1 and scratch[0].is_dir(), scratch
     os.kill(victim["pid"], signal.SIGKILL)
-    wait_for("the killed worker to restart", lambda: next(
-        w for w in get(f"{url}/v1/workers")["data"] if w["index"] == victim["index"])["pid"] not in (None,
-                                                                                                     victim["pid"]), 120)
+    def restarted() -> bool:
+        now = next(w for w in get(f"{url}/v1/workers")["data"] if w["index"] == victim["index"])
+        return now["pid"] not in (None, victim["pid"])
+
+    wait_for("the killed worker to restart", restarted, 120)
     assert not scratch[0].exists(), "the killed worker's scratch folder was left behind"
 
 
@@ -367,3 +370,54 @@ def test_private_ray_listens_on_loopback_only(tmp_path):
     public = [p for p in ports if not (p[0].startswith("127.") or p[0] in ("::1", "::ffff:127.0.0.1"))]
     assert not public, f"Ray listens beyond loopback: {public}"
     del psutil
+
+
+# ---- the job table across restarts -------------------------------------------------------------
+
+
+def test_restart_keeps_finished_and_runs_queued(package, local_ray, tmp_path):
+    from vidrt.service.server import ServeConfig, Service
+    from vidrt.service.store import DB_FILES
+
+    out = tmp_path / "out"
+    config = ServeConfig(package=str(package), out_dir=str(out), workers=1, threads=1, max_steps=1000)
+    first_server = Service(config, port=free_port())
+    client = openai.OpenAI(base_url=f"{first_server.start_in_thread()}/v1", api_key="-", max_retries=0)
+    done = client.videos.create_and_poll(prompt="a red circle moving left", poll_interval_ms=100, extra_body=QUICK)
+    clip = client.videos.download_content(done.id).content
+    running = client.videos.create(prompt="a blue square moving up", extra_body={"steps": 300, "seed": 2})
+    wait_for(f"{running.id} to run", lambda: client.videos.retrieve(running.id).status == "in_progress", 60, 0.05)
+    queued = [client.videos.create(prompt=f"a green circle {i}", extra_body=QUICK).id for i in range(2)]
+    with pytest.raises(UsageError, match="is in use by another vidrt serve"):
+        Service(config, port=free_port())  # one writer: the job table is locked
+    first_server.stop()  # mid-queue: one running, two waiting
+
+    (out / "video_orphan.mp4").write_bytes(b"left by a job deleted while a server stopped")
+    (out / f".{queued[0]}.mp4.vidrt-999999999.tmp").write_bytes(b"half a clip of a dead process")
+    second_server = Service(config, port=free_port())
+    assert second_server.restored == {"completed": 1, "queued": 2, "requeued": 1, "failed": 0, "orphans": 1}
+    client = openai.OpenAI(base_url=f"{second_server.start_in_thread()}/v1", api_key="-", max_retries=0)
+    try:
+        assert client.videos.download_content(done.id).content == clip  # finished: still served
+        for vid in (running.id, *queued):
+            v = wait_for(f"{vid} to complete after the restart",
+                         lambda vid=vid: (v := client.videos.retrieve(vid)).status not in ("queued", "in_progress")
+                         and v, 120)
+            assert v.status == "completed", v
+            assert decode(client.videos.download_content(vid).content).shape == (17, 64, 64, 3)
+        assert [v.id for v in client.videos.list()] == [*queued[::-1], running.id, done.id]
+    finally:
+        second_server.stop()
+    ids = [done.id, running.id, *queued]
+    owned = {f"{i}{ext}" for i in ids for ext in (".mp4", ".json", ".thumbnail.jpg", ".spritesheet.jpg")}
+    left = {p.name for p in out.iterdir()} - set(DB_FILES)
+    assert left == owned, f"orphans {left - owned}, missing {owned - left}"
+
+    # --keep: a restart with a keep shorter than the clips' age removes them and their rows
+    time.sleep(1.0)
+    third = Service(ServeConfig(package=str(package), out_dir=str(out), workers=1, threads=1, keep_seconds=0.5),
+                    port=free_port())
+    try:
+        assert third.state.manager.jobs == {} and {p.name for p in out.iterdir()} <= set(DB_FILES)
+    finally:
+        third.state.store.close()

@@ -468,6 +468,11 @@ class JobManager:
             if job.status == "queued":
                 self._enqueue(job)
                 report["queued"] += was == "queued"
+            elif job.completed_at is not None:  # this start's --keep applies to every finished job
+                expires = None if self.keep_seconds is None else job.completed_at + self.keep_seconds
+                if expires != job.expires_at:
+                    job.expires_at = expires
+                    self._save(job)
         self.expire()
         clean_stale_temps(self.out_dir)
         owned = {p.name for j in self.jobs.values() for p in j.files()}
