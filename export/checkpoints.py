@@ -448,6 +448,9 @@ class _Facts:
 
 
 def _layout(root: Path) -> str:
+    if root.exists() and not root.is_dir():
+        raise PackageError(f"{root} is a file, not a checkpoint folder; pass the folder that holds model_index.json "
+                           f"(diffusers) or config.json (official Wan)")
     if not root.is_dir():
         raise PackageError(f"{root}: no such checkpoint folder")
     if (root / "model_index.json").is_file():

@@ -132,7 +132,7 @@ class Pipeline:
         """Open a model package folder (what `vidrt export` writes; None = the bundled tiny model).
 
         backend  "auto" (TensorRT when a GPU, TensorRT and matching plans are present, else ONNX Runtime),
-                 "onnxruntime" or "tensorrt"; threads: ONNX Runtime CPU threads (None = all cores);
+                 "onnxruntime" (CPU), "onnxruntime-cuda" (ONNX Runtime's CUDA provider) or "tensorrt"; threads: ONNX Runtime CPU threads (None = all cores);
                  verify: check the artifacts' sha256 (remembered per file, vidrt.package.verified);
                  warn: where warnings go (default: print).
         Raises PackageError (missing/damaged package, wrong schema or hashes), UsageError (unknown backend),
@@ -239,7 +239,7 @@ class Pipeline:
         with stats.stage("text"):
             self._warn_unknown_words(s.prompt)
             context = encode_prompts(self.engine(C.TEXT_ENCODER), self.tokenizer,
-                                     [s.prompt, s.negative_prompt], self.warn)
+                                     [s.prompt, s.negative_prompt], self.warn, clean=False)
             _check_finite("text encoder", context, precision[C.TEXT_ENCODER],
                           "umT5 overflows in reduced precision: re-export it in fp32")
             if not keep_text_encoder:

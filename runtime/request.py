@@ -11,6 +11,7 @@ from typing import Any
 from vidrt.errors import UsageError
 from vidrt.package.registry import ModelSpec
 from vidrt.schedulers import SOLVERS
+from vidrt.text import check_prompt, clean_prompt
 
 MAX_STEPS = 1000
 MAX_FRAMES = 1001
@@ -95,7 +96,9 @@ class Request:
 
 @dataclass(frozen=True)
 class Settings:
-    """A request with every default filled in and every value checked."""
+    """A request with every default filled in and every value checked. prompt / negative_prompt are what
+    the text encoder receives: cleaned as the official tokenizer path does (vidrt.text.clean_prompt), so
+    warnings, metadata and --stats-json describe that text, not the raw input."""
 
     prompt: str
     negative_prompt: str
@@ -121,6 +124,8 @@ def resolve(request: Request, spec: ModelSpec) -> Settings:
     d = spec.sampling
     request = request.seeded()
     assert request.seed is not None
+    prompt = clean_prompt(request.prompt)
+    check_prompt(prompt)  # "&nbsp;" is not empty, but the model would receive nothing
     if (request.width is None) != (request.height is None):
         raise UsageError("give both width and height (--size WxH), or neither for the model's default size")
     width, height = (request.width, request.height) if request.width is not None else d.sizes[0]
@@ -158,8 +163,8 @@ def resolve(request: Request, spec: ModelSpec) -> Settings:
     # low-noise, high-noise). One --guidance sets both, as before; --guidance-low-noise then overrides the second.
     g_low = request.guidance_low_noise if request.guidance_low_noise is not None else g
     return Settings(
-        prompt=request.prompt,
-        negative_prompt=d.negative_prompt if request.negative_prompt is None else request.negative_prompt,
+        prompt=prompt,
+        negative_prompt=clean_prompt(d.negative_prompt if request.negative_prompt is None else request.negative_prompt),
         width=width, height=height, num_frames=frames, steps=steps,
         guidance_high_noise=d.guidance_high_noise if g is None else g,
         guidance_low_noise=d.guidance_low_noise if g_low is None else g_low,

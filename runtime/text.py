@@ -69,13 +69,16 @@ class PromptTokenizer:
 
 
 def encode_prompts(encoder: Engine, tokenizer: PromptTokenizer, prompts: list[str],
-                   warn: Callable[[str], None]) -> np.ndarray:
-    """-> [len(prompts), text_len, d_model] float32: each prompt's real rows, zero rows after."""
+                   warn: Callable[[str], None], names: tuple[str, ...] = ("prompt", "negative prompt"),
+                   clean: bool = True) -> np.ndarray:
+    """-> [len(prompts), text_len, d_model] float32: each prompt's real rows, zero rows after.
+    names: what warnings call each prompt; clean=False: the prompts are cleaned already (Settings)."""
     out: list[np.ndarray] = []
-    for prompt in prompts:
-        toks = tokenizer(clean_prompt(prompt))
+    for i, prompt in enumerate(prompts):
+        toks = tokenizer(clean_prompt(prompt) if clean else prompt)
         if toks.truncated:
-            warn(f"prompt is longer than {tokenizer.text_len} tokens; it was truncated")
+            name = names[i] if i < len(names) else f"prompt {i + 1}"
+            warn(f"the {name} is longer than {tokenizer.text_len} tokens; it was truncated to {tokenizer.text_len}")
         ids = toks.ids[None, :]  # [1, seq]: the encoder runs at the real token length
         hidden = encoder.run({INPUT_IDS: ids, ATTENTION_MASK: np.ones_like(ids)})[TEXT_HIDDEN]
         padded = np.zeros((tokenizer.text_len, hidden.shape[-1]), dtype=np.float32)

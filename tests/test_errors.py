@@ -59,7 +59,7 @@ def test_prompt_over_512_tokens_is_truncated_with_a_warning(capsys, pkg, tmp_pat
     out = tmp_path / "a.mp4"
     code, err = vidrt(capsys, *run_args(pkg, out, prompt=" ".join(["cat"] * 600)))
     assert code == 0, err
-    assert "warning: prompt is longer than 512 tokens; it was truncated" in err and "Traceback" not in err
+    assert "warning: the prompt is longer than 512 tokens; it was truncated" in err and "Traceback" not in err
     assert out.is_file()
 
 
@@ -99,7 +99,7 @@ BAD_VALUES = [
     (["--vae-memory", "0"], "--vae-memory"), (["--vae-memory", "lots"], "memory size"),
     (["--vae-memory", "1"], "too small"),
     (["--scheduler", "euler"], "unknown scheduler 'euler'; use one of unipc, dpm++"),
-    (["--backend", "cuda-magic"], "unknown backend 'cuda-magic'; use one of auto, onnxruntime, tensorrt"),
+    (["--backend", "cuda-magic"], "unknown backend 'cuda-magic'; use one of auto, onnxruntime, onnxruntime-cuda, tensorrt"),
     (["--steps", "many"], "--help"),  # click's own type check, still one line and exit 2
 ]
 

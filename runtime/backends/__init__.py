@@ -13,13 +13,14 @@ present, else ONNX Runtime. Imports vidrt.package and vidrt.errors, never the CL
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from vidrt.backends.base import Backend, BackendOptions
 from vidrt.errors import UsageError
 from vidrt.package.manifest import Manifest
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "onnxruntime-cuda", "tensorrt")
 
 
 def open_backend(options: BackendOptions, manifest: Manifest, package: Path | str | None = None) -> Backend:
@@ -38,4 +39,6 @@ def open_backend(options: BackendOptions, manifest: Manifest, package: Path | st
             return TrtBackend(options, manifest, package)
     from vidrt.backends.ort import OrtBackend
 
+    if options.backend == "onnxruntime-cuda":  # ONNX Runtime's CUDA provider (onnxruntime-gpu); no vidrt memory plan
+        return OrtBackend(replace(options, device="cuda"))
     return OrtBackend(options)

@@ -32,8 +32,8 @@ class Engine(Protocol):
 class BackendOptions:
     """How to run. `threads` = intra-op threads for CPU execution (None: the backend's default)."""
 
-    backend: str = "auto"  # "auto" | "onnxruntime" | "tensorrt"
-    device: str = "cpu"  # "cpu" | "cuda" (onnxruntime CUDA provider)
+    backend: str = "auto"  # "auto" | "onnxruntime" | "onnxruntime-cuda" | "tensorrt"
+    device: str = "cpu"  # "cpu" | "cuda" (ONNX Runtime's CUDA provider; --backend onnxruntime-cuda sets it)
     threads: int | None = None
 
 

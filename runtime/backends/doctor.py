@@ -74,7 +74,7 @@ def diagnose(package: Path | str | None = None) -> Report:
     elif not gpu.ok:
         cuda_ep = BackendStatus("onnxruntime (cuda)", False, gpu.reason)
     else:
-        cuda_ep = BackendStatus("onnxruntime (cuda)", True, "--backend onnxruntime --device cuda")
+        cuda_ep = BackendStatus("onnxruntime (cuda)", True, "--backend onnxruntime-cuda")
     backends.append(cuda_ep)
     if trt_version is None:
         backends.append(BackendStatus("tensorrt", False, trt_why))

@@ -17,7 +17,8 @@ def _providers(device: str) -> list[str]:
     available = ort.get_available_providers()
     if device == "cuda":
         if "CUDAExecutionProvider" not in available:
-            raise DeviceError("onnxruntime has no CUDA provider here; install onnxruntime-gpu or use --device cpu")
+            raise DeviceError("onnxruntime has no CUDA provider here; install onnxruntime-gpu (in place of "
+                              "onnxruntime) or run on the CPU with --backend onnxruntime")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
@@ -91,10 +92,12 @@ class OrtEngine:
 
 
 class OrtBackend:
-    name = "onnxruntime"
+    """`--backend onnxruntime` (CPU provider) or `--backend onnxruntime-cuda` (options.device == "cuda")."""
 
     def __init__(self, options: BackendOptions) -> None:
         self.options = options
+        self.name = "onnxruntime-cuda" if options.device == "cuda" else "onnxruntime"
+        _providers(options.device)  # no CUDA provider: refused now, before any model work
 
     def device_memory(self) -> tuple[int, str] | None:
         return None  # CPU RAM, or the CUDA provider's own arena: no vidrt plan

@@ -47,13 +47,15 @@ def parse_size(value: str | None) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="vidrt")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Wan2.1 / Wan2.2 video generation through compiled engines."""
     ctx.obj = {"debug": debug}
+    if ctx.invoked_subcommand is None:  # bare `vidrt`: the help, as `vidrt --help` prints it
+        click.echo(ctx.get_help())
 
 
 def _default_model() -> str | None:
@@ -78,7 +80,8 @@ def _default_model() -> str | None:
 @click.option("--shift", type=float, help="Flow-matching sigma shift.")
 @click.option("--seed", type=int, help="Noise seed; -1 or none = a random one (printed, and kept in the file).")
 @click.option("--scheduler", help="unipc (default) or dpm++.")
-@click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime or tensorrt.")
+@click.option("--backend", default="auto", show_default=True,
+              help="auto, onnxruntime (CPU), onnxruntime-cuda (ONNX Runtime's CUDA provider) or tensorrt.")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores).")
 @click.option("--vae-memory", help="Memory budget for one VAE tile, e.g. 2GB (default: automatic).")
 @click.option("--fps", type=int, help="Frames per second of the file (default: the model's).")

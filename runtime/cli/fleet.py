@@ -17,7 +17,7 @@ _common = [
     click.option("--workers", type=int, help="Worker actors (default: one per GPU; without GPUs one per "
                                              "--threads CPUs)."),
     click.option("--threads", type=int, help="CPU threads per worker for ONNX Runtime (CPU mode: default 1)."),
-    click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime or tensorrt."),
+    click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, onnxruntime-cuda or tensorrt."),
     click.option("--gpu/--cpu", "use_gpu", default=None, help="Schedule workers on GPUs or CPU slots "
                                                               "(default: GPUs when the cluster has any)."),
 ]
@@ -36,6 +36,9 @@ def _package(model: str | None) -> str:
     if package is None:
         raise UsageError("no --model given and this build ships no default model; pass --model PACKAGE")
     path = Path(package).expanduser().resolve()  # workers run elsewhere: hand them an absolute path
+    if path.is_file():
+        raise UsageError(f"--model {package} is a file, not a model package folder; pass the folder that holds "
+                         f"manifest.json")
     if not (path / "manifest.json").is_file():
         raise UsageError(f"--model {package} is not a model package (no manifest.json); export one with "
                          f"`vidrt export`")

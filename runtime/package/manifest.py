@@ -122,6 +122,9 @@ def load_manifest(package: Path | str, verify: bool = True) -> Manifest:
     """Read and validate `package/manifest.json`. With verify, check each artifact's size and sha256."""
     package = Path(package)
     path = package / MANIFEST_NAME
+    if package.exists() and not package.is_dir():
+        raise PackageError(f"{package} is a file, not a model package folder (the folder that holds "
+                           f"{MANIFEST_NAME}); pass {package.parent if package.name == MANIFEST_NAME else 'that folder'}")
     if not package.is_dir():
         raise PackageError(f"model package {package} does not exist; export one with `vidrt export --model DIR`")
     if not path.is_file():
