@@ -132,7 +132,8 @@ class Pipeline:
         """Open a model package folder (what `vidrt export` writes; None = the bundled tiny model).
 
         backend  "auto" (TensorRT when a GPU, TensorRT and matching plans are present, else ONNX Runtime),
-                 "onnxruntime" (CPU), "onnxruntime-cuda" (ONNX Runtime's CUDA provider) or "tensorrt"; threads: ONNX Runtime CPU threads (None = all cores);
+                 "onnxruntime" (CPU), "onnxruntime-cuda" (ONNX Runtime's CUDA provider) or "tensorrt";
+                 threads: ONNX Runtime CPU threads (None = all cores);
                  verify: check the artifacts' sha256 (remembered per file, vidrt.package.verified);
                  warn: where warnings go (default: print).
         Raises PackageError (missing/damaged package, wrong schema or hashes), UsageError (unknown backend),

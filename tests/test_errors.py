@@ -99,7 +99,8 @@ BAD_VALUES = [
     (["--vae-memory", "0"], "--vae-memory"), (["--vae-memory", "lots"], "memory size"),
     (["--vae-memory", "1"], "too small"),
     (["--scheduler", "euler"], "unknown scheduler 'euler'; use one of unipc, dpm++"),
-    (["--backend", "cuda-magic"], "unknown backend 'cuda-magic'; use one of auto, onnxruntime, onnxruntime-cuda, tensorrt"),
+    (["--backend", "cuda-magic"],
+     "unknown backend 'cuda-magic'; use one of auto, onnxruntime, onnxruntime-cuda, tensorrt"),
     (["--steps", "many"], "--help"),  # click's own type check, still one line and exit 2
 ]
 

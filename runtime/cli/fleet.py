@@ -17,7 +17,8 @@ _common = [
     click.option("--workers", type=int, help="Worker actors (default: one per GPU; without GPUs one per "
                                              "--threads CPUs)."),
     click.option("--threads", type=int, help="CPU threads per worker for ONNX Runtime (CPU mode: default 1)."),
-    click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, onnxruntime-cuda or tensorrt."),
+    click.option("--backend", default="auto", show_default=True,
+                 help="auto, onnxruntime, onnxruntime-cuda or tensorrt."),
     click.option("--gpu/--cpu", "use_gpu", default=None, help="Schedule workers on GPUs or CPU slots "
                                                               "(default: GPUs when the cluster has any)."),
 ]

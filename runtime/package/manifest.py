@@ -123,8 +123,9 @@ def load_manifest(package: Path | str, verify: bool = True) -> Manifest:
     package = Path(package)
     path = package / MANIFEST_NAME
     if package.exists() and not package.is_dir():
+        folder = package.parent if package.name == MANIFEST_NAME else "that folder"
         raise PackageError(f"{package} is a file, not a model package folder (the folder that holds "
-                           f"{MANIFEST_NAME}); pass {package.parent if package.name == MANIFEST_NAME else 'that folder'}")
+                           f"{MANIFEST_NAME}); pass {folder}")
     if not package.is_dir():
         raise PackageError(f"model package {package} does not exist; export one with `vidrt export --model DIR`")
     if not path.is_file():
