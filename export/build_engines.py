@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from vidrt.backends.cuda import probe
+from vidrt.backends.cuda import CudaApi, CudaRuntime, probe
 from vidrt.backends.tensorrt import engine_dir_name, load_tensorrt, version_tuple
 from vidrt.errors import DeviceError, PackageError, UsageError
 from vidrt.package import contracts as C
@@ -69,8 +69,7 @@ def check_component_precision(name: str, comp: Component, precision: str, spec: 
     """What each graph's ONNX precision must be for a build at `precision`."""
     if name in spec.experts:
         if comp.precision != precision:
-            fix = ("quantize it: python -m vidrt.export.quantize_fp8 --help" if precision == "fp8" else
-                   f"re-export: vidrt export --model CHECKPOINT --opset 23 --precision {precision}")
+            fix = f"re-export: vidrt export CHECKPOINT --opset 23 --precision {precision}"
             raise PackageError(f"{comp.artifact.file} is {comp.precision}, a {precision} build needs a {precision} "
                                f"graph (TensorRT networks are strongly typed: the precision is in the ONNX); {fix}")
     elif name == C.TEXT_ENCODER:
@@ -88,7 +87,10 @@ def _bind(contract: Contract, sizes: dict[str, int]) -> dict[str, Shape]:
 
 
 def dit_profiles(spec: ModelSpec, contract: Contract, sizes: tuple[tuple[int, int], ...], frames: int) -> list[Profile]:
-    """One profile per (width, height): the latent shape fixed, batch 1..2 (opt 2)."""
+    """Two static profiles per (width, height): batch 1, then batch 2. One profile of batch 1..2 would
+    size the activation memory for batch 2 even when CFG runs as two batch-1 calls to save memory
+    (device_memory_size_v2 is the largest profile's); with a profile per batch the backend binds
+    get_device_memory_size_for_profile_v2 of the profile in use (TrtEngine.scratch_bytes)."""
     out = []
     for width, height in sizes:
         m = spec.spatial_multiple
@@ -96,8 +98,9 @@ def dit_profiles(spec: ModelSpec, contract: Contract, sizes: tuple[tuple[int, in
             raise UsageError(f"size {width}x{height}: width and height must be multiples of {m} for {spec.name}")
         _, f, h, w = spec.latent_shape(width, height, frames)
         dims = {"frames": f, "height": h, "width": w, "tokens": spec.num_tokens(width, height, frames)}
-        lo, hi = _bind(contract, {**dims, "batch": 1}), _bind(contract, {**dims, "batch": 2})
-        out.append({n: (lo[n], hi[n], hi[n]) for n in lo})
+        for batch in (1, 2):
+            shapes = _bind(contract, {**dims, "batch": batch})
+            out.append({n: (s, s, s) for n, s in shapes.items()})
     return out
 
 
@@ -115,12 +118,14 @@ def vae_profiles(contract: Contract, tile: tuple[int, int], scale: int) -> list[
 
 
 def choose_vae_tile(spec: ModelSpec, contract: Contract, sizes: tuple[tuple[int, int], ...], frames: int,
-                    budget: int) -> tuple[int, int]:
-    """The residency plan's tile for the largest size bucket (it serves the smaller ones too)."""
+                    budget: int, precision: str = "bf16") -> tuple[int, int]:
+    """The residency plan's tile for the largest size bucket, at the build's precision (it serves
+    the smaller sizes too: the runtime pads a frame smaller than the tile). At run time the pipeline
+    decodes with exactly this tile (TrtBackend.vae_tile); the plan only checks that it fits."""
     from vidrt.backends.residency import make_plan
 
     width, height = max(sizes, key=lambda s: s[0] * s[1])
-    plan = make_plan(spec, width, height, frames, budget, "fp32", contracts={C.VAE_STEP: contract})
+    plan = make_plan(spec, width, height, frames, budget, precision, contracts={C.VAE_STEP: contract})
     return plan.vae_tile.tile_shape
 
 
@@ -134,16 +139,17 @@ def network_flags(trt: ModuleType) -> int:
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes | memoryview) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(data)
+        f.write(data)  # a memoryview of TensorRT's IHostMemory is written without a copy
     os.replace(tmp, path)
 
 
 def build_plan(trt: ModuleType, onnx_path: Path, profiles: list[Profile], options: BuildOptions,
-               timing_cache: Path, *, streamable: bool = False) -> tuple[bytes, dict[str, Any]]:
-    """Build one plan. Returns (plan bytes, report)."""
+               timing_cache: Path, *, streamable: bool = False) -> tuple[memoryview, dict[str, Any]]:
+    """Build one plan. Returns (a view of TensorRT's serialised plan, report); the caller writes it
+    and drops it (an A14B plan is 14-28 GB: no bytes() copy)."""
     logger: trt_t.Logger = trt.Logger(trt.Logger.WARNING)
     builder: trt_t.Builder | None = trt.Builder(logger)
     if builder is None:
@@ -157,6 +163,13 @@ def build_plan(trt: ModuleType, onnx_path: Path, profiles: list[Profile], option
     config: trt_t.IBuilderConfig = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     config.builder_optimization_level = options.optimization_level
+    # TF32 is on by default (pyCoreDoc BuilderFlag.TF32: "Enabled by default"; still a flag in 11.x,
+    # not one of the removed weak-typing flags). It rounds fp32 GEMM/conv inputs to 10 mantissa bits:
+    # off, so the fp32 VAE and the fp32 islands of the low-precision graphs (norms, modulation, time
+    # projection) compute in fp32 as exported.
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if tf32 is not None:
+        config.clear_flag(tf32)
     if streamable:
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
     cache: trt_t.ITimingCache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
@@ -171,26 +184,29 @@ def build_plan(trt: ModuleType, onnx_path: Path, profiles: list[Profile], option
     if plan is None:
         raise DeviceError(f"TensorRT could not build {onnx_path.name} (see its log above); try a smaller "
                           f"--workspace, fewer --sizes or --optimization-level 2")
-    data = bytes(memoryview(plan))
+    data = memoryview(plan)
     timing: trt_t.ITimingCache = config.get_timing_cache()
     _write_atomic(timing_cache, bytes(memoryview(timing.serialize())))
-    report: dict[str, Any] = {"build_seconds": round(time.perf_counter() - t0, 1), "plan_bytes": len(data)}
+    report: dict[str, Any] = {"build_seconds": round(time.perf_counter() - t0, 1), "plan_bytes": data.nbytes}
     runtime: trt_t.Runtime = trt.Runtime(logger)
     engine: trt_t.ICudaEngine | None = runtime.deserialize_cuda_engine(data)
     if engine is not None:
         report["device_memory_bytes"] = int(engine.device_memory_size_v2)
         report["profile_device_memory_bytes"] = [int(engine.get_device_memory_size_for_profile_v2(i))
                                                  for i in range(engine.num_optimization_profiles)]
-        report["weight_bytes"] = int(engine.streamable_weights_size) if streamable else len(data)
+        report["weight_bytes"] = int(engine.streamable_weights_size) if streamable else data.nbytes
         del engine
     return data, report
 
 
 def build_package(package: Path | str, options: BuildOptions, *, trt_mod: ModuleType | None = None,
                   compute_capability: str | None = None, total_memory: int | None = None,
-                  builder: Callable[..., tuple[bytes, dict[str, Any]]] = build_plan,
-                  log: Callable[[str], None] = print) -> Manifest:
-    """Build every component's plan and record them in the manifest. Returns the new manifest."""
+                  builder: Callable[..., tuple[bytes | memoryview, dict[str, Any]]] = build_plan,
+                  log: Callable[[str], None] = print, device: int = 0, cuda: CudaApi | None = None) -> Manifest:
+    """Build every component's plan and record them in the manifest. Returns the new manifest.
+    `device`: the GPU to build on (`--device N`); it is made current before TensorRT creates its
+    Builder (TensorRT builds on the calling thread's current device), and the plans carry its
+    compute capability."""
     package = Path(package)
     if options.precision not in BUILD_PRECISIONS:
         raise UsageError(f"--precision {options.precision!r}: use one of {', '.join(BUILD_PRECISIONS)}")
@@ -201,7 +217,15 @@ def build_package(package: Path | str, options: BuildOptions, *, trt_mod: Module
         gpu = probe()
         if not gpu.ok:
             raise DeviceError(f"building TensorRT engines needs the target GPU: {gpu.reason}")
-        compute_capability, total_memory = gpu.devices[0].compute_capability, gpu.devices[0].total_bytes
+        if not 0 <= device < len(gpu.devices):
+            raise UsageError(f"--device {device}: this machine has {len(gpu.devices)} GPU(s), "
+                             f"0..{len(gpu.devices) - 1} (`vidrt doctor` lists them)")
+        chosen = gpu.devices[device]
+        compute_capability, total_memory = chosen.compute_capability, chosen.total_bytes
+        if cuda is None:
+            cuda = CudaRuntime(chosen.index)  # makes it the current device
+    if cuda is not None:
+        cuda.set_device(device)
     if options.precision == "fp8" and version_tuple(compute_capability) < (8, 9):
         raise DeviceError(f"fp8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); this GPU is "
                           f"{compute_capability}: build bf16 or fp16 instead")
@@ -237,7 +261,7 @@ def build_package(package: Path | str, options: BuildOptions, *, trt_mod: Module
             if tile is None:
                 step = manifest.components.get(C.VAE_STEP, comp).contract
                 budget = options.gpu_memory or total_memory or 24 * 10**9
-                tile = choose_vae_tile(spec, step, sizes, frames, budget)
+                tile = choose_vae_tile(spec, step, sizes, frames, budget, options.precision)
                 log(f"VAE tile {tile[0]}x{tile[1]} latent cells (residency plan for {budget / GiB:.1f} GiB)")
             profiles = vae_profiles(comp.contract, tile, spec.vae.stride[1])
             s = spec.vae.stride[1]
@@ -248,6 +272,13 @@ def build_package(package: Path | str, options: BuildOptions, *, trt_mod: Module
         data, report = builder(trt, package / comp.artifact.file, profiles, options, cache,
                                streamable=options.weight_streaming and name in spec.experts)
         _write_atomic(out_dir / f"{name}.plan", data)
+        del data
+        if name in spec.experts and report.get("profile_device_memory_bytes"):
+            # what each profile is (dit_profiles: per size, batch 1 then batch 2), for `vidrt plan`
+            shapes = [(w, h, frames, b) for w, h in sizes for b in (1, 2)]
+            report["profiles"] = [{"width": w, "height": h, "frames": f, "batch": b, "device_memory_bytes": m}
+                                  for (w, h, f, b), m in zip(shapes, report["profile_device_memory_bytes"],
+                                                             strict=False)]
         reports[name] = report
         artifact = make_artifact(package, f"{folder}/{name}.plan")
         new.append(EngineEntry(name, artifact, comp.precision, version, compute_capability, buckets))

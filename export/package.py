@@ -111,6 +111,9 @@ def export_main(model: str, variant: str | None, out: str | None, opset: int, pr
 # ---- stages -----------------------------------------------------------------------------------
 
 
+VAE_OPSET = 18  # see _stages
+
+
 def _stages(ckpt: Checkpoint, out: Path, opset: int, precision: str) -> list[Stage]:
     spec = ckpt.spec
 
@@ -136,10 +139,16 @@ def _stages(ckpt: Checkpoint, out: Path, opset: int, precision: str) -> list[Sta
             return StageResult({expert: _component(out, expert, contract, precision, opset)})
         return run
 
+    # The VAE graphs stay at opset 18 whatever --opset says: at 23 the exporter turns the mid-block
+    # attention into one ONNX Attention op that TensorRT maps to IAttention with a single 384/1024-wide
+    # head, a shape its fused kernels may not cover; at 18 it is MatMul/Softmax (plain GEMMs).
+    vae_opset = min(opset, VAE_OPSET)
+
     def vae() -> StageResult:
-        first, step = export_vae_decoder(ckpt.vae(), out / f"{VAE_FIRST}.onnx", out / f"{VAE_STEP}.onnx", spec, opset)
-        return StageResult({VAE_FIRST: _component(out, VAE_FIRST, first, "fp32", opset),
-                            VAE_STEP: _component(out, VAE_STEP, step, "fp32", opset)})
+        first, step = export_vae_decoder(ckpt.vae(), out / f"{VAE_FIRST}.onnx", out / f"{VAE_STEP}.onnx", spec,
+                                         vae_opset)
+        return StageResult({VAE_FIRST: _component(out, VAE_FIRST, first, "fp32", vae_opset),
+                            VAE_STEP: _component(out, VAE_STEP, step, "fp32", vae_opset)})
 
     return [Stage("tokenizer", (), "-", tokenizer), Stage("text_encoder", (TEXT_ENCODER,), te_precision, text_encoder),
             *(Stage(e, (e,), precision, dit(e)) for e in spec.experts),

@@ -24,6 +24,8 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from vidrt.backends.residency import DEFAULT_FP8_SCOPE
+
 E4M3 = {"num_bits": (4, 3), "axis": None}
 HIGH_PRECISION_PARTS = ("patch_embedding", "condition_embedder", "text_embedding", "time_embedding",
                         "time_projection", "proj_out", "norm_out", "head", "scale_shift_table")
@@ -37,7 +39,7 @@ def kept_blocks(num_layers: int, keep_blocks: int = 3) -> list[int]:
     return sorted(set(range(k)) | set(range(num_layers - k, num_layers)))
 
 
-def fp8_config(num_layers: int, scope: str = "ffn", keep_blocks: int = 3) -> dict[str, Any]:
+def fp8_config(num_layers: int, scope: str = DEFAULT_FP8_SCOPE, keep_blocks: int = 3) -> dict[str, Any]:
     """ModelOpt quantisation config (the list form of ModelOpt >= 0.4x): everything off, then the
     chosen Linear layers of the blocks on, then the kept blocks and parts off again."""
     if scope not in SCOPES:
@@ -61,7 +63,8 @@ def high_precision_filter(num_layers: int, keep_blocks: int = 3) -> Callable[[st
     return lambda name: rx.search(name) is not None
 
 
-def quantize_dit(model: Any, calibration: Iterable[dict[str, Any]], *, num_layers: int, scope: str = "ffn",
+def quantize_dit(model: Any, calibration: Iterable[dict[str, Any]], *, num_layers: int,
+                 scope: str = DEFAULT_FP8_SCOPE,
                  keep_blocks: int = 3) -> Any:
     """Quantise `model` (a WanTransformer3DModel or an export wrapper with the same module names) in
     place with ModelOpt and return it. `calibration` yields keyword batches of real DiT inputs

@@ -229,8 +229,8 @@ class Pipeline:
         # 0. memory
         memory = self.memory_plan(s)
         cfg_batch = self.cfg_batch or (memory.cfg_batch if memory else 2)
-        tiles = memory.vae_tile if memory and vae_memory_bytes is None else \
-            decode_plan(self.manifest, s, vae_memory_bytes)
+        # On a planned backend (TensorRT) the tile is the plan's: the one the VAE engines were built for.
+        tiles = memory.vae_tile if memory else decode_plan(self.manifest, s, vae_memory_bytes)
         released = {name for stage in memory.stages for name in stage.release} if memory else set()
         if memory:
             self.backend.stream_weights(memory.streamed)
@@ -290,10 +290,13 @@ class Pipeline:
             done += len(uint8)
             report("decode", done, s.num_frames)
 
-        first, step = self.engine(C.VAE_FIRST), self.engine(C.VAE_STEP)
         stats.vae_tiles = tiles.count
         t_decode = time.perf_counter()
-        for chunk in iter_decode(latents, first, step, tiles, mean=spec.vae.latents_mean, std=spec.vae.latents_std):
+        # The step engine opens after frame 0; the first-frame engine is released first where the
+        # memory plan says so (TensorRT), so the two are never on the device together.
+        release_first = (lambda: self.release(C.VAE_FIRST)) if C.VAE_FIRST in released else None
+        for chunk in iter_decode(latents, self.engine(C.VAE_FIRST), lambda: self.engine(C.VAE_STEP), tiles,
+                                 mean=spec.vae.latents_mean, std=spec.vae.latents_std, release_first=release_first):
             consume(chunk)
         stats.seconds["decode"] = time.perf_counter() - t_decode - stats.seconds["write"]
         video = np.concatenate(frames) if frames else None
@@ -306,7 +309,9 @@ class Pipeline:
         if device is None:
             return None
         budget, precision = device
-        plan = plan_for_package(self.package, self.manifest, s.width, s.height, s.num_frames, budget, precision)
+        # TensorRT: the VAE tile is fixed by its engines' profile; the plan checks that it fits.
+        plan = plan_for_package(self.package, self.manifest, s.width, s.height, s.num_frames, budget, precision,
+                                vae_tile=getattr(self.backend, "vae_tile", None), text_device="gpu")
         if not plan.fits:
             raise DeviceError(f"{s.width}x{s.height}x{s.num_frames} needs {plan.peak / 2**30:.1f} GiB of GPU memory "
                               f"and {budget / 2**30:.1f} GiB are free; lower --size or --frames (see `vidrt plan "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -348,9 +348,14 @@ def denormalize(latents: np.ndarray, mean: Sequence[float], std: Sequence[float]
     return latents.astype(np.float32) * s + m
 
 
-def iter_decode(latents: np.ndarray, first: Engine, step: Engine, plan: TilePlan, *,
-                mean: Sequence[float], std: Sequence[float]) -> Iterator[np.ndarray]:
+def iter_decode(latents: np.ndarray, first: Engine, step: Engine | Callable[[], Engine], plan: TilePlan, *,
+                mean: Sequence[float], std: Sequence[float],
+                release_first: Callable[[], None] | None = None) -> Iterator[np.ndarray]:
     """Decode normalised latents [z, F, h, w] latent frame by latent frame.
+
+    `step` may be a function that opens the step engine: it is called after latent frame 0, once
+    `release_first` has released the first-frame engine, so the two never hold device memory at
+    the same time (the residency plan's "decode frame 0" and "decode" stages).
 
     Yields float32 [n, H, W, 3] in [-1, 1], n = 1 for the first latent frame and 4 after. Float,
     not uint8: blending and previews want the exact values and quantising is the writer's job
@@ -361,13 +366,19 @@ def iter_decode(latents: np.ndarray, first: Engine, step: Engine, plan: TilePlan
         raise ValueError(f"latent frame {h}x{w} does not match the tile plan's {plan.rows.length}x{plan.cols.length}")
     lat = denormalize(latents, mean, std)
     th, tw = plan.tile_shape
-    n_caches = sum(1 for name in step.contract.input_names if name.startswith("cache_in_"))
+    n_caches = sum(1 for name in first.contract.output_names if name.startswith("cache_out_"))
     H, W = plan.frame_px
     # Separable blend weights per tile: rows x cols, over each tile's support only.
     row_w = [plan.rows.weights(i) for i in range(plan.rows.count)]
     col_w = [plan.cols.weights(j) for j in range(plan.cols.count)]
     caches: list[dict[str, np.ndarray]] = [{} for _ in range(plan.count)]
+    step_engine: Engine = step if not callable(step) or hasattr(step, "run") else first  # type: ignore[assignment]
     for f in range(n_lat):
+        if f == 1:  # frame 0 done on every tile: the first-frame engine goes, the step engine comes
+            if release_first is not None:
+                release_first()
+            if not hasattr(step, "run"):
+                step_engine = step()  # type: ignore[operator]
         frame = lat[:, f]  # [z, h, w]
         if plan.rows.pad or plan.cols.pad:  # only for fixed-shape engines on a frame smaller than the tile
             frame = np.pad(frame, ((0, 0), (0, plan.rows.pad), (0, plan.cols.pad)), mode="edge")
@@ -380,7 +391,7 @@ def iter_decode(latents: np.ndarray, first: Engine, step: Engine, plan: TilePlan
                     res = first.run(feeds)
                 else:
                     feeds.update({cache_in(c): caches[k][cache_out(c)] for c in range(n_caches)})
-                    res = step.run(feeds)
+                    res = step_engine.run(feeds)
                 # Keep this tile's caches for the next latent frame (host memory; a GPU backend
                 # could keep them on the device when its budget allows).
                 caches[k] = {cache_out(c): res[cache_out(c)] for c in range(n_caches)}

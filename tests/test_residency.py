@@ -107,7 +107,7 @@ def test_plan_io_matches_the_tensorrt_backends_actual_buffers() -> None:
 
 def test_weights_by_precision() -> None:
     cfg = VARIANTS["wan2.2-t2v-a14b"].dit
-    bf16, fp8 = dit_weight_bytes(cfg, "bf16"), dit_weight_bytes(cfg, "fp8")
+    bf16, fp8 = dit_weight_bytes(cfg, "bf16"), dit_weight_bytes(cfg, "fp8", "linear")
     n = dit_param_count(cfg)
     assert 2 * n < bf16 < 2.1 * n  # + the fp32 norms, modulation and time projection
     assert n < fp8 < bf16 and dit_weight_bytes(cfg, "fp8", "ffn") > fp8
@@ -118,7 +118,7 @@ def test_5b_fp8_720p_fits_24gb_per_stage() -> None:
     plan = make_plan(VARIANTS["wan2.2-ti2v-5b"], 1280, 704, 121, BUDGET_24GB, "fp8")
     assert plan.fits and not plan.all_resident and not plan.streamed
     names = [s.name for s in plan.stages]
-    assert names == ["text", "denoise", "decode"]
+    assert names == ["text", "denoise", "decode frame 0", "decode"]
     assert plan.stages[0].release == (C.TEXT_ENCODER,)  # the text encoder leaves before denoising
     assert all(s.peak <= plan.budget for s in plan.stages)
 
@@ -127,7 +127,7 @@ def test_a14b_swaps_experts_and_streams_weights_on_24gb() -> None:
     spec = VARIANTS["wan2.2-t2v-a14b"]
     for precision in ("fp8", "bf16"):
         plan = make_plan(spec, 1280, 720, 81, BUDGET_24GB, precision)
-        assert [s.name for s in plan.stages] == ["text", "denoise high", "denoise low", "decode"]
+        assert [s.name for s in plan.stages] == ["text", "denoise high", "denoise low", "decode frame 0", "decode"]
         assert plan.stages[1].load == ("dit_high",) and plan.stages[1].release == ("dit_high",)
         assert plan.fits and all(s.peak <= plan.budget for s in plan.stages)
         assert set(plan.streamed) == {"dit_high", "dit_low"}

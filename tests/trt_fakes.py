@@ -17,9 +17,13 @@ from vidrt.backends.tensorrt import from_bf16_bits, to_bf16_bits
 
 
 class FakeCuda:
-    """CudaApi on host memory. `allocations` records every malloc size; `calls` the API calls."""
+    """CudaApi on host memory. `allocations` records every malloc size; `calls` the API calls.
+    `fail_instantiate`: cudaGraphInstantiate fails (some graphs cannot be instantiated: e.g. kernels
+    with device-side launches; the capture itself then ends with an error)."""
 
     def __init__(self) -> None:
+        self.fail_instantiate = False
+        self.device = 0
         self.mem: dict[int, bytearray] = {}
         self.allocations: list[int] = []
         self.calls: list[str] = []
@@ -32,7 +36,8 @@ class FakeCuda:
         return self._next
 
     def set_device(self, index: int) -> None:
-        self.calls.append("set_device")
+        self.device = index
+        self.calls.append(f"set_device {index}")
 
     def mem_info(self) -> tuple[int, int]:
         return 20 * 2**30, 24 * 2**30
@@ -93,9 +98,13 @@ class FakeCuda:
 
     def graph_end_capture(self, stream: int) -> int:
         work = self.capturing.pop(stream)
+        self.calls.append("end_capture")
+        if self.fail_instantiate:
+            from vidrt.errors import DeviceError
+
+            raise DeviceError("CUDA cudaGraphInstantiate failed (error 1 cudaErrorInvalidValue)")
         exe = self._handle()
         self.graphs[exe] = work
-        self.calls.append("end_capture")
         return exe
 
     def graph_launch(self, graph_exec: int, stream: int) -> None:
@@ -125,8 +134,10 @@ class FakePlan:
     inputs: dict[str, tuple[DType, list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]]
     outputs: dict[str, tuple[DType, Callable[[dict[str, tuple[int, ...]]], tuple[int, ...]]]]
     compute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-    device_memory: int = 1 << 20
+    device_memory: int = 1 << 20  # scratch of every profile unless profile_memory says otherwise
     streamable: int = 0  # streamable_weights_size: > 0 for a plan built with --weight-streaming
+    profile_memory: list[int] | None = None  # get_device_memory_size_for_profile_v2 per profile
+    streaming_scratch: int = 0  # extra scratch once part of the weights stream (budget < streamable)
 
 
 class FakeContext:
@@ -166,17 +177,26 @@ class FakeContext:
         cuda = self.engine.cuda
         assert self.device_memory is not None, "USER_MANAGED context without device memory"
 
+        need = self.engine.memory_for_profile(self.profile)
+        assert self.device_memory[1] >= need, f"scratch {self.device_memory[1]} < the profile's {need} bytes"
+        # What the work reads is fixed now: a captured graph replays these pointers, whatever the
+        # context is bound to later (CUDA graphs keep the addresses they were captured with).
+        addresses, scratch, shapes = dict(self.addresses), self.device_memory[0], dict(self.shapes)
+
         def kernel() -> None:
+            assert scratch in cuda.mem, "kernel ran on freed scratch memory"
             feeds = {}
             for n, (dt, _) in self.engine.plan.inputs.items():
-                shape = self.shapes[n]
+                shape = shapes[n]
                 nbytes = math.prod(shape) * np.dtype(_NP[dt.name]).itemsize
-                raw = np.frombuffer(bytes(cuda.mem[self.addresses[n]][:nbytes]), _NP[dt.name]).reshape(shape)
+                assert addresses[n] in cuda.mem, f"input {n} bound to freed memory"
+                raw = np.frombuffer(bytes(cuda.mem[addresses[n]][:nbytes]), _NP[dt.name]).reshape(shape)
                 feeds[n] = from_bf16_bits(raw) if dt is BF16 else raw
             outs = self.engine.plan.compute(feeds)
             for n, (dt, _) in self.engine.plan.outputs.items():
                 arr = to_bf16_bits(outs[n]) if dt is BF16 else np.ascontiguousarray(outs[n], _NP[dt.name])
-                cuda.mem[self.addresses[n]][:arr.nbytes] = arr.tobytes()
+                assert addresses[n] in cuda.mem, f"output {n} bound to freed memory"
+                cuda.mem[addresses[n]][:arr.nbytes] = arr.tobytes()
             self.engine.executions += 1
 
         if stream in cuda.capturing:
@@ -206,9 +226,20 @@ class FakeEngine:
     def num_optimization_profiles(self) -> int:
         return len(next(iter(self.plan.inputs.values()))[1])
 
+    def memory_for_profile(self, index: int) -> int:
+        """get_device_memory_size_for_profile_v2: "The return value will change depending on ...
+        setWeightStreamingBudgetV2" (pyCoreDoc / NvInferRuntime.h): streaming adds its scratch."""
+        base = self.plan.profile_memory[index] if self.plan.profile_memory else self.plan.device_memory
+        streaming = self.weight_streaming_budget_v2 < self.plan.streamable
+        return base + (self.plan.streaming_scratch if streaming else 0)
+
+    def get_device_memory_size_for_profile_v2(self, index: int) -> int:
+        return self.memory_for_profile(index)
+
     @property
     def device_memory_size_v2(self) -> int:
-        return self.plan.device_memory
+        """The largest profile's (TensorRT: the memory for any profile)."""
+        return max(self.memory_for_profile(i) for i in range(self.num_optimization_profiles))
 
     def get_tensor_name(self, i: int) -> str:
         return self.names[i]
@@ -232,15 +263,20 @@ class FakeEngine:
 @dataclass
 class FakeTensorRT:
     """The `tensorrt` module: `plans` maps plan bytes to what they deserialise to (unknown bytes ->
-    None, as TensorRT does for a plan of another version or GPU)."""
+    None, as TensorRT does for a plan of another version or GPU). `deserialized` records how each
+    plan came in ("bytes" or "reader"); `builds` records each Builder's device and config flags."""
 
     cuda: FakeCuda
     version: str = "10.13.0.35"
     plans: dict[bytes, FakePlan] = field(default_factory=dict)
     engines: list[FakeEngine] = field(default_factory=list)
+    deserialized: list[str] = field(default_factory=list)
+    builds: list[dict[str, Any]] = field(default_factory=list)
+    build_result: bytes = b"plan"
 
     def module(self) -> Any:
         fake = self
+        major = int(self.version.split(".")[0])
 
         class Logger:
             WARNING = "WARNING"
@@ -248,20 +284,110 @@ class FakeTensorRT:
             def __init__(self, level: str) -> None:
                 self.level = level
 
+        class SeekPosition:
+            SET, CUR, END = 0, 1, 2
+
+        class IStreamReaderV2:
+            """The real base class must be initialised explicitly by subclasses (pyCoreDoc)."""
+
+            def __init__(self) -> None:
+                self._base_initialised = True
+
         class Runtime:
             def __init__(self, logger: Logger) -> None:
                 pass
 
-            def deserialize_cuda_engine(self, data: bytes) -> FakeEngine | None:
-                plan = fake.plans.get(bytes(data))
+            def deserialize_cuda_engine(self, data: Any) -> FakeEngine | None:
+                if isinstance(data, IStreamReaderV2):
+                    assert getattr(data, "_base_initialised", False), "IStreamReaderV2.__init__ not called"
+                    assert data.seek(0, SeekPosition.SET)
+                    chunks = []
+                    while True:
+                        chunk = data.read(1 << 16, 0)
+                        if not chunk:
+                            break
+                        chunks.append(bytes(chunk))
+                    raw = b"".join(chunks)
+                    fake.deserialized.append("reader")
+                else:
+                    raw = bytes(data)
+                    fake.deserialized.append("bytes")
+                plan = fake.plans.get(raw)
                 if plan is None:
                     return None
                 engine = FakeEngine(plan, fake.cuda)
                 fake.engines.append(engine)
                 return engine
 
+        class BuilderFlag:
+            TF32, WEIGHT_STREAMING = "TF32", "WEIGHT_STREAMING"
+
+        class Config:
+            def __init__(self, record: dict[str, Any]) -> None:
+                self.record = record
+                record["flags"] = {BuilderFlag.TF32}  # "TF32 ... Enabled by default." (pyCoreDoc BuilderFlag)
+                self.builder_optimization_level = 3
+
+            def set_memory_pool_limit(self, pool: Any, size: int) -> None:
+                self.record["workspace"] = size
+
+            def set_flag(self, flag: str) -> None:
+                self.record["flags"].add(flag)
+
+            def clear_flag(self, flag: str) -> None:
+                self.record["flags"].discard(flag)
+
+            def get_flag(self, flag: str) -> bool:
+                return flag in self.record["flags"]
+
+            def create_timing_cache(self, data: bytes) -> Any:
+                return SimpleNamespace(serialize=lambda: b"timing")
+
+            def set_timing_cache(self, cache: Any, ignore_mismatch: bool) -> bool:
+                return True
+
+            def get_timing_cache(self) -> Any:
+                return SimpleNamespace(serialize=lambda: b"timing")
+
+            def add_optimization_profile(self, profile: Any) -> int:
+                self.record.setdefault("profiles", []).append(profile.shapes)
+                return len(self.record["profiles"]) - 1
+
+        class Profile:
+            def __init__(self) -> None:
+                self.shapes: dict[str, tuple[Any, Any, Any]] = {}
+
+            def set_shape(self, name: str, lo: Any, opt: Any, hi: Any) -> None:
+                self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+        class Builder:
+            def __init__(self, logger: Logger) -> None:
+                self.record: dict[str, Any] = {"device": fake.cuda.device}
+                fake.builds.append(self.record)
+
+            def create_network(self, flags: int) -> Any:
+                return SimpleNamespace(flags=flags)
+
+            def create_builder_config(self) -> Config:
+                return Config(self.record)
+
+            def create_optimization_profile(self) -> Profile:
+                return Profile()
+
+            def build_serialized_network(self, network: Any, config: Config) -> bytes:
+                return fake.build_result
+
+        class OnnxParser:
+            def __init__(self, network: Any, logger: Logger) -> None:
+                self.num_errors = 0
+
+            def parse_from_file(self, path: str) -> bool:
+                return True
+
         return SimpleNamespace(
-            __version__=self.version, Logger=Logger, Runtime=Runtime,
+            __version__=self.version, Logger=Logger, Runtime=Runtime, IStreamReaderV2=IStreamReaderV2,
+            SeekPosition=SeekPosition, Builder=Builder, OnnxParser=OnnxParser, BuilderFlag=BuilderFlag,
+            MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"), Dims=tuple,
             ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED="USER_MANAGED"),
             TensorIOMode=SimpleNamespace(INPUT=INPUT, OUTPUT=OUTPUT),
-            NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1))
+            NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1), major=major)

@@ -32,13 +32,15 @@ def open_backend(options: BackendOptions, manifest: Manifest, package: Path | st
 
         return TrtBackend(options, manifest, package)  # DeviceError says why not (no GPU, no plans, ...)
     if options.backend == "auto" and manifest.engines:  # no plans: no TensorRT/CUDA import at all
-        from vidrt.backends.tensorrt import TrtBackend, availability
+        from vidrt.backends.tensorrt import TrtBackend, availability, device_index
 
-        ok, _why = availability(manifest)
+        ok, _why = availability(manifest, device_index(options))
         if ok:
             return TrtBackend(options, manifest, package)
     from vidrt.backends.ort import OrtBackend
 
+    # options.device "cuda:N" picks the GPU of a GPU backend; plain onnxruntime stays on the CPU
+    gpu = options.device if options.device.startswith("cuda") else "cuda"
     if options.backend == "onnxruntime-cuda":  # ONNX Runtime's CUDA provider (onnxruntime-gpu); no vidrt memory plan
-        return OrtBackend(replace(options, device="cuda"))
-    return OrtBackend(options)
+        return OrtBackend(replace(options, device=gpu))
+    return OrtBackend(replace(options, device="cpu") if options.device.startswith("cuda:") else options)

@@ -14,9 +14,10 @@ one-line DeviceError naming the call, the error and what to do. Nothing here cal
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from vidrt.errors import DeviceError
@@ -70,7 +71,7 @@ def probe(cudart: ModuleType | None = None) -> Probe:
     try:
         rt = cudart if cudart is not None else _load_cudart()
     except ImportError as exc:
-        return Probe(False, f"cuda-python is not installed ({exc}); pip install cuda-python")
+        return Probe(False, f"cuda-python is not installed ({exc}); pip install \"vidrt[tensorrt]\"")
     except Exception as exc:  # a broken install raises whatever its loader raises
         return Probe(False, f"cuda-python cannot be loaded ({type(exc).__name__}: {exc})")
     bindings_version: str | None = None
@@ -95,6 +96,10 @@ def probe(cudart: ModuleType | None = None) -> Probe:
         return Probe(False, "no GPU (cudaGetDeviceCount: 0 devices)", (), driver, runtime_v, bindings_version)
     devices = []
     notes = []
+    # cudaSetDevice below changes the calling thread's current device: put the caller's back after,
+    # or every later CUDA call (a TensorRT Builder!) lands on the last GPU probed.
+    get_device = getattr(rt, "cudaGetDevice", None)
+    err_cur, current = get_device() if get_device is not None else (1, 0)
     for i in range(int(count)):
         err, prop = rt.cudaGetDeviceProperties(i)
         if int(err) != 0:
@@ -106,6 +111,7 @@ def probe(cudart: ModuleType | None = None) -> Probe:
             free = int(free_b) if int(err) == 0 else None
         name = prop.name.split(b"\0", 1)[0].decode(errors="replace")
         devices.append(DeviceInfo(i, name, f"{prop.major}.{prop.minor}", int(prop.totalGlobalMem), free))
+    rt.cudaSetDevice(int(current) if int(err_cur) == 0 else 0)
     if not devices:
         return Probe(False, "no usable GPU (" + "; ".join(notes) + ")", (), driver, runtime_v, bindings_version,
                      tuple(notes))
@@ -162,7 +168,7 @@ class CudaRuntime:
         try:
             _load_cudart()
         except ImportError as exc:
-            raise DeviceError(f"cuda-python is missing ({exc}); pip install cuda-python") from None
+            raise DeviceError(f"cuda-python is missing ({exc}); pip install \"vidrt[tensorrt]\"") from None
         self._graphs: dict[int, int] = {}  # graph exec -> the captured graph (destroyed together)
         self._host: dict[int, int] = {}  # id(array) -> pinned pointer
         self.set_device(device)
@@ -348,6 +354,76 @@ class DeviceBuffer:
             self.ptr = None
 
 
+class BufferPool:
+    """Device buffers reused by size: an engine output kept on the device (`DeviceTensor`) takes one
+    and gives it back when dropped, so a chain of calls (the VAE caches, step after step) ping-pongs
+    between a few allocations instead of calling cudaMalloc/cudaFree every step."""
+
+    def __init__(self, cuda: CudaApi) -> None:
+        self.cuda = cuda
+        self._free: dict[int, list[int]] = {}
+        self.closed = False
+
+    def take(self, nbytes: int) -> int:
+        spare = self._free.get(nbytes)
+        return spare.pop() if spare else self.cuda.malloc(nbytes)
+
+    def give(self, nbytes: int, ptr: int) -> None:
+        if self.closed:
+            self.cuda.free(ptr)
+        else:
+            self._free.setdefault(nbytes, []).append(ptr)
+
+    def trim(self) -> None:
+        """Free the spare buffers (what is in use stays)."""
+        for ptrs in self._free.values():
+            for ptr in ptrs:
+                self.cuda.free(ptr)
+        self._free = {}
+
+    def close(self) -> None:
+        self.trim()
+        self.closed = True
+
+
+class DeviceTensor:
+    """An engine output left on the device. Fed to a later call it is bound by address (no copy);
+    `np.asarray(t)` copies it to the host (and waits for the stream). Its buffer goes back to the
+    pool when it is released or garbage-collected (CPython frees it when the last reference goes).
+
+    shape/dtype are the engine's (bf16 as uint16 bits); `to_host` converts a host copy (bf16 -> fp32)."""
+
+    def __init__(self, pool: BufferPool, ptr: int, shape: tuple[int, ...], dtype: np.dtype[Any], stream: int,
+                 to_host: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        self.pool, self.shape, self.dtype, self.stream = pool, shape, dtype, stream
+        self.ptr: int | None = ptr
+        self.nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        self._to_host = to_host
+
+    def numpy(self) -> np.ndarray:
+        if self.ptr is None:
+            raise DeviceError("device tensor used after release()")
+        host = np.empty(self.shape, self.dtype)
+        self.pool.cuda.copy_dtoh(host, self.ptr, self.stream)
+        self.pool.cuda.stream_sync(self.stream)
+        return self._to_host(host) if self._to_host is not None else host
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        host = self.numpy()
+        return host if dtype is None else host.astype(dtype)
+
+    def release(self) -> None:
+        if self.ptr is not None:
+            ptr, self.ptr = self.ptr, None
+            self.pool.give(self.nbytes, ptr)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown or a lost CUDA context: nothing left to free
+            pass
+
+
 class Stream:
     """A non-blocking CUDA stream and a reusable completion event."""
 
@@ -389,5 +465,5 @@ class Timer:
         self.cuda.event_destroy(self.end)
 
 
-__all__ = ["DeviceInfo", "Probe", "probe", "describe", "CudaApi", "CudaRuntime", "DeviceBuffer", "Stream",
-           "Timer"]
+__all__ = ["DeviceInfo", "Probe", "probe", "describe", "CudaApi", "CudaRuntime", "DeviceBuffer", "BufferPool",
+           "DeviceTensor", "Stream", "Timer"]

@@ -3,13 +3,38 @@
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vidrt.backends.cuda import Probe, probe
-from vidrt.backends.tensorrt import availability, tensorrt_status
+from vidrt.backends.tensorrt import INSTALL_TENSORRT, availability, tensorrt_status
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_pieces(gpu: Probe, tensorrt_version: str | None) -> tuple[str, ...]:
+    """What the TensorRT path lacks on this machine, each with the exact command that adds it."""
+    out = []
+    if not gpu.ok and "cuda-python" not in gpu.reason:
+        out.append("NVIDIA driver: none usable (`nvidia-smi` must list the GPU); install R525 or newer "
+                   "(cuda-python 12, which vidrt[tensorrt] pins, runs on R525+)")
+    if not _installed("cuda.bindings"):
+        out.append(f"cuda-python: {INSTALL_TENSORRT}")
+    if tensorrt_version is None:
+        out.append(f"TensorRT: {INSTALL_TENSORRT}  (its libraries come from NVIDIA's index, pypi.nvidia.com)")
+    if not _installed("polygraphy"):
+        out.append(f"polygraphy (vidrt build --check): {INSTALL_TENSORRT}")
+    if not _installed("modelopt"):
+        out.append(f"nvidia-modelopt (vidrt export --precision fp8): {INSTALL_TENSORRT}")
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -28,6 +53,7 @@ class Report:
     onnxruntime_providers: tuple[str, ...]
     backends: tuple[BackendStatus, ...]
     package_lines: tuple[str, ...] = field(default_factory=tuple)
+    missing: tuple[str, ...] = field(default_factory=tuple)
 
     def lines(self) -> list[str]:
         g = self.gpu
@@ -52,6 +78,9 @@ class Report:
         for b in self.backends:
             out.append(f"  {b.name:<20}{'yes' if b.usable else 'no '}  {b.why}")
         out.extend(self.package_lines)
+        if self.missing:
+            out.append("missing for the TensorRT path:")
+            out.extend(f"  {m}" for m in self.missing)
         return out
 
 
@@ -94,7 +123,8 @@ def diagnose(package: Path | str | None = None) -> Report:
                                  f"--backend auto uses {'tensorrt' if ok else 'onnxruntime'} ({why})")
         except Exception as exc:
             package_lines.append(f"package       {package}: {exc}")
-    return Report(gpu, trt_version, trt_why, ort_version, providers, tuple(backends), tuple(package_lines))
+    return Report(gpu, trt_version, trt_why, ort_version, providers, tuple(backends), tuple(package_lines),
+                  missing_pieces(gpu, trt_version))
 
 
-__all__ = ["BackendStatus", "Report", "diagnose"]
+__all__ = ["BackendStatus", "Report", "diagnose", "missing_pieces"]

@@ -11,15 +11,16 @@ from vidrt.errors import DeviceError, PackageError
 from vidrt.package.contracts import Contract
 
 
-def _providers(device: str) -> list[str]:
+def _providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    if device == "cuda":
+    if device == "cuda" or device.startswith("cuda:"):  # cuda:N = GPU N
         if "CUDAExecutionProvider" not in available:
             raise DeviceError("onnxruntime has no CUDA provider here; install onnxruntime-gpu (in place of "
                               "onnxruntime) or run on the CPU with --backend onnxruntime")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        index = device.partition(":")[2] or "0"
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 

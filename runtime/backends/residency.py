@@ -52,6 +52,9 @@ BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1, "bool": 1,
                "float8_e4m3fn": 1}
 FP8_KEEP_BLOCKS = 3  # first and last blocks kept high precision (ModelOpt's Wan filter: blocks 0-2, 37-39)
+# The one default FP8 scope (quantize_fp8, `vidrt export/plan --fp8-scope`): the feed-forward matrices
+# only, the qualified first step (reference/tensorrt_anchors.md §7.3); "linear" adds the attention ones.
+DEFAULT_FP8_SCOPE = "ffn"
 
 # ---- parameter counts from the architecture ---------------------------------------------------------
 
@@ -149,7 +152,7 @@ def vae_step_contract(spec: ModelSpec) -> Contract:
 # ---- bytes ------------------------------------------------------------------------------------------
 
 
-def dit_weight_bytes(cfg: DiTConfig, precision: str, fp8_scope: str = "linear") -> int:
+def dit_weight_bytes(cfg: DiTConfig, precision: str, fp8_scope: str = DEFAULT_FP8_SCOPE) -> int:
     """Device bytes of one DiT's weights at an engine precision.
 
     fp32 parts (norms, modulation, time embedding/projection) stay 4 bytes in every low-precision
@@ -174,8 +177,14 @@ def dit_weight_bytes(cfg: DiTConfig, precision: str, fp8_scope: str = "linear") 
 
 
 def text_weight_bytes(cfg: TextConfig, precision: str) -> int:
-    """umT5 runs bf16 (never fp16: it overflows) or fp32."""
-    return BYTES["fp32" if precision == "fp32" else "bf16"] * text_param_count(cfg)
+    """umT5 runs bf16 (never fp16: it overflows) or fp32. In bf16 the FFN output matrices `wo`
+    (d_ff -> d, one per layer) stay fp32: transformers' UMT5PreTrainedModel `_keep_in_fp32_modules =
+    ["wo"]`, which export/onnx_export.py's export_text_encoder follows. umT5-XXL: 12.46 GiB."""
+    n = text_param_count(cfg)
+    if precision == "fp32":
+        return 4 * n
+    wo = cfg.num_layers * cfg.d_model * cfg.d_ff
+    return 4 * wo + 2 * (n - wo)
 
 
 def tensor_bytes(t: TensorSpec, sizes: dict[str, int]) -> int:
@@ -227,14 +236,38 @@ def text_activation_bytes(cfg: TextConfig, batch: int, seq: int, precision: str)
 @dataclass(frozen=True)
 class EngineReport:
     """What TensorRT said about a built engine: `device_memory_bytes` = device_memory_size_v2 (the
-    activation/scratch memory of one execution context), `weight_bytes` = the plan's weights."""
+    scratch of its largest profile), `weight_bytes` = the plan's weights, `profiles` = (width, height,
+    frames, batch, get_device_memory_size_for_profile_v2) per optimisation profile (DiT plans)."""
 
     device_memory_bytes: int
     weight_bytes: int | None = None
+    profiles: tuple[tuple[int, int, int, int, int], ...] = ()
+
+    def activation_bytes(self, batch: int, size: tuple[int, int, int] | None = None) -> int:
+        """Scratch of the profile a call at `batch` (and `size` = (width, height, frames)) selects;
+        the engine binds exactly that much (TrtEngine.scratch_bytes). Largest profile's if unknown."""
+        match = [b for w, h, f, n, b in self.profiles if n == batch and (size is None or (w, h, f) == size)]
+        return max(match) if match else self.device_memory_bytes
+
+
+def _report(r: dict[str, object]) -> EngineReport:
+    def num(v: object) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise TypeError(f"not a number: {v!r}")
+        return int(v)
+
+    profiles = r.get("profiles") or []
+    if not isinstance(profiles, list):
+        raise TypeError("profiles is not a list")
+    return EngineReport(num(r["device_memory_bytes"]),
+                        num(r["weight_bytes"]) if r.get("weight_bytes") is not None else None,
+                        tuple((num(p["width"]), num(p["height"]), num(p["frames"]), num(p["batch"]),
+                               num(p["device_memory_bytes"])) for p in profiles))
 
 
 def load_reports(package: Path, manifest: Manifest, precision: str) -> dict[str, EngineReport]:
-    """report.json of the newest engine folder built at `precision` (any GPU: the figures barely move)."""
+    """report.json of the engine folders built at `precision` (any GPU: the figures barely move).
+    An entry without the figures (a failed or partial build) is skipped on its own."""
     out: dict[str, EngineReport] = {}
     folders = sorted({Path(e.artifact.file).parent for e in manifest.engines if e.artifact.file.split("/")[0]
                       .endswith(f"-{precision}")})
@@ -243,12 +276,16 @@ def load_reports(package: Path, manifest: Manifest, precision: str) -> dict[str,
         if not path.is_file():
             continue
         try:
-            raw = json.loads(path.read_text())
-            for comp, r in raw.get("engines", {}).items():
-                out[comp] = EngineReport(int(r["device_memory_bytes"]),
-                                         int(r["weight_bytes"]) if r.get("weight_bytes") is not None else None)
-        except (ValueError, KeyError, TypeError):
+            engines = json.loads(path.read_text()).get("engines", {})
+        except (ValueError, AttributeError):
             continue
+        if not isinstance(engines, dict):
+            continue
+        for comp, r in engines.items():
+            try:
+                out[comp] = _report(r)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
     return out
 
 
@@ -288,6 +325,8 @@ class ResidencyPlan:
     vae_tile: TilePlan
     streamed: dict[str, int] = field(default_factory=dict)  # engine -> weight bytes streamed per call
     notes: tuple[str, ...] = ()
+    host_bytes: int = 0  # host RAM the run needs at its peak (see _finish)
+    text_device: str = "gpu"  # where umT5 runs: "gpu" (TensorRT) or "cpu" (ONNX Runtime)
 
     @property
     def peak(self) -> int:
@@ -320,7 +359,8 @@ class ResidencyPlan:
                          f"at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s (build it with --weight-streaming)")
         lines.extend(f"note: {n}" for n in self.notes)
         lines.append(f"peak {_gib(self.peak)} of {_gib(self.budget)}: "
-                     + ("fits" if self.fits else "DOES NOT FIT"))
+                     + ("fits" if self.fits else "DOES NOT FIT") + f"; host RAM {_gib(self.host_bytes)}"
+                     + f" (text encoder on the {self.text_device.upper()})")
         return "\n".join(lines)
 
 
@@ -334,12 +374,32 @@ def dit_sizes(spec: ModelSpec, width: int, height: int, frames: int, batch: int)
             "tokens": spec.num_tokens(width, height, frames)}
 
 
+HOST_BASE_BYTES = 2 * GiB  # Python, numpy, ONNX Runtime, the CUDA driver's host side: an allowance
+TEXT_DEVICES = ("gpu", "cpu")
+
+
 def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int, precision: str = "bf16", *,
-              fp8_scope: str = "linear", weight_bytes: dict[str, int] | None = None,
+              fp8_scope: str = DEFAULT_FP8_SCOPE, weight_bytes: dict[str, int] | None = None,
               reports: dict[str, EngineReport] | None = None, contracts: dict[str, Contract] | None = None,
-              text_precision: str | None = None, reserve: int = RESERVE_BYTES) -> ResidencyPlan:
+              text_precision: str | None = None, reserve: int = RESERVE_BYTES,
+              vae_tile: tuple[int, int] | None = None, text_device: str | None = None) -> ResidencyPlan:
     """The plan for one clip. `weight_bytes` (engine -> bytes, e.g. from ONNX sizes), `reports` (from
-    built engines) and `contracts` (from a package's manifest) override the architecture formulas."""
+    built engines) and `contracts` (from a package's manifest) override the architecture formulas.
+    `vae_tile` = (tile_h, tile_w): the tile the VAE engines were built for (TensorRT: fixed; the plan
+    checks it fits, it does not choose another). `text_device` "gpu" / "cpu" (umT5 on ONNX Runtime,
+    host RAM instead of device memory); None: the GPU when the clip fits that way, else the CPU."""
+    if text_device is None:
+        plan = make_plan(spec, width, height, frames, budget, precision, fp8_scope=fp8_scope,
+                         weight_bytes=weight_bytes, reports=reports, contracts=contracts,
+                         text_precision=text_precision, reserve=reserve, vae_tile=vae_tile, text_device="gpu")
+        if plan.fits:
+            return plan
+        on_cpu = make_plan(spec, width, height, frames, budget, precision, fp8_scope=fp8_scope,
+                           weight_bytes=weight_bytes, reports=reports, contracts=contracts,
+                           text_precision=text_precision, reserve=reserve, vae_tile=vae_tile, text_device="cpu")
+        return on_cpu if on_cpu.fits else plan
+    if text_device not in TEXT_DEVICES:
+        raise UsageError(f"--text-encoder {text_device!r}: use gpu or cpu")
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     m = spec.spatial_multiple
@@ -350,6 +410,7 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
     text_prec = text_precision or ("fp32" if precision == "fp32" else "bf16")
     dit_dtype = {"fp32": "float32", "fp16": "float16"}.get(precision, "bfloat16")
     notes: list[str] = []
+    size = (width, height, frames)
 
     def weights(engine: str, formula: int, what: str) -> Item:
         if engine in reports and reports[engine].weight_bytes is not None:
@@ -358,23 +419,29 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
             return Item(f"{engine} weights", weight_bytes[engine], "ONNX weight bytes")
         return Item(f"{engine} weights", formula, what)
 
-    def activations(engine: str, estimate: int, what: str) -> Item:
+    def activations(engine: str, estimate: int, what: str, batch: int | None = None) -> Item:
         if engine in reports:
-            return Item(f"{engine} activations", reports[engine].device_memory_bytes, "device_memory_size_v2")
+            r = reports[engine]
+            if batch is not None and r.profiles:
+                return Item(f"{engine} activations", r.activation_bytes(batch, size),
+                            f"get_device_memory_size_for_profile_v2, batch {batch}")
+            return Item(f"{engine} activations", r.device_memory_bytes, "device_memory_size_v2")
         return Item(f"{engine} activations", estimate, what)
 
     reserve_item = Item("CUDA context + libraries", reserve, "reserve")
 
-    # text
+    # text (umT5 on the GPU, or on ONNX Runtime CPU: then host RAM only)
     te_contract = contracts.get(C.TEXT_ENCODER, C.text_encoder_contract(spec))
     te_sizes = {"batch": 2, "seq": spec.text.text_len}
     te_items = (weights(C.TEXT_ENCODER, text_weight_bytes(spec.text, text_prec),
-                        f"{text_param_count(spec.text) / 1e9:.3f} B params x {text_prec}"),
+                        f"{text_param_count(spec.text) / 1e9:.3f} B params x {text_prec} (wo fp32)"),
                 activations(C.TEXT_ENCODER, text_activation_bytes(spec.text, 2, spec.text.text_len, text_prec),
                             "estimate, 2 prompts x 512 tokens"),
                 Item(f"{C.TEXT_ENCODER} I/O", io_bytes(te_contract, te_sizes), "contract shapes x dtypes"))
+    te_gpu = te_items if text_device == "gpu" else ()
 
-    # denoise, per expert, at CFG batch 2 then 1
+    # denoise, per expert, at CFG batch 2 then 1. The backend's I/O buffers are sized for the largest
+    # profile (batch 2), whatever the batch of the calls.
     tokens = spec.num_tokens(width, height, frames)
     n_params = dit_param_count(spec.dit)
 
@@ -383,47 +450,66 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
         w = weights(expert, dit_weight_bytes(spec.dit, precision, fp8_scope),
                     f"{n_params / 1e9:.3f} B params, {precision}" + (f" ({fp8_scope})" if precision == "fp8" else ""))
         act = activations(expert, dit_activation_bytes(spec, tokens, batch, precision),
-                          f"estimate, {tokens:,} tokens x batch {batch}")
-        io = Item(f"{expert} I/O", io_bytes(contract, dit_sizes(spec, width, height, frames, batch)),
-                  "contract shapes x dtypes")
+                          f"estimate, {tokens:,} tokens x batch {batch}", batch)
+        io = Item(f"{expert} I/O", io_bytes(contract, dit_sizes(spec, width, height, frames, 2)),
+                  "contract shapes x dtypes, batch 2 (profile max)")
         return (w, act, io)
 
-    # decode: VAE first + step engines (each holds the decoder weights) and one tile
+    # decode: the first-frame engine over every tile (frame 0), released; then the step engine. Each
+    # tile's causal caches stay on the device between latent frames (frame-major order).
     vae_params = VAE_DECODER_PARAMS.get(spec.vae.kind, 0)
     step_contract = contracts.get(C.VAE_STEP) or vae_step_contract(spec)
     _, _, lat_h, lat_w = spec.latent_shape(width, height, frames)
-    vae_w = [weights(name, 4 * vae_params, f"{vae_params / 1e6:.1f} M params x fp32")
-             for name in (C.VAE_FIRST, C.VAE_STEP)]
+    vae_w = {name: weights(name, 4 * vae_params, f"{vae_params / 1e6:.1f} M params x fp32")
+             for name in (C.VAE_FIRST, C.VAE_STEP)}
     scale = spec.vae.stride[1]
 
-    def vae_stage(room: int) -> tuple[TilePlan, Item]:
-        budget_vae = room - sum(i.bytes for i in vae_w)
-        try:
-            tile = choose_tile(step_contract, lat_h, lat_w, max(budget_vae, 0), scale=scale, same_memory=False)
+    def choose(room: int) -> TilePlan:
+        if vae_tile is not None:
+            return plan_tiles(lat_h, lat_w, vae_tile[0], vae_tile[1], scale=scale, pad_to_tile=True)
+        budget_vae = room - max(i.bytes for i in vae_w.values())
+        try:  # same_memory: every tile's caches are held where the engine runs (here: the device)
+            return choose_tile(step_contract, lat_h, lat_w, max(budget_vae, 0), scale=scale, same_memory=True)
         except UsageError:
-            tile = plan_tiles(lat_h, lat_w, min(16, lat_h), min(16, lat_w), scale=scale)
             notes.append("the VAE does not fit even with the smallest tiles")
+            return plan_tiles(lat_h, lat_w, min(16, lat_h), min(16, lat_w), scale=scale)
+
+    def decode_items(engine: str, tile: TilePlan) -> tuple[Item, ...]:
         est = estimate_memory(step_contract, tile)
         th, tw = tile.tile_shape
-        return tile, Item("VAE tile working set", est.tile_bytes, f"vae_decode.estimate_memory, {th}x{tw} tile")
+        sizes = {"lat_h": th, "lat_w": tw, "out_h": th * scale, "out_w": tw * scale}
+        io = tensor_bytes(step_contract.input(C.VAE_LATENT), sizes) + tensor_bytes(step_contract.output(C.VAE_FRAMES),
+                                                                                   sizes)
+        items = [vae_w[engine], activations(engine, est.work_bytes - io, f"estimate, {th}x{tw} tile"),
+                 Item(f"{engine} I/O", io, "latent tile in, frames out"),
+                 Item("VAE caches of every tile", tile.count * est.cache_bytes,
+                      f"{tile.count} tiles x {est.cache_bytes / MiB:.0f} MiB, kept on the device")]
+        if engine == C.VAE_STEP:
+            items.append(Item("the running tile's new caches", est.cache_bytes, "cache_out of one step"))
+        return tuple(items)
 
     experts = spec.experts
-    # 1. everything resident?
+    # 1. everything resident? One shared scratch arena: as large as the largest engine's need.
     for batch in (2, 1):
         dits = [it for e in experts for it in dit_items(e, batch)]
-        fixed = [reserve_item, *te_items, *dits]
-        room = budget - sum(i.bytes for i in fixed)
-        tile, tile_item = vae_stage(room)
-        total = sum(i.bytes for i in fixed) + sum(i.bytes for i in vae_w) + tile_item.bytes
-        if total <= budget and not notes:
-            stage = Stage("all stages", (*fixed, *vae_w, tile_item), load=(C.TEXT_ENCODER, *experts, C.VAE_FIRST,
-                                                                               C.VAE_STEP))
-            return ResidencyPlan(spec.name, width, height, frames, precision, budget, (stage,), True, batch, tile,
-                                 notes=tuple(notes))
+        fixed = [reserve_item, *te_gpu, *dits]
+        tile = choose(budget - sum(i.bytes for i in fixed))
+        vae = [*decode_items(C.VAE_FIRST, tile)[:1], *decode_items(C.VAE_STEP, tile)]
+        every = [*fixed, *vae]
+        acts = [i for i in every if i.name.endswith(" activations")]
+        arena = max(acts, key=lambda i: i.bytes)
+        together = [i for i in every if i not in acts] + [Item("shared scratch arena", arena.bytes,
+                                                               f"largest: {arena.name} ({arena.how})")]
+        if sum(i.bytes for i in together) <= budget and not notes:
+            stage = Stage("all stages", tuple(together), load=((C.TEXT_ENCODER,) if te_gpu else ()) + (
+                *experts, C.VAE_FIRST, C.VAE_STEP))
+            return _finish(spec, width, height, frames, precision, budget, (stage,), True, batch, tile, {}, notes,
+                           text_device, te_items)
         notes.clear()
 
     # 2. per stage
-    stages = [Stage("text", (reserve_item, *te_items), load=(C.TEXT_ENCODER,), release=(C.TEXT_ENCODER,))]
+    stages = [Stage("text", (reserve_item, *te_items), load=(C.TEXT_ENCODER,), release=(C.TEXT_ENCODER,))] \
+        if te_gpu else []
     streamed: dict[str, int] = {}
     cfg_batch = 2
     dit_stage_items: dict[str, tuple[Item, ...]] = {}
@@ -455,21 +541,46 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
             for e in experts:
                 label = "denoise " + e.removeprefix("dit_")
                 stages.append(Stage(label, (reserve_item, *dit_stage_items[e]), load=(e,), release=(e,)))
-            notes.append("the experts swap once at the boundary; keep their plan bytes in host RAM for a fast reload")
+            notes.append("the experts swap once at the boundary (the second is deserialised from its file then)")
     else:
         e = experts[0]
         stages.append(Stage("denoise", (reserve_item, *dit_stage_items[e]), load=(e,), release=(e,)))
-    room = budget - reserve
-    tile, tile_item = vae_stage(room)
-    stages.append(Stage("decode", (reserve_item, *vae_w, tile_item), load=(C.VAE_FIRST, C.VAE_STEP)))
+    tile = choose(budget - reserve)
+    stages.append(Stage("decode frame 0", (reserve_item, *decode_items(C.VAE_FIRST, tile)), load=(C.VAE_FIRST,),
+                        release=(C.VAE_FIRST,)))
+    stages.append(Stage("decode", (reserve_item, *decode_items(C.VAE_STEP, tile)), load=(C.VAE_STEP,)))
     if cfg_batch == 1:
         notes.append("CFG as two batch-1 DiT calls per step (batch 2 does not fit)")
-    return ResidencyPlan(spec.name, width, height, frames, precision, budget, tuple(stages), False, cfg_batch,
-                         tile, streamed, tuple(notes))
+    return _finish(spec, width, height, frames, precision, budget, tuple(stages), False, cfg_batch, tile, streamed,
+                   notes, text_device, te_items)
+
+
+def _finish(spec: ModelSpec, width: int, height: int, frames: int, precision: str, budget: int,
+            stages: tuple[Stage, ...], all_resident: bool, cfg_batch: int, tile: TilePlan, streamed: dict[str, int],
+            notes: list[str], text_device: str, te_items: tuple[Item, ...]) -> ResidencyPlan:
+    """Adds the host-RAM side: TensorRT keeps a weight-streaming engine's weights in host memory
+    (all of them; the budget part is also copied to the device), the text encoder on the CPU holds
+    its weights and activations, and the clip's uint8 frames are collected unless they are streamed."""
+    host_stage = []
+    for s in stages:
+        held = 0
+        for e, b in streamed.items():
+            if e in s.load:
+                held += b + next(i.bytes for i in s.items if i.name.startswith(f"{e} weights"))
+        host_stage.append(held)
+    text_host = sum(i.bytes for i in te_items) if text_device == "cpu" else 0
+    video = frames * width * height * 3
+    host = HOST_BASE_BYTES + max([*host_stage, text_host]) + video
+    if text_device == "cpu":
+        notes = [*notes, "text encoder on the CPU (ONNX Runtime): no device memory; prompt embeddings are cached "
+                         "on disk, so a repeated prompt does not run it again"]
+    return ResidencyPlan(spec.name, width, height, frames, precision, budget, stages, all_resident, cfg_batch, tile,
+                         streamed, tuple(notes), host, text_device)
 
 
 def plan_for_package(package: Path, manifest: Manifest, width: int, height: int, frames: int, budget: int,
-                     precision: str, fp8_scope: str = "linear") -> ResidencyPlan:
+                     precision: str, fp8_scope: str = DEFAULT_FP8_SCOPE,
+                     vae_tile: tuple[int, int] | None = None, text_device: str | None = None) -> ResidencyPlan:
     """As make_plan, with the package's contracts, ONNX weight bytes (rescaled to `precision` when the
     ONNX has another one) and any engine reports of a build at that precision."""
     spec = manifest.model
@@ -488,10 +599,11 @@ def plan_for_package(package: Path, manifest: Manifest, width: int, height: int,
     contracts = {n: c.contract for n, c in manifest.components.items()}
     return make_plan(spec, width, height, frames, budget, precision, fp8_scope=fp8_scope,
                      weight_bytes=weight_bytes, reports=load_reports(package, manifest, precision),
-                     contracts=contracts)
+                     contracts=contracts, vae_tile=vae_tile, text_device=text_device)
 
 
 __all__ = ["DiTParams", "dit_params", "dit_param_count", "text_param_count", "VAE_DECODER_PARAMS",
            "VAE_CACHE_SLOTS", "vae_step_contract", "dit_weight_bytes", "text_weight_bytes", "tensor_bytes",
            "io_bytes", "dit_activation_bytes", "text_activation_bytes", "EngineReport", "load_reports", "Item",
-           "Stage", "ResidencyPlan", "make_plan", "plan_for_package", "RESERVE_BYTES"]
+           "Stage", "ResidencyPlan", "make_plan", "plan_for_package", "RESERVE_BYTES", "DEFAULT_FP8_SCOPE",
+           "HOST_BASE_BYTES", "TEXT_DEVICES"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from vidrt.backends.base import BackendOptions
-from vidrt.backends.cuda import CudaApi, CudaRuntime, DeviceBuffer, Stream, probe
+from vidrt.backends.cuda import BufferPool, CudaApi, CudaRuntime, DeviceBuffer, DeviceTensor, Stream, probe
 from vidrt.errors import DeviceError, PackageError
 from vidrt.package import contracts as C
 from vidrt.package.contracts import Contract
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
 MIN_VERSION = (10, 1)  # execute_async_v3, device_memory_size_v2, set_device_memory
+# The one command that installs the TensorRT path (pyproject.toml's `tensorrt` extra: the TensorRT wheel,
+# cuda-python of the same CUDA major, polygraphy, nvidia-modelopt). tests/test_trt_defects.py checks it.
+INSTALL_TENSORRT = 'pip install "vidrt[tensorrt]"'
 PRECISION_PREFERENCE = ("fp8", "fp16", "bf16", "fp32")  # when a package has plans at several precisions
 
 
@@ -68,15 +72,15 @@ def load_tensorrt() -> ModuleType:
     try:
         mod = importlib.import_module("tensorrt")
     except ImportError as exc:
-        raise DeviceError(f"TensorRT is not installed ({exc}); install the tensorrt wheel matching your CUDA "
-                          f"from NVIDIA, or use --backend onnxruntime") from None
+        raise DeviceError(f"TensorRT is not installed ({exc}); {INSTALL_TENSORRT}, or use --backend onnxruntime"
+                          ) from None
     except Exception as exc:  # a wheel whose native libraries are missing fails with OSError and others
         raise DeviceError(f"TensorRT cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); reinstall it "
                           f"or use --backend onnxruntime") from None
     version = getattr(mod, "__version__", None)
     if not isinstance(version, str) or not hasattr(mod, "Runtime"):
         raise DeviceError("TensorRT is not installed (`import tensorrt` finds only type stubs, no library); "
-                          "install the tensorrt wheel from NVIDIA, or use --backend onnxruntime")
+                          f"{INSTALL_TENSORRT}, or use --backend onnxruntime")
     if version_tuple(version) < MIN_VERSION:
         raise DeviceError(f"TensorRT {version} is too old: vidrt needs {'.'.join(map(str, MIN_VERSION))} or newer")
     return mod
@@ -140,8 +144,9 @@ def select_engines(manifest: Manifest, trt_version: str, compute_capability: str
     raise DeviceError(f"the package's {want} plans for this GPU lack {', '.join(missing)}; rebuild them: {hint}")
 
 
-def availability(manifest: Manifest) -> tuple[bool, str]:
-    """Can `auto` use TensorRT for this package? (GPU + TensorRT + matching plans). Never raises."""
+def availability(manifest: Manifest, device: int = 0) -> tuple[bool, str]:
+    """Can `auto` use TensorRT for this package on GPU `device`? (GPU + TensorRT + matching plans).
+    Never raises."""
     if not manifest.engines:
         return False, "the package has no TensorRT plans (vidrt build)"
     version, why = tensorrt_status()
@@ -150,11 +155,13 @@ def availability(manifest: Manifest) -> tuple[bool, str]:
     gpu = probe()
     if not gpu.ok:
         return False, gpu.reason
+    if not 0 <= device < len(gpu.devices):
+        return False, f"no GPU cuda:{device} (this machine has {len(gpu.devices)})"
     try:
-        select_engines(manifest, version, gpu.devices[0].compute_capability)
+        select_engines(manifest, version, gpu.devices[device].compute_capability)
     except DeviceError as exc:
         return False, str(exc)
-    return True, f"TensorRT {version} on {gpu.devices[0].name}"
+    return True, f"TensorRT {version} on {gpu.devices[device].name}"
 
 
 # ---- dtypes --------------------------------------------------------------------------------------------
@@ -200,33 +207,52 @@ def _is_bf16(trt_dtype: Any) -> bool:
 
 
 class ScratchArena:
-    """One device allocation for the execution contexts of every open engine (USER_MANAGED memory).
-    Grows when an engine needs more: waits for the stream, reallocates, rebinds every context."""
+    """One device allocation for the execution contexts of every open engine (USER_MANAGED memory),
+    always exactly as large as the largest need of the engines bound to it now: it grows when an
+    engine needs more and shrinks when the largest user leaves (the DiT's scratch is not carried
+    through decode). A reallocation waits for the stream, frees the old block, rebinds every context
+    and calls each user's `moved` hook: a CUDA graph captured on the old pointer replays that pointer
+    (graphs keep the addresses they were captured with), so its owner must drop it."""
 
     def __init__(self, cuda: CudaApi, stream: Stream) -> None:
         self.cuda, self.stream = cuda, stream
         self.ptr: int | None = None
         self.size = 0
-        self._users: dict[int, tuple[trt.IExecutionContext, int]] = {}  # id -> (context, bytes it needs)
+        # id -> (context, bytes it needs now, called when the block moves)
+        self._users: dict[int, tuple[trt.IExecutionContext, int, Callable[[], None] | None]] = {}
 
-    def bind(self, key: int, context: trt.IExecutionContext, nbytes: int) -> None:
-        self._users[key] = (context, nbytes)
-        if nbytes > self.size or self.ptr is None:
-            self.stream.sync()
-            if self.ptr is not None:
-                self.cuda.free(self.ptr)
-                self.ptr = None
-            self.ptr = self.cuda.malloc(nbytes)
-            self.size = nbytes
-            for ctx, _need in self._users.values():
-                _set_device_memory(ctx, self.ptr, self.size)
-        else:
+    def bind(self, key: int, context: trt.IExecutionContext, nbytes: int,
+             moved: Callable[[], None] | None = None) -> None:
+        self._users[key] = (context, nbytes, moved)
+        if not self._fit():
+            assert self.ptr is not None
             _set_device_memory(context, self.ptr, self.size)
 
     def unbind(self, key: int) -> None:
-        self._users.pop(key, None)
+        if self._users.pop(key, None) is not None:
+            self._fit()
+
+    def _fit(self) -> bool:
+        """Reallocate when the need changed; True when it did (every context rebound)."""
+        need = max((n for _, n, _ in self._users.values()), default=0)
+        if need == self.size and (self.ptr is not None or need == 0):
+            return False
+        self.stream.sync()
+        if self.ptr is not None:
+            self.cuda.free(self.ptr)
+            self.ptr, self.size = None, 0
+        for _, _, moved in self._users.values():
+            if moved is not None:
+                moved()
+        if need > 0:
+            self.ptr = self.cuda.malloc(need)
+            self.size = need
+            for ctx, _, _ in self._users.values():
+                _set_device_memory(ctx, self.ptr, self.size)
+        return True
 
     def close(self) -> None:
+        self._users = {}
         if self.ptr is not None:
             self.stream.sync()
             self.cuda.free(self.ptr)
@@ -234,7 +260,11 @@ class ScratchArena:
 
 
 def _set_device_memory(context: trt.IExecutionContext, ptr: int, size: int) -> None:
-    context.set_device_memory(ptr, size)  # TensorRT >= 10.1 (sized; required with weight streaming)
+    # TensorRT >= 10.1, sized (setDeviceMemoryV2). With weight streaming the size must include the
+    # streaming scratch, which getDeviceMemorySizeForProfileV2 reports once the budget is set
+    # (NvInferRuntime.h / pyCoreDoc: weight_streaming_scratch_memory_size "may change based on the
+    # current weight streaming budget. Please use the V2 memory APIs").
+    context.set_device_memory(ptr, size)
 
 
 # ---- one engine -------------------------------------------------------------------------------------------
@@ -270,17 +300,39 @@ def _read_profile(engine: trt.ICudaEngine, index: int, inputs: tuple[str, ...]) 
     return _Profile(index, shapes)
 
 
-class TrtEngine:
-    """One deserialised plan. See the module docstring for the memory and stream layout."""
+MAX_GRAPHS = 64  # captured CUDA graphs kept per engine (one per set of bound addresses)
 
-    def __init__(self, name: str, plan: bytes, contract: Contract, *, trt_mod: ModuleType, runtime: trt.Runtime,
-                 cuda: CudaApi, stream: Stream, arena: ScratchArena, cuda_graph: bool = True,
+
+def _create_context(trt_mod: ModuleType, engine: trt.ICudaEngine) -> trt.IExecutionContext | None:
+    """An execution context whose device memory the application supplies (USER_MANAGED).
+    TensorRT 10.x: `create_execution_context(strategy)`; from 10.11 the strategy can also travel in an
+    IRuntimeConfig (`create_runtime_config()`), the form TensorRT 11 documents (pyCoreDoc ICudaEngine)."""
+    strategy = trt_mod.ExecutionContextAllocationStrategy.USER_MANAGED
+    make_config = getattr(engine, "create_runtime_config", None)
+    if make_config is not None:
+        config = make_config()
+        config.set_execution_context_allocation_strategy(strategy)
+        ctx: trt.IExecutionContext | None = engine.create_execution_context(config)
+        return ctx
+    return engine.create_execution_context(strategy)
+
+
+class TrtEngine:
+    """One deserialised plan. See the module docstring for the memory and stream layout.
+
+    `resident_outputs`: outputs returned as `DeviceTensor`s (left on the device; the VAE caches). A
+    DeviceTensor fed back as an input is bound by its address, so a cache chain never crosses PCIe."""
+
+    def __init__(self, name: str, plan: bytes | Any, contract: Contract, *, trt_mod: ModuleType,
+                 runtime: trt.Runtime, cuda: CudaApi, stream: Stream, arena: ScratchArena, cuda_graph: bool = True,
                  rebuild: str = "vidrt build PACKAGE --precision P", plan_path: str = "",
-                 streamed_bytes: int = 0) -> None:
+                 streamed_bytes: int = 0, resident_outputs: frozenset[str] = frozenset(),
+                 pool: BufferPool | None = None) -> None:
         self.name = name
         self.contract = contract
         self._trt, self._cuda, self._stream, self._arena = trt_mod, cuda, stream, arena
         self._rebuild = rebuild
+        self._pool = pool if pool is not None else BufferPool(cuda)
         engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise DeviceError(f"TensorRT {trt_mod.__version__} cannot load the {name} plan {plan_path} (built by "
@@ -293,8 +345,7 @@ class TrtEngine:
                                   f"and its plan cannot stream weights; rebuild: {rebuild} --weight-streaming")
             # bytes of streamable weights kept on the device; set before the context sizes its scratch
             engine.weight_streaming_budget_v2 = max(0, streamable - streamed_bytes)
-        ctx: trt.IExecutionContext | None = engine.create_execution_context(
-            trt_mod.ExecutionContextAllocationStrategy.USER_MANAGED)
+        ctx = _create_context(trt_mod, engine)
         if ctx is None:
             raise DeviceError(f"TensorRT could not create an execution context for {name} (device memory?); "
                               f"see `vidrt plan` for what fits")
@@ -307,18 +358,20 @@ class TrtEngine:
         if missing:
             raise PackageError(f"the {name} plan's tensors do not match its contract ({', '.join(sorted(missing))}); "
                                f"rebuild: {rebuild}")
+        self.resident = frozenset(resident_outputs) & set(self.outputs)
         self._trt_dtypes = {n: engine.get_tensor_dtype(n) for n in names}
         self._dtypes = {n: numpy_dtype(d) for n, d in self._trt_dtypes.items()}
         self.profiles = tuple(_read_profile(engine, p, self.inputs) for p in range(engine.num_optimization_profiles))
         self._profile = -1
-        self._graph: int | None = None
+        self._graphs: dict[tuple[int, ...], int] = {}  # bound addresses + scratch -> captured graph exec
+        self._bound: dict[str, int] = {}  # tensor -> address set on the context
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._out_shapes: dict[str, tuple[int, ...]] = {}
         self.buffers: dict[str, DeviceBuffer] = {}
         # Capacity per tensor: the largest shape any profile allows (outputs: as TensorRT infers them).
         capacity: dict[str, int] = {}
         for prof in self.profiles:
-            self._select_profile(prof.index)
+            self._select_profile(prof.index, bind=False)
             for n in self.inputs:
                 ctx.set_input_shape(n, prof.shapes[n][2])
                 capacity[n] = max(capacity.get(n, 0), self._nbytes(n, prof.shapes[n][2]))
@@ -328,11 +381,14 @@ class TrtEngine:
                     raise PackageError(f"{name}: output {n} has no bounded shape {shape}; rebuild: {rebuild}")
                 capacity[n] = max(capacity.get(n, 0), self._nbytes(n, shape))
         self.capacity = capacity
+        # Inputs that usually arrive as DeviceTensors (cache_in_*, fed from cache_out_*) get a buffer
+        # only if a host array comes instead (the first call of a chain on the ONNX-exported contract).
+        chained = {n for n in self.inputs if n.replace("cache_in_", "cache_out_") in self.resident}
         try:
             for n in names:
-                self.buffers[n] = DeviceBuffer(cuda, capacity[n])
-                ctx.set_tensor_address(n, self.buffers[n].address)
-            arena.bind(id(self), ctx, int(engine.device_memory_size_v2))
+                if n not in self.resident and n not in chained:
+                    self.buffers[n] = DeviceBuffer(cuda, capacity[n])
+            self._bind_scratch()
         except BaseException:
             self.close()
             raise
@@ -342,26 +398,50 @@ class TrtEngine:
     def _nbytes(self, name: str, shape: tuple[int, ...]) -> int:
         return math.prod(shape) * self._dtypes[name].itemsize
 
-    def _select_profile(self, index: int) -> None:
+    def scratch_bytes(self) -> int:
+        """Activation memory of the profile in use: getDeviceMemorySizeForProfileV2 (TensorRT >= 10.1),
+        which follows the weight-streaming budget; CFG as batch-1 calls thus needs the batch-1 profile's
+        scratch only, not the largest profile's (device_memory_size_v2)."""
+        assert self._engine is not None
+        by_profile = getattr(self._engine, "get_device_memory_size_for_profile_v2", None)
+        if by_profile is not None and self._profile >= 0:
+            return int(by_profile(self._profile))
+        return int(self._engine.device_memory_size_v2)
+
+    def _bind_scratch(self) -> None:
+        assert self._ctx is not None
+        self._arena.bind(id(self), self._ctx, self.scratch_bytes(), moved=self._drop_graphs)
+
+    def _select_profile(self, index: int, bind: bool = True) -> None:
         if index != self._profile:
             assert self._ctx is not None
             if not self._ctx.set_optimization_profile_async(index, self._stream.handle):
                 raise DeviceError(f"{self.name}: TensorRT refused optimisation profile {index}")
             self._profile = index
             self._shapes = {}
-            self._drop_graph()
+            self._drop_graphs()
+            if bind:
+                self._bind_scratch()
 
-    def _drop_graph(self) -> None:
-        if self._graph is not None:
-            self._cuda.graph_destroy(self._graph)
-            self._graph = None
+    def _drop_graphs(self) -> None:
+        for graph in self._graphs.values():
+            self._cuda.graph_destroy(graph)
+        self._graphs = {}
 
     @property
     def device_bytes(self) -> int:
         """Preallocated I/O bytes (the activation arena is shared and counted by the backend)."""
         return sum(self.capacity.values())
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _bind(self, name: str, address: int) -> None:
+        if self._bound.get(name) != address:
+            assert self._ctx is not None
+            self._ctx.set_tensor_address(name, address)
+            self._bound[name] = address
+
+    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """numpy arrays (or DeviceTensors of a previous call) in; numpy arrays out, except the
+        `resident` outputs, which come back as DeviceTensors."""
         ctx = self._ctx
         if ctx is None:
             raise DeviceError(f"engine {self.name} was closed")
@@ -382,45 +462,85 @@ class TrtEngine:
                     raise DeviceError(f"{self.name}: TensorRT rejected shape {shapes[n]} for {n}")
             self._out_shapes = {n: _dims(ctx.get_tensor_shape(n)) for n in self.outputs}
             self._shapes = shapes
-            self._drop_graph()
+            self._drop_graphs()
             self._eager_runs = 0
         s = self._stream.handle
         staged = []  # host copies must outlive the async copies: kept until the stream is synchronised
         for n in self.inputs:
-            host = self._to_engine(n, feeds[n])
+            value = feeds[n]
+            if isinstance(value, DeviceTensor) and value.ptr is not None and value.dtype == self._dtypes[n]:
+                self._bind(n, value.ptr)  # a previous call's output, still on the device: no copy
+                continue
+            host = self._to_engine(n, np.asarray(value))
             staged.append(host)
+            if n not in self.buffers:
+                self.buffers[n] = DeviceBuffer(self._cuda, self.capacity[n])
+            self._bind(n, self.buffers[n].address)
             self.buffers[n].upload(host, s)
-        self._execute(ctx, s)
-        outs = {}
+        kept: dict[str, DeviceTensor] = {}
         for n in self.outputs:
+            if n in self.resident:
+                nbytes = self._nbytes(n, self._out_shapes[n])
+                kept[n] = DeviceTensor(self._pool, self._pool.take(nbytes), self._out_shapes[n], self._dtypes[n], s,
+                                       from_bf16_bits if _is_bf16(self._trt_dtypes[n]) else None)
+                self._bind(n, kept[n].ptr or 0)
+            else:
+                self._bind(n, self.buffers[n].address)
+        self._execute(ctx, s)
+        outs: dict[str, Any] = {}
+        for n in self.outputs:
+            if n in kept:
+                continue
             host = np.empty(self._out_shapes[n], dtype=self._dtypes[n])
             self.buffers[n].download(host, s)
             outs[n] = host
         self._stream.sync()
         del staged
-        return {n: self._from_engine(n, outs[n]) for n in self.contract.output_names}
+        return {n: kept[n] if n in kept else self._from_engine(n, outs[n]) for n in self.contract.output_names}
 
     def _execute(self, ctx: trt.IExecutionContext, stream: int) -> None:
-        if self._graph is not None:
-            self._cuda.graph_launch(self._graph, stream)
+        key = (*(self._bound[n] for n in self.inputs + self.outputs), self._arena.ptr or 0)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self._cuda.graph_launch(graph, stream)
             return
         if self._graph_ok and self._eager_runs >= 1:
-            # Capture after one eager run (TensorRT finishes lazy setup on the first enqueue). Captured
-            # work does not execute, so launch the graph right after instantiating it.
-            self._cuda.graph_begin_capture(stream)
-            try:
-                ok = ctx.execute_async_v3(stream)
-            finally:
-                graph = self._cuda.graph_end_capture(stream)
-            if ok:
-                self._graph = graph
+            # Capture after one eager run (TensorRT finishes lazy setup on the first enqueue). The
+            # graph replays the addresses bound now (tensors and scratch), hence one graph per set of
+            # addresses. Captured work does not execute, so launch the graph right after.
+            graph = self._capture(ctx, stream)
+            if graph is not None:
+                if len(self._graphs) >= MAX_GRAPHS:
+                    self._cuda.graph_destroy(self._graphs.pop(next(iter(self._graphs))))
+                self._graphs[key] = graph
                 self._cuda.graph_launch(graph, stream)
                 return
-            self._cuda.graph_destroy(graph)
-            self._graph_ok = False  # fall through to an eager run
+            self._graph_ok = False  # fall through to an eager run, and stay eager
         if not ctx.execute_async_v3(stream):
             raise DeviceError(f"TensorRT could not enqueue {self.name} (see the TensorRT log above)")
         self._eager_runs += 1
+
+    def _capture(self, ctx: trt.IExecutionContext, stream: int) -> int | None:
+        """A graph of one enqueue, or None when capture or instantiation fails (some engines cannot be
+        captured: TensorRT's developer guide, "CUDA Graphs", lists the cases). Never leaves the stream
+        capturing: cudaStreamEndCapture ends a capture even when it reports an error."""
+        try:
+            self._cuda.graph_begin_capture(stream)
+        except DeviceError:
+            return None
+        ok = False
+        graph: int | None = None
+        try:
+            ok = bool(ctx.execute_async_v3(stream))
+        finally:
+            try:
+                graph = self._cuda.graph_end_capture(stream)
+            except DeviceError:
+                graph = None
+        if graph is not None and not ok:
+            self._cuda.graph_destroy(graph)
+            graph = None
+        return graph
 
     def _to_engine(self, name: str, value: np.ndarray) -> np.ndarray:
         if _is_bf16(self._trt_dtypes[name]):
@@ -442,7 +562,7 @@ class TrtEngine:
         try:
             self._stream.sync()
         finally:
-            self._drop_graph()
+            self._drop_graphs()
             self._arena.unbind(id(self))
             for buf in self.buffers.values():
                 buf.close()
@@ -452,6 +572,55 @@ class TrtEngine:
 
 
 # ---- the backend ------------------------------------------------------------------------------------------
+
+
+PLAN_READ_CHUNK = 64 * 2**20  # bytes per read while TensorRT deserialises from the file
+
+
+def plan_source(trt_mod: ModuleType, path: Path) -> Any:
+    """What `Runtime.deserialize_cuda_engine` reads a plan from: an IStreamReaderV2 over the file
+    where TensorRT has it (10.7+; reads `PLAN_READ_CHUNK` at a time, so host RAM never holds the
+    whole plan), else the file's bytes (dropped by the caller once the engine exists).
+
+    pyCoreDoc IStreamReaderV2: subclasses must call the base __init__ explicitly; read(num_bytes,
+    stream) returns bytes, and "if N bytes are requested but only M bytes (M < N) are read,
+    additional read requests will be made"; seek(offset, SeekPosition) -- END offsets backwards."""
+    base: Any = getattr(trt_mod, "IStreamReaderV2", None)
+    if base is None:
+        return path.read_bytes()
+    where = {trt_mod.SeekPosition.SET: 0, trt_mod.SeekPosition.CUR: 1, trt_mod.SeekPosition.END: 2}
+
+    class PlanReader(base):  # type: ignore[misc]
+        def __init__(self) -> None:
+            base.__init__(self)
+            self.file = open(path, "rb")  # noqa: SIM115 (closed when the engine is built)
+
+        def read(self, num_bytes: int, stream: int) -> bytes:
+            return self.file.read(min(int(num_bytes), PLAN_READ_CHUNK))
+
+        def seek(self, offset: int, position: Any) -> bool:
+            whence = where.get(position, 0)
+            self.file.seek(-offset if whence == 2 else offset, whence)
+            return True
+
+    return PlanReader()
+
+
+def built_vae_tile(plans: dict[str, EngineEntry], scale: int) -> tuple[int, int] | None:
+    """(tile_h, tile_w) latent cells the VAE plans were built for: `vidrt build` records the tile
+    in pixels as the VAE entries' one profile (width, height, 1). None when not recorded."""
+    for name in (C.VAE_STEP, C.VAE_FIRST):
+        entry = plans.get(name)
+        if entry is not None and entry.profiles:
+            w_px, h_px, _ = entry.profiles[0]
+            return h_px // scale, w_px // scale
+    return None
+
+
+def device_index(options: BackendOptions) -> int:
+    """--device cuda:N (or N) -> N; cpu/cuda -> 0."""
+    tail = str(options.device).rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 class TrtBackend:
@@ -466,12 +635,16 @@ class TrtBackend:
         self.manifest = manifest
         self.package = Path(package) if package is not None else None
         self._trt = trt_mod if trt_mod is not None else load_tensorrt()
+        self.device = device_index(options)
         if cuda is None:
             gpu = probe()
             if not gpu.ok:
                 raise DeviceError(f"the TensorRT backend needs an NVIDIA GPU: {gpu.reason}; use --backend onnxruntime")
-            cuda = CudaRuntime(gpu.devices[0].index)
-            compute_capability = compute_capability or gpu.devices[0].compute_capability
+            if not 0 <= self.device < len(gpu.devices):
+                raise DeviceError(f"--device cuda:{self.device}: this machine has {len(gpu.devices)} GPU(s) "
+                                  f"(cuda:0..cuda:{len(gpu.devices) - 1}); `vidrt doctor` lists them")
+            cuda = CudaRuntime(gpu.devices[self.device].index)  # current device before any TensorRT call
+            compute_capability = compute_capability or gpu.devices[self.device].compute_capability
         if compute_capability is None:
             raise DeviceError("compute capability unknown (pass compute_capability with a custom CudaApi)")
         self.cuda = cuda
@@ -483,7 +656,7 @@ class TrtBackend:
         self._runtime: trt.Runtime = self._trt.Runtime(self._logger)
         self.stream = Stream(cuda)
         self.arena = ScratchArena(cuda, self.stream)
-        self._plan_bytes: dict[str, bytes] = {}  # kept in host RAM: re-opening a released engine reads no disk
+        self.pool = BufferPool(cuda)  # device buffers of outputs kept on the device (VAE caches)
         self.cuda_graphs = cuda_graphs
         self._open: dict[str, TrtEngine] = {}
         # What the GPU has for this process before any engine is opened: the residency plan's budget.
@@ -492,6 +665,11 @@ class TrtBackend:
 
     def device_memory(self) -> tuple[int, str] | None:
         return self.free_bytes_at_start, self.precision
+
+    @property
+    def vae_tile(self) -> tuple[int, int] | None:
+        """The tile the VAE plans were built for: on TensorRT the decode uses exactly this tile."""
+        return built_vae_tile(self.plans, self.manifest.model.vae.stride[1])
 
     def stream_weights(self, streamed: dict[str, int]) -> None:
         """The plan's streamed bytes per engine, applied when each engine is next opened."""
@@ -505,38 +683,49 @@ class TrtBackend:
         return path.parents[depth - 1]
 
     def open(self, name: str, path: Path, contract: Contract) -> TrtEngine:
-        """`path` is the component's ONNX file (what the pipeline passes); its plan is opened instead."""
+        """`path` is the component's ONNX file (what the pipeline passes); its plan is opened instead.
+        The plan is deserialised from its file each time (no copy kept in host RAM: an A14B expert's
+        plan is ~14-28 GB; re-opening the other expert at the boundary re-reads it from the page cache)."""
         entry = self.plans.get(name)
         package = self._package_of(Path(path), name)
         rebuild = rebuild_command(package, self.precision)
         if entry is None:
             raise DeviceError(f"no TensorRT plan for {name}; rebuild: {rebuild}")
-        if name not in self._plan_bytes:
-            plan_path = package / entry.artifact.file
-            try:
-                self._plan_bytes[name] = plan_path.read_bytes()
-            except OSError as exc:
-                raise PackageError(f"cannot read {plan_path} ({exc.strerror}); rebuild: {rebuild}") from None
-        # The fixed-tile VAE step is the engine worth a CUDA graph (many small kernels per tile).
-        engine = TrtEngine(name, self._plan_bytes[name], contract, trt_mod=self._trt, runtime=self._runtime,
-                           cuda=self.cuda, stream=self.stream, arena=self.arena,
-                           cuda_graph=self.cuda_graphs and name == C.VAE_STEP, rebuild=rebuild,
-                           plan_path=entry.artifact.file, streamed_bytes=self.streamed.get(name, 0))
+        plan_path = package / entry.artifact.file
+        try:
+            source = plan_source(self._trt, plan_path)
+        except OSError as exc:
+            raise PackageError(f"cannot read {plan_path} ({exc.strerror}); rebuild: {rebuild}") from None
+        # The VAE's causal caches stay on the device from call to call (cache_out_i -> cache_in_i).
+        resident = frozenset(n for n in contract.output_names if n.startswith("cache_out_")) \
+            if name in (C.VAE_FIRST, C.VAE_STEP) else frozenset()
+        try:
+            # The fixed-tile VAE step is the engine worth a CUDA graph (many small kernels per tile).
+            engine = TrtEngine(name, source, contract, trt_mod=self._trt, runtime=self._runtime, cuda=self.cuda,
+                               stream=self.stream, arena=self.arena, cuda_graph=self.cuda_graphs and name == C.VAE_STEP,
+                               rebuild=rebuild, plan_path=entry.artifact.file,
+                               streamed_bytes=self.streamed.get(name, 0), resident_outputs=resident, pool=self.pool)
+        finally:
+            file = getattr(source, "file", None)
+            if file is not None:
+                file.close()
+            del source
         self._open[name] = engine
         return engine
 
     def forget(self, name: str) -> None:
-        """Drop a plan's cached bytes (host RAM) once it will not be reopened."""
-        self._plan_bytes.pop(name, None)
+        """Kept for callers of the earlier API: plans are no longer cached in host RAM."""
 
     def close(self) -> None:
         for engine in self._open.values():
             engine.close()
         self._open = {}
         self.arena.close()
+        self.pool.close()
         self.stream.close()
 
 
-__all__ = ["MIN_VERSION", "version_tuple", "load_tensorrt", "tensorrt_status", "engine_dir_name",
+__all__ = ["INSTALL_TENSORRT", "MIN_VERSION", "version_tuple", "load_tensorrt", "tensorrt_status", "engine_dir_name",
            "engine_dir_precision", "rebuild_command", "select_engines", "availability", "numpy_dtype",
-           "to_bf16_bits", "from_bf16_bits", "ScratchArena", "TrtEngine", "TrtBackend"]
+           "to_bf16_bits", "from_bf16_bits", "ScratchArena", "TrtEngine", "TrtBackend", "plan_source", "built_vae_tile",
+           "device_index", "PLAN_READ_CHUNK", "MAX_GRAPHS"]

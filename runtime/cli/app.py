@@ -83,6 +83,8 @@ def _default_model() -> str | None:
 @click.option("--backend", default="auto", show_default=True,
               help="auto, onnxruntime (CPU), onnxruntime-cuda (ONNX Runtime's CUDA provider) or tensorrt.")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores).")
+@click.option("--device", type=click.IntRange(0), default=0, show_default=True,
+              help="GPU to run on (tensorrt, onnxruntime-cuda); `vidrt doctor` lists them.")
 @click.option("--vae-memory", help="Memory budget for one VAE tile, e.g. 2GB (default: automatic).")
 @click.option("--fps", type=int, help="Frames per second of the file (default: the model's).")
 @click.option("--crf", type=int, help="Quality, lower is better (default: 18 for H.264, 31 for VP9).")

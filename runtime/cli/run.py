@@ -64,7 +64,7 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
                 guidance_low_noise: float | None, shift: float | None, seed: int | None, scheduler: str | None,
                 backend: str, threads: int | None,
                 vae_memory: str | None, fps: int | None, crf: int | None, output: str, overwrite: bool,
-                stats_json: str | None, quiet: bool) -> None:
+                stats_json: str | None, quiet: bool, device: int = 0) -> None:
     from vidrt.backends import BACKENDS
     from vidrt.cli.app import parse_size
     from vidrt.models import default_package
@@ -118,7 +118,7 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
         warnings.append(msg)
         click.echo(f"warning: {msg}", err=True)
 
-    pipe = Pipeline.load(package, backend=backend, threads=threads, warn=warn)
+    pipe = Pipeline.load(package, backend=backend, device=f"cuda:{device}", threads=threads, warn=warn)
     metadata = clip_metadata(settings, pipe.manifest.model.name)  # same metadata as batch and serve write
     progress = _Progress(quiet)
     fps_out = fps or pipe.manifest.model.sampling.fps

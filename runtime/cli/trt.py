@@ -38,9 +38,11 @@ def _bytes(value: str) -> int:
 @click.option("--vae-tile", help="VAE tile in latent cells HxW (default: from the residency plan for this GPU).")
 @click.option("--gpu-memory", help="Memory to plan the VAE tile for (default: this GPU's).")
 @click.option("--component", "components", multiple=True, help="Build only this component (repeatable).")
+@click.option("--device", type=click.IntRange(0), default=0, show_default=True,
+              help="GPU to build on (its compute capability goes into the plans).")
 def build_cmd(package: str, precision: str, sizes: str | None, frames: int | None, workspace: str,
               optimization_level: int, weight_streaming: bool, vae_tile: str | None, gpu_memory: str | None,
-              components: tuple[str, ...]) -> None:
+              components: tuple[str, ...], device: int) -> None:
     """Build TensorRT engines for a model package (needs TensorRT and the target GPU)."""
     from vidrt.export.build_engines import BuildOptions, build_package
 
@@ -51,7 +53,7 @@ def build_cmd(package: str, precision: str, sizes: str | None, frames: int | Non
     opts = BuildOptions(precision=precision, sizes=_sizes(sizes), frames=frames, workspace_bytes=_bytes(workspace),
                         optimization_level=optimization_level, weight_streaming=weight_streaming, vae_tile=tile,
                         gpu_memory=_bytes(gpu_memory) if gpu_memory else None, components=components)
-    manifest = build_package(Path(package), opts, log=click.echo)
+    manifest = build_package(Path(package), opts, log=click.echo, device=device)
     click.echo(f"{len(manifest.engines)} plan(s) recorded in {Path(package) / 'manifest.json'}")
 
 
@@ -63,7 +65,7 @@ def build_cmd(package: str, precision: str, sizes: str | None, frames: int | Non
               help="Device memory to plan for (GB = 10^9 bytes, GiB = 2^30: a '24 GB' RTX 4090 has 24GiB).")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp8", "fp32"]), default="bf16", show_default=True,
               help="DiT engine precision.")
-@click.option("--fp8-scope", type=click.Choice(["linear", "ffn"]), default="linear", show_default=True,
+@click.option("--fp8-scope", type=click.Choice(["linear", "ffn"]), default="ffn", show_default=True,
               help="fp8: quantise all block matrices, or only the feed-forward ones.")
 def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precision: str, fp8_scope: str) -> None:
     """Device-memory plan for a clip: per stage peak, what stays resident, the VAE tile.

@@ -1,0 +1,411 @@
+"""Issue 14's fifteen TensorRT-path defects, one test each (numbered as in the issue). Fakes of
+TensorRT and cuda-python (tests/trt_fakes.py) encode what the docs say: per-profile scratch that
+grows once weights stream, CUDA graphs that keep the pointers they were captured with, TF32 on by
+default in a builder config, IStreamReaderV2 deserialisation."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from test_tensorrt import _contract, _dit_plan, _engine, _entries, _vae_plan, _write_package
+from trt_fakes import FLOAT, FakeCuda, FakePlan, FakeTensorRT
+from vidrt.backends.base import BackendOptions
+from vidrt.backends.cuda import Stream
+from vidrt.backends.residency import EngineReport, GiB, load_reports, make_plan, text_weight_bytes
+from vidrt.backends.tensorrt import ScratchArena, TrtBackend, TrtEngine
+from vidrt.package import contracts as C
+from vidrt.package.registry import VARIANTS, TextConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+BUDGET_24GB = 24 * 10**9
+
+
+def _feeds(batch: int, f: int = 3, h: int = 6, w: int = 8) -> dict[str, np.ndarray]:
+    return {C.LATENTS: np.ones((batch, 16, f, h, w), np.float32), C.TIMESTEP: np.zeros(batch, np.float32),
+            C.CONTEXT: np.zeros((batch, 512, 64), np.float32)}
+
+
+# 1. the VAE tile at run time is the tile the engines were built for ------------------------------------
+
+
+def test_1_run_time_tile_is_the_built_tile(tmp_path: Path) -> None:
+    from vidrt.backends.tensorrt import built_vae_tile
+
+    spec = VARIANTS["wan2.1-t2v-1.3b"]  # 832x480: latent 60x104, 8 px per cell
+    comps = (C.TEXT_ENCODER, "dit", C.VAE_FIRST, C.VAE_STEP)
+    entries = tuple(dataclasses.replace(e, profiles=((32 * 8, 34 * 8, 1),)) if e.component in (C.VAE_FIRST, C.VAE_STEP)
+                    else e for e in _entries(tmp_path, "10.13.0.35", "8.9", "bf16", comps))
+    assert built_vae_tile({e.component: e for e in entries}, 8) == (34, 32)  # (tile_h, tile_w) cells
+    plan = make_plan(spec, 832, 480, 81, BUDGET_24GB, "bf16", vae_tile=(34, 32))
+    assert plan.vae_tile.tile_shape == (34, 32) and plan.vae_tile.frame_px == (480, 832)
+    big = make_plan(spec, 832, 480, 81, BUDGET_24GB, "bf16", vae_tile=(64, 112))  # engine tile > frame: padded
+    assert big.vae_tile.tile_shape == (64, 112) and (big.vae_tile.rows.pad, big.vae_tile.cols.pad) == (4, 8)
+    tiny_budget = make_plan(spec, 832, 480, 81, 3 * GiB, "bf16", vae_tile=(60, 104))
+    assert not tiny_budget.fits  # the plan checks the built tile, it does not pick another one
+
+
+# 3. decode memory: first engine released after frame 0, arena shrinks, reports used --------------------
+
+
+def test_3_first_frame_engine_is_released_before_the_step_engine_opens() -> None:
+    from vidrt.vae_decode import iter_decode, plan_tiles
+
+    events: list[str] = []
+    plan_first, c_first = _vae_plan()
+    cache = (1, 5, 2, 2, 3)
+
+    class Eng:
+        def __init__(self, name: str) -> None:
+            self.name, self.contract = name, c_first
+
+        def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            events.append(f"run {self.name}")
+            return {C.VAE_FRAMES: np.zeros((1, 3, 4 if self.name == "step" else 1, 16, 24), np.float32),
+                    C.cache_out(0): np.zeros(cache, np.float32)}
+
+    def open_step() -> Eng:
+        events.append("open step")
+        return Eng("step")
+
+    tiles = plan_tiles(2, 3, 2, 3, scale=8)
+    lat = np.zeros((4, 3, 2, 3), np.float32)
+    list(iter_decode(lat, Eng("first"), open_step, tiles, mean=[0.0] * 4, std=[1.0] * 4,
+                     release_first=lambda: events.append("release first")))
+    assert events == ["run first", "release first", "open step", "run step", "run step"]
+
+
+def test_3_scratch_arena_shrinks_when_the_largest_user_leaves() -> None:
+    cuda = FakeCuda()
+    stream = Stream(cuda)
+    arena = ScratchArena(cuda, stream)
+    a, b = SimpleNamespace(mem=None), SimpleNamespace(mem=None)
+    for ctx in (a, b):
+        ctx.set_device_memory = (lambda c: lambda p, s: setattr(c, "mem", (p, s)))(ctx)
+    arena.bind(1, a, 300)  # the DiT
+    arena.bind(2, b, 50)  # a VAE engine
+    arena.unbind(1)  # the DiT is released before decoding
+    assert arena.size == 50 and b.mem == (arena.ptr, 50) and sum(len(m) for m in cuda.mem.values()) == 50
+    arena.unbind(2)
+    assert arena.ptr is None and cuda.mem == {}
+
+
+def test_3_decode_stages_count_one_vae_engine_and_use_its_report() -> None:
+    spec = VARIANTS["wan2.2-ti2v-5b"]
+    reports = {C.VAE_FIRST: EngineReport(300 * 2**20), C.VAE_STEP: EngineReport(700 * 2**20)}
+    plan = make_plan(spec, 1280, 704, 121, BUDGET_24GB, "fp8", reports=reports, vae_tile=(44, 80))
+    first, step = (s for s in plan.stages if s.name.startswith("decode"))
+    names = [i.name for i in step.items]
+    assert "vae_decode_first weights" not in names and "vae_decode_step weights" in names
+    assert next(i for i in step.items if i.name == "vae_decode_step activations").bytes == 700 * 2**20
+    assert next(i for i in first.items if i.name == "vae_decode_first activations").bytes == 300 * 2**20
+    assert first.release == (C.VAE_FIRST,)
+
+
+# 4. CFG as two batch-1 calls: a batch-1 profile and scratch sized for the profile in use ----------------
+
+
+def test_4_dit_plans_have_batch_1_and_batch_2_profiles() -> None:
+    from vidrt.export.build_engines import dit_profiles
+
+    spec = VARIANTS["wan2.1-t2v-1.3b"]
+    profiles = dit_profiles(spec, C.dit_contract(spec, "bfloat16"), ((832, 480),), 81)
+    assert [p[C.LATENTS] for p in profiles] == [((1, 16, 21, 60, 104),) * 3, ((2, 16, 21, 60, 104),) * 3]
+
+
+def test_4_scratch_is_sized_for_the_profile_in_use() -> None:
+    plan = _dit_plan([(3, 6, 8)])
+    one = [(a, b, c) for a, b, c in [((1, 16, 3, 6, 8),) * 3]]
+    two = [((2, 16, 3, 6, 8),) * 3]
+    plan = dataclasses.replace(plan, inputs={
+        C.LATENTS: (plan.inputs[C.LATENTS][0], one + two),
+        C.TIMESTEP: (FLOAT, [((1,),) * 3, ((2,),) * 3]),
+        C.CONTEXT: (plan.inputs[C.CONTEXT][0], [((1, 512, 64),) * 3, ((2, 512, 64),) * 3])},
+        profile_memory=[10 << 20, 20 << 20])
+    engine, cuda, fake = _engine(plan, _contract())
+    engine.run(_feeds(1))
+    assert fake.engines[0].contexts[0].device_memory[1] == 10 << 20
+    engine.run(_feeds(2))
+    assert fake.engines[0].contexts[0].device_memory[1] == 20 << 20
+
+
+def test_4_the_plan_takes_the_batch_1_profiles_scratch_from_the_report() -> None:
+    spec = VARIANTS["wan2.2-ti2v-5b"]
+    big, small = 30 * GiB, 2 * GiB
+    plan = make_plan(spec, 1280, 704, 121, BUDGET_24GB, "fp8",
+                     reports={"dit": EngineReport(big, profiles=((1280, 704, 121, 1, small),
+                                                                  (1280, 704, 121, 2, big)))})
+    assert plan.cfg_batch == 1
+    act = next(i for s in plan.stages for i in s.items if i.name == "dit activations")
+    assert act.bytes == small
+
+
+# 5. host RAM: plans deserialised from the file, no bytes kept; `vidrt plan` prints host RAM ------------
+
+
+def test_5_plans_stream_from_the_file_and_no_bytes_are_kept(tmp_path: Path) -> None:
+    comps = (C.TEXT_ENCODER, "dit", C.VAE_FIRST, C.VAE_STEP)
+    m = _write_package(tmp_path, engines=_entries(tmp_path, "10.13.0.35", "8.9", "bf16", comps))
+    cuda = FakeCuda()
+    fake = FakeTensorRT(cuda, plans={b"dit": _dit_plan([(3, 6, 8)])})
+    backend = TrtBackend(BackendOptions(backend="tensorrt"), m, trt_mod=fake.module(), cuda=cuda,
+                         compute_capability="8.9")
+    backend.open("dit", tmp_path / "dit.onnx", _contract())
+    assert fake.deserialized == ["reader"]
+    assert not any(isinstance(v, (bytes, bytearray)) for v in vars(backend).values())
+    assert not any(isinstance(v, dict) and any(isinstance(x, (bytes, bytearray)) for x in v.values())
+                   for v in vars(backend).values())
+    backend.close()
+
+
+def test_5_plan_reports_the_host_ram_of_streamed_weights() -> None:
+    spec = VARIANTS["wan2.2-t2v-a14b"]
+    plan = make_plan(spec, 1280, 720, 81, BUDGET_24GB, "bf16")
+    assert plan.streamed
+    weights = next(i for s in plan.stages for i in s.items if i.name.startswith("dit_low weights")).bytes
+    # TensorRT keeps a streamable engine's weights in host memory: at least one expert's full weights
+    assert plan.host_bytes >= weights + plan.streamed["dit_low"]
+    assert re.search(r"host RAM \d+\.\d\d GiB", plan.table())
+
+
+# 6. a captured graph replays its own pointers: dropped when the arena moves ---------------------------
+
+
+def test_6_graphs_are_dropped_when_the_arena_reallocates() -> None:
+    plan, contract = _vae_plan()
+    engine, cuda, fake = _engine(plan, contract, name=C.VAE_STEP, cuda_graph=True)
+    feeds = {C.VAE_LATENT: np.ones((1, 4, 1, 2, 3), np.float32), C.cache_in(0): np.zeros((1, 5, 2, 2, 3), np.float32)}
+    for _ in range(3):
+        engine.run(feeds)  # captured on the 2nd call, replayed on the 3rd
+    assert cuda.calls.count("graph_launch") == 2
+    other = SimpleNamespace(set_device_memory=lambda p, s: None)
+    engine._arena.bind(99, other, 64 << 20)  # a larger engine opens: the arena moves
+    out = engine.run(feeds)  # must not replay the graph on the freed scratch
+    assert out[C.VAE_FRAMES][0, 0, 0, 0, 0] == 24
+
+
+# 7. VAE caches stay on the device between steps ---------------------------------------------------------
+
+
+def test_7_vae_caches_stay_on_the_device(tmp_path: Path) -> None:
+    comps = (C.TEXT_ENCODER, "dit", C.VAE_FIRST, C.VAE_STEP)
+    m = _write_package(tmp_path, engines=_entries(tmp_path, "10.13.0.35", "8.9", "bf16", comps))
+    plan, contract = _vae_plan()
+    cuda = FakeCuda()
+    fake = FakeTensorRT(cuda, plans={C.VAE_STEP.encode(): plan})
+    backend = TrtBackend(BackendOptions(backend="tensorrt"), m, trt_mod=fake.module(), cuda=cuda,
+                         compute_capability="8.9")
+    step = backend.open(C.VAE_STEP, tmp_path / "vae_decode_step.onnx", contract)
+    cache: Any = np.zeros((1, 5, 2, 2, 3), np.float32)
+    copies = []
+    for i in range(4):
+        before = (cuda.calls.count("htod"), cuda.calls.count("dtoh"))
+        out = step.run({C.VAE_LATENT: np.full((1, 4, 1, 2, 3), i, np.float32), C.cache_in(0): cache})
+        copies.append((cuda.calls.count("htod") - before[0], cuda.calls.count("dtoh") - before[1]))
+        cache = out[C.cache_out(0)]
+    assert copies[1:] == [(1, 1)] * 3  # the latent in, the frames out; the caches never cross PCIe
+    assert np.asarray(cache)[0, 0, 0, 0, 0] == 4  # the values are right when they are read back
+    del cache, out
+    backend.close()
+    assert cuda.mem == {}
+
+
+# 8. cuda-python pinned to the TensorRT wheel's CUDA major ------------------------------------------------
+
+
+def test_8_cuda_python_is_pinned_to_the_tensorrt_wheels_cuda_major() -> None:
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    trt = extras["tensorrt"]
+    wheel = next(r for r in trt if r.startswith("tensorrt-cu"))
+    major = int(re.match(r"tensorrt-cu(\d+)", wheel).group(1))  # type: ignore[union-attr]
+    for extra in ("tensorrt", "dev"):
+        cuda = next(r for r in extras[extra] if r.startswith("cuda-python"))
+        assert f">={major}." in cuda and f"<{major + 1}" in cuda, (extra, cuda)
+    assert any(r.startswith("polygraphy") for r in trt) and any(r.startswith("nvidia-modelopt") for r in trt)
+
+
+# 9. multi-GPU: probe leaves the device as it was; builds run on --device N and carry its capability ------
+
+
+def _two_gpus() -> tuple[Any, list[int]]:
+    sets: list[int] = []
+    current = [0]
+    props = {0: SimpleNamespace(name=b"RTX 3090\0", major=8, minor=6, totalGlobalMem=24 * 2**30),
+             1: SimpleNamespace(name=b"RTX 4090\0", major=8, minor=9, totalGlobalMem=24 * 2**30)}
+
+    def set_device(i: int) -> tuple[int]:
+        sets.append(i)
+        current[0] = i
+        return (0,)
+
+    rt = SimpleNamespace(cudaDriverGetVersion=lambda: (0, 12040), cudaRuntimeGetVersion=lambda: (0, 12060),
+                         cudaGetDeviceCount=lambda: (0, 2), cudaGetDeviceProperties=lambda i: (0, props[i]),
+                         cudaSetDevice=set_device, cudaGetDevice=lambda: (0, current[0]),
+                         cudaMemGetInfo=lambda: (0, 20 * 2**30, 24 * 2**30))
+    return rt, sets
+
+
+def test_9_probe_restores_the_current_device() -> None:
+    from vidrt.backends.cuda import probe
+
+    rt, sets = _two_gpus()
+    p = probe(rt)
+    assert [d.compute_capability for d in p.devices] == ["8.6", "8.9"]
+    assert sets[-1] == 0  # device 0 is current again, as before the probe
+
+
+def test_9_build_runs_on_the_chosen_device_and_labels_its_capability(tmp_path: Path, monkeypatch: Any) -> None:
+    import vidrt.export.build_engines as be
+    from vidrt.backends.cuda import probe
+
+    rt, _ = _two_gpus()
+    monkeypatch.setattr(be, "probe", lambda: probe(rt))
+    _write_package(tmp_path)
+    cuda = FakeCuda()
+    fake = FakeTensorRT(cuda, plans={b"plan": _dit_plan([(3, 6, 8)])})
+    m = be.build_package(tmp_path, be.BuildOptions("bf16", components=("dit",), sizes=((832, 480),), frames=81),
+                         trt_mod=fake.module(), cuda=cuda, device=1, log=lambda s: None)
+    assert fake.builds and all(b["device"] == 1 for b in fake.builds)
+    assert {e.compute_capability for e in m.engines} == {"8.9"}
+
+
+# 10. VAE graphs at opset 18 --------------------------------------------------------------------------------
+
+
+def test_10_vae_is_exported_at_opset_18_when_the_package_asks_23(tmp_path: Path, monkeypatch: Any) -> None:
+    import vidrt.export.package as pkg
+
+    seen: list[int] = []
+
+    def fake_export(vae: Any, first: Path, step: Path, spec: Any, opset: int, **kw: Any) -> Any:
+        seen.append(opset)
+        Path(first).write_bytes(b"x")
+        Path(step).write_bytes(b"x")
+        c = C.Contract(inputs=(), outputs=())
+        return c, c
+
+    monkeypatch.setattr(pkg, "export_vae_decoder", fake_export)
+    ckpt = SimpleNamespace(spec=VARIANTS["wan2.1-t2v-1.3b"], vae=lambda: None)
+    stage = next(s for s in pkg._stages(ckpt, tmp_path, 23, "bf16") if s.name == "vae")  # type: ignore[arg-type]
+    result = stage.run()
+    assert seen == [18] and result.components[C.VAE_STEP].opset == 18
+
+
+# 11. TF32 off -------------------------------------------------------------------------------------------------
+
+
+def test_11_builds_clear_tf32(tmp_path: Path) -> None:
+    from vidrt.export.build_engines import BuildOptions, build_plan
+
+    cuda = FakeCuda()
+    fake = FakeTensorRT(cuda, plans={b"plan": _dit_plan([(3, 6, 8)])})
+    (tmp_path / "vae.onnx").write_bytes(b"onnx")
+    build_plan(fake.module(), tmp_path / "vae.onnx", [], BuildOptions("fp32"), tmp_path / "timing.cache")
+    assert "TF32" not in fake.builds[-1]["flags"]
+
+
+# 12. umT5 weight bytes: `wo` stays fp32 --------------------------------------------------------------------
+
+
+def test_12_umt5_bf16_bytes_match_the_exported_module() -> None:
+    torch = pytest.importorskip("torch")
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = TextConfig(vocab_size=256, d_model=64, d_ff=128, num_layers=2, num_heads=4, num_buckets=32)
+    te = UMT5EncoderModel(UMT5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                     relative_attention_num_buckets=32, feed_forward_proj="gated-gelu"))
+    keep = tuple(te._keep_in_fp32_modules or ())
+    assert keep  # transformers keeps UMT5's `wo` in fp32
+    for name, p in te.named_parameters():  # as export/onnx_export.py export_text_encoder casts it
+        if not any(k in name.split(".") for k in keep):
+            p.data = p.data.to(torch.bfloat16)
+    assert text_weight_bytes(cfg, "bf16") == sum(p.numel() * p.element_size() for p in te.parameters())
+    assert round(text_weight_bytes(TextConfig(), "bf16") / GiB, 2) == 12.46
+
+
+# 13. one FP8 scope default ------------------------------------------------------------------------------
+
+
+def test_13_one_fp8_scope_default_everywhere() -> None:
+    from vidrt.backends.residency import DEFAULT_FP8_SCOPE, dit_weight_bytes, plan_for_package
+    from vidrt.cli.trt import plan_cmd
+    from vidrt.export.quantize_fp8 import fp8_config, quantize_dit
+
+    defaults = {inspect.signature(quantize_dit).parameters["scope"].default,
+                inspect.signature(fp8_config).parameters["scope"].default,
+                inspect.signature(make_plan).parameters["fp8_scope"].default,
+                inspect.signature(plan_for_package).parameters["fp8_scope"].default,
+                inspect.signature(dit_weight_bytes).parameters["fp8_scope"].default,
+                next(p.default for p in plan_cmd.params if p.name == "fp8_scope")}
+    assert defaults == {DEFAULT_FP8_SCOPE}
+
+
+# 14. one bad report does not drop the others ---------------------------------------------------------------
+
+
+def test_14_a_bad_report_entry_keeps_the_rest(tmp_path: Path) -> None:
+    comps = (C.TEXT_ENCODER, "dit", C.VAE_FIRST, C.VAE_STEP)
+    m = _write_package(tmp_path, engines=_entries(tmp_path, "10.13.0.35", "8.9", "bf16", comps))
+    folder = tmp_path / "trt-10.13.0.35-sm89-bf16"
+    (folder / "report.json").write_text(json.dumps({"engines": {
+        C.TEXT_ENCODER: {"build_seconds": 3},  # a failed build's entry: no device memory figure
+        "dit": {"device_memory_bytes": 5, "weight_bytes": 7}}}))
+    reports = load_reports(tmp_path, m, "bf16")
+    assert reports["dit"].device_memory_bytes == 5 and C.TEXT_ENCODER not in reports
+
+
+# 15. a failed capture falls back to eager ---------------------------------------------------------------------
+
+
+def test_15_failed_graph_capture_falls_back_to_eager() -> None:
+    plan, contract = _vae_plan()
+    engine, cuda, fake = _engine(plan, contract, name=C.VAE_STEP, cuda_graph=True)
+    cuda.fail_instantiate = True
+    cache = np.zeros((1, 5, 2, 2, 3), np.float32)
+    for i in range(4):
+        out = engine.run({C.VAE_LATENT: np.full((1, 4, 1, 2, 3), i, np.float32), C.cache_in(0): cache})
+        cache = np.asarray(out[C.cache_out(0)])
+        assert out[C.VAE_FRAMES][0, 0, 0, 0, 0] == 24 * i
+    assert cuda.calls.count("begin_capture") == 1 and not cuda.capturing  # tried once, then eager
+    assert fake.engines[0].executions == 4
+
+
+def test_fakes_follow_the_docs_streaming_changes_the_scratch() -> None:
+    plan = dataclasses.replace(_dit_plan([(3, 6, 8)]), streamable=8 << 20, streaming_scratch=5 << 20)
+    cuda = FakeCuda()
+    fake = FakeTensorRT(cuda, plans={b"p": plan})
+    mod = fake.module()
+    stream = Stream(cuda)
+    TrtEngine("dit", b"p", _contract(), trt_mod=mod, runtime=mod.Runtime(None), cuda=cuda, stream=stream,
+              arena=ScratchArena(cuda, stream), streamed_bytes=2 << 20)
+    ctx = fake.engines[0].contexts[0]
+    assert ctx.device_memory is not None and ctx.device_memory[1] == plan.device_memory + (5 << 20)
+
+
+_ = FakePlan  # re-exported for readers of this file
+
+
+# ---- installable on a GPU box: `vidrt doctor` names what is missing and the one install line -------------
+
+
+def test_doctor_names_the_missing_pieces_and_the_extras_install_line() -> None:
+    import tomllib
+    from click.testing import CliRunner
+    from vidrt.backends.tensorrt import INSTALL_TENSORRT
+    from vidrt.cli.app import cli
+
+    assert INSTALL_TENSORRT == 'pip install "vidrt[tensorrt]"'
+    assert "tensorrt" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    res = CliRunner().invoke(cli, ["doctor"])
+    assert res.exit_code == 0, res.output
+    # here: no GPU, TensorRT only as stubs
+    assert f"TensorRT: {INSTALL_TENSORRT}" in res.output and "missing for the TensorRT path:" in res.output
