@@ -20,7 +20,9 @@ def _providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
             raise DeviceError("onnxruntime has no CUDA provider here; install onnxruntime-gpu (in place of "
                               "onnxruntime) or run on the CPU with --backend onnxruntime")
         index = device.partition(":")[2] or "0"
-        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        if index != "0":  # GPU N: ONNX Runtime's CUDA provider option device_id
+            return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 

@@ -67,7 +67,10 @@ def build_cmd(package: str, precision: str, sizes: str | None, frames: int | Non
               help="DiT engine precision.")
 @click.option("--fp8-scope", type=click.Choice(["linear", "ffn"]), default="ffn", show_default=True,
               help="fp8: quantise all block matrices, or only the feed-forward ones.")
-def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precision: str, fp8_scope: str) -> None:
+@click.option("--text-encoder", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
+              help="Where umT5 runs: the GPU, or ONNX Runtime on the CPU (host RAM); auto = the GPU if the clip fits.")
+def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precision: str, fp8_scope: str,
+             text_encoder: str) -> None:
     """Device-memory plan for a clip: per stage peak, what stays resident, the VAE tile.
     MODEL is a package folder or a variant name (no weights needed)."""
     from vidrt.backends.residency import make_plan, plan_for_package
@@ -75,15 +78,18 @@ def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precisi
 
     (width, height), = _sizes(size)
     budget = _bytes(gpu_memory)
+    text_device = None if text_encoder == "auto" else text_encoder
     if Path(model).is_dir():
         from vidrt.package.manifest import load_manifest
 
         manifest = load_manifest(model, verify=False)
         n = frames or manifest.model.sampling.frames
-        plan = plan_for_package(Path(model), manifest, width, height, n, budget, precision, fp8_scope)
+        plan = plan_for_package(Path(model), manifest, width, height, n, budget, precision, fp8_scope,
+                                text_device=text_device)
     elif model in VARIANTS:
         spec = get_variant(model)
-        plan = make_plan(spec, width, height, frames or spec.sampling.frames, budget, precision, fp8_scope=fp8_scope)
+        plan = make_plan(spec, width, height, frames or spec.sampling.frames, budget, precision, fp8_scope=fp8_scope,
+                         text_device=text_device)
     else:
         raise UsageError(f"{model!r} is neither a package folder nor a variant ({', '.join(VARIANTS)})")
     click.echo(plan.table())
