@@ -179,7 +179,11 @@ def test_batch_bad_line_names_it(package, tmp_path, capsys):
                          ('{"prompt": "a cat"}\n{"prompt": "a dog",\n', "jobs.jsonl line 2: not JSON"),
                          ('{"prompt": "a cat", "steps": 2.5}\n', "jobs.jsonl line 1: steps must be an integer"),
                          ('{"prompt": "a", "output": "x"}\n{"prompt": "b", "output": "x.mp4"}\n',
-                          "jobs.jsonl line 2: writes x.mp4, like line 1")):
+                          "jobs.jsonl line 2: writes x.mp4, like line 1"),
+                         # every bad line at once, in one line
+                         ('{"prompt": "a", "steps": 0}\n{"prompt": "b"}\nnope\n{"prompt": "c", "size": "65x64"}\n',
+                          "3 bad lines: jobs.jsonl line 1: --steps 0 is out of range; use 1..1000; jobs.jsonl line 3: "
+                          "not JSON (Expecting value at column 1); jobs.jsonl line 4: width 65 is not a multiple of 16")):
         jobs.write_text(text)
         with pytest.raises(SystemExit) as exit_:
             main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])
@@ -216,6 +220,20 @@ def test_batch_runs_and_resumes(package, local_ray, tmp_path):
     again = run_batch(str(jobs), str(out), package, workers=1, threads=1, quiet=True, echo=messages.append)
     assert (again["skipped"], again["completed"]) == (3, 1), again
     assert dog.stat().st_mtime_ns == mtime
+    # resumable by request, not by name: a named line whose prompt changed is made again, the rest skipped
+    lines[1]["prompt"] = "a green dog runs"
+    jobs.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    third = run_batch(str(jobs), str(out), package, workers=1, threads=1, quiet=True, echo=messages.append)
+    assert (third["skipped"], third["remade"], third["completed"]) == (3, 1, 1), third
+    assert any("line 2: dog.mp4 was made from another request" in m for m in messages), messages
+    record = json.loads((out / "dog.json").read_text())
+    assert record["settings"]["prompt"] == "a green dog runs" and record["request_key"] == \
+        JobRequest.from_dict({k: v for k, v in lines[1].items() if k != "output"}).key()
+    lines[1]["prompt"] = "a blue dog runs"
+    jobs.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (out / "dog.mp4").unlink()  # back to the first request: made again below, compared with vidrt run
+    run_batch(str(jobs), str(out), package, workers=1, threads=1, quiet=True, echo=messages.append)
+    dog_frames = decode(dog)
     # a batch clip is the clip `vidrt run` makes from the same request
     assert np.array_equal(dog_frames, cli_run(package, lines[1], tmp_path / "dog-run.mp4"))
 

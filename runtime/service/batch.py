@@ -1,10 +1,12 @@
 """`vidrt batch jobs.jsonl --out DIR`: every line a job (vidrt.service.jobs.JobRequest fields, plus an
 optional "output" name), run across Ray worker actors that keep the model resident.
 
-Resumable: a clip is published atomically (temp + rename) and its stats JSON before it, so a clip
-that exists is finished and is skipped on the next run; an unnamed job's file is named after a
-hash of its request, so reordering or adding lines keeps the old names. The whole file is checked
-against the model before Ray starts: a bad line stops the batch with one line naming it.
+Resumable by request: a clip is published atomically (temp + rename) and its stats JSON (with the
+request's hash, `request_key`) before it, so a clip that exists is finished. An unnamed job's file
+is named after that hash, so reordering or adding lines keeps the old names; a named one is
+skipped only when its stats JSON says it was made from the same request (change a named line's
+prompt and it is made again). The whole file is checked against the model before Ray starts:
+every bad line is named in one line.
 """
 
 from __future__ import annotations
@@ -27,12 +29,21 @@ from vidrt.service.jobs import JobRequest
 SUMMARY = "batch-summary.json"
 
 
+MAX_LISTED = 20  # bad lines named in the one-line error
+
+
 @dataclass(frozen=True)
 class BatchLine:
     line: int
     job: JobRequest
     settings: Settings
     output: Path
+    named: bool = False  # an "output" name was given (else the name is the request's hash)
+
+    @property
+    def stats_path(self) -> Path:
+        return self.output.with_name(self.output.stem + ".json") if self.output.suffix else \
+            self.output.with_name(self.output.name + ".json")
 
 
 def read_jobs(path: str | os.PathLike[str], spec: ModelSpec, package: str | os.PathLike[str],
@@ -50,33 +61,63 @@ def read_jobs(path: str | os.PathLike[str], spec: ModelSpec, package: str | os.P
         raise UsageError(f"{p} cannot be read ({exc.strerror})") from None
     lines: list[BatchLine] = []
     seen: dict[Path, int] = {}
+    errors: list[str] = []
     for number, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
-        where = f"{p.name} line {number}"
         try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from None
-        name = data.pop("output", None) if isinstance(data, dict) else None
-        job = JobRequest.from_dict(data, where, extra_fields=("output",))
-        if job.model is not None and job.model != spec.name and \
-                Path(job.model).expanduser().resolve() != Path(package).resolve():
-            raise UsageError(f"{where}: model {job.model!r} is not this batch's model ({spec.name}, {package}); "
-                             f"one batch runs one model")
-        try:
-            settings = job.settings(spec)
+            line = _read_line(raw, number, f"{p.name} line {number}", spec, package, out_dir)
         except UsageError as exc:
-            raise UsageError(f"{where}: {exc}") from None
-        output = out_dir / (_output_name(name, job, where) + job.suffix)
-        if output in seen:
-            raise UsageError(f"{where}: writes {output.name}, like line {seen[output]}; give each an \"output\" "
-                             f"name or drop the duplicate")
-        seen[output] = number
-        lines.append(BatchLine(number, job, settings, output))
+            errors.append(str(exc))
+            continue
+        if line.output in seen:
+            errors.append(f"{p.name} line {number}: writes {line.output.name}, like line {seen[line.output]}; give "
+                          f"each an \"output\" name or drop the duplicate")
+            continue
+        seen[line.output] = number
+        lines.append(line)
+    if len(errors) == 1:
+        raise UsageError(errors[0])
+    if errors:  # every bad line at once, so one edit fixes the file
+        shown = "; ".join(errors[:MAX_LISTED]) + (f"; and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED
+                                                   else "")
+        raise UsageError(f"{len(errors)} bad lines: {shown}")
     if not lines:
         raise UsageError(f"{p} has no jobs; write one JSON object per line, e.g. {{\"prompt\": \"a cat\"}}")
     return lines
+
+
+def _read_line(raw: str, number: int, where: str, spec: ModelSpec, package: str | os.PathLike[str],
+               out_dir: Path) -> BatchLine:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from None
+    name = data.pop("output", None) if isinstance(data, dict) else None
+    job = JobRequest.from_dict(data, where, extra_fields=("output",))
+    if job.model is not None and job.model != spec.name and \
+            Path(job.model).expanduser().resolve() != Path(package).resolve():
+        raise UsageError(f"{where}: model {job.model!r} is not this batch's model ({spec.name}, {package}); "
+                         f"one batch runs one model")
+    try:
+        settings = job.settings(spec)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    return BatchLine(number, job, settings, out_dir / (_output_name(name, job, where) + job.suffix), name is not None)
+
+
+def is_done(line: BatchLine) -> bool:
+    """A line is done when its clip exists and was made from this very request: an unnamed clip's name
+    is its request's hash; a named one's stats file (<name>.json) records the hash it was made from."""
+    if not line.output.exists():
+        return False
+    if not line.named:
+        return True
+    try:
+        made_from = json.loads(line.stats_path.read_text(encoding="utf-8")).get("request_key")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(made_from == line.job.key())
 
 
 def _output_name(name: Any, job: JobRequest, where: str) -> str:
@@ -97,7 +138,7 @@ def run_batch(jobs_file: str, out_dir: str, package: str | os.PathLike[str], *, 
               echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
     """Run every unfinished line; returns (and writes to DIR/batch-summary.json) the summary."""
     from vidrt.package.manifest import load_manifest
-    from vidrt.service.scaleout import connect_ray, require_ray, write_json_atomic
+    from vidrt.service.scaleout import _remove, connect_ray, require_ray, write_json_atomic
     from vidrt.video import clean_stale_temps
 
     require_ray("batch", local=address is None)
@@ -115,9 +156,15 @@ def run_batch(jobs_file: str, out_dir: str, package: str | os.PathLike[str], *, 
     except OSError as exc:
         raise UsageError(f"cannot create --out {out} ({exc.strerror})") from None
     clean_stale_temps(out)
-    todo = [b for b in lines if not b.output.exists()]
+    todo = [b for b in lines if not is_done(b)]
+    stale = [b for b in todo if b.output.exists()]
+    for b in stale:  # removed first: a crash while it is remade must not leave the old clip looking done
+        echo(f"line {b.line}: {b.output.name} was made from another request; making it again")
+        _remove(b.output)
+        b.stats_path.unlink(missing_ok=True)
     summary: dict[str, Any] = {"jobs_file": str(jobs_file), "model": spec.name, "clips": len(lines),
-                               "skipped": len(lines) - len(todo), "completed": 0, "failed": [], "workers": 0,
+                               "skipped": len(lines) - len(todo), "remade": len(stale), "completed": 0, "failed": [],
+                               "workers": 0,
                                "retries": 0, "seconds": 0.0, "seconds_after_start": 0.0, "clips_per_hour": None}
     if todo:
         import ray

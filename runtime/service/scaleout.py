@@ -686,7 +686,8 @@ class JobManager:
         return False
 
     def _publish(self, job: Job, reply: dict[str, Any], slot: Slot) -> None:
-        job.result = {"id": job.id, **reply["result"], "output": str(job.output), "attempts": job.attempts,
+        job.result = {"id": job.id, **reply["result"], "output": str(job.output), "request_key": job.request.key(),
+                      "attempts": job.attempts,
                       "worker": {"index": slot.index, "pid": slot.info.get("pid"), "host": slot.info.get("host")}}
         if job.tag is not None:
             job.result["tag"] = job.tag
