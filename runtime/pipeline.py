@@ -6,10 +6,12 @@
 
     0. memory   on a GPU backend, the residency plan (`vidrt plan`'s code) for this clip: CFG batch,
                 VAE tile, which engines are released after their stage; refused if it cannot fit
-    1. text     umT5 embeddings of the prompt and the negative prompt, zero-padded to 512 rows
-    2. plan     every step's timestep, sigma, expert and guidance, built on the host up front
+    1. plan     every step's timestep, sigma, expert, guidance and whether it needs CFG, built up front
+    2. text     umT5 embeddings of the prompt (and the negative prompt when a step needs CFG),
+                zero-padded to 512 rows
     3. noise    seeded normal latents [C, F, H, W] (or the caller's array)
-    4. denoise  per step: one batch-2 DiT call (cond, uncond), CFG, solver update
+    4. denoise  per step: one batch-2 DiT call (cond, uncond) and CFG, or one batch-1 call where the
+                step's guidance is 1 (CFG-free), then the solver update
     5. decode   tiled, streamed VAE decode; frames go to the consumer as each latent frame is done
 """
 
@@ -27,6 +29,7 @@ from vidrt.backends.residency import ResidencyPlan, plan_for_package
 from vidrt.errors import DeviceError, UsageError
 from vidrt.package import contracts as C
 from vidrt.package.manifest import Manifest, artifact_path, load_manifest
+from vidrt.package.recipes import all_recipes
 from vidrt.request import Request, Settings, resolve
 from vidrt.schedulers import Step, expert_for_timestep, make_schedule, make_solver
 from vidrt.stats import RunStats
@@ -39,11 +42,20 @@ ProgressFn = Callable[[str, int, int], None]
 FramesFn = Callable[[np.ndarray], None]  # uint8 [n, H, W, 3] as soon as they are decoded
 
 
+# Wan2.2-Lightning's rule (wan/utils/utils.py `use_cfg`): CFG only where |scale - 1| > 1e-6.
+CFG_FREE_TOLERANCE = 1e-6
+
+
 @dataclass(frozen=True)
 class PlannedStep:
     step: Step
     expert: str  # DiT graph name: "dit", "dit_high" or "dit_low"
     guidance: float
+
+    @property
+    def cfg(self) -> bool:
+        """Does this step need the unconditional pass? u + 1 * (c - u) = c, so guidance 1 does not."""
+        return abs(self.guidance - 1.0) > CFG_FREE_TOLERANCE
 
 
 @dataclass
@@ -79,10 +91,10 @@ class Result:
 
 
 def plan_steps(manifest: Manifest, s: Settings) -> list[PlannedStep]:
-    """Stage 2. Two-expert models use the high-noise expert while t >= boundary * 1000."""
+    """Stage 1. Two-expert models use the high-noise expert while t >= boundary * 1000."""
     spec = manifest.model
     out = []
-    for step in make_schedule(s.scheduler, s.steps, s.shift, spec.sampling.num_train_timesteps):
+    for step in make_schedule(s.scheduler, s.steps, s.shift, spec.sampling.num_train_timesteps, s.timesteps):
         if spec.sampling.boundary is None:
             expert, g = spec.experts[0], s.guidance_low_noise
         elif expert_for_timestep(step.timestep, spec.sampling.boundary,
@@ -171,15 +183,19 @@ class Pipeline:
                  size: str | tuple[int, int] | None = None, width: int | None = None, height: int | None = None,
                  num_frames: int | None = None, steps: int | None = None, guidance: float | None = None,
                  guidance_low_noise: float | None = None, shift: float | None = None, seed: int | None = None,
-                 scheduler: str | None = None, noise: np.ndarray | None = None,
+                 scheduler: str | None = None, timesteps: tuple[float, ...] | None = None,
+                 recipe: str | None = None, noise: np.ndarray | None = None,
                  on_frames: FramesFn | None = None, progress: ProgressFn | None = None,
                  vae_memory: str | int | None = None) -> Result:
         """Generate one clip; keyword names follow `vidrt run`'s flags. None = the model's default.
 
         size        "WxH" (e.g. "832x480") or (width, height), pixels; or width= and height=
         num_frames  video frames, 4k+1 (Wan: 81 at 16 fps; TI2V-5B: 121 at 24 fps)
-        steps, shift, scheduler ("unipc" | "dpm++")
+        steps, shift, scheduler ("unipc" | "dpm++" | "euler")
         seed        0..2**63-1; None or -1: a random one (Result.settings.seed says which)
+        timesteps   euler: the unshifted timestep list, e.g. (1000, 750, 500, 250)
+        recipe      a named recipe ("lightx2v-4step", the package's "fast", ...; `vidrt info` lists them);
+                    the other keywords override its fields
         guidance    CFG scale; guidance_low_noise: the low-noise expert's scale on two-expert models (A14B)
         noise       float32 [C, F_lat, H/8, W/8] (Wan2.2 TI2V: H/16, W/16) initial latents instead of the seed's
         on_frames   called with uint8 [n, H, W, 3] chunks as they are decoded (then Result.frames is None)
@@ -210,7 +226,8 @@ class Pipeline:
         budget = parse_bytes(vae_memory) if isinstance(vae_memory, str) else vae_memory
         request = Request(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                           num_frames=num_frames, steps=steps, guidance=guidance,
-                          guidance_low_noise=guidance_low_noise, shift=shift, seed=seed, scheduler=scheduler)
+                          guidance_low_noise=guidance_low_noise, shift=shift, seed=seed, scheduler=scheduler,
+                          timesteps=tuple(timesteps) if timesteps is not None else None, recipe=recipe)
         return self.run(request, noise=noise, on_frames=on_frames, progress=progress, vae_memory_bytes=budget)
 
     def run(self, request: Request, noise: np.ndarray | None = None, on_frames: FramesFn | None = None,
@@ -218,7 +235,7 @@ class Pipeline:
             keep_text_encoder: bool = True) -> Result:
         spec = self.manifest.model
         check_prompt(request.prompt)
-        s = resolve(request, spec)
+        s = resolve(request, spec, all_recipes(self.manifest.recipes))
         stats = RunStats(backend=self.backend.name)
         stats.seconds["load"] = self.load_seconds
         report = progress or (lambda stage, done, total: None)
@@ -236,19 +253,20 @@ class Pipeline:
             self.backend.stream_weights(memory.streamed)
         keep_text_encoder = keep_text_encoder and C.TEXT_ENCODER not in released
 
-        # 1. text: [2, 512, d_model], row 0 = prompt, row 1 = negative prompt
+        # 1. plan
+        plan = plan_steps(self.manifest, s)
+        solver = make_solver(s.scheduler, [p.step for p in plan])
+        needs_uncond = any(p.cfg for p in plan)
+
+        # 2. text: [2, 512, d_model], row 0 = prompt, row 1 = negative prompt; [1, ...] when no step needs CFG
         with stats.stage("text"):
             self._warn_unknown_words(s.prompt)
-            context = encode_prompts(self.engine(C.TEXT_ENCODER), self.tokenizer,
-                                     [s.prompt, s.negative_prompt], self.warn, clean=False)
+            prompts = [s.prompt, s.negative_prompt] if needs_uncond else [s.prompt]
+            context = encode_prompts(self.engine(C.TEXT_ENCODER), self.tokenizer, prompts, self.warn, clean=False)
             _check_finite("text encoder", context, precision[C.TEXT_ENCODER],
                           "umT5 overflows in reduced precision: re-export it in fp32")
             if not keep_text_encoder:
                 self.release(C.TEXT_ENCODER)  # its memory is not needed again for this clip
-
-        # 2. plan
-        plan = plan_steps(self.manifest, s)
-        solver = make_solver(s.scheduler, [p.step for p in plan])
 
         # 3. noise
         if noise is None:
@@ -263,7 +281,7 @@ class Pipeline:
         with stats.stage("denoise"):
             for i, p in enumerate(plan):
                 t0 = time.perf_counter()
-                velocity = self._velocity(p, latents, context, cfg_batch)
+                velocity = self._velocity(p, latents, context, cfg_batch, stats)
                 if i == last_step[p.expert] and p.expert in released:
                     self.release(p.expert)  # A14B: the high-noise expert goes at the boundary
                 _check_finite(f"denoiser ({p.expert}, step {i + 1}/{len(plan)})", velocity, precision[p.expert],
@@ -318,9 +336,11 @@ class Pipeline:
                               f"{self.package} --size {s.width}x{s.height} --frames {s.num_frames}`)")
         return plan
 
-    def _velocity(self, p: PlannedStep, latents: np.ndarray, context: np.ndarray, cfg_batch: int) -> np.ndarray:
-        """DiT on cond and uncond, then CFG: u + g (c - u). One batch-2 call, or two batch-1 calls
-        when the memory plan says batch 2 does not fit (cfg_batch == 1); the results are the same."""
+    def _velocity(self, p: PlannedStep, latents: np.ndarray, context: np.ndarray, cfg_batch: int,
+                  stats: RunStats) -> np.ndarray:
+        """The step's velocity. CFG steps: DiT on cond and uncond, then u + g (c - u), as one batch-2 call
+        or two batch-1 calls when the memory plan says batch 2 does not fit (cfg_batch == 1; the results
+        are the same). CFG-free steps (guidance 1): the conditional velocity of one batch-1 call."""
         spec = self.manifest.model
         if spec.per_token_timestep:
             # TI2V text-to-video: every token at the step's timestep (image mode would zero frame 0).
@@ -334,8 +354,11 @@ class Pipeline:
         def dit(batch: int, rows: slice) -> np.ndarray:
             feeds = {C.LATENTS: np.broadcast_to(latents, (batch, *latents.shape)),
                      C.TIMESTEP: np.broadcast_to(t_row, (batch, *t_row.shape)), C.CONTEXT: context[rows]}
+            stats.dit_calls += batch  # DiT evaluations: a batch-2 CFG call is two
             return engine.run(feeds)[C.VELOCITY]
 
+        if not p.cfg:
+            return dit(1, slice(0, 1))[0]
         if cfg_batch == 2:
             cond, uncond = dit(2, slice(0, 2))
         else:

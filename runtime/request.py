@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from vidrt.errors import UsageError
+from vidrt.package.recipes import LoraRef, Recipe, all_recipes, find_recipe
 from vidrt.package.registry import ModelSpec
 from vidrt.schedulers import SOLVERS
 from vidrt.text import check_prompt, clean_prompt
@@ -34,6 +36,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "width": (numbers.Integral,), "height": (numbers.Integral,), "num_frames": (numbers.Integral,),
     "steps": (numbers.Integral,), "seed": (numbers.Integral,),
     "guidance": (numbers.Real,), "guidance_low_noise": (numbers.Real,), "shift": (numbers.Real,),
+    "timesteps": (tuple,), "recipe": (str,), "loras": (tuple,),  # items checked in Request.__post_init__
 }
 _KIND = {str: "a string", numbers.Integral: "an integer", numbers.Real: "a number"}
 _FLAG = {"width": "--size", "height": "--size", "num_frames": "--frames"}  # the `vidrt run` flag of a field
@@ -81,9 +84,18 @@ class Request:
     shift: float | None = None
     seed: int | None = None
     scheduler: str | None = None
+    timesteps: tuple[float, ...] | None = None  # euler: the unshifted timestep list (1000, 750, 500, 250)
+    recipe: str | None = None  # a named recipe (vidrt.package.recipes); the fields above override its own
+    loras: tuple[LoraRef, ...] = ()  # LoRAs for this clip, on top of the recipe's and the pipeline's
 
     def __post_init__(self) -> None:
         check_field_types(self, FIELD_TYPES, "Request")
+        if self.timesteps is not None:
+            if not all(isinstance(t, numbers.Real) and not isinstance(t, bool) for t in self.timesteps):
+                raise UsageError(f"Request: timesteps must be numbers, got {self.timesteps!r:.60}")
+            object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
+        if not all(isinstance(x, LoraRef) for x in self.loras):
+            raise UsageError("Request: loras must be LoraRef(path, strength, expert) items")
         if self.seed is not None and not RANDOM_SEED <= self.seed <= MAX_SEED:
             raise UsageError(f"--seed {self.seed} is out of range; use 0..{MAX_SEED}, or -1 for a random one")
 
@@ -111,6 +123,9 @@ class Settings:
     shift: float
     seed: int
     scheduler: str
+    timesteps: tuple[float, ...] | None = None
+    recipe: str | None = None
+    loras: tuple[LoraRef, ...] = ()  # the recipe's shipped LoRAs (package-relative) then the request's
 
 
 def _nearest_multiple(value: int, multiple: int) -> str:
@@ -119,11 +134,21 @@ def _nearest_multiple(value: int, multiple: int) -> str:
     return str(lo) if lo == value else f"{lo} or {hi}"
 
 
-def resolve(request: Request, spec: ModelSpec) -> Settings:
-    """Fill defaults from the model and refuse values that cannot work, naming the nearest valid ones."""
+def _pick(given: object, recipe_value: object, default: object) -> object:
+    return given if given is not None else recipe_value if recipe_value is not None else default
+
+
+def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | None = None) -> Settings:
+    """Fill defaults from the recipe (if named), then the model, and refuse values that cannot work,
+    naming the nearest valid ones. recipes: name -> Recipe (default: the built-in ones; a package's own
+    come from `all_recipes(manifest.recipes)`)."""
     d = spec.sampling
     request = request.seeded()
     assert request.seed is not None
+    recipe = find_recipe(request.recipe, recipes if recipes is not None else all_recipes()) \
+        if request.recipe is not None else None
+    if recipe is not None:  # the recipe's fields where the request leaves them open
+        request = _apply_recipe(request, recipe, spec)
     prompt = clean_prompt(request.prompt)
     check_prompt(prompt)  # "&nbsp;" is not empty, but the model would receive nothing
     if (request.width is None) != (request.height is None):
@@ -143,7 +168,8 @@ def resolve(request: Request, spec: ModelSpec) -> Settings:
     if (frames - 1) % ft:
         lo = (frames - 1) // ft * ft + 1
         raise UsageError(f"--frames {frames} is not {ft}k+1; use {lo} or {lo + ft}")
-    steps = request.steps if request.steps is not None else d.steps
+    timesteps = request.timesteps
+    steps = request.steps if request.steps is not None else len(timesteps) if timesteps else d.steps
     if not 1 <= steps <= MAX_STEPS:
         raise UsageError(f"--steps {steps} is out of range; use 1..{MAX_STEPS}")
     shift = request.shift if request.shift is not None else d.shift
@@ -155,9 +181,11 @@ def resolve(request: Request, spec: ModelSpec) -> Settings:
     if request.guidance_low_noise is not None and d.boundary is None:
         raise UsageError(f"--guidance-low-noise is for two-expert models (Wan2.2 A14B); {spec.name} has one "
                          f"denoiser: use --guidance")
-    scheduler = request.scheduler or d.scheduler
+    scheduler = request.scheduler or ("euler" if timesteps else d.scheduler)
     if scheduler not in SOLVERS:
         raise UsageError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SOLVERS)}")
+    if timesteps is not None:
+        _check_timesteps(timesteps, steps, scheduler, d.num_train_timesteps)
     g = request.guidance
     # Official A14B defaults differ per expert (wan/configs/wan_t2v_A14B.py sample_guide_scale = (3.0, 4.0):
     # low-noise, high-noise). One --guidance sets both, as before; --guidance-low-noise then overrides the second.
@@ -169,5 +197,40 @@ def resolve(request: Request, spec: ModelSpec) -> Settings:
         guidance_high_noise=d.guidance_high_noise if g is None else g,
         guidance_low_noise=d.guidance_low_noise if g_low is None else g_low,
         shift=shift, seed=request.seed, scheduler=scheduler,
+        timesteps=tuple(float(t) for t in timesteps) if timesteps is not None else None,
+        recipe=request.recipe, loras=request.loras,
     )
+
+
+def _apply_recipe(request: Request, recipe: Recipe, spec: ModelSpec) -> Request:
+    """The request with the recipe's fields where the request has None. A --steps different from the
+    recipe's explicit timestep list drops the list (Lightning-style linspace for that many steps)."""
+    timesteps = request.timesteps
+    if timesteps is None and recipe.timesteps is not None and request.steps in (None, len(recipe.timesteps)):
+        timesteps = recipe.timesteps
+    shipped = tuple(LoraRef(s.file, s.strength, s.expert) for s in recipe.loras if s.file is not None)
+    g_low = request.guidance_low_noise
+    if g_low is None and request.guidance is None and spec.sampling.boundary is not None:
+        g_low = recipe.guidance_low_noise
+    return Request(
+        prompt=request.prompt, negative_prompt=request.negative_prompt, width=request.width,
+        height=request.height, num_frames=request.num_frames,
+        steps=request.steps if request.steps is not None else (None if timesteps else recipe.steps),
+        guidance=_pick(request.guidance, recipe.guidance, None),  # type: ignore[arg-type]
+        guidance_low_noise=g_low, shift=_pick(request.shift, recipe.shift, None),  # type: ignore[arg-type]
+        seed=request.seed, scheduler=_pick(request.scheduler, recipe.scheduler, None),  # type: ignore[arg-type]
+        timesteps=timesteps, recipe=request.recipe, loras=shipped + request.loras)
+
+
+def _check_timesteps(timesteps: tuple[float, ...], steps: int, scheduler: str, n_train: int) -> None:
+    if scheduler != "euler":
+        raise UsageError(f"--timesteps is for --sampler euler, not {scheduler}; add --sampler euler")
+    if len(timesteps) != steps:
+        raise UsageError(f"--timesteps has {len(timesteps)} values but --steps is {steps}; give one timestep "
+                         f"per step or leave --steps out")
+    ok = all(math.isfinite(t) and 0 < t <= n_train for t in timesteps) and \
+        all(a > b for a, b in zip(timesteps, timesteps[1:], strict=False))
+    if not ok:
+        raise UsageError(f"--timesteps {','.join(f'{t:g}' for t in timesteps)} must decrease strictly within "
+                         f"(0, {n_train}], e.g. 1000,750,500,250")
 

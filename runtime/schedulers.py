@@ -1,6 +1,6 @@
 """Flow-matching samplers for Wan2.1 / Wan2.2, in numpy only (the runtime never imports torch).
 
-Two solvers, ported from the official Wan code (PyPI `wan22`, `wan/utils/fm_solvers*.py`) in the
+Three solvers. Two ported from the official Wan code (PyPI `wan22`, `wan/utils/fm_solvers*.py`) in the
 configuration its pipelines use (`text2video.py`, `image2video.py`, `textimage2video.py`):
 
 * "unipc": FlowUniPCMultistepScheduler(shift=1), then set_timesteps(steps, shift=sample_shift).
@@ -8,7 +8,14 @@ configuration its pipelines use (`text2video.py`, `image2video.py`, `textimage2v
 * "dpm++": FlowDPMSolverMultistepScheduler(shift=1) fed get_sampling_sigmas(steps, shift).
   DPM-Solver++ (2M, midpoint), first order on the first and on the last step.
 
-Both work on the flow-matching path x_sigma = (1 - sigma) * x0 + sigma * noise, so alpha = 1 - sigma,
+* "euler": plain flow-matching Euler over an explicit timestep list, the sampler the step-distilled
+  recipes were trained with (LightX2V `WanStepDistillScheduler`, Wan2.2-Lightning `EulerScheduler`;
+  shared/reference/fast_paths.md B.1-B.4): sigma_i = shift(t_i / 1000), the DiT is fed sigma_i * 1000
+  as it is (fractional, e.g. 937.5: never truncated), x <- x + (sigma_{i+1} - sigma_i) * v, sigma after
+  the last step 0. Numerics as diffusers `FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)`:
+  the shift in float32, timesteps = float32 sigma * 1000.
+
+All three work on the flow-matching path x_sigma = (1 - sigma) * x0 + sigma * noise, so alpha = 1 - sigma,
 and the DiT predicts the velocity v = noise - x0, hence x0 = x - sigma * v.
 
 Numerics follow the official code so results agree to float32 rounding:
@@ -36,8 +43,9 @@ _ONE = _F32(1.0)
 class Step:
     """One denoising step of the plan.
 
-    timestep:   the value the DiT is fed at this step, exactly as the official loop feeds it: an integer
-                (the official tensor is int64; Wan2.2 TI2V-5B multiplies it per token by a 0/1 mask).
+    timestep:   the value the DiT is fed at this step, exactly as the official loop feeds it: an integer for
+                unipc/dpm++ (the official tensor is int64; Wan2.2 TI2V-5B multiplies it per token by a 0/1
+                mask), a float32 value for euler (937.5: the distilled recipes feed it fractional).
     sigma:      float32 noise level of the sample entering this step (held here as a Python float).
     sigma_next: float32 noise level after the update; 0.0 after the last step.
     """
@@ -53,8 +61,13 @@ def _shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def make_schedule(kind: str, num_steps: int, shift: float, num_train_timesteps: int = 1000) -> tuple[Step, ...]:
-    """The host-side plan of all `num_steps` steps for solver `kind` ("unipc" or "dpm++").
+def make_schedule(kind: str, num_steps: int, shift: float, num_train_timesteps: int = 1000,
+                  timesteps: Sequence[float] | None = None) -> tuple[Step, ...]:
+    """The host-side plan of all `num_steps` steps for solver `kind` ("unipc", "dpm++" or "euler").
+
+    timesteps: "euler" only, the unshifted timestep list in [0, num_train_timesteps] (e.g. LightX2V's
+    1000, 750, 500, 250), one per step, strictly decreasing; None = linspace(N, 0, num_steps + 1)[:-1]
+    (Wan2.2-Lightning's EulerScheduler).
 
     The two official solvers build slightly different plans:
     * unipc starts from the last training sigma, 1 - 1/num_train_timesteps rounded to float32
@@ -70,6 +83,10 @@ def make_schedule(kind: str, num_steps: int, shift: float, num_train_timesteps: 
     if num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps!r}")
     n, n_train, shift = int(num_steps), int(num_train_timesteps), float(shift)
+    if kind == "euler":
+        return _euler_schedule(n, shift, n_train, timesteps)
+    if timesteps is not None:
+        raise ValueError(f"an explicit timestep list is for the euler sampler, not {kind!r}")
 
     if kind == "unipc":
         # Training sigmas 1 - linspace(1, 1/N, N) reversed, stored as float32; the plan spans
@@ -90,6 +107,24 @@ def make_schedule(kind: str, num_steps: int, shift: float, num_train_timesteps: 
         Step(index=i, timestep=float(timesteps[i]), sigma=float(sigmas[i]), sigma_next=float(sigmas[i + 1]))
         for i in range(n)
     )
+
+
+def _euler_schedule(n: int, shift: float, n_train: int, timesteps: Sequence[float] | None) -> tuple[Step, ...]:
+    if timesteps is None:
+        u = (np.linspace(n_train, 0, n + 1)[:n] / n_train).astype(np.float32)
+    else:
+        t = np.asarray(timesteps, dtype=np.float64)
+        if t.ndim != 1 or len(t) != n:
+            raise ValueError(f"{len(t)} timesteps for {n} steps: give one per step")
+        if not (np.isfinite(t).all() and (t > 0).all() and (t <= n_train).all() and (np.diff(t) < 0).all()):
+            raise ValueError(f"timesteps must decrease strictly within (0, {n_train}], got {list(timesteps)}")
+        u = (t / n_train).astype(np.float32)  # diffusers: np.array(sigmas).astype(np.float32)
+    f32_shift = _F32(shift)
+    sigmas = f32_shift * u / (_ONE + (f32_shift - _ONE) * u)  # [n] float32, shifted like the training
+    fed = sigmas * _F32(n_train)  # float32 timesteps, fractional (937.5), never truncated
+    nxt = np.concatenate([sigmas[1:], np.zeros(1, np.float32)])
+    return tuple(Step(index=i, timestep=float(fed[i]), sigma=float(sigmas[i]), sigma_next=float(nxt[i]))
+                 for i in range(n))
 
 
 def expert_for_timestep(timestep: float, boundary: float, num_train_timesteps: int = 1000) -> str:
@@ -257,10 +292,24 @@ class FlowDPMpp(_FlowSolver):
         return out
 
 
-SOLVERS: dict[str, type[FlowUniPC] | type[FlowDPMpp]] = {"unipc": FlowUniPC, "dpm++": FlowDPMpp}
+class FlowEuler(_FlowSolver):
+    """Flow-matching Euler: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v_i, float32, no fresh noise
+    (diffusers FlowMatchEulerDiscreteScheduler.step with stochastic_sampling=False)."""
+
+    def step(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
+        """model_output: flow velocity after CFG, same shape as sample. -> next sample."""
+        self._begin(model_output, sample)  # checks only; Euler needs no x0
+        i = self._index
+        dt = self._sigmas[i + 1] - self._sigmas[i]  # float32, negative
+        self._index += 1
+        return np.asarray(sample, dtype=np.float32) + dt * np.asarray(model_output, dtype=np.float32)
 
 
-def make_solver(kind: str, schedule: Sequence[Step]) -> FlowUniPC | FlowDPMpp:
+SOLVERS: dict[str, type[FlowUniPC] | type[FlowDPMpp] | type[FlowEuler]] = {
+    "unipc": FlowUniPC, "dpm++": FlowDPMpp, "euler": FlowEuler}
+
+
+def make_solver(kind: str, schedule: Sequence[Step]) -> FlowUniPC | FlowDPMpp | FlowEuler:
     """A fresh solver of `kind` for one sampling run over `schedule`."""
     if kind not in SOLVERS:
         raise ValueError(f"unknown sampler kind {kind!r}; valid kinds: {sorted(SOLVERS)}")

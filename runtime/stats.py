@@ -17,6 +17,7 @@ class RunStats:
     num_tokens: int = 0
     vae_tiles: int = 0
     backend: str = ""
+    dit_calls: int = 0  # DiT evaluations for the clip, one per batch row (a batch-2 CFG call is two)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -41,10 +42,11 @@ class RunStats:
         if self.denoise_step_seconds:
             steps = sorted(self.denoise_step_seconds)
             rows.append(f"denoise step median {steps[len(steps) // 2]:.3f} s over {len(steps)} steps, "
-                        f"{self.num_tokens} tokens")
+                        f"{self.num_tokens} tokens, {self.dit_calls} DiT calls")
         return "\n".join(rows)
 
     def to_dict(self) -> dict[str, object]:
         return {"seconds": dict(self.seconds), "total_seconds": self.total_seconds,
                 "denoise_step_seconds": list(self.denoise_step_seconds),
-                "num_tokens": self.num_tokens, "vae_tiles": self.vae_tiles, "backend": self.backend}
+                "num_tokens": self.num_tokens, "vae_tiles": self.vae_tiles, "backend": self.backend,
+                "dit_calls": self.dit_calls}

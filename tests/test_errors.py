@@ -98,7 +98,9 @@ BAD_VALUES = [
     (["--threads", "0"], "--threads"), (["--threads", "100000"], "1..256"),
     (["--vae-memory", "0"], "--vae-memory"), (["--vae-memory", "lots"], "memory size"),
     (["--vae-memory", "1"], "too small"),
-    (["--scheduler", "euler"], "unknown scheduler 'euler'; use one of unipc, dpm++"),
+    (["--scheduler", "ddim"], "unknown scheduler 'ddim'; use one of unipc, dpm++, euler"),
+    (["--timesteps", "1000,x"], "--timesteps '1000,x' is not a comma-separated number list"),
+    (["--recipe", "nope"], "unknown recipe 'nope'; use one of"),
     (["--backend", "cuda-magic"],
      "unknown backend 'cuda-magic'; use one of auto, onnxruntime, onnxruntime-cuda, tensorrt"),
     (["--steps", "many"], "--help"),  # click's own type check, still one line and exit 2

@@ -119,7 +119,11 @@ def test_solver_restarts_cleanly():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unipc"):
-        make_schedule("euler", 10, 5.0)
+        make_schedule("ddim", 10, 5.0)
+    with pytest.raises(ValueError, match="euler"):
+        make_schedule("unipc", 2, 5.0, timesteps=(1000.0, 500.0))
+    with pytest.raises(ValueError, match="decrease strictly"):
+        make_schedule("euler", 2, 5.0, timesteps=(500.0, 1000.0))
     with pytest.raises(ValueError, match="dpm\\+\\+"):
         make_solver("ddim", make_schedule("unipc", 10, 5.0))
     for steps in (0, -3):

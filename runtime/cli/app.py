@@ -79,7 +79,11 @@ def _default_model() -> str | None:
               help="Two-expert models (Wan2.2 A14B): the low-noise expert's guidance scale (default: the model's).")
 @click.option("--shift", type=float, help="Flow-matching sigma shift.")
 @click.option("--seed", type=int, help="Noise seed; -1 or none = a random one (printed, and kept in the file).")
-@click.option("--scheduler", help="unipc (default) or dpm++.")
+@click.option("--scheduler", "--sampler", "scheduler",
+              help="unipc (default), dpm++, or euler (flow-matching Euler, the distilled recipes' sampler).")
+@click.option("--timesteps", help="Euler: the unshifted timestep list, e.g. 1000,750,500,250 (one per step).")
+@click.option("--recipe", help="A named recipe, e.g. lightx2v-4step or the bundled model's fast (`vidrt info` "
+                               "lists them); other flags override its fields.")
 @click.option("--backend", default="auto", show_default=True,
               help="auto, onnxruntime (CPU), onnxruntime-cuda (ONNX Runtime's CUDA provider) or tensorrt.")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores).")
@@ -126,6 +130,11 @@ def info(package: str | None) -> None:
         click.echo(f"  {name:<17}{comp.precision}, opset {comp.opset}, {mb / 1e6:.1f} MB")
     if m.vocabulary:
         click.echo(f"  knows        {' '.join(m.vocabulary)}")
+    from vidrt.package.recipes import all_recipes, describe
+
+    click.echo("  recipes      (--recipe NAME; flags override its fields)")
+    for recipe in all_recipes(m.recipes).values():
+        click.echo(f"    {describe(recipe)}")
 
 
 @cli.command("export")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,17 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     if prompt is None:
         raise UsageError('no prompt: pass --prompt "a red circle moving left" or --prompt-file FILE')
     return prompt
+
+
+def parse_timesteps(value: str | None) -> tuple[float, ...] | None:
+    """"1000,750,500,250" -> (1000.0, 750.0, 500.0, 250.0); range checks happen in resolve()."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise UsageError(f"--timesteps {value!r} is not a comma-separated number list; write it like "
+                         f"1000,750,500,250") from None
 
 
 class _Progress:
@@ -62,13 +74,14 @@ class _Progress:
 def run_command(*, prompt: str | None, prompt_file: str | None, model: str | None, negative_prompt: str | None,
                 size: str | None, frames: int | None, steps: int | None, guidance: float | None,
                 guidance_low_noise: float | None, shift: float | None, seed: int | None, scheduler: str | None,
-                backend: str, threads: int | None,
+                timesteps: str | None, recipe: str | None, backend: str, threads: int | None,
                 vae_memory: str | None, fps: int | None, crf: int | None, output: str, overwrite: bool,
                 stats_json: str | None, quiet: bool, device: int = 0) -> None:
     from vidrt.backends import BACKENDS
     from vidrt.cli.app import parse_size
     from vidrt.models import default_package
     from vidrt.package.manifest import load_manifest
+    from vidrt.package.recipes import all_recipes
     from vidrt.pipeline import Pipeline, decode_plan
     from vidrt.request import resolve
     from vidrt.text import check_prompt
@@ -103,10 +116,11 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
         raise UsageError("no --model given and this build ships no default model; pass --model PACKAGE")
     request = Request(prompt=text, negative_prompt=negative_prompt, width=wh[0] if wh else None,
                       height=wh[1] if wh else None, num_frames=frames, steps=steps, guidance=guidance,
-                      guidance_low_noise=guidance_low_noise, shift=shift, seed=seed,
-                      scheduler=scheduler).seeded()  # one seed for the run, the metadata and --stats-json
+                      guidance_low_noise=guidance_low_noise, shift=shift, seed=seed, scheduler=scheduler,
+                      timesteps=parse_timesteps(timesteps),
+                      recipe=recipe).seeded()  # one seed for the run, the metadata and --stats-json
     spec_only = load_manifest(package, verify=False)  # the model's limits; Pipeline.load checks the hashes
-    settings = resolve(request, spec_only.model)
+    settings = resolve(request, spec_only.model, all_recipes(spec_only.recipes))
     decode_plan(spec_only, settings, vae_bytes)  # a --vae-memory too small fails now, not after denoising
     clean_stale_temps(out_path.parent if str(out_path.parent) else Path("."))
 
@@ -130,7 +144,7 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
         progress.close()
     stats = result.stats
     if stats_json is not None:
-        record = {"settings": settings.__dict__, "output": str(out_path), "stats": stats.to_dict(),
+        record = {"settings": asdict(settings), "output": str(out_path), "stats": stats.to_dict(),
                   "warnings": warnings}
         tmp = Path(stats_json + f".{os.getpid()}.tmp")
         try:

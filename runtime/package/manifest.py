@@ -19,6 +19,7 @@ import numpy as np
 from vidrt.errors import PackageError
 from vidrt.package import contracts as C
 from vidrt.package.contracts import Contract
+from vidrt.package.recipes import Recipe
 from vidrt.package.registry import ModelSpec, from_dict, to_dict
 from vidrt.package.verified import VerifiedFiles
 
@@ -78,6 +79,8 @@ class Manifest:
     export_inputs: dict[str, str] = field(default_factory=dict)  # stage -> fingerprint of its inputs
     vocabulary: tuple[str, ...] = ()  # known prompt words, for small closed-vocabulary models
     engines: tuple[Engine, ...] = ()
+    recipes: tuple[Recipe, ...] = ()  # the package's own named recipes (e.g. the bundled model's `fast`)
+    loras: tuple[Artifact, ...] = ()  # LoRA files the package ships (its recipes name them)
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -237,6 +240,13 @@ def check_manifest(m: Manifest) -> None:
             caches = {t.name for t in comp.contract.outputs if t.name.startswith("cache_out_")}
             ins = {C.VAE_LATENT} | ({n.replace("_out_", "_in_") for n in caches} if name == C.VAE_STEP else set())
             _check_contract(name, comp.contract, ins, {C.VAE_FRAMES}, _VAE_DIMS)
+    shipped = {a.file for a in m.loras}
+    for art in m.loras:
+        _check_artifact(art)
+    for r in m.recipes:
+        _check(all(slot.file is None or slot.file in shipped for slot in r.loras),
+               f"recipe {r.name!r} names a LoRA file the package does not list in `loras`")
+        _check(r.expert_ok(spec.experts), f"recipe {r.name!r} names an expert the model does not have")
     for engine in m.engines:
         _check_artifact(engine.artifact)
         _check(engine.component in m.components, f"engine for unknown component {engine.component!r}")
@@ -244,7 +254,7 @@ def check_manifest(m: Manifest) -> None:
 
 def all_artifacts(manifest: Manifest) -> list[Artifact]:
     return [manifest.tokenizer] + [c.artifact for c in manifest.components.values()] + \
-        [e.artifact for e in manifest.engines]
+        [e.artifact for e in manifest.engines] + list(manifest.loras)
 
 
 def verify_artifacts(package: Path, manifest: Manifest) -> None:
