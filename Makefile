@@ -6,7 +6,7 @@ VIDRT  := $(VENV)/bin/vidrt
 MODEL  ?=
 OUT    ?=
 
-.PHONY: venv test run engines bench lint typecheck train-tiny default-model clean
+.PHONY: venv browser test run engines bench lint typecheck train-tiny default-model clean
 
 # Two layers: `make run` needs only the torch-free runtime (numpy, onnxruntime, tokenizers, av, ...);
 # `make test` and the export/bench targets add torch, diffusers, Ray and the dev tools on top.
@@ -33,7 +33,15 @@ $(VENV)/.installed: $(VENV)/.runtime Makefile
 
 venv: $(VENV)/.installed
 
-test: venv
+# tests/test_serve.py drives vidrt serve's web page in Debian's chromium (Playwright's own browser
+# download is not used). As root with apt-get (CI's fresh machine) it is installed here; elsewhere
+# that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "note: chromium is not installed (needs root and apt-get): the web page's browser test will skip"; }
+
+test: venv browser
 	$(VENV)/bin/pytest -q
 
 # A clip from the bundled tiny model, in seconds on a CPU (PROMPT="a blue square moving up" to change it).

@@ -421,3 +421,62 @@ def test_restart_keeps_finished_and_runs_queued(package, local_ray, tmp_path):
         assert third.state.manager.jobs == {} and {p.name for p in out.iterdir()} <= set(DB_FILES)
     finally:
         third.state.store.close()
+
+
+# ---- the web page, in a real browser -----------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (the Makefile installs it); Playwright's own download is not used
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def browser_page(playwright: Any, **context: Any) -> Any:
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    return browser, browser.new_context(**context).new_page()
+
+
+def test_web_page_submits_a_job_and_plays_the_clip(served, tmp_path):
+    """Headless Chromium on a phone-sized screen: the page asks for the token, a prompt is submitted,
+    progress shows, the finished clip plays in the page (decoded frames, not just a URL), and it is
+    deleted from the page."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium; `make test` does it as root)")
+    url, out, _ = served
+    shot = os.environ.get("VIDRT_SCREENSHOT")  # docs/web-page.png is made this way
+    with sync_api.sync_playwright() as p:
+        browser, page = browser_page(p, viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                                     is_mobile=True, has_touch=True)
+        try:
+            page.set_default_timeout(60_000)
+            page.goto(f"{url}/")
+            page.wait_for_selector("#token-box.on")  # the server has a token: the page asks for it
+            page.fill("#token", TOKEN)
+            page.click("#token-save")
+            page.wait_for_function("() => document.getElementById('model').textContent === 'vidrt-tiny-shapes'")
+            assert page.locator("#size option").all_inner_texts() == ["64 × 64"]
+            assert "2.13 s · 17 frames" in page.locator("#frames option").all_inner_texts()
+            page.fill("#prompt", "a red circle moving left")
+            page.click("summary")
+            page.fill("#steps", "6")
+            page.fill("#seed", "3")
+            page.click("#submit")
+            page.wait_for_selector("#message:has-text('queued video_')")
+            vid = page.locator("#message").inner_text().split()[-1]
+            card = page.locator(f".job[data-id='{vid}']")
+            card.locator("button.play").wait_for()  # completed: the page polled it to the end
+            card.locator("img").wait_for()
+            assert page.evaluate(f"() => document.querySelector(\".job[data-id='{vid}'] img\").naturalWidth") == 64
+            card.locator("button.play").click()
+            page.wait_for_function("() => { const v = document.getElementById('player'); return v.readyState >= 2 "
+                                   "&& v.videoWidth === 64 && v.duration > 2 && v.currentTime > 0; }")
+            if shot:
+                page.screenshot(path=shot, full_page=True)
+            served_frames = decode(requests.get(f"{url}/v1/videos/{vid}/content", headers=auth(), timeout=30).content)
+            assert served_frames.shape == (17, 64, 64, 3)
+            card.locator("button.delete").click()
+            card.wait_for(state="detached")
+            assert requests.get(f"{url}/v1/videos/{vid}", headers=auth(), timeout=30).status_code == 404
+            assert not list(out.glob(f"{vid}*"))
+        finally:
+            browser.close()

@@ -159,7 +159,8 @@ class VideoAPI:
                 "size_multiple": self.spec.spatial_multiple,
                 "fps": s.fps, "frames": self.frame_counts(), "default_frames": min(s.frames, self.limits.max_frames),
                 "max_seconds": round(self.max_seconds(), 3), "steps": s.steps, "max_steps": self.limits.max_steps,
-                "guidance": s.guidance_high_noise, "shift": s.shift, "scheduler": s.scheduler,
+                "guidance": s.guidance_high_noise, "guidance_low_noise": s.guidance_low_noise,
+                "experts": 1 if s.boundary is None else 2, "shift": s.shift, "scheduler": s.scheduler,
                 "schedulers": list(SOLVERS), "output_formats": ["mp4", "webm"], "image_input": image_input(self.spec),
                 "negative_prompt": s.negative_prompt}
 
