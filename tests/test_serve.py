@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -390,11 +391,17 @@ def test_restart_keeps_finished_and_runs_queued(package, local_ray, tmp_path):
     queued = [client.videos.create(prompt=f"a green circle {i}", extra_body=QUICK).id for i in range(2)]
     with pytest.raises(UsageError, match="is in use by another vidrt serve"):
         Service(config, port=free_port())  # one writer: the job table is locked
+    pids = [w["pid"] for w in first_server.state.manager.workers()]
     first_server.stop()  # mid-queue: one running, two waiting
+    import tempfile
+
+    left = [p for pid in pids for p in Path(tempfile.gettempdir()).glob(f"vidrt-worker-{pid}-*")]
+    assert pids and not left, f"scratch folders left by stopped workers: {left}"
 
     (out / "video_orphan.mp4").write_bytes(b"left by a job deleted while a server stopped")
     (out / f".{queued[0]}.mp4.vidrt-999999999.tmp").write_bytes(b"half a clip of a dead process")
-    second_server = Service(config, port=free_port())
+    origin = "http://app.example"
+    second_server = Service(replace(config, cors_origins=(origin,)), port=free_port())
     assert second_server.restored == {"completed": 1, "queued": 2, "requeued": 1, "failed": 0, "orphans": 1}
     client = openai.OpenAI(base_url=f"{second_server.start_in_thread()}/v1", api_key="-", max_retries=0)
     try:
@@ -406,6 +413,16 @@ def test_restart_keeps_finished_and_runs_queued(package, local_ray, tmp_path):
             assert v.status == "completed", v
             assert decode(client.videos.download_content(vid).content).shape == (17, 64, 64, 3)
         assert [v.id for v in client.videos.list()] == [*queued[::-1], running.id, done.id]
+        # CORS when asked (--cors-origin): that origin only
+        url = str(client.base_url).rstrip("/")
+        pre = requests.options(f"{url}/videos", headers={"origin": origin, "access-control-request-method": "POST",
+                                                         "access-control-request-headers": "authorization"},
+                               timeout=30)
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin, pre.headers
+        assert requests.get(f"{url}/videos", headers={"origin": origin}, timeout=30).headers[
+            "access-control-allow-origin"] == origin
+        other = requests.get(f"{url}/videos", headers={"origin": "http://evil.example"}, timeout=30)
+        assert "access-control-allow-origin" not in other.headers
     finally:
         second_server.stop()
     ids = [done.id, running.id, *queued]

@@ -190,8 +190,9 @@ def serve_cmd(model: str | None, address: str | None, workers: int | None, threa
             click.echo(f"job table: {r['completed']} finished clips, {r['queued']} queued, {r['requeued']} queued "
                        f"again (they were running), {r['failed']} failed on restart", err=True)
         click.echo("starting workers (each loads the model once)...", err=True)
-        click.echo(f"serving on {service.url}  (web page {service.url}/ ; POST {service.url}/v1/videos; schema "
-                   f"{service.url}/openapi.json); Ctrl-C stops", err=True)
+        url = service.url
+        service.state.on_ready = lambda: click.echo(f"serving on {url}  (web page {url}/ ; POST {url}/v1/videos; "
+                                                    f"schema {url}/openapi.json); Ctrl-C stops", err=True)
         service.run()
     finally:
         if started:

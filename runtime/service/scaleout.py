@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vidrt.errors import Cancelled, UsageError, VidrtError
+from vidrt.errors import Cancelled, PackageError, UsageError, VidrtError
 from vidrt.request import Settings
 from vidrt.service.jobs import JobRequest, ProgressEvent, execute_job
 from vidrt.service.previews import SUFFIX as PREVIEW_SUFFIX
@@ -407,7 +407,9 @@ class JobManager:
                              f"mode)") from None
         if not any(s.ready for s in self.slots):
             errors = [s.error for s in self.slots if s.error]
-            raise VidrtError(f"no worker could load {self.package}: {errors[0] if errors else 'unknown error'}")
+            first = errors[0] if errors else "unknown error"
+            kind = PackageError if first.startswith("PackageError") else VidrtError  # exit 3 for a bad package
+            raise kind(f"no worker could load {self.package}: {first}")
         self.ready_at = time.monotonic()
 
     async def shutdown(self) -> None:

@@ -128,6 +128,7 @@ class State:
     store: JobStore
     startup_error: BaseException | None = None
     on_startup_error: Any = None
+    on_ready: Any = None  # called once a worker has the model loaded (the CLI prints "serving on ...")
     started_at: float = field(default_factory=time.time)
 
 
@@ -182,6 +183,8 @@ def create_app(state: State) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             await state.manager.start()  # a worker has the model loaded before the port opens
+            if state.on_ready is not None:
+                state.on_ready()
         except BaseException as exc:  # reported by Service after uvicorn stops (one line, no traceback)
             state.startup_error = exc
             if state.on_startup_error is not None:
