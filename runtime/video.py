@@ -1,4 +1,11 @@
-"""Write decoded frames to .mp4 (H.264), .webm (VP9) or a folder of PNG frames, with PyAV.
+"""Write decoded frames to .mp4 / .mov / .mkv (H.264), .webm (VP9), .gif, one .png still or a folder of
+PNG frames, with PyAV.
+
+Video files are browser-playable: yuv420p converted from RGB with the BT.709 matrix in limited range
+and tagged BT.709 (primaries, transfer, matrix, range), as HD players assume; mp4/mov put the `moov`
+index first (faststart) so playback starts before the download ends; H.264 CRFs stay in 1..51 (CRF 0
+is lossless only in the High 4:4:4 Predictive profile, which browsers refuse). A GIF gets a palette made
+for the clip (FFmpeg palettegen + paletteuse), written when the last frame is in.
 
 Frames arrive in chunks as the VAE decodes them and are encoded at once. Everything goes to a
 temporary file (or folder) beside the output, named `.<name>.vidrt-<pid>.tmp`, which is renamed
@@ -18,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
@@ -27,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
-from vidrt.errors import OutputError
+from vidrt.errors import OutputError, UsageError
 
 if TYPE_CHECKING:
     from vidrt.request import Settings
@@ -39,22 +47,42 @@ _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.vidrt-(?P<pid>\d+)(?P<old>\.old)?\.tmp$
 
 @dataclass(frozen=True)
 class OutputFormat:
-    kind: str  # "mp4" | "webm" | "png"
-    codec: str  # libx264 | libvpx-vp9 | png
+    kind: str  # "mp4" | "mov" | "mkv" | "webm" | "gif" | "still" (one .png) | "png" (a folder of frames)
+    codec: str  # libx264 | libvpx-vp9 | gif | png
     default_crf: int | None  # constant-quality level; lower = better (x264: 18 ~ visually lossless)
     options: tuple[tuple[str, str], ...] = ()
+    crf_range: tuple[int, int] | None = None  # the CRFs this codec takes here; None: no quality level
+    container: str = ""  # FFmpeg muxer name (mkv: matroska)
+    container_options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_video(self) -> bool:
+        return self.crf_range is not None
 
 
+# H.264: CRF 0 means lossless, which x264 codes only in the High 4:4:4 Predictive profile (even for
+# 4:2:0) and browsers do not decode it, so 1..51 (x264's scale ends at 51). faststart: FFmpeg's mov
+# muxer moves `moov` before `mdat` when the file is finished.
+_H264 = {"codec": "libx264", "default_crf": 18, "crf_range": (1, 51)}
+_FASTSTART = (("movflags", "+faststart"),)
 FORMATS = {
-    ".mp4": OutputFormat("mp4", "libx264", 18),
-    # VP9 constant quality needs b:v 0; row-mt uses both cores on small frames.
-    ".webm": OutputFormat("webm", "libvpx-vp9", 31, (("b:v", "0"), ("row-mt", "1"))),
+    ".mp4": OutputFormat("mp4", container="mp4", container_options=_FASTSTART, **_H264),  # type: ignore[arg-type]
+    ".mov": OutputFormat("mov", container="mov", container_options=_FASTSTART, **_H264),  # type: ignore[arg-type]
+    ".mkv": OutputFormat("mkv", container="matroska", **_H264),  # type: ignore[arg-type]
+    # VP9 constant quality needs b:v 0 (its CRF 0 is not lossless: profile 0, 4:2:0, playable); row-mt uses
+    # both cores on small frames.
+    ".webm": OutputFormat("webm", "libvpx-vp9", 31, (("b:v", "0"), ("row-mt", "1")), (0, 63), "webm"),
+    ".gif": OutputFormat("gif", "gif", None, container="gif"),
+    ".png": OutputFormat("still", "png", None),
 }
 PNG = OutputFormat("png", "png", None)
+# BT.709 (AVCOL_PRI/TRC/SPC_BT709 = 1) in limited range (AVCOL_RANGE_MPEG = 1): what HD players assume.
+BT709, LIMITED_RANGE = 1, 1
 
 
 def output_format(path: str | os.PathLike[str]) -> OutputFormat:
-    """.mp4 / .webm -> that container; a path ending in '/' or without a suffix -> a PNG folder."""
+    """.mp4 / .mov / .mkv / .webm / .gif / .png -> that file; a path ending in '/' or without a suffix ->
+    a PNG folder."""
     text = os.fspath(path)
     if text.endswith(("/", os.sep)):
         return PNG
@@ -63,8 +91,25 @@ def output_format(path: str | os.PathLike[str]) -> OutputFormat:
         return PNG
     if suffix in FORMATS:
         return FORMATS[suffix]
-    raise OutputError(f"{text}: unsupported output type {suffix!r}; use .mp4, .webm, or a folder path ending "
-                      f"in '/' for PNG frames")
+    raise OutputError(f"{text}: unsupported output type {suffix!r}; use .mp4, .webm, .mkv, .mov, .gif, .png "
+                      f"(one frame), or a folder path ending in '/' for PNG frames")
+
+
+def check_crf(fmt: OutputFormat, crf: int | None, flag: str = "--crf") -> None:
+    """Refuse a CRF this codec cannot take, or one that would make the file unplayable in browsers."""
+    if crf is None:
+        return
+    if fmt.crf_range is None:
+        raise UsageError(f"{flag} sets the quality of video files (.mp4, .webm, .mkv, .mov); a {fmt.kind} "
+                         f"output has none: leave {flag} out")
+    lo, hi = fmt.crf_range
+    if crf == 0 and lo == 1:
+        raise UsageError(f"{flag} 0 is lossless H.264, which exists only in the High 4:4:4 Predictive profile "
+                         f"that browsers do not play; use {flag} 1..51 (18 looks lossless), or a PNG folder "
+                         f"for exact frames")
+    if not lo <= crf <= hi:
+        raise UsageError(f"{flag} {crf} is out of range for {fmt.codec} (.{fmt.kind}); use {lo}..{hi}, "
+                         f"lower is better (default {fmt.default_crf})")
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -149,6 +194,7 @@ class VideoWriter:
     def __init__(self, path: str | os.PathLike[str], *, fps: float | Fraction, crf: int | None = None,
                  metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
         self.format = output_format(path)
+        check_crf(self.format, crf, "crf")
         self.path = Path(os.fspath(path).rstrip("/" + os.sep) or ".").absolute()
         self.fps = Fraction(fps).limit_denominator(1001)
         if self.fps <= 0:
@@ -168,6 +214,7 @@ class VideoWriter:
         self._file: Any = None
         self._stream: Any = None
         self._png: Any = None
+        self._gif: Any = None  # (filter graph, its buffer source, its sink) while a GIF is written
         self._open_temp()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -195,11 +242,15 @@ class VideoWriter:
         try:
             if self.format.kind == "png":
                 temp.mkdir()
+            elif self.format.kind == "still":
+                self._file = open(temp, "xb")  # closed in close() / _discard()
             else:
                 # Our own file object: the temp exists from now on (FFmpeg would create it only at the
-                # first packet) and "x" refuses to follow anything already there.
-                self._file = open(temp, "xb", buffering=0)  # closed in close() / _discard()
-                self._container = av.open(self._file, "w", format=self.format.kind)
+                # first packet) and "x" refuses to follow anything already there; readable too, for
+                # faststart's second pass that moves `moov` to the front.
+                self._file = open(temp, "x+b", buffering=0)  # closed in close() / _discard()
+                self._container = av.open(self._file, "w", format=self.format.container,
+                                          options=dict(self.format.container_options))
                 self._container.metadata["comment"] = self._meta_json
                 prompt = self.metadata.get("prompt")
                 if isinstance(prompt, str):
@@ -209,15 +260,23 @@ class VideoWriter:
             raise OutputError(f"cannot write {self.path}: {_reason(exc)}") from None
 
     def _start_stream(self, width: int, height: int) -> None:
-        if self.format.kind == "png":
+        if self.format.kind in ("png", "still"):
             self._png = av.CodecContext.create("png", "w")
             self._png.width, self._png.height, self._png.pix_fmt = width, height, "rgb24"
+            return
+        if self.format.kind == "gif":
+            self._stream = self._container.add_stream("gif", rate=self.fps)
+            self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "pal8"
+            self._gif = _gif_palette_graph(width, height, self.fps)
             return
         if width % 2 or height % 2:
             raise OutputError(f"{self.path}: {self.format.kind} (yuv420p) needs an even width and height, got "
                               f"{width}x{height}; crop the frames or write a PNG folder")
         stream = self._container.add_stream(self.format.codec, rate=self.fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        cc = stream.codec_context  # the tags go into the H.264 VUI / VP9 header and the container
+        cc.color_primaries = cc.color_trc = cc.colorspace = BT709
+        cc.color_range = LIMITED_RANGE
         stream.options = {"crf": str(self.crf), **dict(self.format.options)}
         self._stream = stream
 
@@ -242,11 +301,23 @@ class VideoWriter:
                 raise ValueError(f"frame size changed from {self.size[0]}x{self.size[1]} to {width}x{height}")
             for frame in frames:
                 vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-                if self._png is not None:
+                if self.format.kind == "still":
+                    if self.frames_written:
+                        raise OutputError(f"{self.path}: a .png holds one frame and this clip has more; "
+                                          f"pass --frames 1, or a folder path ending in '/' for PNG frames")
+                    self._file.write(_with_png_text(b"".join(bytes(p) for p in self._png.encode(vf)),
+                                                    "comment", self._meta_json))
+                elif self._png is not None:
                     data = b"".join(bytes(p) for p in self._png.encode(vf))
                     (temp / FRAME_NAME.format(self.frames_written)).write_bytes(data)
+                elif self._gif is not None:
+                    vf.pts, vf.time_base = self.frames_written, 1 / self.fps
+                    self._gif[1].push(vf)
                 else:
-                    for packet in self._stream.encode(vf):
+                    # RGB -> Y'CbCr with the BT.709 matrix in limited range (swscale), tagged to match
+                    yuv = vf.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG",
+                                      dst_color_trc=BT709, dst_color_primaries=BT709)
+                    for packet in self._stream.encode(yuv):
                         self._container.mux(packet)
                 self.frames_written += 1
         except (OSError, av.FFmpegError) as exc:
@@ -267,7 +338,12 @@ class VideoWriter:
                            "metadata": self.metadata}
                 (self.temp / SIDECAR).write_text(json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n",
                                                  encoding="utf-8")
+            elif self.format.kind == "still":
+                self._file.close()
+                self._file = None
             else:
+                if self._gif is not None:
+                    self._flush_gif()
                 for packet in self._stream.encode():  # flush the encoder
                     self._container.mux(packet)
                 self._container.close()
@@ -283,6 +359,22 @@ class VideoWriter:
             raise
         self.temp = None
         return self.path
+
+    def _flush_gif(self) -> None:
+        """End of input: palettegen emits the clip's palette, paletteuse maps every frame to it."""
+        _graph, source, sink = self._gif
+        source.push(None)
+        n = 0
+        while True:
+            try:
+                frame = sink.pull()
+            except (av.BlockingIOError, av.EOFError):
+                break
+            frame.pts = n
+            n += 1
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+        self._gif = None
 
     def _publish(self) -> None:
         final, temp = self.path, self.temp
@@ -340,6 +432,45 @@ class VideoWriter:
             self.abort()
 
 
+def _gif_palette_graph(width: int, height: int, fps: Fraction) -> tuple[Any, Any, Any]:
+    """buffer -> split -> palettegen (one palette from every frame) -> paletteuse -> sink: FFmpeg's
+    recipe for good GIF colours (its default is a fixed 256-colour palette)."""
+    graph = av.filter.Graph()
+    source = graph.add_buffer(width=width, height=height, format="rgb24", time_base=1 / fps)
+    split = graph.add("split")
+    palettegen = graph.add("palettegen", "stats_mode=full")
+    paletteuse = graph.add("paletteuse", "dither=sierra2_4a")
+    sink = graph.add("buffersink")
+    source.link_to(split)
+    split.link_to(paletteuse, 0, 0)
+    split.link_to(palettegen, 1, 0)
+    palettegen.link_to(paletteuse, 0, 1)
+    paletteuse.link_to(sink)
+    graph.configure()
+    return graph, source, sink
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def _with_png_text(png: bytes, key: str, text: str) -> bytes:
+    """The PNG with an iTXt (UTF-8) chunk `key` = text before its IEND chunk (the last 12 bytes)."""
+    itxt = key.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")  # no compression, no language
+    return png[:-12] + _png_chunk(b"iTXt", itxt) + png[-12:]
+
+
+def _png_text(data: bytes) -> dict[str, str]:
+    out, i = {}, 8
+    while i + 8 <= len(data):
+        n, kind = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8]
+        if kind == b"iTXt":
+            key, _, rest = data[i + 8:i + 8 + n].partition(b"\0")
+            out[key.decode("latin-1")] = rest[2:].split(b"\0", 2)[-1].decode("utf-8", "replace")
+        i += 12 + n
+    return out
+
+
 def _reason(exc: BaseException) -> str:
     text = getattr(exc, "strerror", None) or str(exc)
     return " ".join(str(text).split())  # one line
@@ -363,8 +494,11 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         if not sidecar.is_file():
             return {}
         return dict(json.loads(sidecar.read_text(encoding="utf-8")).get("metadata", {}))
-    with av.open(str(p)) as container:
-        tags = {k.lower(): v for k, v in container.metadata.items()}
+    if p.suffix.lower() == ".png":
+        tags = _png_text(p.read_bytes())
+    else:
+        with av.open(str(p)) as container:
+            tags = {k.lower(): v for k, v in container.metadata.items()}
     try:
         return dict(json.loads(tags.get("comment", "{}")))
     except (json.JSONDecodeError, TypeError):

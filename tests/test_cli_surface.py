@@ -167,3 +167,72 @@ def test_long_negative_prompt_warning_says_which_prompt(capsys, run_package, tmp
     assert code == 0, err
     assert "the negative prompt is longer than 512 tokens" in err, err
     assert "warning: the prompt is longer" not in err
+
+
+# ---- output forms people share ---------------------------------------------------------------------
+
+
+def test_output_to_stdout_and_prompt_from_stdin(run_package, tmp_path):
+    import subprocess
+
+    import av
+    from cli_helpers import VIDRT
+
+    done = subprocess.run([VIDRT, "run", "-m", str(run_package), "--prompt-file", "-", "-o", "-", "--seed", "3",
+                           *SMALL], input="a red circle moving left\n".encode(), capture_output=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr.decode()
+    assert list(tmp_path.iterdir()) == []  # no folder or file named "-"
+    clip = tmp_path / "got.mp4"
+    clip.write_bytes(done.stdout)
+    assert read_metadata(clip)["prompt"] == "a red circle moving left"
+    with av.open(str(clip)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 1
+
+
+@pytest.mark.parametrize("name", ["still.png", "clip.gif", "clip.mkv", "clip.mov"])
+def test_shareable_outputs_from_the_cli(capsys, run_package, tmp_path, name):
+    out = tmp_path / name
+    code, err = vidrt(capsys, "run", "-m", run_package, "-p", "a red circle", "-o", out, "--seed", "4", *SMALL)
+    assert code == 0, err
+    import av
+
+    with av.open(str(out)) as c:
+        frame = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    assert frame.shape == (32, 32, 3)
+    if name != "clip.gif":  # GIF has no place for the settings
+        assert read_metadata(out)["seed"] == "4"
+
+
+def test_png_still_of_a_many_frame_clip_is_refused_before_work(capsys, run_package, tmp_path):
+    out = tmp_path / "still.png"
+    assert_error(*vidrt(capsys, "run", "-m", run_package, "-p", "a red circle", "-o", out, "--frames", "5", "-q",
+                        "--steps", "1", "--size", "32x32"), 2, "--frames 1")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix, crf, ok", [(".mp4", 0, False), (".mp4", 51, True), (".mp4", 52, False),
+                                             (".webm", 63, True), (".gif", 18, False)])
+def test_crf_is_checked_per_codec_before_any_work(capsys, run_package, tmp_path, suffix, crf, ok):
+    out = tmp_path / f"a{suffix}"
+    code, err = vidrt(capsys, "run", "-m", run_package, "-p", "a red circle", "-o", out, "--crf", crf, *SMALL)
+    if ok:
+        assert code == 0, err
+    else:
+        assert_error(code, err, 2, "--crf")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_info_shows_the_default_negative_prompt(capsys, run_package):
+    from vidrt.package.manifest import load_manifest
+
+    code = 0
+    try:
+        from vidrt.cli import main
+
+        main(["info", str(run_package)])
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr().out
+    negative = load_manifest(run_package, verify=False).model.sampling.negative_prompt
+    assert code == 0 and "negative" in out and (negative or "(none)") in out

@@ -82,7 +82,7 @@ def test_numeric_options_never_crash(capsys, monkeypatch, tiny_t2v_package, opts
 small_real = st.fixed_dictionaries({
     "--size": st.sampled_from(["32x32", "48x32", "32x48"]), "--frames": st.sampled_from([1, 5]),
     "--steps": st.integers(1, 2), "--guidance": st.floats(0, 50), "--shift": st.floats(0.01, 100),
-    "--seed": st.integers(0, 2**63 - 1), "--fps": st.integers(1, 240), "--crf": st.integers(0, 63),
+    "--seed": st.integers(0, 2**63 - 1), "--fps": st.integers(1, 240), "--crf": st.integers(1, 51),
     "--threads": st.integers(1, 2)})
 
 

@@ -32,10 +32,10 @@ from vidrt.errors import UsageError  # noqa: E402
 from vidrt.service.jobs import JobRequest, execute_job  # noqa: E402
 from vidrt.video import read_metadata  # noqa: E402
 
-# crf 0: lossless H.264. At lossy CRFs libx264 (PyAV 18's FFmpeg) does not encode the same frames to
-# the same bytes run after run, so decoded frames could differ although the clips' frames are equal.
-SMALL = {"size": "64x64", "frames": 9, "steps": 4, "crf": 0}
-LONG = {"prompt": "a red cat walks on the beach", "size": "128x128", "frames": 17, "steps": 400, "seed": 5, "crf": 0}
+# crf 1: the best browser-playable H.264 (crf 0, lossless, is refused: High 4:4:4 Predictive). Same frames and
+# settings -> the same bytes (x264 is deterministic at any thread count), so decoded frames compare exactly.
+SMALL = {"size": "64x64", "frames": 9, "steps": 4, "crf": 1}
+LONG = {"prompt": "a red cat walks on the beach", "size": "128x128", "frames": 17, "steps": 400, "seed": 5, "crf": 1}
 
 
 # ---- fixtures ----------------------------------------------------------------------------------

@@ -100,11 +100,12 @@ def test_output_format() -> None:
     assert output_format("a.WEBM").kind == "webm"
     assert output_format("out/").kind == "png"
     assert output_format("out").kind == "png"
+    assert [output_format(f"a{s}").kind for s in (".mov", ".mkv", ".gif", ".png")] == ["mov", "mkv", "gif", "still"]
     with pytest.raises(OutputError, match="unsupported output type"):
-        output_format("a.mov")
+        output_format("a.avi")
 
 
-@pytest.mark.parametrize("name", ["clip.mp4", "clip.webm", "frames/"])
+@pytest.mark.parametrize("name", ["clip.mp4", "clip.webm", "frames/", "clip.gif", "clip.mkv"])
 def test_exception_mid_write_leaves_nothing(tmp_path: Path, name: str) -> None:
     clip = smooth_clip()
 
@@ -200,3 +201,84 @@ def test_clean_stale_temps(tmp_path: Path) -> None:
     assert sorted(removed) == sorted([stale_file, stale_dir])
     assert mine.exists() and unrelated.exists()
     assert (tmp_path / "c.mp4").read_bytes() == b"previous output"
+
+
+# ---- colour, faststart, browser-playable CRFs, the other output forms (issue 17) ----------------
+
+HD_COLOURS = [(0, 255, 0), (255, 0, 0), (0, 0, 255), (255, 255, 255), (16, 128, 200), (40, 40, 40)]
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".mkv", ".mov"])
+def test_hd_solid_colours_decode_back_as_bt709(tmp_path, suffix):
+    """What an HD player does: assume (and here also read) BT.709, limited range. Solid colours at
+    1280x704 come back within 2 levels, and the stream carries the BT.709 tags."""
+    frames = np.stack([np.full((704, 1280, 3), c, dtype=np.uint8) for c in HD_COLOURS])
+    path = write_video(tmp_path / f"hd{suffix}", [frames], fps=16)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        cc = stream.codec_context
+        tags = (cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range)
+        decoded = [f.reformat(format="rgb24", src_colorspace="ITU709", src_color_range="MPEG").to_ndarray()
+                   for f in container.decode(stream)]
+        pix_fmt = cc.pix_fmt
+    assert tags == (1, 1, 1, 1), f"primaries/transfer/matrix/range {tags}: want BT.709 (1, 1, 1) and limited (1)"
+    assert pix_fmt == "yuv420p"
+    for got, want in zip(decoded, HD_COLOURS, strict=True):
+        worst = int(np.abs(got[300:400, 600:700].astype(int) - np.array(want)).max())
+        assert worst <= 2, f"{want} decoded as {got[350, 650]} ({suffix})"
+
+
+def _top_level_boxes(data: bytes) -> list[str]:
+    boxes, i = [], 0
+    while i + 8 <= len(data):
+        size = int.from_bytes(data[i:i + 4], "big")
+        boxes.append(data[i + 4:i + 8].decode("latin-1"))
+        if size == 1:
+            size = int.from_bytes(data[i + 8:i + 16], "big")
+        if size < 8:
+            break
+        i += size
+    return boxes
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov"])
+def test_moov_is_written_before_the_media_data(tmp_path, suffix):
+    path = write_video(tmp_path / f"a{suffix}", [smooth_clip()], fps=16)
+    boxes = _top_level_boxes(path.read_bytes())
+    assert "moov" in boxes and "mdat" in boxes and boxes.index("moov") < boxes.index("mdat"), boxes
+
+
+def test_crf_ranges_are_per_codec_and_h264_stays_browser_playable(tmp_path):
+    from vidrt.errors import UsageError
+
+    with pytest.raises(UsageError, match="High 4:4:4 Predictive"):
+        VideoWriter(tmp_path / "a.mp4", fps=16, crf=0)
+    for suffix, bad, good in ((".mp4", 52, 51), (".mov", 52, 51), (".mkv", 52, 51), (".webm", 64, 63)):
+        with pytest.raises(UsageError, match=f"{bad}.*{good}"):
+            VideoWriter(tmp_path / f"b{suffix}", fps=16, crf=bad)
+        write_video(tmp_path / f"ok{suffix}", [smooth_clip(3)], fps=16, crf=good)
+    assert list(tmp_path.glob(".*.tmp")) == []
+    path = write_video(tmp_path / "low.mp4", [smooth_clip(3)], fps=16, crf=1)
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].profile == "High"  # not High 4:4:4 Predictive, which browsers refuse
+
+
+def test_gif_is_palette_optimised(tmp_path):
+    clip = smooth_clip(6)
+    path = write_video(tmp_path / "a.gif", [clip[:3], clip[3:]], fps=8)
+    with av.open(str(path)) as c:
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert decoded.shape == clip.shape
+    # a per-clip palette (palettegen) keeps smooth gradients close; the fixed 256-colour one would not
+    assert psnr(decoded, clip) > 30, psnr(decoded, clip)
+    assert path.read_bytes()[:6] == b"GIF89a"
+
+
+def test_png_still_is_one_frame(tmp_path):
+    frame = smooth_clip(1)
+    path = write_video(tmp_path / "still.png", [frame], fps=8, metadata={"prompt": "a cat"})
+    with av.open(str(path)) as c:
+        assert np.array_equal(next(c.decode(video=0)).to_ndarray(format="rgb24"), frame[0])
+    with pytest.raises(OutputError, match="one frame"):
+        write_video(tmp_path / "two.png", [smooth_clip(2)], fps=8)
+    assert not (tmp_path / "two.png").exists() and list(tmp_path.glob(".*.tmp")) == []

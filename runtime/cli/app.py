@@ -67,7 +67,8 @@ def _default_model() -> str | None:
 
 @cli.command()
 @click.option("--prompt", "-p", help="What the clip shows.")
-@click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a UTF-8 text file.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Read the prompt from a UTF-8 text file (- = stdin).")
 @click.option("--model", "-m", "model", help="Model package folder (default: the bundled tiny model).")
 @click.option("--negative-prompt", help="What to steer away from (default: the model's).")
 @click.option("--size", help="WIDTHxHEIGHT in pixels (default: the model's first size).")
@@ -91,9 +92,11 @@ def _default_model() -> str | None:
               help="GPU to run on (tensorrt, onnxruntime-cuda); `vidrt doctor` lists them.")
 @click.option("--vae-memory", help="Memory budget for one VAE tile, e.g. 2GB (default: automatic).")
 @click.option("--fps", type=int, help="Frames per second of the file (default: the model's).")
-@click.option("--crf", type=int, help="Quality, lower is better (default: 18 for H.264, 31 for VP9).")
+@click.option("--crf", type=int,
+              help="Quality, lower is better: H.264 (.mp4/.mov/.mkv) 1..51, default 18; VP9 (.webm) 0..63, default 31.")
 @click.option("-o", "--output", default="clip.mp4", show_default=True,
-              help="Output .mp4, .webm, or a folder for PNG frames.")
+              help="Output .mp4, .webm, .mkv, .mov, .gif, .png (one frame), a folder for PNG frames, "
+                   "or - for an mp4 on stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="Write per-stage timings as JSON here.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
@@ -128,6 +131,7 @@ def info(package: str | None) -> None:
     for name, comp in m.components.items():
         mb = comp.artifact.size_bytes + (comp.artifact.data_size_bytes or 0)
         click.echo(f"  {name:<17}{comp.precision}, opset {comp.opset}, {mb / 1e6:.1f} MB")
+    click.echo(f"  negative     {d.negative_prompt or '(none)'}")
     if m.vocabulary:
         click.echo(f"  knows        {' '.join(m.vocabulary)}")
     from vidrt.package.recipes import all_recipes, describe

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+<<<<<<< HEAD
 from dataclasses import asdict
+=======
+import tempfile
+>>>>>>> 12d2d81 (Video output: BT.709 (matrix, limited range, tags) in mp4/webm/mkv/mov, moov first (faststart), CRF ranges per codec (H.264 1..51: crf 0 = High 4:4:4 Predictive refused with the reason; VP9 0..63) checked in VideoWriter, the CLI and jobs; -o clip.gif (palettegen/paletteuse), still.png (one frame, settings in iTXt), .mkv/.mov, -o - (mp4 on stdout), --prompt-file - (stdin); vidrt info shows the default negative prompt)
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,12 @@ MAX_THREADS = 256  # ONNX Runtime makes one OS thread each: 100000 would exhaust
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     if prompt is not None and prompt_file is not None:
         raise UsageError("give either --prompt or --prompt-file, not both")
+    if prompt_file == "-":  # stdin, as UTF-8 whatever the locale says
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"--prompt-file - (stdin) is not UTF-8 text (byte {exc.start}); send UTF-8") from None
     if prompt_file is not None:
         try:
             return Path(prompt_file).read_bytes().decode("utf-8-sig")  # a BOM is not part of the prompt
@@ -79,14 +90,16 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
                 stats_json: str | None, quiet: bool, device: int = 0) -> None:
     from vidrt.backends import BACKENDS
     from vidrt.cli.app import parse_size
+<<<<<<< HEAD
     from vidrt.models import default_package
     from vidrt.package.manifest import load_manifest
     from vidrt.package.recipes import all_recipes
     from vidrt.pipeline import Pipeline, decode_plan
     from vidrt.request import resolve
+=======
+>>>>>>> 12d2d81 (Video output: BT.709 (matrix, limited range, tags) in mp4/webm/mkv/mov, moov first (faststart), CRF ranges per codec (H.264 1..51: crf 0 = High 4:4:4 Predictive refused with the reason; VP9 0..63) checked in VideoWriter, the CLI and jobs; -o clip.gif (palettegen/paletteuse), still.png (one frame, settings in iTXt), .mkv/.mov, -o - (mp4 on stdout), --prompt-file - (stdin); vidrt info shows the default negative prompt)
     from vidrt.text import check_prompt
     from vidrt.vae_decode import parse_bytes
-    from vidrt.video import VideoWriter, clean_stale_temps, clip_metadata, output_format
 
     # Every value is checked before any heavy work (hashing the package, loading engines).
     text = _read_prompt(prompt, prompt_file)
@@ -101,10 +114,40 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
         raise UsageError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if fps is not None and not 1 <= fps <= 240:
         raise UsageError(f"--fps {fps} is out of range; use 1..240")
-    if crf is not None and not 0 <= crf <= 63:
-        raise UsageError(f"--crf {crf} is out of range; use 0..63 (18 is visually lossless for H.264)")
-    out_path = Path(output)
-    output_format(out_path)  # refuses unknown suffixes before any work
+    to_stdout = output == "-"
+    if to_stdout and sys.stdout.isatty():
+        raise UsageError("-o - writes the video to stdout, which is a terminal here; redirect it "
+                         "(vidrt run ... -o - > clip.mp4) or give a file name")
+    # -o -: an mp4 made in a private temp folder, copied to stdout when complete (mp4 needs a seekable file)
+    stdout_dir = Path(tempfile.mkdtemp(prefix="vidrt-stdout-")) if to_stdout else None
+    try:
+        _run(text=text, wh=wh, vae_bytes=vae_bytes, threads=threads, backend=backend, fps=fps, crf=crf,
+             out_path=stdout_dir / "clip.mp4" if stdout_dir else Path(output), overwrite=overwrite,
+             stats_json=stats_json, quiet=quiet, model=model, negative_prompt=negative_prompt, frames=frames,
+             steps=steps, guidance=guidance, guidance_low_noise=guidance_low_noise, shift=shift, seed=seed,
+             scheduler=scheduler, vae_memory=vae_memory, label="stdout" if to_stdout else output)
+        if stdout_dir is not None:
+            with open(stdout_dir / "clip.mp4", "rb") as f:
+                shutil.copyfileobj(f, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+    finally:
+        if stdout_dir is not None:
+            shutil.rmtree(stdout_dir, ignore_errors=True)
+
+
+def _run(*, label: str, text: str, wh: tuple[int, int] | None, vae_bytes: int | None, threads: int | None, backend: str,
+         fps: int | None, crf: int | None, out_path: Path, overwrite: bool, stats_json: str | None, quiet: bool,
+         model: str | None, negative_prompt: str | None, frames: int | None, steps: int | None,
+         guidance: float | None, guidance_low_noise: float | None, shift: float | None, seed: int | None,
+         scheduler: str | None, vae_memory: str | None) -> None:
+    from vidrt.models import default_package
+    from vidrt.package.manifest import load_manifest
+    from vidrt.pipeline import Pipeline, decode_plan
+    from vidrt.request import resolve
+    from vidrt.video import VideoWriter, check_crf, clean_stale_temps, clip_metadata, output_format
+
+    fmt = output_format(out_path)  # refuses unknown suffixes before any work
+    check_crf(fmt, crf)
     if out_path.exists() and not overwrite:
         raise OutputError(f"{out_path} exists; pass --overwrite to replace it or choose another -o")
     if stats_json is not None and Path(stats_json).is_dir():
@@ -120,7 +163,14 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
                       timesteps=parse_timesteps(timesteps),
                       recipe=recipe).seeded()  # one seed for the run, the metadata and --stats-json
     spec_only = load_manifest(package, verify=False)  # the model's limits; Pipeline.load checks the hashes
+<<<<<<< HEAD
     settings = resolve(request, spec_only.model, all_recipes(spec_only.recipes))
+=======
+    settings = resolve(request, spec_only.model)
+    if fmt.kind == "still" and settings.num_frames != 1:
+        raise UsageError(f"-o {out_path.name}: a .png holds one frame and this clip has {settings.num_frames}; "
+                         f"pass --frames 1, or a folder path ending in '/' for PNG frames")
+>>>>>>> 12d2d81 (Video output: BT.709 (matrix, limited range, tags) in mp4/webm/mkv/mov, moov first (faststart), CRF ranges per codec (H.264 1..51: crf 0 = High 4:4:4 Predictive refused with the reason; VP9 0..63) checked in VideoWriter, the CLI and jobs; -o clip.gif (palettegen/paletteuse), still.png (one frame, settings in iTXt), .mkv/.mov, -o - (mp4 on stdout), --prompt-file - (stdin); vidrt info shows the default negative prompt)
     decode_plan(spec_only, settings, vae_bytes)  # a --vae-memory too small fails now, not after denoising
     clean_stale_temps(out_path.parent if str(out_path.parent) else Path("."))
 
@@ -144,7 +194,11 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
         progress.close()
     stats = result.stats
     if stats_json is not None:
+<<<<<<< HEAD
         record = {"settings": asdict(settings), "output": str(out_path), "stats": stats.to_dict(),
+=======
+        record = {"settings": settings.__dict__, "output": label, "stats": stats.to_dict(),
+>>>>>>> 12d2d81 (Video output: BT.709 (matrix, limited range, tags) in mp4/webm/mkv/mov, moov first (faststart), CRF ranges per codec (H.264 1..51: crf 0 = High 4:4:4 Predictive refused with the reason; VP9 0..63) checked in VideoWriter, the CLI and jobs; -o clip.gif (palettegen/paletteuse), still.png (one frame, settings in iTXt), .mkv/.mov, -o - (mp4 on stdout), --prompt-file - (stdin); vidrt info shows the default negative prompt)
                   "warnings": warnings}
         tmp = Path(stats_json + f".{os.getpid()}.tmp")
         try:
@@ -155,5 +209,5 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
             raise OutputError(f"cannot write --stats-json {stats_json} ({exc.strerror})") from None
     if not quiet:
         click.echo(stats.table(), err=True)
-        click.echo(f"wrote {out_path} ({settings.num_frames} frames, {settings.width}x{settings.height}, "
+        click.echo(f"wrote {label} ({settings.num_frames} frames, {settings.width}x{settings.height}, "
                    f"{fps_out} fps, seed {settings.seed})", err=True)

@@ -27,7 +27,11 @@ from typing import Any
 from vidrt.errors import Cancelled, UsageError
 from vidrt.package.registry import ModelSpec
 from vidrt.request import Request, Settings, resolve
-from vidrt.video import clip_metadata  # noqa: F401  (re-exported: the job contract writes the same metadata)
+from vidrt.video import (
+    check_crf,
+    clip_metadata,  # noqa: F401  (re-exported: the job contract writes the same metadata)
+    output_format,
+)
 
 FORMATS = {"mp4": ".mp4", "webm": ".webm", "png": ""}  # output_format -> suffix ("" = a PNG frame folder)
 
@@ -109,8 +113,7 @@ class JobRequest:
         """Resolve against the model (defaults, ranges, multiples); also checks fps and CRF."""
         if self.fps is not None and not 1 <= self.fps <= 240:
             raise UsageError(f"fps {self.fps} is out of range; use 1..240")
-        if self.crf is not None and not 0 <= self.crf <= 63:
-            raise UsageError(f"crf {self.crf} is out of range; use 0..63")
+        check_crf(output_format(f"clip{self.suffix}" if self.suffix else "frames/"), self.crf, "crf")
         return resolve(self.to_request(), spec)
 
     @property
