@@ -14,7 +14,25 @@ serve); vidrt.cli (the `vidrt` command). vidrt.export (torch) turns checkpoints 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import os as _os
+import sys as _sys
+
+if _os.path.basename(getattr(_sys.modules.get("__main__"), "__file__", None) or "") == "vidrt":
+    # The `vidrt` console script: a Ctrl-C (or SIGTERM) from here until vidrt.cli.main installs its own
+    # handlers (imports: ~20 ms) exits 130 (143) with one line, not Python's KeyboardInterrupt traceback.
+    # Nothing has been opened or written yet, so there is nothing to clean up. `_signal` (C) is what
+    # `signal` wraps: importing it costs nothing, `signal` itself would pull in enum.
+    import _signal
+
+    def _exit_on_signal(signum: int, frame: object) -> None:
+        interrupted = signum == _signal.SIGINT
+        _os.write(2, b"interrupted\n" if interrupted else b"terminated\n")
+        _os._exit(130 if interrupted else 143)
+
+    _signal.signal(_signal.SIGINT, _exit_on_signal)
+    _signal.signal(_signal.SIGTERM, _exit_on_signal)
+
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["Pipeline", "Request", "Result", "Settings", "VidrtError", "__version__"]
