@@ -179,7 +179,7 @@ def test_output_to_stdout_and_prompt_from_stdin(run_package, tmp_path):
     from cli_helpers import VIDRT
 
     done = subprocess.run([VIDRT, "run", "-m", str(run_package), "--prompt-file", "-", "-o", "-", "--seed", "3",
-                           *SMALL], input="a red circle moving left\n".encode(), capture_output=True, timeout=120,
+                           *SMALL], input=b"a red circle moving left\n", capture_output=True, timeout=120,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr.decode()
     assert list(tmp_path.iterdir()) == []  # no folder or file named "-"

@@ -95,11 +95,11 @@ class OrtEngine:
 
 
 class OrtBackend:
-    """`--backend onnxruntime` (CPU provider) or `--backend onnxruntime-cuda` (options.device == "cuda")."""
+    """`--backend onnxruntime` (CPU provider) or `--backend onnxruntime-cuda` (options.device "cuda" or "cuda:N")."""
 
     def __init__(self, options: BackendOptions) -> None:
         self.options = options
-        self.name = "onnxruntime-cuda" if options.device == "cuda" else "onnxruntime"
+        self.name = "onnxruntime-cuda" if options.device.startswith("cuda") else "onnxruntime"
         _providers(options.device)  # no CUDA provider: refused now, before any model work
 
     def device_memory(self) -> tuple[int, str] | None:

@@ -6,11 +6,8 @@ import json
 import os
 import shutil
 import sys
-<<<<<<< HEAD
-from dataclasses import asdict
-=======
 import tempfile
->>>>>>> 12d2d81 (Video output: BT.709 (matrix, limited range, tags) in mp4/webm/mkv/mov, moov first (faststart), CRF ranges per codec (H.264 1..51: crf 0 = High 4:4:4 Predictive refused with the reason; VP9 0..63) checked in VideoWriter, the CLI and jobs; -o clip.gif (palettegen/paletteuse), still.png (one frame, settings in iTXt), .mkv/.mov, -o - (mp4 on stdout), --prompt-file - (stdin); vidrt info shows the default negative prompt)
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +22,8 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     if prompt is not None and prompt_file is not None:
         raise UsageError("give either --prompt or --prompt-file, not both")
     if prompt_file == "-":  # stdin, as UTF-8 whatever the locale says
-        data = sys.stdin.buffer.read()
         try:
-            return data.decode("utf-8-sig")
+            return sys.stdin.buffer.read().decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise UsageError(f"--prompt-file - (stdin) is not UTF-8 text (byte {exc.start}); send UTF-8") from None
     if prompt_file is not None:
@@ -82,7 +78,26 @@ class _Progress:
             self.bar = None
 
 
-def run_command(*, prompt: str | None, prompt_file: str | None, model: str | None, negative_prompt: str | None,
+def run_command(**kw: Any) -> None:
+    """`-o -`: the clip is made as an mp4 in a private temp folder (mp4 needs a seekable file) and copied
+    to stdout when complete; the temp folder goes whatever happens. Everything else: `_run`."""
+    if kw["output"] != "-":
+        _run(**kw, label=kw["output"])
+        return
+    if sys.stdout.isatty():
+        raise UsageError("-o - writes the video to stdout, which is a terminal here; redirect it "
+                         "(vidrt run ... -o - > clip.mp4) or give a file name")
+    stdout_dir = Path(tempfile.mkdtemp(prefix="vidrt-stdout-"))
+    try:
+        _run(**{**kw, "output": str(stdout_dir / "clip.mp4")}, label="stdout")
+        with open(stdout_dir / "clip.mp4", "rb") as f:
+            shutil.copyfileobj(f, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    finally:
+        shutil.rmtree(stdout_dir, ignore_errors=True)
+
+
+def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str | None, negative_prompt: str | None,
                 size: str | None, frames: int | None, steps: int | None, guidance: float | None,
                 guidance_low_noise: float | None, shift: float | None, seed: int | None, scheduler: str | None,
                 timesteps: str | None, recipe: str | None, backend: str, threads: int | None,
@@ -90,16 +105,14 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
                 stats_json: str | None, quiet: bool, device: int = 0) -> None:
     from vidrt.backends import BACKENDS
     from vidrt.cli.app import parse_size
-<<<<<<< HEAD
     from vidrt.models import default_package
     from vidrt.package.manifest import load_manifest
     from vidrt.package.recipes import all_recipes
     from vidrt.pipeline import Pipeline, decode_plan
     from vidrt.request import resolve
-=======
->>>>>>> 12d2d81 (Video output: BT.709 (matrix, limited range, tags) in mp4/webm/mkv/mov, moov first (faststart), CRF ranges per codec (H.264 1..51: crf 0 = High 4:4:4 Predictive refused with the reason; VP9 0..63) checked in VideoWriter, the CLI and jobs; -o clip.gif (palettegen/paletteuse), still.png (one frame, settings in iTXt), .mkv/.mov, -o - (mp4 on stdout), --prompt-file - (stdin); vidrt info shows the default negative prompt)
     from vidrt.text import check_prompt
     from vidrt.vae_decode import parse_bytes
+    from vidrt.video import VideoWriter, check_crf, clean_stale_temps, clip_metadata, output_format
 
     # Every value is checked before any heavy work (hashing the package, loading engines).
     text = _read_prompt(prompt, prompt_file)
@@ -114,40 +127,9 @@ def run_command(*, prompt: str | None, prompt_file: str | None, model: str | Non
         raise UsageError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if fps is not None and not 1 <= fps <= 240:
         raise UsageError(f"--fps {fps} is out of range; use 1..240")
-    to_stdout = output == "-"
-    if to_stdout and sys.stdout.isatty():
-        raise UsageError("-o - writes the video to stdout, which is a terminal here; redirect it "
-                         "(vidrt run ... -o - > clip.mp4) or give a file name")
-    # -o -: an mp4 made in a private temp folder, copied to stdout when complete (mp4 needs a seekable file)
-    stdout_dir = Path(tempfile.mkdtemp(prefix="vidrt-stdout-")) if to_stdout else None
-    try:
-        _run(text=text, wh=wh, vae_bytes=vae_bytes, threads=threads, backend=backend, fps=fps, crf=crf,
-             out_path=stdout_dir / "clip.mp4" if stdout_dir else Path(output), overwrite=overwrite,
-             stats_json=stats_json, quiet=quiet, model=model, negative_prompt=negative_prompt, frames=frames,
-             steps=steps, guidance=guidance, guidance_low_noise=guidance_low_noise, shift=shift, seed=seed,
-             scheduler=scheduler, vae_memory=vae_memory, label="stdout" if to_stdout else output)
-        if stdout_dir is not None:
-            with open(stdout_dir / "clip.mp4", "rb") as f:
-                shutil.copyfileobj(f, sys.stdout.buffer)
-            sys.stdout.buffer.flush()
-    finally:
-        if stdout_dir is not None:
-            shutil.rmtree(stdout_dir, ignore_errors=True)
-
-
-def _run(*, label: str, text: str, wh: tuple[int, int] | None, vae_bytes: int | None, threads: int | None, backend: str,
-         fps: int | None, crf: int | None, out_path: Path, overwrite: bool, stats_json: str | None, quiet: bool,
-         model: str | None, negative_prompt: str | None, frames: int | None, steps: int | None,
-         guidance: float | None, guidance_low_noise: float | None, shift: float | None, seed: int | None,
-         scheduler: str | None, vae_memory: str | None) -> None:
-    from vidrt.models import default_package
-    from vidrt.package.manifest import load_manifest
-    from vidrt.pipeline import Pipeline, decode_plan
-    from vidrt.request import resolve
-    from vidrt.video import VideoWriter, check_crf, clean_stale_temps, clip_metadata, output_format
-
+    out_path = Path(output)
     fmt = output_format(out_path)  # refuses unknown suffixes before any work
-    check_crf(fmt, crf)
+    check_crf(fmt, crf)  # per codec: H.264 1..51 (browser-playable), VP9 0..63
     if out_path.exists() and not overwrite:
         raise OutputError(f"{out_path} exists; pass --overwrite to replace it or choose another -o")
     if stats_json is not None and Path(stats_json).is_dir():
@@ -163,14 +145,10 @@ def _run(*, label: str, text: str, wh: tuple[int, int] | None, vae_bytes: int | 
                       timesteps=parse_timesteps(timesteps),
                       recipe=recipe).seeded()  # one seed for the run, the metadata and --stats-json
     spec_only = load_manifest(package, verify=False)  # the model's limits; Pipeline.load checks the hashes
-<<<<<<< HEAD
     settings = resolve(request, spec_only.model, all_recipes(spec_only.recipes))
-=======
-    settings = resolve(request, spec_only.model)
     if fmt.kind == "still" and settings.num_frames != 1:
         raise UsageError(f"-o {out_path.name}: a .png holds one frame and this clip has {settings.num_frames}; "
                          f"pass --frames 1, or a folder path ending in '/' for PNG frames")
->>>>>>> 12d2d81 (Video output: BT.709 (matrix, limited range, tags) in mp4/webm/mkv/mov, moov first (faststart), CRF ranges per codec (H.264 1..51: crf 0 = High 4:4:4 Predictive refused with the reason; VP9 0..63) checked in VideoWriter, the CLI and jobs; -o clip.gif (palettegen/paletteuse), still.png (one frame, settings in iTXt), .mkv/.mov, -o - (mp4 on stdout), --prompt-file - (stdin); vidrt info shows the default negative prompt)
     decode_plan(spec_only, settings, vae_bytes)  # a --vae-memory too small fails now, not after denoising
     clean_stale_temps(out_path.parent if str(out_path.parent) else Path("."))
 
@@ -194,11 +172,7 @@ def _run(*, label: str, text: str, wh: tuple[int, int] | None, vae_bytes: int | 
         progress.close()
     stats = result.stats
     if stats_json is not None:
-<<<<<<< HEAD
-        record = {"settings": asdict(settings), "output": str(out_path), "stats": stats.to_dict(),
-=======
-        record = {"settings": settings.__dict__, "output": label, "stats": stats.to_dict(),
->>>>>>> 12d2d81 (Video output: BT.709 (matrix, limited range, tags) in mp4/webm/mkv/mov, moov first (faststart), CRF ranges per codec (H.264 1..51: crf 0 = High 4:4:4 Predictive refused with the reason; VP9 0..63) checked in VideoWriter, the CLI and jobs; -o clip.gif (palettegen/paletteuse), still.png (one frame, settings in iTXt), .mkv/.mov, -o - (mp4 on stdout), --prompt-file - (stdin); vidrt info shows the default negative prompt)
+        record = {"settings": asdict(settings), "output": label, "stats": stats.to_dict(),
                   "warnings": warnings}
         tmp = Path(stats_json + f".{os.getpid()}.tmp")
         try:
