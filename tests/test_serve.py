@@ -497,3 +497,46 @@ def test_web_page_submits_a_job_and_plays_the_clip(served, tmp_path):
             assert not list(out.glob(f"{vid}*"))
         finally:
             browser.close()
+
+
+def test_restore_rules_without_ray(package, tmp_path):
+    """The job table's restart rules, job by job (no workers needed): interrupted once -> queued again,
+    twice -> failed; a clip whose file went -> failed; cancelled mid-run -> finished as cancelled;
+    --keep applied to what finished before; rows survive the store being closed and opened."""
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.jobs import JobRequest
+    from vidrt.service.scaleout import JobManager
+    from vidrt.service.store import DB_NAME, JobStore
+
+    spec = load_manifest(package, verify=False).model
+    out = tmp_path / "out"
+    out.mkdir()
+    store = JobStore(out / DB_NAME)
+    manager = JobManager(package, out, store=store)
+    request = JobRequest(prompt="a red circle", seed=1)
+    jobs = [manager.submit(request, request.settings(spec)) for _ in range(5)]
+    running_once, running_twice, gone, cancelled, finished = jobs
+    for job in (running_once, running_twice, cancelled):
+        job.status = "in_progress"
+    running_twice.restarts = 1
+    cancelled.status, cancelled.cancel_requested = "cancelled", True
+    for job in (gone, finished):
+        manager._finish(job, "completed")
+    finished.output.write_bytes(b"a clip")
+    for job in jobs:
+        manager._save(job)
+    store.close()
+
+    again = JobManager(package, out, store=JobStore(out / DB_NAME), keep_seconds=3600)
+    report = again.restore()
+    assert report == {"completed": 1, "queued": 0, "requeued": 1, "failed": 2, "orphans": 0}, report
+    got = {j.id: j for j in again.jobs.values()}
+    assert (got[running_once.id].status, got[running_once.id].restarts) == ("queued", 1)
+    assert (got[running_twice.id].status, got[running_twice.id].error_code) == ("failed", "interrupted")
+    assert (got[gone.id].status, got[gone.id].error_code) == ("failed", "file_missing")
+    assert got[cancelled.id].status == "cancelled" and got[cancelled.id].completed_at is not None
+    assert got[finished.id].expires_at == pytest.approx(got[finished.id].completed_at + 3600)
+    assert [j.id for j in again._pending] == [running_once.id]
+    assert again.expire(now=time.time() + 7200) == 4  # everything finished is past its keep
+    assert list(again.jobs) == [running_once.id] and not finished.output.exists()
+    again.store.close()

@@ -137,8 +137,8 @@ def read_token(token: str | None, token_file: str | None) -> str | None:
 @click.option("--max-steps", type=int, default=100, show_default=True, help="Largest steps a request may ask.")
 @click.option("--max-frames", type=int, help="Largest frame count (default: the model's default).")
 @click.option("--max-size", help="Largest WIDTHxHEIGHT area (default: the model's largest size).")
-@click.option("--max-body", default="1MB", show_default=True, help="Largest request body; larger ones get 413 "
-                                                                   "unread.")
+@click.option("--max-body", help="Largest request body; larger ones get 413 unread (default 1MB, 16MB when the "
+                                 "model takes an input_reference image).")
 @click.option("--allow-host", multiple=True, help="Also answer requests whose Host header is this name "
                                                   "(repeatable; '*' turns the check off). Default: loopback names "
                                                   "and the bound address.")
@@ -147,7 +147,7 @@ def read_token(token: str | None, token_file: str | None) -> str | None:
 def serve_cmd(model: str | None, address: str | None, workers: int | None, threads: int | None, backend: str,
               use_gpu: bool | None, host: str, port: int, token_file: str | None, token: str | None, out_dir: str,
               keep: str, max_queue: int, max_steps: int, max_frames: int | None, max_size: str | None,
-              max_body: str, allow_host: tuple[str, ...], cors_origin: tuple[str, ...]) -> None:
+              max_body: str | None, allow_host: tuple[str, ...], cors_origin: tuple[str, ...]) -> None:
     """Serve the job API (OpenAI /v1/videos shape) and a web page at /.
 
     Loopback only unless a token is given; jobs survive restarts (the job table is in --out);
@@ -164,7 +164,7 @@ def serve_cmd(model: str | None, address: str | None, workers: int | None, threa
             raise UsageError(f"{name} {value} must be at least 1")
     wh = parse_size(max_size)
     keep_seconds = parse_duration(keep, "--keep")
-    body_cap = parse_bytes(max_body, "--max-body")
+    body_cap = parse_bytes(max_body, "--max-body") if max_body is not None else None
     token = read_token(token, token_file)
     ray = require_ray("serve", local=address is None)
     try:

@@ -451,8 +451,8 @@ class JobManager:
             was = job.status
             self.jobs[job.id] = job
             self._seq = max(self._seq, job.seq)
-            if job.status == "in_progress" and job.cancel_requested:
-                self._finish(job, "cancelled")
+            if job.cancel_requested and job.status in ("in_progress", "cancelled") and job.completed_at is None:
+                self._finish(job, "cancelled")  # cancelled while its worker ran; the server stopped before it ended
             elif job.status == "in_progress" and job.restarts >= 1:
                 self._finish(job, "failed", "the server stopped while this job ran, twice; submit it again",
                              "interrupted")

@@ -46,6 +46,7 @@ from vidrt.service.api import (
     VideoAPI,
     VideoDeleted,
     VideoList,
+    image_input,
     validation_message,
 )
 from vidrt.service.guard import LOOPBACK_NAMES, Guard, error_body
@@ -55,6 +56,8 @@ from vidrt.service.store import DB_NAME, JobStore
 
 MEDIA_TYPES = {".mp4": "video/mp4", ".webm": "video/webm"}
 MIN_PUBLIC_TOKEN = 16  # characters; shorter tokens are refused for non-loopback binds
+DEFAULT_MAX_BODY = 1 << 20  # a prompt and settings fit many times over
+IMAGE_MAX_BODY = 16 << 20  # once input_reference images are taken (image_input): a large PNG
 POLL_AFTER_MS = 500  # openai-poll-after-ms: how often the SDK's poll() asks while a job is active
 
 
@@ -72,7 +75,7 @@ class ServeConfig:
     max_frames: int | None = None  # None: the model's default frame count
     max_pixels: int | None = None  # width x height; None: the model's largest listed size
     max_attempts: int = 3
-    max_body: int = 1 << 20  # bytes
+    max_body: int | None = None  # bytes; None: DEFAULT_MAX_BODY, or IMAGE_MAX_BODY when the model takes an image
     allowed_hosts: tuple[str, ...] | None = ()  # () = the defaults (allowed_hosts_for); None = any Host
     cors_origins: tuple[str, ...] = ()
     keep_seconds: float | None = None  # None: keep finished clips until deleted
@@ -341,7 +344,7 @@ class Service:
                            on_startup_error=self._startup_failed)
         self.app = create_app(self.state)
         asgi: Any = Guard(self.app, token=config.token, allowed_hosts=allowed_hosts_for(host, config.allowed_hosts),
-                          max_body=config.max_body)
+                          max_body=config.max_body or (IMAGE_MAX_BODY if image_input(spec) else DEFAULT_MAX_BODY))
         if config.cors_origins:
             from starlette.middleware.cors import CORSMiddleware
 
