@@ -7,10 +7,9 @@ Steps, per scope:
   1. calibration: the DiT inputs of the fp32 package recorded at every denoising step (cond and
      uncond in one batch) for a few prompts at a calibration seed the evaluation does not use;
   2. `quantize_dit` (ModelOpt `max` calibration) on the checkpoint's DiT;
-  3. export with the TorchScript exporter (ModelOpt's fake-quant ops have symbolic functions for it;
-     the dynamo exporter fails on them), opset 19, then ModelOpt's `trt::TRT_FP8QuantizeLinear` /
-     `TRT_FP8DequantizeLinear` are rewritten to ONNX QuantizeLinear / DequantizeLinear with a
-     FLOAT8E4M3FN zero point, which ONNX Runtime's CPU provider runs;
+  3. `vidrt.export.quantize_fp8.export_fp8_dit` (what `vidrt export --precision fp8` uses): the
+     TorchScript exporter at opset 19, ModelOpt's `trt::TRT_FP8*` ops rewritten to standard ONNX
+     QuantizeLinear / DequantizeLinear with a FLOAT8E4M3FN zero point (ONNX Runtime's CPU runs it);
   4. a copy of the package with that dit.onnx (manifest re-hashed, precision "fp8");
   5. the same requests (prompt, seed, hence the same noise) through both packages: PSNR of the
      frames, and the 72-prompt grid judged from pixels (tests/test_default_model.py).
@@ -28,7 +27,6 @@ import json
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,91 +40,17 @@ from vidrt.request import Request
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "tiny-shapes"
 RESULTS = Path(__file__).resolve().parent / "results"
-OPSET = 19
+OPSET = 19  # vidrt.export.quantize_fp8.FP8_OPSET (imported lazily: it needs torch)
 CALIBRATION_SEED = 7
 CALIBRATION_PROMPTS = ("a red circle moving left", "a green square moving up", "a blue triangle moving right",
                        "a yellow circle moving down")
 
 
 def record_dit_inputs(pipe: Pipeline, prompts: tuple[str, ...], seed: int) -> list[dict[str, Any]]:
-    """The DiT feeds of every denoising step of `prompts`, as keyword batches for the torch DiT."""
-    import torch
+    """The DiT feeds of every denoising step of `prompts` (vidrt.export.quantize_fp8's recorder)."""
+    from vidrt.export.quantize_fp8 import record_dit_inputs as record
 
-    engine = pipe.engine("dit")
-    run = engine.run
-    batches: list[dict[str, Any]] = []
-
-    def recording(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batches.append({k: torch.from_numpy(np.array(v)) for k, v in feeds.items()} | {"return_dict": False})
-        return run(feeds)
-
-    engine.run = recording  # type: ignore[method-assign]
-    try:
-        for prompt in prompts:
-            pipe.run(Request(prompt=prompt, seed=seed))
-    finally:
-        engine.run = run  # type: ignore[method-assign]
-    return batches
-
-
-def _rms_norm_symbolic(g: Any, x: Any, shape: Any, weight: Any, eps: Any) -> Any:
-    """aten::rms_norm for the TorchScript exporter (it has none): x / sqrt(mean(x^2) + eps) * w."""
-    import torch
-    from torch.onnx import symbolic_helper as sh
-
-    n = len(sh._get_const(shape, "is", "normalized_shape"))
-    e = None if sh._is_none(eps) else sh._maybe_get_const(eps, "f")
-    axes = g.op("Constant", value_t=torch.tensor(list(range(-n, 0)), dtype=torch.int64))
-    mean_sq = g.op("ReduceMean", g.op("Mul", x, x), axes, keepdims_i=1)
-    eps_t = g.op("Constant", value_t=torch.tensor(1e-6 if e is None else float(e)))
-    y = g.op("Div", x, g.op("Sqrt", g.op("Add", mean_sq, eps_t)))
-    return y if sh._is_none(weight) else g.op("Mul", y, weight)
-
-
-def standard_qdq(model: Any) -> int:
-    """ModelOpt's trt::TRT_FP8{Quantize,Dequantize}Linear -> ONNX (Quantize|Dequantize)Linear, E4M3FN.
-    Returns how many Q/DQ pairs were rewritten."""
-    import onnx
-
-    zero = "fp8_e4m3fn_zero_point"
-    model.graph.initializer.append(onnx.helper.make_tensor(zero, onnx.TensorProto.FLOAT8E4M3FN, [], [0.0]))
-    pairs = 0
-    for node in model.graph.node:
-        if node.op_type == "TRT_FP8QuantizeLinear":
-            node.op_type, node.domain = "QuantizeLinear", ""
-            node.input.append(zero)
-            pairs += 1
-        elif node.op_type == "TRT_FP8DequantizeLinear":
-            node.op_type, node.domain = "DequantizeLinear", ""
-    del model.graph.value_info[:]  # the exporter typed the quantised tensors uint8
-    keep = [o for o in model.opset_import if o.domain == "" or o.domain == "ai.onnx"]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
-    return pairs
-
-
-def export_fp8_dit(model: Any, spec: Any, path: Path) -> dict[str, Any]:
-    """Quantised DiT -> ONNX with FP8 Q/DQ (TorchScript exporter; dynamo cannot trace ModelOpt's
-    fake-quant: "We found a fake tensor in the exported program constant's list")."""
-    import onnx
-    import torch
-    from vidrt.export.components import dit_graph_spec, stack_rope
-    from vidrt.package import contracts as C
-
-    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
-    video = {0: "batch", 2: "frames", 3: "height", 4: "width"}
-    with stack_rope(model), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        g = dit_graph_spec(model, spec, "fp32")
-        torch.onnx.export(g.module, g.args, str(path), dynamo=False, opset_version=OPSET,
-                          input_names=[C.LATENTS, C.TIMESTEP, C.CONTEXT], output_names=[C.VELOCITY],
-                          dynamic_axes={C.LATENTS: video, C.TIMESTEP: {0: "batch"}, C.CONTEXT: {0: "batch"},
-                                        C.VELOCITY: video})
-    m = onnx.load(str(path))
-    pairs = standard_qdq(m)
-    onnx.checker.check_model(m)
-    onnx.save(m, str(path))
-    return {"qdq_pairs": pairs, "opset": OPSET, "size_bytes": path.stat().st_size}
+    return record(pipe, prompts, seed)["dit"]
 
 
 def fp8_package(source: Path, dit_onnx: Path, dest: Path) -> Path:
@@ -189,7 +113,7 @@ def run_scope(scope: str, keep_blocks: int, ref: Pipeline, calib: list[dict[str,
               held_out: list[dict[str, Any]], args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import modelopt
     from vidrt.export.checkpoints import open_checkpoint
-    from vidrt.export.quantize_fp8 import quantize_dit, quantized_layers
+    from vidrt.export.quantize_fp8 import export_fp8_dit, quantize_dit, quantized_layers
 
     ck = open_checkpoint(CHECKPOINT)
     model = ck.transformer("dit").eval()

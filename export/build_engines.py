@@ -69,7 +69,7 @@ def check_component_precision(name: str, comp: Component, precision: str, spec: 
     """What each graph's ONNX precision must be for a build at `precision`."""
     if name in spec.experts:
         if comp.precision != precision:
-            fix = f"re-export: vidrt export CHECKPOINT --opset 23 --precision {precision}"
+            fix = f"re-export: vidrt export --model CHECKPOINT --opset 23 --precision {precision}"
             raise PackageError(f"{comp.artifact.file} is {comp.precision}, a {precision} build needs a {precision} "
                                f"graph (TensorRT networks are strongly typed: the precision is in the ONNX); {fix}")
     elif name == C.TEXT_ENCODER:

@@ -11,6 +11,7 @@ hashes then no longer match anything rewritten) or none.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import gc
 import hashlib
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import vidrt
 from tqdm import tqdm
+from vidrt.backends.residency import DEFAULT_FP8_SCOPE
 from vidrt.errors import PackageError, UsageError
 from vidrt.export.checkpoints import Checkpoint, open_checkpoint
 from vidrt.export.components import PRECISIONS
@@ -71,10 +73,28 @@ class Stage:
 
 
 def export_package(model_dir: Path | str, out: Path | str | None = None, variant: str | None = None, opset: int = 18,
-                   precision: str = "fp32", progress: bool = True) -> Path:
-    """Export the checkpoint at `model_dir` into the package folder `out` (default engines/<variant>)."""
+                   precision: str = "fp32", progress: bool = True, *, fp8_scope: str = DEFAULT_FP8_SCOPE,
+                   calibration_prompts: tuple[str, ...] | None = None) -> Path:
+    """Export the checkpoint at `model_dir` into the package folder `out` (default engines/<variant>).
+    precision "fp8": an fp32 package first, then every DiT expert replaced by its FP8 Q/DQ graph,
+    calibrated on the package's own denoising steps (export/quantize_fp8.py `quantize_package`)."""
+    if precision == "fp8":
+        path = export_package(model_dir, out, variant, opset, "fp32", progress)
+        from vidrt.export.quantize_fp8 import CALIBRATION_PROMPTS, quantize_package
+
+        ckpt = open_checkpoint(model_dir, variant)
+        with _locked(path):
+            report = quantize_package(path, ckpt, scope=fp8_scope, prompts=calibration_prompts or CALIBRATION_PROMPTS,
+                                      log=print if progress else (lambda s: None))
+            # the experts' fingerprints say fp8, so a later fp32 export re-exports them instead of reusing
+            manifest = load_manifest(path, verify=False)
+            inputs = dict(manifest.export_inputs)
+            for expert in report["experts"]:
+                inputs[expert] = hashlib.sha256(f"{inputs.get(expert, '')}|fp8|{fp8_scope}".encode()).hexdigest()
+            write_manifest(path, dataclasses.replace(manifest, export_inputs=inputs))
+        return path
     if precision not in PRECISIONS:
-        raise UsageError(f"precision {precision!r} is not supported: choose one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"precision {precision!r} is not supported: choose one of {', '.join(PRECISIONS)}, fp8")
     check_opset(opset)
     ckpt = open_checkpoint(model_dir, variant)
     out = Path(out) if out is not None else Path("engines") / ckpt.spec.name
@@ -101,9 +121,11 @@ def export_package(model_dir: Path | str, out: Path | str | None = None, variant
     return out
 
 
-def export_main(model: str, variant: str | None, out: str | None, opset: int, precision: str) -> Path:
+def export_main(model: str, variant: str | None, out: str | None, opset: int, precision: str,
+                fp8_scope: str = DEFAULT_FP8_SCOPE, calibration_prompts: tuple[str, ...] | None = None) -> Path:
     """Glue for the `vidrt export` click command: export, then print where the package is."""
-    path = export_package(model, out, variant, opset, precision, progress=True)
+    path = export_package(model, out, variant, opset, precision, progress=True, fp8_scope=fp8_scope,
+                          calibration_prompts=calibration_prompts)
     print(f"exported {path}")
     return path
 

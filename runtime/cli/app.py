@@ -147,15 +147,29 @@ def info(package: str | None) -> None:
 @click.option("--out", help="Package folder (default: engines/<variant>).")
 @click.option("--opset", type=click.Choice(["18", "23"]), default="18", show_default=True,
               help="18 for ONNX Runtime, 23 for TensorRT (fused Attention / RMSNormalization).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
-def export_cmd(model_dir: str, variant: str | None, out: str | None, opset: str, precision: str) -> None:
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "fp8"]), default="fp32", show_default=True,
+              help="fp8: the DiT as FP8 Q/DQ (ModelOpt), calibrated on this package's own denoising steps.")
+@click.option("--fp8-scope", type=click.Choice(["ffn", "linear"]), default="ffn", show_default=True,
+              help="fp8: quantise the feed-forward matrices only, or every block matrix.")
+@click.option("--calibration-prompts", type=click.Path(dir_okay=False, exists=True),
+              help="fp8: a text file, one calibration prompt per line (default: four built-in prompts).")
+def export_cmd(model_dir: str, variant: str | None, out: str | None, opset: str, precision: str, fp8_scope: str,
+               calibration_prompts: str | None) -> None:
     """Export a Wan checkpoint to a model package (ONNX + tokenizer + manifest). Needs vidrt[export]."""
     try:
         from vidrt.export.package import export_main
     except ImportError as exc:
         raise UsageError(f"export needs the export extras ({exc.name} is missing): "
                          f"pip install 'vidrt[export]'") from None
-    export_main(model=model_dir, variant=variant, out=out, opset=int(opset), precision=precision)
+    prompts = None
+    if calibration_prompts:
+        from pathlib import Path
+
+        prompts = tuple(p.strip() for p in Path(calibration_prompts).read_text("utf-8").splitlines() if p.strip())
+        if not prompts:
+            raise UsageError(f"--calibration-prompts {calibration_prompts}: the file has no prompt")
+    export_main(model=model_dir, variant=variant, out=out, opset=int(opset), precision=precision,
+                fp8_scope=fp8_scope, calibration_prompts=prompts)
 
 
 from vidrt.cli.trt import build_cmd, doctor_cmd, plan_cmd  # noqa: E402  (TensorRT commands: runtime/cli/trt.py)
