@@ -330,6 +330,7 @@ def test_bind_and_token_rules(tmp_path):
         parse_duration("7 weeks", "--keep")
     assert allowed_hosts_for("127.0.0.1", ("*",)) is None
     assert {"localhost", "127.0.0.1", "::1", "gpu-box.lan"} <= allowed_hosts_for("127.0.0.1", ("gpu-box.lan",))
+    assert socket.gethostname().lower() in allowed_hosts_for("0.0.0.0", ())  # a wildcard bind: this machine's names
 
 
 def test_killed_worker_scratch_is_removed(served):

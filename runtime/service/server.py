@@ -111,12 +111,19 @@ def allowed_hosts_for(host: str, extra: tuple[str, ...] | None) -> set[str] | No
     wildcard bind this machine's names and addresses; plus `extra` (--allow-host). None: any ('*')."""
     if extra is None or "*" in extra:
         return None
-    names = {*LOOPBACK_NAMES, host.lower(), *(h.lower() for h in extra)}
-    if host in ("0.0.0.0", "::", ""):
+    names = {*LOOPBACK_NAMES, *(h.lower() for h in extra)}
+    if host not in ("0.0.0.0", "::", ""):
+        names.add(host.lower())
+    else:  # a wildcard bind: this machine's names and addresses (never "0.0.0.0", which browsers send to loopback)
         hostname = socket.gethostname()
         names |= {hostname.lower(), socket.getfqdn().lower()}
         with contextlib.suppress(OSError):
             names |= {str(info[4][0]).lower() for info in socket.getaddrinfo(hostname, None)}
+        for family, probe in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+            # the address of the interface that routes outwards (a UDP connect sends nothing)
+            with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((probe, 9))
+                names.add(str(s.getsockname()[0]).lower())
     return names
 
 
