@@ -197,7 +197,8 @@ def test_batch_runs_and_resumes(package, local_ray, tmp_path):
 
     lines = [{"prompt": "a red cat walks", **SMALL, "seed": 1},
              {"prompt": "a blue dog runs", **SMALL, "seed": 2, "output": "dog"},
-             {"prompt": "a cat in snow", **SMALL, "seed": 3, "output_format": "png"},
+             {"prompt": "a cat in snow", **{k: v for k, v in SMALL.items() if k != "crf"}, "seed": 3,
+              "output_format": "png"},  # PNG frames have no CRF
              {"prompt": "a dog at night", **SMALL, "seed": 4, "output_format": "webm"}]
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
