@@ -159,10 +159,24 @@ def test_interrupt_at_any_moment(run_package, tiny_t2v_checkpoint, tmp_path, com
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        lost = False
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            # CPython can swallow a SIGINT that lands while it starts ("Failed checking if argv[0] is an import
+            # path entry" + the KeyboardInterrupt, then it carries on): a command that ends by itself does not
+            # notice, `vidrt serve` would serve on. Only then: interrupt the server that came up.
+            assert command == "serve", f"{command} at {delay} s did not end"
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+            assert "Failed checking if argv[0] is an import path entry" in err and proc.returncode == 130, err
+            outcomes["lost in interpreter start-up, then interrupted"] += 1
+            lost = True
         rc = proc.returncode
         lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("warning:", "INFO"))]
-        if rc == 130:
+        if lost:
+            pass  # counted above
+        elif rc == 130:
             assert lines[-1:] == ["interrupted"] and "Traceback" not in err, f"{command} at {delay} s: {err}"
             outcomes["interrupted (130)"] += 1
         else:
