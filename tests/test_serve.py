@@ -151,9 +151,9 @@ def test_sdk_create_poll_retrieve_download(client, served):
 def test_sdk_list_pages(client, served):
     url, _, _ = served
     made = [client.videos.create_and_poll(prompt=f"a green circle {i}", poll_interval_ms=100, extra_body=QUICK).id
-            for i in range(3)]
+            for i in range(5)]
     everything = [v.id for v in client.videos.list(limit=100)]
-    assert len(everything) >= 5 and everything[:3] == made[::-1]  # newest first
+    assert len(everything) >= 5 and everything[:5] == made[::-1]  # newest first
     first = client.videos.list(limit=2)
     assert len(first.data) == 2 and first.has_more and first.last_id == first.data[-1].id
     assert first.model_extra.get("first_id") == first.data[0].id
@@ -163,6 +163,19 @@ def test_sdk_list_pages(client, served):
     assert [v.id for v in last.data] == everything[-2:] and last.has_more is False
     with pytest.raises(openai.BadRequestError, match="after: no video"):
         client.videos.list(after="video_gone")
+    # deleting while paging (the cursor itself is gone by the time the next page is asked for)
+    page = client.videos.list(limit=2)
+    seen = []
+    while True:
+        for v in page.data:
+            seen.append(v.id)
+            if v.id in made:
+                client.videos.delete(v.id)
+        if not page.has_next_page():
+            break
+        page = page.get_next_page()
+    assert seen == everything
+    assert not set(made) & {v.id for v in client.videos.list(limit=100)}
 
 
 def test_sdk_delete_cancels_running_job(client, served):

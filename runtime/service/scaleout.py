@@ -339,6 +339,8 @@ class JobManager:
         self.restore_report: dict[str, int] = {}
         self._seq = 0
         self.jobs: dict[str, Job] = {}
+        # id -> seq of deleted jobs (this process's last 10000): a list cursor (`after`) may name one
+        self.deleted_seq: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.slots: list[Slot] = []
         self.retries = 0
         self.ready_at: float | None = None
@@ -540,6 +542,9 @@ class JobManager:
         if job.status in ACTIVE:
             self.cancel(job_id)
         del self.jobs[job_id]
+        self.deleted_seq[job_id] = job.seq
+        while len(self.deleted_seq) > 10000:
+            self.deleted_seq.popitem(last=False)
         job.deleted = True
         if self.store is not None:
             self.store.delete(job_id)

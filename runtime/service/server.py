@@ -265,15 +265,14 @@ def create_app(state: State) -> FastAPI:
     async def list_videos(after: str | None = Query(None, max_length=200), limit: int = Query(20, ge=1, le=100),
                           order: Literal["asc", "desc"] = "desc") -> VideoList:
         jobs = sorted(manager.jobs.values(), key=lambda j: j.seq, reverse=order == "desc")
-        start = 0
-        if after is not None:
-            start = next((i + 1 for i, j in enumerate(jobs) if j.id == after), -1)
-            if start < 0:
-                raise ApiError(400, f"after: no video {after!r} (deleted or never made); start again without after",
-                               "after")
-        page = jobs[start:start + limit]
+        if after is not None:  # the cursor may have been deleted since (a client deleting as it pages)
+            cursor = manager.jobs[after].seq if after in manager.jobs else manager.deleted_seq.get(after)
+            if cursor is None:
+                raise ApiError(400, f"after: no video {after!r}; start again without after", "after")
+            jobs = [j for j in jobs if (j.seq < cursor if order == "desc" else j.seq > cursor)]
+        page = jobs[:limit]
         return VideoList(data=[api.video(j) for j in page], first_id=page[0].id if page else None,
-                         last_id=page[-1].id if page else None, has_more=start + limit < len(jobs))
+                         last_id=page[-1].id if page else None, has_more=limit < len(jobs))
 
     @app.get("/v1/videos/{video_id}", response_model=Video, responses=ERRORS)
     async def retrieve_video(response: Response, video_id: str = PathParam(max_length=200)) -> Video:
