@@ -26,13 +26,14 @@ import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from vidrt.errors import PackageError
 from vidrt.export import keymaps
-from vidrt.export.weights import TensorInfo, WeightFiles, read_json, safetensors_files, shapes, stored
+from vidrt.export.weights import FLOAT_DTYPES, TensorInfo, WeightFiles, read_json, safetensors_files, shapes, stored
 from vidrt.export.weights import load as load_tensors
 from vidrt.package.registry import VARIANTS, DiTConfig, ModelSpec, TextConfig, VAEConfig, get_variant
 
@@ -123,6 +124,31 @@ class Checkpoint:
 
         part = self.parts["vae"]
         return _build(part, lambda: AutoencoderKLWan(**part.config), self._tensors(part), "cpu")
+
+    def check_weights(self) -> None:
+        """Every component's weights against the model its config describes, from the files' headers
+        only (no tensor is read): keys, shapes, and a floating-point stored dtype for every float
+        tensor. `vidrt export` calls this before it writes anything, so a file from another model (a
+        TI2V-5B transformer in a Wan2.1 folder) is a one-line PackageError, not a failure mid-export."""
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+        factories: dict[str, Callable[[], Any]] = {"text_encoder": self._text_encoder_factory()}
+        for expert in self.spec.experts:
+            cfg = dict(self._expert(expert).config)
+            factories[expert] = partial(WanTransformer3DModel, **cfg)
+        factories["vae"] = partial(AutoencoderKLWan, **self.parts["vae"].config)
+        for name, factory in factories.items():
+            part = self.parts[name]
+            info = shapes(part.weights)
+            have = {new: info[src] for new, src in part.names.items() if src in info}
+            model = _checked_on_meta(part, factory, have)
+            floats = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+            bad = [f"{part.names.get(k, k)} is {have[k].dtype}" for k in sorted(floats)
+                   if have[k].dtype and have[k].dtype not in FLOAT_DTYPES]
+            if bad:
+                raise PackageError(f"{part.weights.label}: {len(bad)} weight(s) stored as non-float data, e.g. "
+                                   f"{bad[0]}; wrong or damaged {part.name} file")
+            del model
 
     # ---- tokenizer, fingerprints ------------------------------------------------------------
 

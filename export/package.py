@@ -1,11 +1,17 @@
 """`vidrt export`: a checkpoint folder -> a model package (DESIGN.md §2).
 
+Before anything is written, every weight of every component is checked against the model its
+config describes (keys, shapes, float dtypes; headers only: Checkpoint.check_weights).
+
 Stages: tokenizer, text_encoder, one per DiT expert, vae (both decoder graphs). A stage is
 skipped when its inputs' fingerprint (checkpoint files + opset + precision + vidrt version +
 model spec) equals the one in the existing manifest and its files still hash right. A lock file
-serialises concurrent exports into one folder; the manifest is written last and atomically, and
-every file is renamed into place whole, so a killed export leaves either the old manifest (whose
-hashes then no longer match anything rewritten) or none.
+serialises concurrent exports into one folder. Stages write into a staging folder inside the
+package folder (`.export-staging-<pid>/`); only when every stage has succeeded are their files
+renamed into place and the manifest written, last and atomically. A failed export therefore leaves
+the folder as it was (a folder it created is removed again); a killed one leaves either the old
+manifest (whose hashes then no longer match anything rewritten) or none, and its staging folder is
+removed by the next export.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 import vidrt
 from tqdm import tqdm
 from vidrt.backends.residency import DEFAULT_FP8_SCOPE
-from vidrt.errors import PackageError, UsageError
+from vidrt.errors import PackageError, UsageError, VidrtError
 from vidrt.export.checkpoints import Checkpoint, open_checkpoint
 from vidrt.export.components import PRECISIONS
 from vidrt.export.onnx_export import (
@@ -52,6 +58,7 @@ from vidrt.package.registry import to_dict
 
 TOKENIZER_FILE = "tokenizer.json"
 LOCK_FILE = ".export.lock"
+STAGING_PREFIX = ".export-staging-"
 
 
 @dataclass(frozen=True)
@@ -97,12 +104,36 @@ def export_package(model_dir: Path | str, out: Path | str | None = None, variant
         raise UsageError(f"precision {precision!r} is not supported: choose one of {', '.join(PRECISIONS)}, fp8")
     check_opset(opset)
     ckpt = open_checkpoint(model_dir, variant)
+    ckpt.check_weights()  # every weight, before any file is written
     out = Path(out) if out is not None else Path("engines") / ckpt.spec.name
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the package")
+    created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if the export fails
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
-        _remove_leftovers(out)
-        previous = _previous_manifest(out)
-        stages = _stages(ckpt, out, opset, precision)
+    had_lock = (out / LOCK_FILE).exists()
+    try:
+        with _locked(out):
+            try:
+                _export_locked(ckpt, out, opset, precision, progress)
+            except BaseException:
+                if not had_lock:  # the folder as it was: without the lock file this export added
+                    (out / LOCK_FILE).unlink(missing_ok=True)
+                raise
+    except BaseException:
+        for folder in created:  # deepest first; only folders this export made, now empty again
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return out
+
+
+def _export_locked(ckpt: Checkpoint, out: Path, opset: int, precision: str, progress: bool) -> None:
+    _remove_leftovers(out)
+    previous = _previous_manifest(out)
+    staging = out / f"{STAGING_PREFIX}{os.getpid()}"
+    staging.mkdir()
+    try:
+        stages = _stages(ckpt, staging, opset, precision)
         inputs = {s.name: _fingerprint(ckpt, s, opset) for s in stages}
         results: dict[str, StageResult] = {}
         bar = tqdm(stages, desc="export", unit="stage", disable=not progress)
@@ -112,13 +143,16 @@ def export_package(model_dir: Path | str, out: Path | str | None = None, variant
             results[stage.name] = reused if reused is not None else _timed(stage.run)
             bar.set_postfix_str("skipped" if reused else f"{results[stage.name].seconds:.1f} s")
         bar.close()
-        tokenizer = results["tokenizer"].tokenizer
-        assert tokenizer is not None
-        components = {name: comp for r in results.values() for name, comp in r.components.items()}
-        write_manifest(out, Manifest(schema_version=SCHEMA_VERSION, model=ckpt.spec, tokenizer=tokenizer,
-                                     components=components, vidrt_version=vidrt.__version__, export_inputs=inputs,
-                                     vocabulary=closed_vocabulary((out / TOKENIZER_FILE).read_text("utf-8"))))
-    return out
+        for name in sorted(p.name for p in staging.iterdir()):  # every stage succeeded: into place
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = results["tokenizer"].tokenizer
+    assert tokenizer is not None
+    components = {name: comp for r in results.values() for name, comp in r.components.items()}
+    write_manifest(out, Manifest(schema_version=SCHEMA_VERSION, model=ckpt.spec, tokenizer=tokenizer,
+                                 components=components, vidrt_version=vidrt.__version__, export_inputs=inputs,
+                                 vocabulary=closed_vocabulary((out / TOKENIZER_FILE).read_text("utf-8"))))
 
 
 def export_main(model: str, variant: str | None, out: str | None, opset: int, precision: str,
@@ -185,9 +219,30 @@ def _component(out: Path, name: str, contract: Contract, precision: str, opset: 
 
 def _timed(run: Callable[[], StageResult]) -> StageResult:
     t0 = time.perf_counter()
-    result = run()
+    try:
+        result = run()
+    except VidrtError:
+        raise
+    except Exception as exc:
+        # A weight is read, checked and cast inside a lazy tensor while the graph is optimised or saved:
+        # its PackageError arrives wrapped by onnx_ir / onnxscript (PassError, ...). Give it back as itself.
+        inner = _vidrt_cause(exc)
+        if inner is not None:
+            raise inner from None
+        raise
     gc.collect()  # drop the stage's torch modules/tensors before the next one loads
     return StageResult(result.components, result.tokenizer, time.perf_counter() - t0)
+
+
+def _vidrt_cause(exc: BaseException) -> VidrtError | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, VidrtError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 # ---- skipping finished stages -----------------------------------------------------------------
@@ -247,7 +302,9 @@ def _remove_leftovers(out: Path) -> None:
     """What a killed export leaves: temp folders `.<graph>.onnx.<random>/` and `*.tmp` files.
     No manifest ever names them."""
     for p in out.iterdir():
-        if p.is_dir() and p.name.startswith(".") and ".onnx." in p.name:
+        if p.is_dir() and p.name.startswith(STAGING_PREFIX):  # a killed export's staging folder
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_dir() and p.name.startswith(".") and ".onnx." in p.name:
             shutil.rmtree(p, ignore_errors=True)
         elif p.is_file() and p.name.endswith(".tmp"):
             p.unlink(missing_ok=True)

@@ -22,6 +22,12 @@ from vidrt.errors import PackageError
 class TensorInfo:
     shape: tuple[int, ...]
     file: Path
+    dtype: str = ""  # as the file names it: safetensors "F32"/"BF16"/"I64"..., .pth "float32"...; "" unknown
+
+
+# Stored dtypes a floating-point weight may come in (cast to the export precision when read). Anything
+# else (integers, bool, fp8 without its scales) is a different or damaged file, refused before export.
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "float64", "float32", "float16", "bfloat16"})
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ def safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            out[name] = TensorInfo(tuple(int(d) for d in meta["shape"]), path)
+            out[name] = TensorInfo(tuple(int(d) for d in meta["shape"]), path, str(meta.get("dtype", "")))
             end = max(end, int(meta["data_offsets"][1]))
         except (KeyError, TypeError, ValueError, IndexError):
             raise PackageError(f"{path}: malformed safetensors header entry {name!r}; re-download it") from None
@@ -132,7 +138,8 @@ def _load_pth(path: Path) -> dict[str, torch.Tensor]:
 def shapes(wf: WeightFiles) -> dict[str, TensorInfo]:
     """Tensor name -> shape (+ which file holds it), reading headers only."""
     if wf.fmt == "pth":
-        return {k: TensorInfo(tuple(v.shape), wf.files[0]) for k, v in _load_pth(wf.files[0]).items()}
+        return {k: TensorInfo(tuple(v.shape), wf.files[0], str(v.dtype).removeprefix("torch."))
+                for k, v in _load_pth(wf.files[0]).items()}
     out: dict[str, TensorInfo] = {}
     for f in wf.files:
         out.update(safetensors_header(f))
