@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 from vidrt.backends import open_backend
-from vidrt.backends.base import BackendOptions, Engine
+from vidrt.backends.base import Backend, BackendOptions, Engine
 from vidrt.backends.residency import ResidencyPlan, plan_for_package
+from vidrt.embedding_cache import EmbeddingCache, package_key
 from vidrt.errors import DeviceError, UsageError
 from vidrt.package import contracts as C
 from vidrt.package.manifest import Manifest, artifact_path, load_manifest
@@ -134,13 +135,15 @@ class Pipeline:
         self.tokenizer = PromptTokenizer(artifact_path(package, manifest.tokenizer.file),
                                          manifest.model.text.text_len)
         self._engines: dict[str, Engine] = {}
+        self.text_backend: Backend | None = None  # umT5 on ONNX Runtime CPU when the memory plan says so
+        self.embeddings: EmbeddingCache | None = None  # prompt embeddings on disk (Pipeline.load)
         self.load_seconds = 0.0
         self.cfg_batch: int | None = None  # None: the memory plan's (2 where there is none); 1: two DiT calls
 
     @classmethod
     def load(cls, package: str | Path | None = None, backend: str = "auto", device: str = "cpu",
              threads: int | None = None, verify: bool = True,
-             warn: Callable[[str], None] | None = None) -> Pipeline:
+             warn: Callable[[str], None] | None = None, embedding_cache: str | Path | None = None) -> Pipeline:
         """Open a model package folder (what `vidrt export` writes; None = the bundled tiny model).
 
         backend  "auto" (TensorRT when a GPU, TensorRT and matching plans are present, else ONNX Runtime),
@@ -161,6 +164,8 @@ class Pipeline:
         package = Path(package)
         manifest = load_manifest(package, verify=verify)
         pipe = cls(package, manifest, BackendOptions(backend=backend, device=device, threads=threads), warn)
+        if embedding_cache is not None:  # a repeated prompt then skips the text encoder
+            pipe.embeddings = EmbeddingCache(embedding_cache, package_key(manifest))
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 
@@ -168,8 +173,8 @@ class Pipeline:
         """Open a component once, on first use."""
         if name not in self._engines:
             comp = self.manifest.components[name]
-            self._engines[name] = self.backend.open(name, artifact_path(self.package, comp.artifact.file),
-                                                    comp.contract)
+            backend = self.text_backend if name == C.TEXT_ENCODER and self.text_backend else self.backend
+            self._engines[name] = backend.open(name, artifact_path(self.package, comp.artifact.file), comp.contract)
         return self._engines[name]
 
     def release(self, name: str) -> None:
@@ -251,7 +256,15 @@ class Pipeline:
         released = {name for stage in memory.stages for name in stage.release} if memory else set()
         if memory:
             self.backend.stream_weights(memory.streamed)
+        gpu_stats = getattr(self.backend, "gpu_stats", None)  # TensorRT: CUDA-event times, peak memory
+        if gpu_stats is not None:
+            self.backend.reset_gpu_stats()  # type: ignore[attr-defined]
         keep_text_encoder = keep_text_encoder and C.TEXT_ENCODER not in released
+        if memory and memory.text_device == "cpu" and self.text_backend is None:
+            # a card too small for umT5 (the official code's --t5_cpu): it runs on ONNX Runtime CPU
+            self.release(C.TEXT_ENCODER)
+            self.text_backend = open_backend(BackendOptions(backend="onnxruntime", threads=self.options.threads),
+                                             self.manifest)
 
         # 1. plan
         plan = plan_steps(self.manifest, s)
@@ -262,9 +275,13 @@ class Pipeline:
         with stats.stage("text"):
             self._warn_unknown_words(s.prompt)
             prompts = [s.prompt, s.negative_prompt] if needs_uncond else [s.prompt]
-            context = encode_prompts(self.engine(C.TEXT_ENCODER), self.tokenizer, prompts, self.warn, clean=False)
-            _check_finite("text encoder", context, precision[C.TEXT_ENCODER],
-                          "umT5 overflows in reduced precision: re-export it in fp32")
+            context = self.embeddings.get(prompts) if self.embeddings else None
+            if context is None:
+                context = encode_prompts(self.engine(C.TEXT_ENCODER), self.tokenizer, prompts, self.warn, clean=False)
+                _check_finite("text encoder", context, precision[C.TEXT_ENCODER],
+                              "umT5 overflows in reduced precision: re-export it in fp32")
+                if self.embeddings:
+                    self.embeddings.put(prompts, context)
             if not keep_text_encoder:
                 self.release(C.TEXT_ENCODER)  # its memory is not needed again for this clip
 
@@ -313,11 +330,15 @@ class Pipeline:
         # The step engine opens after frame 0; the first-frame engine is released first where the
         # memory plan says so (TensorRT), so the two are never on the device together.
         release_first = (lambda: self.release(C.VAE_FIRST)) if C.VAE_FIRST in released else None
+        order = memory.decode_order if memory else "frame"  # the plan's: tile-major keeps one tile's caches
         for chunk in iter_decode(latents, self.engine(C.VAE_FIRST), lambda: self.engine(C.VAE_STEP), tiles,
-                                 mean=spec.vae.latents_mean, std=spec.vae.latents_std, release_first=release_first):
+                                 mean=spec.vae.latents_mean, std=spec.vae.latents_std, release_first=release_first,
+                                 order=order):
             consume(chunk)
         stats.seconds["decode"] = time.perf_counter() - t_decode - stats.seconds["write"]
         video = np.concatenate(frames) if frames else None
+        if gpu_stats is not None:
+            stats.gpu = {**gpu_stats(), **({"planned_peak_bytes": memory.peak} if memory else {})}
         return Result(frames=video, settings=s, stats=stats, fps=spec.sampling.fps, model=spec.name)
 
     def memory_plan(self, s: Settings) -> ResidencyPlan | None:
@@ -329,7 +350,7 @@ class Pipeline:
         budget, precision = device
         # TensorRT: the VAE tile is fixed by its engines' profile; the plan checks that it fits.
         plan = plan_for_package(self.package, self.manifest, s.width, s.height, s.num_frames, budget, precision,
-                                vae_tile=getattr(self.backend, "vae_tile", None), text_device="gpu")
+                                vae_tile=getattr(self.backend, "vae_tile", None))
         if not plan.fits:
             raise DeviceError(f"{s.width}x{s.height}x{s.num_frames} needs {plan.peak / 2**30:.1f} GiB of GPU memory "
                               f"and {budget / 2**30:.1f} GiB are free; lower --size or --frames (see `vidrt plan "

@@ -18,6 +18,7 @@ class RunStats:
     vae_tiles: int = 0
     backend: str = ""
     dit_calls: int = 0  # DiT evaluations for the clip, one per batch row (a batch-2 CFG call is two)
+    gpu: dict[str, object] = field(default_factory=dict)  # TensorRT: GPU seconds per stage, peak memory
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -49,4 +50,4 @@ class RunStats:
         return {"seconds": dict(self.seconds), "total_seconds": self.total_seconds,
                 "denoise_step_seconds": list(self.denoise_step_seconds),
                 "num_tokens": self.num_tokens, "vae_tiles": self.vae_tiles, "backend": self.backend,
-                "dit_calls": self.dit_calls}
+                "dit_calls": self.dit_calls} | ({"gpu": dict(self.gpu)} if self.gpu else {})

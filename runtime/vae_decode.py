@@ -348,10 +348,21 @@ def denormalize(latents: np.ndarray, mean: Sequence[float], std: Sequence[float]
     return latents.astype(np.float32) * s + m
 
 
+DECODE_ORDERS = ("frame", "tile")
+
+
 def iter_decode(latents: np.ndarray, first: Engine, step: Engine | Callable[[], Engine], plan: TilePlan, *,
                 mean: Sequence[float], std: Sequence[float],
-                release_first: Callable[[], None] | None = None) -> Iterator[np.ndarray]:
+                release_first: Callable[[], None] | None = None, order: str = "frame") -> Iterator[np.ndarray]:
     """Decode normalised latents [z, F, h, w] latent frame by latent frame.
+
+    order "frame" (frame-major): every tile of latent frame 0, then every tile of frame 1, ...; each
+    chunk is yielded as soon as its latent frame is done, and every tile's caches are held between
+    latent frames (memory grows with the frame area). order "tile" (tile-major): each tile's whole
+    causal chain, one tile after another: only one tile's caches are alive at a time (memory bounded
+    by the tile), both engines stay open, and the blended frames are assembled in one float32 clip
+    buffer [T, H, W, 3] (host) and yielded, chunk by chunk, at the end. Same values either way: every
+    tile's chain is independent and blending is a sum.
 
     `step` may be a function that opens the step engine: it is called after latent frame 0, once
     `release_first` has released the first-frame engine, so the two never hold device memory at
@@ -371,6 +382,12 @@ def iter_decode(latents: np.ndarray, first: Engine, step: Engine | Callable[[], 
     # Separable blend weights per tile: rows x cols, over each tile's support only.
     row_w = [plan.rows.weights(i) for i in range(plan.rows.count)]
     col_w = [plan.cols.weights(j) for j in range(plan.cols.count)]
+    if order not in DECODE_ORDERS:
+        raise ValueError(f"decode order {order!r}: use one of {DECODE_ORDERS}")
+    if order == "tile":
+        step_now: Engine = step() if not hasattr(step, "run") else step  # type: ignore[operator,assignment]
+        yield from _tile_major(lat, first, step_now, plan, n_caches, row_w, col_w)
+        return
     caches: list[dict[str, np.ndarray]] = [{} for _ in range(plan.count)]
     step_engine: Engine = step if not callable(step) or hasattr(step, "run") else first  # type: ignore[assignment]
     for f in range(n_lat):
@@ -408,6 +425,39 @@ def iter_decode(latents: np.ndarray, first: Engine, step: Engine | Callable[[], 
                 k += 1
         assert out is not None
         yield out
+
+
+def _tile_major(lat: np.ndarray, first: Engine, step: Engine, plan: TilePlan, n_caches: int,
+                row_w: list[np.ndarray], col_w: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """iter_decode's tile-major order: one tile's cache chain alive at a time."""
+    z, n_lat, _, _ = lat.shape
+    th, tw = plan.tile_shape
+    H, W = plan.frame_px
+    if plan.rows.pad or plan.cols.pad:
+        lat = np.pad(lat, ((0, 0), (0, 0), (0, plan.rows.pad), (0, plan.cols.pad)), mode="edge")
+    chunks: list[np.ndarray | None] = [None] * n_lat  # float32 [n, H, W, 3] per latent frame
+    for i, y in enumerate(plan.rows.starts):
+        for j, x in enumerate(plan.cols.starts):
+            cache: dict[str, np.ndarray] = {}
+            for f in range(n_lat):
+                feeds = {VAE_LATENT: np.ascontiguousarray(lat[None, :, f, None, y:y + th, x:x + tw]), **cache}
+                res = first.run(feeds) if f == 0 else step.run(feeds)
+                cache = {cache_in(c): res[cache_out(c)] for c in range(n_caches)}  # the previous set goes
+                tile = res[VAE_FRAMES][0].transpose(1, 2, 3, 0)  # [n, th*s, tw*s, 3]
+                if plan.count == 1:
+                    chunks[f] = np.ascontiguousarray(tile[:, :H, :W], dtype=np.float32)
+                    continue
+                out = chunks[f]
+                if out is None:
+                    out = chunks[f] = np.zeros((tile.shape[0], H, W, 3), dtype=np.float32)
+                (y0, y1), (x0, x1) = plan.rows.support(i), plan.cols.support(j)
+                oy, ox = y * plan.rows.scale, x * plan.cols.scale
+                weight = row_w[i][:, None, None] * col_w[j][None, :, None]
+                out[:, y0:y1, x0:x1] += tile[:, y0 - oy:y1 - oy, x0 - ox:x1 - ox] * weight
+            del cache
+    for chunk in chunks:
+        assert chunk is not None
+        yield chunk
 
 
 def decode(latents: np.ndarray, first: Engine, step: Engine, plan: TilePlan, *,

@@ -184,14 +184,15 @@ def test_gpu_memory_plan_drives_the_run(tiny_package):
     s = resolve(req, pipe.manifest.model)
 
     def fits(budget: int) -> bool:
-        return plan_for_package(package, pipe.manifest, s.width, s.height, s.num_frames, budget, "fp32").fits
+        return plan_for_package(package, pipe.manifest, s.width, s.height, s.num_frames, budget, "fp32",
+                                text_device="gpu").fits  # umT5 on the GPU (auto would move it to the CPU)
 
     lo, hi = 0, 2**40  # smallest fitting budget, by bisection
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     plan = plan_for_package(package, pipe.manifest, s.width, s.height, s.num_frames, hi, "fp32")
-    assert not plan.all_resident and plan.cfg_batch == 1, plan.table()
+    assert not plan.all_resident and plan.cfg_batch == 1 and plan.text_device == "gpu", plan.table()
 
     inner = pipe.backend
     pipe.backend = backend = _PlannedBackend(inner, hi)

@@ -120,7 +120,7 @@ def test_5b_fp8_720p_fits_24gb_per_stage() -> None:
     plan = make_plan(VARIANTS["wan2.2-ti2v-5b"], 1280, 704, 121, BUDGET_24GB, "fp8")
     assert plan.fits and not plan.all_resident and not plan.streamed
     names = [s.name for s in plan.stages]
-    assert names == ["text", "denoise", "decode frame 0", "decode"]
+    assert names == ["text", "denoise", "decode"] and plan.decode_order == "tile"  # bounded by the tile
     assert plan.stages[0].release == (C.TEXT_ENCODER,)  # the text encoder leaves before denoising
     assert all(s.peak <= plan.budget for s in plan.stages)
 
@@ -129,7 +129,7 @@ def test_a14b_swaps_experts_and_streams_weights_on_24gb() -> None:
     spec = VARIANTS["wan2.2-t2v-a14b"]
     for precision in ("fp8", "bf16"):
         plan = make_plan(spec, 1280, 720, 81, BUDGET_24GB, precision)
-        assert [s.name for s in plan.stages] == ["text", "denoise high", "denoise low", "decode frame 0", "decode"]
+        assert [s.name for s in plan.stages] == ["text", "denoise high", "denoise low", "decode"]
         assert plan.stages[1].load == ("dit_high",) and plan.stages[1].release == ("dit_high",)
         assert plan.fits and all(s.peak <= plan.budget for s in plan.stages)
         assert set(plan.streamed) == {"dit_high", "dit_low"}
@@ -153,3 +153,15 @@ def test_plan_command_for_a_variant_without_weights() -> None:
     assert "wan2.2-ti2v-5b 1280x704x121, DiT fp8" in res.output and "fits" in res.output
     bad = CliRunner().invoke(cli, ["plan", "wan2.2-ti2v-5b", "--size", "1000x700"])
     assert bad.exit_code != 0
+
+
+def test_plan_command_summarises_several_cards() -> None:
+    from vidrt.cli.app import cli
+
+    res = CliRunner().invoke(cli, ["plan", "wan2.1-t2v-1.3b", "--size", "832x480", "--frames", "81",
+                                   "--gpu-memory", "8GB,12GB,16GB,24GB"])
+    assert res.exit_code == 0, res.output
+    rows = [line.split() for line in res.output.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["8GB", "12GB", "16GB", "24GB"]
+    # umT5 (12.5 GiB) cannot sit on an 8 or 12 GB card: the plan runs it on the CPU there (--t5_cpu)
+    assert [(r[2], r[3]) for r in rows] == [("yes", "cpu"), ("yes", "cpu"), ("yes", "gpu"), ("yes", "gpu")]

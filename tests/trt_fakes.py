@@ -40,7 +40,8 @@ class FakeCuda:
         self.calls.append(f"set_device {index}")
 
     def mem_info(self) -> tuple[int, int]:
-        return 20 * 2**30, 24 * 2**30
+        """20 GiB free at start, less what this process has allocated (cudaMemGetInfo)."""
+        return 20 * 2**30 - sum(len(m) for m in self.mem.values()), 24 * 2**30
 
     def malloc(self, nbytes: int) -> int:
         ptr = self._handle()

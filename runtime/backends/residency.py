@@ -327,6 +327,7 @@ class ResidencyPlan:
     notes: tuple[str, ...] = ()
     host_bytes: int = 0  # host RAM the run needs at its peak (see _finish)
     text_device: str = "gpu"  # where umT5 runs: "gpu" (TensorRT) or "cpu" (ONNX Runtime)
+    decode_order: str = "frame"  # vae_decode.iter_decode order: "tile" (bounded by the tile) or "frame"
 
     @property
     def peak(self) -> int:
@@ -351,6 +352,7 @@ class ResidencyPlan:
             lines.append(f"{'':<22}{'= peak':<34}{s.peak / GiB:>9.2f}  {verdict}" + (f"  [{moves}]" if moves else ""))
         th, tw = self.vae_tile.tile_shape
         lines.append(f"residency: {'everything resident' if self.all_resident else 'per stage'}; "
+                     f"VAE decode {self.decode_order}-major; "
                      f"CFG {'one batch-2 call' if self.cfg_batch == 2 else 'two batch-1 calls'} per step; "
                      f"VAE tile {th}x{tw} latent cells ({self.vae_tile.count} tiles, "
                      f"{th * self.vae_tile.rows.scale}x{tw * self.vae_tile.cols.scale} px)")
@@ -382,21 +384,25 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
               fp8_scope: str = DEFAULT_FP8_SCOPE, weight_bytes: dict[str, int] | None = None,
               reports: dict[str, EngineReport] | None = None, contracts: dict[str, Contract] | None = None,
               text_precision: str | None = None, reserve: int = RESERVE_BYTES,
-              vae_tile: tuple[int, int] | None = None, text_device: str | None = None) -> ResidencyPlan:
+              vae_tile: tuple[int, int] | None = None, text_device: str | None = None,
+              decode_order: str | None = None) -> ResidencyPlan:
     """The plan for one clip. `weight_bytes` (engine -> bytes, e.g. from ONNX sizes), `reports` (from
     built engines) and `contracts` (from a package's manifest) override the architecture formulas.
     `vae_tile` = (tile_h, tile_w): the tile the VAE engines were built for (TensorRT: fixed; the plan
     checks it fits, it does not choose another). `text_device` "gpu" / "cpu" (umT5 on ONNX Runtime,
-    host RAM instead of device memory); None: the GPU when the clip fits that way, else the CPU."""
+    host RAM instead of device memory); None: the GPU when the clip fits that way, else the CPU.
+    `decode_order` "tile" / "frame" (vae_decode.iter_decode); None: the one needing fewer tiles."""
     if text_device is None:
         plan = make_plan(spec, width, height, frames, budget, precision, fp8_scope=fp8_scope,
                          weight_bytes=weight_bytes, reports=reports, contracts=contracts,
-                         text_precision=text_precision, reserve=reserve, vae_tile=vae_tile, text_device="gpu")
+                         text_precision=text_precision, reserve=reserve, vae_tile=vae_tile, text_device="gpu",
+                         decode_order=decode_order)
         if plan.fits:
             return plan
         on_cpu = make_plan(spec, width, height, frames, budget, precision, fp8_scope=fp8_scope,
                            weight_bytes=weight_bytes, reports=reports, contracts=contracts,
-                           text_precision=text_precision, reserve=reserve, vae_tile=vae_tile, text_device="cpu")
+                           text_precision=text_precision, reserve=reserve, vae_tile=vae_tile, text_device="cpu",
+                           decode_order=decode_order)
         return on_cpu if on_cpu.fits else plan
     if text_device not in TEXT_DEVICES:
         raise UsageError(f"--text-encoder {text_device!r}: use gpu or cpu")
@@ -464,15 +470,44 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
              for name in (C.VAE_FIRST, C.VAE_STEP)}
     scale = spec.vae.stride[1]
 
-    def choose(room: int) -> TilePlan:
+    def choose(room: int, order: str) -> TilePlan:
         if vae_tile is not None:
             return plan_tiles(lat_h, lat_w, vae_tile[0], vae_tile[1], scale=scale, pad_to_tile=True)
-        budget_vae = room - max(i.bytes for i in vae_w.values())
-        try:  # same_memory: every tile's caches are held where the engine runs (here: the device)
-            return choose_tile(step_contract, lat_h, lat_w, max(budget_vae, 0), scale=scale, same_memory=True)
+        weights_on = sum(i.bytes for i in vae_w.values()) if order == "tile" else max(i.bytes for i in vae_w.values())
+        try:  # frame-major: every tile's caches are held on the device too (same_memory)
+            return choose_tile(step_contract, lat_h, lat_w, max(room - weights_on, 0), scale=scale,
+                               same_memory=order == "frame")
         except UsageError:
             notes.append("the VAE does not fit even with the smallest tiles")
             return plan_tiles(lat_h, lat_w, min(16, lat_h), min(16, lat_w), scale=scale)
+
+    def tile_major_items(tile: TilePlan) -> tuple[Item, ...]:
+        """Both VAE engines open, one tile's caches alive (in + out): bounded by the tile."""
+        first, step = decode_items(C.VAE_FIRST, tile), decode_items(C.VAE_STEP, tile)
+        est = estimate_memory(step_contract, tile)
+        arena = max(first[1], step[1], key=lambda i: i.bytes)
+        return (first[0], step[0], Item("VAE scratch (shared arena)", arena.bytes, f"largest: {arena.name}"),
+                first[2], step[2], Item("one tile's caches, in + out", 2 * est.cache_bytes,
+                                        f"2 x {est.cache_bytes / MiB:.0f} MiB, on the device"))
+
+    def decode_stages(room: int) -> tuple[str, TilePlan, list[Stage]]:
+        """The decode order that needs fewer tiles (less redundant overlap work) in `room`; on a tie the
+        tile-major one (one stage, bounded by the tile) unless it does not fit and frame-major does."""
+        t_tile = choose(room, "tile")
+        tile_stage = [Stage("decode", (reserve_item, *tile_major_items(t_tile)), load=(C.VAE_FIRST, C.VAE_STEP))]
+        t_frame = choose(room, "frame")
+        frame_stages = [Stage("decode frame 0", (reserve_item, *decode_items(C.VAE_FIRST, t_frame)),
+                              load=(C.VAE_FIRST,), release=(C.VAE_FIRST,)),
+                        Stage("decode", (reserve_item, *decode_items(C.VAE_STEP, t_frame)), load=(C.VAE_STEP,))]
+        if decode_order is not None:
+            return (decode_order, t_tile, tile_stage) if decode_order == "tile" else ("frame", t_frame, frame_stages)
+        tile_fits = max(s.peak for s in tile_stage) <= budget
+        frame_fits = max(s.peak for s in frame_stages) <= budget
+        if tile_fits and (not frame_fits or t_tile.count <= t_frame.count):
+            return "tile", t_tile, tile_stage
+        if frame_fits or max(s.peak for s in frame_stages) < max(s.peak for s in tile_stage):
+            return "frame", t_frame, frame_stages
+        return "tile", t_tile, tile_stage
 
     def decode_items(engine: str, tile: TilePlan) -> tuple[Item, ...]:
         est = estimate_memory(step_contract, tile)
@@ -489,22 +524,31 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
         return tuple(items)
 
     experts = spec.experts
-    # 1. everything resident? One shared scratch arena: as large as the largest engine's need.
+    # 1. everything resident? One shared scratch arena: as large as the largest engine's need. Only
+    # when that costs the decode no extra tiles (smaller tiles = more redundant overlap work).
+    staged_tiles = choose(budget - reserve, "tile").count
+    notes.clear()
     for batch in (2, 1):
         dits = [it for e in experts for it in dit_items(e, batch)]
         fixed = [reserve_item, *te_gpu, *dits]
-        tile = choose(budget - sum(i.bytes for i in fixed))
-        vae = [*decode_items(C.VAE_FIRST, tile)[:1], *decode_items(C.VAE_STEP, tile)]
+        fixed_acts = [i.bytes for i in fixed if i.name.endswith(" activations")]
+        # the arena is the largest need, not the sum: room = what the fixed items leave, their largest
+        # scratch included once (the VAE's own scratch is counted by choose_tile on top: conservative)
+        tile = choose(budget - sum(i.bytes for i in fixed) + sum(fixed_acts) - max(fixed_acts, default=0), "tile")
+        first, step = decode_items(C.VAE_FIRST, tile), decode_items(C.VAE_STEP, tile)
+        est = estimate_memory(step_contract, tile)
+        vae = [first[0], first[1], first[2], step[0], step[1], step[2],
+               Item("one tile's caches, in + out", 2 * est.cache_bytes, "on the device")]
         every = [*fixed, *vae]
         acts = [i for i in every if i.name.endswith(" activations")]
         arena = max(acts, key=lambda i: i.bytes)
         together = [i for i in every if i not in acts] + [Item("shared scratch arena", arena.bytes,
                                                                f"largest: {arena.name} ({arena.how})")]
-        if sum(i.bytes for i in together) <= budget and not notes:
+        if sum(i.bytes for i in together) <= budget and not notes and tile.count <= staged_tiles:
             stage = Stage("all stages", tuple(together), load=((C.TEXT_ENCODER,) if te_gpu else ()) + (
                 *experts, C.VAE_FIRST, C.VAE_STEP))
             return _finish(spec, width, height, frames, precision, budget, (stage,), True, batch, tile, {}, notes,
-                           text_device, te_items)
+                           text_device, te_items, "tile")
         notes.clear()
 
     # 2. per stage
@@ -545,19 +589,17 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
     else:
         e = experts[0]
         stages.append(Stage("denoise", (reserve_item, *dit_stage_items[e]), load=(e,), release=(e,)))
-    tile = choose(budget - reserve)
-    stages.append(Stage("decode frame 0", (reserve_item, *decode_items(C.VAE_FIRST, tile)), load=(C.VAE_FIRST,),
-                        release=(C.VAE_FIRST,)))
-    stages.append(Stage("decode", (reserve_item, *decode_items(C.VAE_STEP, tile)), load=(C.VAE_STEP,)))
+    order, tile, decode = decode_stages(budget - reserve)
+    stages.extend(decode)
     if cfg_batch == 1:
         notes.append("CFG as two batch-1 DiT calls per step (batch 2 does not fit)")
     return _finish(spec, width, height, frames, precision, budget, tuple(stages), False, cfg_batch, tile, streamed,
-                   notes, text_device, te_items)
+                   notes, text_device, te_items, order)
 
 
 def _finish(spec: ModelSpec, width: int, height: int, frames: int, precision: str, budget: int,
             stages: tuple[Stage, ...], all_resident: bool, cfg_batch: int, tile: TilePlan, streamed: dict[str, int],
-            notes: list[str], text_device: str, te_items: tuple[Item, ...]) -> ResidencyPlan:
+            notes: list[str], text_device: str, te_items: tuple[Item, ...], decode_order: str) -> ResidencyPlan:
     """Adds the host-RAM side: TensorRT keeps a weight-streaming engine's weights in host memory
     (all of them; the budget part is also copied to the device), the text encoder on the CPU holds
     its weights and activations, and the clip's uint8 frames are collected unless they are streamed."""
@@ -569,13 +611,15 @@ def _finish(spec: ModelSpec, width: int, height: int, frames: int, precision: st
                 held += b + next(i.bytes for i in s.items if i.name.startswith(f"{e} weights"))
         host_stage.append(held)
     text_host = sum(i.bytes for i in te_items) if text_device == "cpu" else 0
-    video = frames * width * height * 3
+    video = frames * width * height * 3  # the clip's uint8 frames, unless a writer consumes them
+    if decode_order == "tile":
+        video += frames * width * height * 3 * 4  # the float32 clip buffer tile-major decoding assembles
     host = HOST_BASE_BYTES + max([*host_stage, text_host]) + video
     if text_device == "cpu":
         notes = [*notes, "text encoder on the CPU (ONNX Runtime): no device memory; prompt embeddings are cached "
                          "on disk, so a repeated prompt does not run it again"]
     return ResidencyPlan(spec.name, width, height, frames, precision, budget, stages, all_resident, cfg_batch, tile,
-                         streamed, tuple(notes), host, text_device)
+                         streamed, tuple(notes), host, text_device, decode_order)
 
 
 def plan_for_package(package: Path, manifest: Manifest, width: int, height: int, frames: int, budget: int,

@@ -327,12 +327,14 @@ class TrtEngine:
                  runtime: trt.Runtime, cuda: CudaApi, stream: Stream, arena: ScratchArena, cuda_graph: bool = True,
                  rebuild: str = "vidrt build PACKAGE --precision P", plan_path: str = "",
                  streamed_bytes: int = 0, resident_outputs: frozenset[str] = frozenset(),
-                 pool: BufferPool | None = None) -> None:
+                 pool: BufferPool | None = None, on_run: Callable[[str, float], None] | None = None) -> None:
         self.name = name
         self.contract = contract
         self._trt, self._cuda, self._stream, self._arena = trt_mod, cuda, stream, arena
         self._rebuild = rebuild
         self._pool = pool if pool is not None else BufferPool(cuda)
+        self._on_run = on_run  # (engine name, GPU milliseconds of the enqueued work), after each call
+        self._events: tuple[int, int] | None = None  # CUDA timing events around the enqueue
         engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise DeviceError(f"TensorRT {trt_mod.__version__} cannot load the {name} plan {plan_path} (built by "
@@ -486,7 +488,13 @@ class TrtEngine:
                 self._bind(n, kept[n].ptr or 0)
             else:
                 self._bind(n, self.buffers[n].address)
+        if self._on_run is not None and self._events is None:
+            self._events = (self._cuda.event_create(timing=True), self._cuda.event_create(timing=True))
+        if self._events is not None:
+            self._cuda.event_record(self._events[0], s)
         self._execute(ctx, s)
+        if self._events is not None:
+            self._cuda.event_record(self._events[1], s)
         outs: dict[str, Any] = {}
         for n in self.outputs:
             if n in kept:
@@ -496,6 +504,8 @@ class TrtEngine:
             outs[n] = host
         self._stream.sync()
         del staged
+        if self._events is not None and self._on_run is not None:
+            self._on_run(self.name, self._cuda.event_elapsed_ms(*self._events))
         return {n: kept[n] if n in kept else self._from_engine(n, outs[n]) for n in self.contract.output_names}
 
     def _execute(self, ctx: trt.IExecutionContext, stream: int) -> None:
@@ -564,6 +574,10 @@ class TrtEngine:
         finally:
             self._drop_graphs()
             self._arena.unbind(id(self))
+            if self._events is not None:
+                for event in self._events:
+                    self._cuda.event_destroy(event)
+                self._events = None
             for buf in self.buffers.values():
                 buf.close()
             self.buffers = {}
@@ -662,6 +676,34 @@ class TrtBackend:
         # What the GPU has for this process before any engine is opened: the residency plan's budget.
         self.free_bytes_at_start = cuda.mem_info()[0]
         self.streamed: dict[str, int] = {}  # engine -> weight bytes the plan streams per call
+        self.reset_gpu_stats()
+
+    # ---- per-stage GPU time and peak memory (--stats-json) ----
+
+    def reset_gpu_stats(self) -> None:
+        self._gpu_ms: dict[str, float] = {}
+        self._gpu_calls: dict[str, int] = {}
+        self._min_free = self.free_bytes_at_start
+
+    def _ran(self, engine: str, ms: float) -> None:
+        """After every engine call: its CUDA-event time, and the device memory in use now."""
+        self._gpu_ms[engine] = self._gpu_ms.get(engine, 0.0) + ms
+        self._gpu_calls[engine] = self._gpu_calls.get(engine, 0) + 1
+        self._min_free = min(self._min_free, self.cuda.mem_info()[0])
+
+    def gpu_stats(self) -> dict[str, object]:
+        """GPU seconds per stage (CUDA events around each enqueue: kernel time, not the host copies)
+        and per engine, and the peak device memory this process used since the backend opened
+        (cudaMemGetInfo's free bytes after each call, against the free bytes at start)."""
+        stage = {C.TEXT_ENCODER: "text", C.VAE_FIRST: "decode", C.VAE_STEP: "decode"}
+        by_stage: dict[str, float] = {}
+        for name, ms in self._gpu_ms.items():
+            key = stage.get(name, "denoise")
+            by_stage[key] = by_stage.get(key, 0.0) + ms / 1000
+        return {"gpu_seconds": by_stage, "gpu_seconds_by_engine": {n: ms / 1000 for n, ms in self._gpu_ms.items()},
+                "engine_calls": dict(self._gpu_calls),
+                "peak_device_bytes": self.free_bytes_at_start - self._min_free,
+                "free_bytes_at_start": self.free_bytes_at_start}
 
     def device_memory(self) -> tuple[int, str] | None:
         return self.free_bytes_at_start, self.precision
@@ -704,7 +746,8 @@ class TrtBackend:
             engine = TrtEngine(name, source, contract, trt_mod=self._trt, runtime=self._runtime, cuda=self.cuda,
                                stream=self.stream, arena=self.arena, cuda_graph=self.cuda_graphs and name == C.VAE_STEP,
                                rebuild=rebuild, plan_path=entry.artifact.file,
-                               streamed_bytes=self.streamed.get(name, 0), resident_outputs=resident, pool=self.pool)
+                               streamed_bytes=self.streamed.get(name, 0), resident_outputs=resident, pool=self.pool,
+                               on_run=self._ran)
         finally:
             file = getattr(source, "file", None)
             if file is not None:

@@ -90,6 +90,8 @@ def _default_model() -> str | None:
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores).")
 @click.option("--device", type=click.IntRange(0), default=0, show_default=True,
               help="GPU to run on (tensorrt, onnxruntime-cuda); `vidrt doctor` lists them.")
+@click.option("--embedding-cache", type=click.Path(file_okay=False),
+              help="Folder for prompt embeddings: a repeated prompt skips the text encoder.")
 @click.option("--vae-memory", help="Memory budget for one VAE tile, e.g. 2GB (default: automatic).")
 @click.option("--fps", type=int, help="Frames per second of the file (default: the model's).")
 @click.option("--crf", type=int,

@@ -102,7 +102,7 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
                 guidance_low_noise: float | None, shift: float | None, seed: int | None, scheduler: str | None,
                 timesteps: str | None, recipe: str | None, backend: str, threads: int | None,
                 vae_memory: str | None, fps: int | None, crf: int | None, output: str, overwrite: bool,
-                stats_json: str | None, quiet: bool, device: int = 0) -> None:
+                stats_json: str | None, quiet: bool, device: int = 0, embedding_cache: str | None = None) -> None:
     from vidrt.backends import BACKENDS
     from vidrt.cli.app import parse_size
     from vidrt.models import default_package
@@ -160,7 +160,8 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
         warnings.append(msg)
         click.echo(f"warning: {msg}", err=True)
 
-    pipe = Pipeline.load(package, backend=backend, device=f"cuda:{device}", threads=threads, warn=warn)
+    pipe = Pipeline.load(package, backend=backend, device=f"cuda:{device}", threads=threads, warn=warn,
+                         embedding_cache=embedding_cache)
     metadata = clip_metadata(settings, pipe.manifest.model.name)  # same metadata as batch and serve write
     progress = _Progress(quiet)
     fps_out = fps or pipe.manifest.model.sampling.fps

@@ -62,7 +62,8 @@ def build_cmd(package: str, precision: str, sizes: str | None, frames: int | Non
 @click.option("--size", required=True, help="WIDTHxHEIGHT, e.g. 1280x704.")
 @click.option("--frames", type=int, help="Video frames, 4k+1 (default: the model's).")
 @click.option("--gpu-memory", default="24GB", show_default=True,
-              help="Device memory to plan for (GB = 10^9 bytes, GiB = 2^30: a '24 GB' RTX 4090 has 24GiB).")
+              help="Device memory to plan for (GB = 10^9 bytes, GiB = 2^30: a '24 GB' RTX 4090 has 24GiB); "
+                   "several, comma-separated (8GB,12GB,16GB,24GB), print one summary line per card.")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp8", "fp32"]), default="bf16", show_default=True,
               help="DiT engine precision.")
 @click.option("--fp8-scope", type=click.Choice(["linear", "ffn"]), default="ffn", show_default=True,
@@ -77,22 +78,35 @@ def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precisi
     from vidrt.package.registry import VARIANTS, get_variant
 
     (width, height), = _sizes(size)
-    budget = _bytes(gpu_memory)
+    budgets = [_bytes(b) for b in gpu_memory.split(",") if b.strip()]
     text_device = None if text_encoder == "auto" else text_encoder
-    if Path(model).is_dir():
-        from vidrt.package.manifest import load_manifest
+    plans = []
+    for budget in budgets:
+        if Path(model).is_dir():
+            from vidrt.package.manifest import load_manifest
 
-        manifest = load_manifest(model, verify=False)
-        n = frames or manifest.model.sampling.frames
-        plan = plan_for_package(Path(model), manifest, width, height, n, budget, precision, fp8_scope,
-                                text_device=text_device)
-    elif model in VARIANTS:
-        spec = get_variant(model)
-        plan = make_plan(spec, width, height, frames or spec.sampling.frames, budget, precision, fp8_scope=fp8_scope,
-                         text_device=text_device)
-    else:
-        raise UsageError(f"{model!r} is neither a package folder nor a variant ({', '.join(VARIANTS)})")
-    click.echo(plan.table())
+            manifest = load_manifest(model, verify=False)
+            n = frames or manifest.model.sampling.frames
+            plans.append(plan_for_package(Path(model), manifest, width, height, n, budget, precision, fp8_scope,
+                                          text_device=text_device))
+        elif model in VARIANTS:
+            spec = get_variant(model)
+            plans.append(make_plan(spec, width, height, frames or spec.sampling.frames, budget, precision,
+                                   fp8_scope=fp8_scope, text_device=text_device))
+        else:
+            raise UsageError(f"{model!r} is neither a package folder nor a variant ({', '.join(VARIANTS)})")
+    if len(plans) == 1:
+        click.echo(plans[0].table())
+        return
+    p0 = plans[0]
+    click.echo(f"{p0.model} {p0.width}x{p0.height}x{p0.frames}, DiT {p0.precision}")
+    click.echo(f"{'card':>8}  {'peak GiB':>8}  {'fits':<4}  {'text':<4}  {'CFG':<3}  {'decode':<6}  {'VAE tiles':>9}  "
+               f"{'streamed GiB/call':>17}  {'host RAM GiB':>12}")
+    for label, p in zip((b.strip() for b in gpu_memory.split(",") if b.strip()), plans, strict=True):
+        click.echo(f"{label:>8}  {p.peak / 2**30:>8.2f}  {'yes' if p.fits else 'NO':<4}  {p.text_device:<4}  "
+                   f"{'x2' if p.cfg_batch == 2 else '2x1':<3}  {p.decode_order:<6}  {p.vae_tile.count:>9}  "
+                   f"{sum(p.streamed.values()) / 2**30 / max(len(p.streamed), 1):>17.2f}  "
+                   f"{p.host_bytes / 2**30:>12.2f}")
 
 
 @click.command("doctor")
