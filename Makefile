@@ -6,7 +6,7 @@ VIDRT  := $(VENV)/bin/vidrt
 MODEL  ?=
 OUT    ?=
 
-.PHONY: venv browser test run engines bench lint typecheck train-tiny default-model clean
+.PHONY: venv browser test run engines bench lint typecheck train-tiny default-model clean gpu-check
 
 # Two layers: `make run` needs only the torch-free runtime (numpy, onnxruntime, tokenizers, av, ...);
 # `make test` and the export/bench targets add torch, diffusers, Ray and the dev tools on top.
@@ -63,6 +63,12 @@ engines: venv
 # BENCH_ARGS="--workloads tiny" etc. adds options (python -m benchmarks.run --help).
 bench: venv
 	$(PY) -m benchmarks.run --quick $(BENCH_ARGS)
+
+# Once, on a machine with an NVIDIA GPU and `pip install "vidrt[tensorrt]"`: build the bundled model's
+# engines (with --check), run tests/gpu, print GPU seconds per stage and peak memory against the plan.
+# Elsewhere it says why it skipped and exits 0 (benchmarks/gpu_check.py).
+gpu-check: venv
+	$(PY) -m benchmarks.gpu_check
 
 typecheck: venv
 	$(PY) tests/typing_prep.py >/dev/null

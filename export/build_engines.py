@@ -60,6 +60,7 @@ class BuildOptions:
     gpu_memory: int | None = None  # bytes for the VAE tile choice; None = this GPU's total memory
     text_seq_opt: int = 128  # token count the text encoder is tuned for
     components: tuple[str, ...] = ()  # () = all
+    check: bool = False  # compare each engine with ONNX Runtime (polygraphy), result in report.json
 
 
 # ---- pure parts (unit-tested) -------------------------------------------------------------------------
@@ -202,7 +203,8 @@ def build_plan(trt: ModuleType, onnx_path: Path, profiles: list[Profile], option
 def build_package(package: Path | str, options: BuildOptions, *, trt_mod: ModuleType | None = None,
                   compute_capability: str | None = None, total_memory: int | None = None,
                   builder: Callable[..., tuple[bytes | memoryview, dict[str, Any]]] = build_plan,
-                  log: Callable[[str], None] = print, device: int = 0, cuda: CudaApi | None = None) -> Manifest:
+                  log: Callable[[str], None] = print, device: int = 0, cuda: CudaApi | None = None,
+                  checker: Callable[..., dict[str, Any]] | None = None) -> Manifest:
     """Build every component's plan and record them in the manifest. Returns the new manifest.
     `device`: the GPU to build on (`--device N`); it is made current before TensorRT creates its
     Builder (TensorRT builds on the calling thread's current device), and the plans carry its
@@ -272,6 +274,9 @@ def build_package(package: Path | str, options: BuildOptions, *, trt_mod: Module
         data, report = builder(trt, package / comp.artifact.file, profiles, options, cache,
                                streamable=options.weight_streaming and name in spec.experts)
         _write_atomic(out_dir / f"{name}.plan", data)
+        if options.check:
+            report["check"] = _check(package / comp.artifact.file, data, comp, profiles[0], spec, options, checker,
+                                     log)
         del data
         if name in spec.experts and report.get("profile_device_memory_bytes"):
             # what each profile is (dit_profiles: per size, batch 1 then batch 2), for `vidrt plan`
@@ -290,6 +295,25 @@ def build_package(package: Path | str, options: BuildOptions, *, trt_mod: Module
     manifest = dataclasses.replace(manifest, engines=engines)
     write_manifest(package, manifest)
     return manifest
+
+
+def _check(onnx_path: Path, plan: bytes | memoryview, comp: Component, profile: Profile, spec: ModelSpec,
+           options: BuildOptions, checker: Callable[..., dict[str, Any]] | None,
+           log: Callable[[str], None]) -> dict[str, Any]:
+    """--check: the engine vs ONNX Runtime on the first profile's opt shapes (export/check_engines.py)."""
+    from vidrt.export.check_engines import check_engine, check_inputs, trt_runner
+
+    inputs = check_inputs(comp.contract, profile, spec.text.vocab_size)
+    if inputs is None:
+        log(f"check {comp.name}: skipped (bfloat16 inputs; use polygraphy run {onnx_path.name} --trt --onnxrt)")
+        return {"passed": None, "skipped": "bfloat16 inputs"}
+    shapes, ranges = inputs
+    precision = options.precision if comp.name in spec.experts else comp.precision
+    result = (checker or (lambda o, p, *a: check_engine(o, trt_runner(p), *a)))(onnx_path, plan, shapes, precision,
+                                                                                  ranges)
+    log(f"check {comp.name}: {'passed' if result['passed'] else 'FAILED'} vs ONNX Runtime "
+        f"(mean error tolerance {result.get('atol')})")
+    return result
 
 
 __all__ = ["BuildOptions", "BUILD_PRECISIONS", "check_component_precision", "dit_profiles", "text_profiles",

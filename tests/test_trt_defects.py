@@ -531,3 +531,67 @@ def test_small_card_runs_umt5_on_the_cpu_and_a_repeated_prompt_skips_it(tmp_path
     assert np.array_equal(again, reference)
     pipe.run(Request(prompt="a blue square moving up", seed=3, steps=4))  # a new prompt: encoded
     assert runs  # encoded (one call per prompt row)
+
+
+# ---- vidrt build --check: polygraphy's comparator against ONNX Runtime -------------------------------------
+
+
+def _matmul_onnx(path: Path, k: float) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], (np.eye(4) * k).ravel().tolist())
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_check_engine_passes_a_match_and_fails_a_mismatch(tmp_path: Path) -> None:
+    pytest.importorskip("polygraphy", reason="polygraphy is not installed (dev extra)")
+    from vidrt.export.check_engines import _onnx_runner, check_engine
+
+    ref = _matmul_onnx(tmp_path / "a.onnx", 1.0)
+    shapes = {"x": ((2, 4), "float32")}
+    # the engine's runner is TensorRT's on a GPU; here an ONNX Runtime runner stands in for it
+    same = check_engine(ref, _onnx_runner(_matmul_onnx(tmp_path / "same.onnx", 1.0)), shapes, "fp32")
+    off = check_engine(ref, _onnx_runner(_matmul_onnx(tmp_path / "off.onnx", 1.01)), shapes, "fp32")
+    assert same["passed"] and same["outputs"]["y"]["max_abs"] == 0.0
+    assert not off["passed"] and off["outputs"]["y"]["mean_abs"] > 1e-3
+
+
+def test_build_check_writes_the_comparison_into_the_report(tmp_path: Path) -> None:
+    from vidrt.export.build_engines import BuildOptions, build_package
+
+    _write_package(tmp_path)
+    seen: list[tuple[str, Any, str]] = []
+
+    def checker(onnx: Path, plan: Any, shapes: Any, precision: str, ranges: Any) -> dict[str, Any]:
+        seen.append((onnx.name, shapes, precision))
+        return {"passed": True, "atol": 1e-3}
+
+    fake = FakeTensorRT(FakeCuda()).module()
+    build_package(tmp_path, BuildOptions("bf16", sizes=((832, 480),), frames=81, check=True), trt_mod=fake,
+                  compute_capability="8.9", total_memory=24 * 2**30, log=lambda s: None, checker=checker,
+                  builder=lambda *a, **k: (b"plan", {"device_memory_bytes": 1}))
+    report = json.loads((tmp_path / "trt-10.13.0.35-sm89-bf16" / "report.json").read_text())["engines"]
+    assert report["dit"]["check"] == {"passed": None, "skipped": "bfloat16 inputs"}  # numpy has no bf16
+    assert report[C.VAE_STEP]["check"]["passed"] is True
+    te = next(s for n, s, _ in seen if n == "text_encoder.onnx")
+    assert te == {C.INPUT_IDS: ((2, 128), "int64"), C.ATTENTION_MASK: ((2, 128), "int64")}
+    assert {p for n, _, p in seen if n.startswith("vae")} == {"fp32"}
+
+
+def test_make_gpu_check_skips_here_with_its_reason() -> None:
+    import subprocess
+    import sys
+
+    from vidrt.backends.cuda import probe
+
+    if probe().ok:
+        pytest.skip("a GPU is here: run `make gpu-check` itself")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("gpu-check skipped: ") and 'pip install "vidrt[tensorrt]"' in done.stdout

@@ -40,9 +40,11 @@ def _bytes(value: str) -> int:
 @click.option("--component", "components", multiple=True, help="Build only this component (repeatable).")
 @click.option("--device", type=click.IntRange(0), default=0, show_default=True,
               help="GPU to build on (its compute capability goes into the plans).")
+@click.option("--check", is_flag=True,
+              help="Compare every engine with ONNX Runtime on the same random inputs (polygraphy); into report.json.")
 def build_cmd(package: str, precision: str, sizes: str | None, frames: int | None, workspace: str,
               optimization_level: int, weight_streaming: bool, vae_tile: str | None, gpu_memory: str | None,
-              components: tuple[str, ...], device: int) -> None:
+              components: tuple[str, ...], device: int, check: bool) -> None:
     """Build TensorRT engines for a model package (needs TensorRT and the target GPU)."""
     from vidrt.export.build_engines import BuildOptions, build_package
 
@@ -52,7 +54,7 @@ def build_cmd(package: str, precision: str, sizes: str | None, frames: int | Non
         tile = (th, tw)
     opts = BuildOptions(precision=precision, sizes=_sizes(sizes), frames=frames, workspace_bytes=_bytes(workspace),
                         optimization_level=optimization_level, weight_streaming=weight_streaming, vae_tile=tile,
-                        gpu_memory=_bytes(gpu_memory) if gpu_memory else None, components=components)
+                        gpu_memory=_bytes(gpu_memory) if gpu_memory else None, components=components, check=check)
     manifest = build_package(Path(package), opts, log=click.echo, device=device)
     click.echo(f"{len(manifest.engines)} plan(s) recorded in {Path(package) / 'manifest.json'}")
 
