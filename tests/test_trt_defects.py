@@ -595,3 +595,15 @@ def test_make_gpu_check_skips_here_with_its_reason() -> None:
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("gpu-check skipped: ") and 'pip install "vidrt[tensorrt]"' in done.stdout
+
+
+def test_engine_runs_on_the_tensorrt_11_api() -> None:
+    plan = _dit_plan([(3, 6, 8)])
+    cuda = FakeCuda()
+    fake = FakeTensorRT(cuda, version="11.4.0.106", plans={b"plan": plan})
+    mod = fake.module()
+    stream = Stream(cuda)
+    engine = TrtEngine("dit", b"plan", _contract(), trt_mod=mod, runtime=mod.Runtime(None), cuda=cuda,
+                       stream=stream, arena=ScratchArena(cuda, stream))
+    out = engine.run(_feeds(2))
+    assert out[C.VELOCITY].shape == (2, 16, 3, 6, 8) and type(fake.engines[0]).__name__ == "FakeEngine11"

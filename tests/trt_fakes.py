@@ -261,6 +261,22 @@ class FakeEngine:
         return ctx
 
 
+class FakeEngine11(FakeEngine):
+    """TensorRT 11's form (pyCoreDoc ICudaEngine): the allocation strategy travels in an IRuntimeConfig
+    made by `create_runtime_config()`; `create_execution_context(runtime_config)`."""
+
+    def create_runtime_config(self) -> Any:
+        config = SimpleNamespace(strategy="STATIC")  # IRuntimeConfig's default strategy is kSTATIC
+        config.set_execution_context_allocation_strategy = lambda s: setattr(config, "strategy", s)
+        return config
+
+    def create_execution_context(self, config: Any = None) -> FakeContext:
+        assert getattr(config, "strategy", None) == "USER_MANAGED", "11.x takes an IRuntimeConfig"
+        ctx = FakeContext(self)
+        self.contexts.append(ctx)
+        return ctx
+
+
 @dataclass
 class FakeTensorRT:
     """The `tensorrt` module: `plans` maps plan bytes to what they deserialise to (unknown bytes ->
@@ -316,7 +332,7 @@ class FakeTensorRT:
                 plan = fake.plans.get(raw)
                 if plan is None:
                     return None
-                engine = FakeEngine(plan, fake.cuda)
+                engine = (FakeEngine11 if major >= 11 else FakeEngine)(plan, fake.cuda)
                 fake.engines.append(engine)
                 return engine
 
