@@ -6,7 +6,7 @@ VIDRT  := $(VENV)/bin/vidrt
 MODEL  ?=
 OUT    ?=
 
-.PHONY: venv browser test run engines bench lint typecheck train-tiny default-model clean gpu-check
+.PHONY: venv browser test test-all run engines bench lint typecheck train-tiny default-model clean gpu-check
 
 # Two layers: `make run` needs only the torch-free runtime (numpy, onnxruntime, tokenizers, av, ...);
 # `make test` and the export/bench targets add torch, diffusers, Ray and the dev tools on top.
@@ -41,7 +41,12 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "note: chromium is not installed (needs root and apt-get): the web page's browser test will skip"; }
 
+# `make test` leaves out the tests marked slow (the five full-size export graphs, minutes each on 2 cores);
+# `make test-all` runs them too.
 test: venv browser
+	$(VENV)/bin/pytest -q -m "not slow"
+
+test-all: venv browser
 	$(VENV)/bin/pytest -q
 
 # A clip from the bundled tiny model, in seconds on a CPU (PROMPT="a blue square moving up" to change it).

@@ -507,3 +507,36 @@ def test_killed_export_leaves_nothing_trusted(capsys, tiny_t2v_checkpoint, pkg, 
 def test_debug_shows_the_traceback(capsys, tmp_path):
     code, err = vidrt(capsys, "--debug", *run_args(tmp_path / "nope", tmp_path / "a.mp4"))
     assert code == 3 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("error: ")
+
+
+# ---- onnxruntime failing in the middle of a run (docs/errors.md row 35) --------------------------
+
+
+@pytest.mark.parametrize("kind, code, needles", [
+    ("RuntimeException", 4, ["dit failed in onnxruntime", "Failed to allocate memory", "--size"]),
+    ("InvalidArgument", 3, ["dit does not accept the inputs its manifest describes", "re-export"]),
+])
+def test_onnxruntime_fails_mid_run(capsys, monkeypatch, pkg, tmp_path, kind, code, needles):
+    """The second DiT call fails inside onnxruntime (its own exception types): one line naming the
+    component, exit 4 (3 when the graph rejects what the manifest describes), the existing output kept."""
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    messages = {"RuntimeException": "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned "
+                                    "while running MatMul node. Failed to allocate memory for requested buffer",
+                "InvalidArgument": "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input"}
+    real, dit_calls = ort.InferenceSession.run, []
+
+    def run(self, output_names, feeds, *args, **kwargs):
+        if "hidden_states" in feeds:
+            dit_calls.append(1)
+            if len(dit_calls) == 2:
+                raise getattr(state, kind)(messages[kind])
+        return real(self, output_names, feeds, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", run)
+    out = tmp_path / "a.mp4"
+    out.write_bytes(b"an earlier clip")
+    line = assert_error(*vidrt(capsys, *run_args(pkg, out, "--steps", "2", "--overwrite")), code, *needles)
+    assert len(dit_calls) == 2 and "Traceback" not in line
+    assert out.read_bytes() == b"an earlier clip" and temps(tmp_path) == []

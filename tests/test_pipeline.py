@@ -90,7 +90,24 @@ def test_matches_diffusers_pipeline(tiny_package):
     assert ours.shape == ref.shape == (FRAMES, HEIGHT, WIDTH, 3)
     value = psnr(ours, ref)
     print(f"{kind}: PSNR vidrt vs diffusers WanPipeline = {value:.1f} dB")
-    assert value >= 40.0
+    # measured 89.0 dB (t2v, a14b); guidance x 0.9 measured 59 dB and an ignored negative prompt 51 dB
+    # (issue 17): a threshold near what a correct implementation gets, so those fail
+    assert value >= 75.0
+
+
+def test_negative_prompt_changes_the_clip(tiny_package):
+    """The negative prompt is the unconditional branch of CFG: another one must change the clip (an
+    implementation that encodes the prompt twice, or zeros, would not)."""
+    package = only(tiny_package, "t2v")
+    pipe = Pipeline.load(package)
+    req = Request(prompt=PROMPT, negative_prompt=NEGATIVE, width=WIDTH, height=HEIGHT, num_frames=FRAMES, steps=3,
+                  seed=3, guidance=5.0)
+    base = pipe.run(req).frames
+    other = pipe.run(replace(req, negative_prompt="a dog runs in snow")).frames
+    same = pipe.run(replace(req, negative_prompt=NEGATIVE + "  ")).frames  # cleaned to the same text
+    print(f"negative prompt changed: PSNR {psnr(base, other):.1f} dB; same after cleaning: {psnr(base, same):.1f} dB")
+    assert np.array_equal(base, same)
+    assert psnr(base, other) < 40.0
 
 
 def test_seed_reproducible(tiny_package):
@@ -133,7 +150,9 @@ def test_cfg_as_two_calls_matches_batch_two(tiny_package):
     batched = pipe.run(req).frames
     pipe.cfg_batch = 1
     split = pipe.run(req).frames
-    assert psnr(batched, split) >= 60.0
+    value = psnr(batched, split)
+    print(f"CFG as two batch-1 calls vs one batch-2 call: {value:.1f} dB")
+    assert value >= 60.0
 
 
 class _PlannedBackend:
@@ -204,6 +223,7 @@ def test_gpu_memory_plan_drives_the_run(tiny_package):
     order = [(e[0], e[1]) for e in events]
     assert order.index(("close", "text_encoder")) < order.index(("run", "dit_high"))
     assert order.index(("close", "dit_high")) < order.index(("run", "dit_low"))
+    print(f"planned run vs all-resident run: {psnr(reference, planned):.1f} dB")
     assert psnr(reference, planned) >= 40.0, psnr(reference, planned)
 
     backend.budget = hi - 1
