@@ -5,7 +5,7 @@
     make bench                 (= python -m benchmarks.run --quick)
 
 Modules: workloads (the checkpoints and their exported packages), workers (one process per side,
-driven A B A B), machine (CPU/GPU/library versions), memory (peak RSS / device memory),
+driven alternately, A B then B A), machine (CPU/GPU/library versions), memory (peak RSS / device memory),
 flops (dit_flops + measured GEMM peak), scaling (cost growth of the DiT step and the VAE decode),
 report (table + JSON + plot).
 """

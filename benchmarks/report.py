@@ -54,7 +54,7 @@ def workload_table(w: dict[str, Any]) -> str:
     sides = [s for s in ("vidrt", "diffusers") if s in w["sides"]]
     head = (f"== {w['name']}: {w['note']}\n   {c['width']}x{c['height']}, {c['frames']} frames, {c['steps']} steps, "
             f"guidance {c['guidance']}, shift {c['shift']}, {w['tokens']} tokens; threads {w['threads']}; "
-            f"warm-up then {w['pairs']} interleaved pair(s)")
+            f"warm-up then {w['pairs']} pair(s), alternating which side runs first")
     col = 24
     rows = [f"{'':<22}" + "".join(f"{w['labels'][s]:>{col}}" for s in sides)]
 

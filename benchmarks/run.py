@@ -8,8 +8,8 @@
 
 For each workload: one process per side (vidrt on ONNX Runtime or TensorRT, diffusers' WanPipeline
 on torch), each loads its model once and runs one warm-up clip (1 step, same size); then `--pairs`
-timed pairs, vidrt then diffusers (A B A B), same noise, prompt, steps, guidance, shift and the
-official FlowUniPC scheduler on both. Reports seconds per clip (median, min, max), the per-stage
+timed pairs, alternating which side runs first (A B, B A, ...), same noise, prompt, steps, guidance,
+shift and the official FlowUniPC scheduler on both. Reports seconds per clip (median, min, max), the per-stage
 split, peak memory, the diffusers/vidrt ratio of every pair and its median, PSNR of the frames.
 Then the cost growth of the DiT step and the VAE decode (benchmarks/scaling.py), the FLOP table and
 the machine's measured GEMM peak (benchmarks/flops.py). Writes <out>/<tag>.json, <tag>.txt and
@@ -123,11 +123,14 @@ def side_by_side(wl: workloads.Workload, pairs: int, threads: int | None, refere
             w.run(warm, noise)
         runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
         for i in range(pairs):
-            for name, w in sides.items():  # A B A B
-                r = w.run(clip, noise)
-                runs[name].append(r)
-            msg = "  ".join(f"{n} {runs[n][-1]['seconds']:.2f} s" for n in sides)
-            log(f"  pair {i + 1}/{pairs}: {msg}")
+            # A B, B A, A B, ...: which side runs first alternates, so neither always gets the caches,
+            # the turbo budget or the quieter moment of a shared machine
+            order = list(sides) if i % 2 == 0 else list(reversed(sides))
+            for name in order:
+                runs[name].append(sides[name].run(clip, noise))
+            msg = "  ".join(f"{n} {runs[n][-1]['seconds']:.2f} s" for n in order)
+            log(f"  pair {i + 1}/{pairs} ({' first, '.join(order)} second): {msg}" if len(order) > 1
+                else f"  pair {i + 1}/{pairs}: {msg}")
         infos = {n: w.info for n, w in sides.items()}
     finally:
         for w in sides.values():

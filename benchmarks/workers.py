@@ -1,4 +1,4 @@
-"""One worker process per side, each loading its model once, driven alternately by the parent (A B A B).
+"""One worker process per side, each loading its model once, driven alternately by the parent (A B, B A, ...).
 
 Separate processes because (1) peak RSS must be each side's own, not the sum of both models, and
 (2) the vidrt side must never import torch (it would change thread pools and memory). The parent
