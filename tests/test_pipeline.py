@@ -152,7 +152,9 @@ def test_cfg_as_two_calls_matches_batch_two(tiny_package):
     split = pipe.run(req).frames
     value = psnr(batched, split)
     print(f"CFG as two batch-1 calls vs one batch-2 call: {value:.1f} dB")
-    assert value >= 60.0
+    # measured: identical (inf dB). One pixel one level off in this clip is 98.6 dB: allow a few rounding
+    # flips of another CPU's kernels, nothing more
+    assert value >= 90.0
 
 
 class _PlannedBackend:
@@ -224,7 +226,7 @@ def test_gpu_memory_plan_drives_the_run(tiny_package):
     assert order.index(("close", "text_encoder")) < order.index(("run", "dit_high"))
     assert order.index(("close", "dit_high")) < order.index(("run", "dit_low"))
     print(f"planned run vs all-resident run: {psnr(reference, planned):.1f} dB")
-    assert psnr(reference, planned) >= 40.0, psnr(reference, planned)
+    assert psnr(reference, planned) >= 90.0, psnr(reference, planned)  # measured identical (inf dB), as above
 
     backend.budget = hi - 1
     with pytest.raises(DeviceError, match="vidrt plan"):

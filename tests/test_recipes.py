@@ -127,4 +127,4 @@ def test_cfg_free_run_equals_diffusers_and_halves_dit_calls(tiny_t2v_checkpoint,
     print(f"CFG-free 4-step Euler: vidrt vs diffusers guidance_scale=1: {value:.1f} dB; DiT calls "
           f"vidrt {free.stats.dit_calls}, diffusers {len(calls)}, vidrt with CFG {cfg.stats.dit_calls}")
     assert len(calls) == free.stats.dit_calls
-    assert value >= 70.0
+    assert value >= 75.0  # measured 87.4 dB; near it, so a wrong guidance or timestep list fails
