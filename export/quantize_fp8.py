@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -129,6 +130,7 @@ def record_calibration(model: Any) -> tuple[list[dict[str, Any]], Callable[[], N
 
 # ---- FP8 package export (vidrt export --precision fp8) ----------------------------------------------
 
+FP8_REPORT = "fp8_report.json"  # what quantize_package did, per expert (read by `vidrt plan`)
 FP8_OPSET = 19  # float8 types exist from opset 19; ModelOpt's TorchScript symbolics target it
 CALIBRATION_SEED = 7
 CALIBRATION_PROMPTS = ("a cat walking on a sunny beach", "a red car driving through a city at night",
@@ -227,9 +229,20 @@ def export_fp8_dit(model: Any, spec: Any, path: Path) -> dict[str, Any]:
     if pairs == 0:
         tmp.unlink()
         raise ValueError("no Linear layer was quantised (every block kept high precision?); lower keep_blocks")
+    # What a TensorRT engine of this graph holds: each quantised weight folded to 1 byte (FP8), every
+    # other float initializer as is (fp32). `vidrt plan` reads it from the package's FP8_REPORT.
+    quantised = {n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear"}
+    engine_bytes = 0
+    for t in m.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        engine_bytes += n * (1 if t.name in quantised else itemsize)
     onnx.save(m, str(tmp))
     tmp.replace(path)
-    return {"qdq_pairs": pairs, "opset": FP8_OPSET, "size_bytes": path.stat().st_size}
+    return {"qdq_pairs": pairs, "opset": FP8_OPSET, "size_bytes": path.stat().st_size,
+            "engine_weight_bytes": engine_bytes}
 
 
 def quantize_package(package: Path, checkpoint: Any, *, scope: str = DEFAULT_FP8_SCOPE, keep_blocks: int | None = None,
@@ -264,6 +277,7 @@ def quantize_package(package: Path, checkpoint: Any, *, scope: str = DEFAULT_FP8
         report["experts"][expert] = info | {"calibration_calls": len(calib), "keep_blocks": keep,
                                             "quantized_layers": len(quantized_layers(model))}
     write_manifest(package, dataclasses.replace(manifest, components=components))
+    (package / FP8_REPORT).write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 

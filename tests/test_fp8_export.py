@@ -55,6 +55,17 @@ def test_fp8_package_runs_on_onnxruntime_close_to_fp32(tmp_path: Path) -> None:
         scale = init.get(n.input[1])
         assert scale is None or len(scale.dims) == 0 or int(np.prod(scale.dims)) == 1  # per tensor
 
+    # `vidrt plan` on this package: TensorRT folds each quantised weight to 1 byte, the rest of this graph
+    # stays fp32 -- counted from the graph itself here, from the architecture formulas in the plan
+    from vidrt.backends.residency import plan_for_package
+
+    quantised = {n.input[0] for n in q} & set(init)
+    engine_bytes = sum(int(np.prod(t.dims)) * (1 if t.name in quantised else 4) for t in graph.graph.initializer
+                       if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 1 and int(np.prod(t.dims)) > 64)
+    plan = plan_for_package(package, m, 64, 64, 17, 24 * 10**9, "fp8")
+    planned = next(i.bytes for st in plan.stages for i in st.items if i.name == "dit weights")
+    assert abs(planned - engine_bytes) / engine_bytes < 0.1, (planned, engine_bytes)
+
     ref = Pipeline.load(source, backend="onnxruntime", warn=lambda s: None)
     fp8 = Pipeline.load(package, backend="onnxruntime", warn=lambda s: None)
     req = Request(prompt="a green triangle moving right", seed=1000)  # not a calibration prompt or seed

@@ -152,20 +152,21 @@ def vae_step_contract(spec: ModelSpec) -> Contract:
 # ---- bytes ------------------------------------------------------------------------------------------
 
 
-def dit_weight_bytes(cfg: DiTConfig, precision: str, fp8_scope: str = DEFAULT_FP8_SCOPE) -> int:
+def dit_weight_bytes(cfg: DiTConfig, precision: str, fp8_scope: str = DEFAULT_FP8_SCOPE, fp8_rest: int = 2) -> int:
     """Device bytes of one DiT's weights at an engine precision.
 
     fp32 parts (norms, modulation, time embedding/projection) stay 4 bytes in every low-precision
     graph (export/components.py DIT_FP32_PARTS). fp8: per-tensor E4M3 weights (1 byte) in blocks
     FP8_KEEP_BLOCKS..L-1-FP8_KEEP_BLOCKS; `fp8_scope` "ffn" quantises only the feed-forward
-    matrices (the qualified first step), "linear" also the attention matrices. The rest is bf16.
+    matrices (the qualified first step), "linear" also the attention matrices. The rest is bf16
+    (`fp8_rest` = 2 bytes), or fp32 (4) in the graphs `vidrt export --precision fp8` writes today.
     """
     p = dit_params(cfg)
     if precision not in BYTES:
         raise UsageError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return 4 * p.total
-    hi = 2  # fp16 / bf16, and fp8's high-precision parts
+    hi = fp8_rest if precision == "fp8" else 2  # fp16 / bf16, and fp8's high-precision parts
     block_hp = hi * (p.block_linear_weights + p.block_ffn_weights + p.block_other - p.block_fp32) + 4 * p.block_fp32
     outside = hi * (p.outside - p.outside_fp32) + 4 * p.outside_fp32
     if precision != "fp8":
@@ -629,11 +630,23 @@ def plan_for_package(package: Path, manifest: Manifest, width: int, height: int,
     ONNX has another one) and any engine reports of a build at that precision."""
     spec = manifest.model
     weight_bytes: dict[str, int] = {}
+    try:  # written by `vidrt export --precision fp8` (export/quantize_fp8.py FP8_REPORT)
+        fp8 = json.loads((package / "fp8_report.json").read_text()).get("experts", {})
+        fp8 = fp8 if isinstance(fp8, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        fp8 = {}
     for name, comp in manifest.components.items():
         onnx = comp.artifact.size_bytes + (comp.artifact.data_size_bytes or 0)
         if name in spec.experts:
-            target, source = dit_weight_bytes(spec.dit, precision, fp8_scope), \
-                dit_weight_bytes(spec.dit, comp.precision, fp8_scope)
+            if comp.precision == "fp8":  # export/quantize_fp8.py's graph: fp32 weights + Q/DQ, the rest fp32
+                exported = fp8.get(name, {}).get("engine_weight_bytes")
+                if isinstance(exported, int):  # counted from the graph at export
+                    weight_bytes[name] = exported
+                    continue
+                target, source = dit_weight_bytes(spec.dit, "fp8", fp8_scope, fp8_rest=4), 4 * dit_param_count(spec.dit)
+            else:
+                target, source = dit_weight_bytes(spec.dit, precision, fp8_scope), \
+                    dit_weight_bytes(spec.dit, comp.precision, fp8_scope)
             weight_bytes[name] = onnx * target // max(source, 1)
         elif name == C.TEXT_ENCODER:
             tp = "fp32" if precision == "fp32" else "bf16"
