@@ -228,7 +228,7 @@ class VideoWriter:
                 if not p.is_dir() or not _is_vidrt_frame_folder(p):
                     raise OutputError(f"{p} exists and is not a vidrt PNG frame folder; refusing to replace it")
             elif p.is_dir():
-                raise OutputError(f"{p} is a folder; give a file path for a .{self.format.kind} video")
+                raise OutputError(f"{p} is a folder; give a file path for a {p.suffix or self.format.kind} output")
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

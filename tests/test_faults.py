@@ -92,7 +92,10 @@ def test_kill_at_random_points(run_package, tmp_path, sig):
         if sig == signal.SIGINT:
             if rc == 130:
                 outcomes["interrupted (130)"] += 1
-                assert stop_seconds < 2.0, f"kill {i}: took {stop_seconds:.1f} s to stop"
+                # promptly: within 2 s on an idle machine, and well inside what the rest of the run would take
+                # on a busy one (the run's duration is re-measured as the machine's load changes)
+                limit = max(2.0, 0.5 * duration)
+                assert stop_seconds < limit, f"kill {i}: took {stop_seconds:.1f} s to stop (limit {limit:.1f} s)"
                 assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
             else:  # inside Python's own start-up, before vidrt's first line: see test_interrupt_at_any_moment
                 assert _before_vidrt_code(rc, err), f"kill {i}: rc {rc}: {err}"

@@ -298,9 +298,11 @@ def test_untiled_stream_equals_vae_decode(exported: Exported) -> None:
     assert np.abs(got - ref).max() <= 1e-4
 
 
-# (latent h, w) of the frame and tile shapes, none of which divides the frame evenly
-TILED_CASES = {"wan2.1": ((26, 34), [(16, 16), (17, 21), (20, 34)]),
-               "wan2.2": ((18, 26), [(16, 16), (17, 20)])}
+# (latent h, w) of the frame and tile shapes, none of which divides the frame evenly -> the least PSNR
+# (dB) each must reach: a few dB under what this decode measures (module docstring; re-measured for
+# issue 17: Wan2.1 41.2 / 42.7 / 59.3 dB), so a broken blend or overlap fails where seams are rare too
+TILED_CASES = {"wan2.1": ((26, 34), {(16, 16): 40.0, (17, 21): 40.0, (20, 34): 54.0}),
+               "wan2.2": ((18, 26), {(16, 16): 43.0, (17, 20): 52.0})}
 
 
 def test_tiled_matches_untiled(exported: Exported) -> None:
@@ -311,13 +313,13 @@ def test_tiled_matches_untiled(exported: Exported) -> None:
     first, step = exported.engines()
     kw = dict(mean=spec.vae.latents_mean, std=spec.vae.latents_std)
     ref = to_uint8(decode(lat, first, step, untiled_plan(h, w, scale=scale), **kw))
-    for tile in tiles:
+    for tile, least in tiles.items():
         plan = plan_tiles(h, w, *tile, scale=scale)  # default overlap (8) and blend
         got = to_uint8(decode(lat, first, step, plan, **kw))
         quality = psnr(got, ref)
         print(f"{exported.kind} frame {h}x{w} latent ({h * scale}x{w * scale} px), tile {tile[0]}x{tile[1]}, "
               f"{plan.count} tiles: PSNR {quality:.1f} dB, max |diff| {np.abs(got.astype(int) - ref).max()}/255")
-        assert quality >= 40
+        assert quality >= least, f"tile {tile}: {quality:.1f} dB < {least}"
 
 
 _MEASURE = textwrap.dedent("""
