@@ -253,6 +253,9 @@ class Pipeline:
         cfg_batch = self.cfg_batch or (memory.cfg_batch if memory else 2)
         # On a planned backend (TensorRT) the tile is the plan's: the one the VAE engines were built for.
         tiles = memory.vae_tile if memory else decode_plan(self.manifest, s, vae_memory_bytes)
+        if memory and vae_memory_bytes is not None:
+            self.warn("--vae-memory does not apply on TensorRT: the VAE tile is the one its engines were built "
+                      "for (vidrt build --vae-tile)")
         released = {name for stage in memory.stages for name in stage.release} if memory else set()
         if memory:
             self.backend.stream_weights(memory.streamed)
@@ -262,6 +265,10 @@ class Pipeline:
         keep_text_encoder = keep_text_encoder and C.TEXT_ENCODER not in released
         if memory and memory.text_device == "cpu" and self.text_backend is None:
             # a card too small for umT5 (the official code's --t5_cpu): it runs on ONNX Runtime CPU
+            if precision[C.TEXT_ENCODER] == "bf16":
+                raise DeviceError("umT5 does not fit this GPU next to the rest and must run on the CPU, where "
+                                  "ONNX Runtime has no bfloat16 kernels; export the package with --precision fp8 "
+                                  "or fp16 (their text encoder is fp32), or see `vidrt plan` for what fits")
             self.release(C.TEXT_ENCODER)
             self.text_backend = open_backend(BackendOptions(backend="onnxruntime", threads=self.options.threads),
                                              self.manifest)
