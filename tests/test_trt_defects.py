@@ -212,6 +212,9 @@ def test_7_vae_caches_stay_on_the_device(tmp_path: Path) -> None:
         copies.append((cuda.calls.count("htod") - before[0], cuda.calls.count("dtoh") - before[1]))
         cache = out[C.cache_out(0)]
     assert copies[1:] == [(1, 1)] * 3  # the latent in, the frames out; the caches never cross PCIe
+    # the copies that remain go through page-locked buffers (pageable ones are not asynchronous),
+    # except DeviceTensor.numpy(), an explicit synchronous read-back
+    assert set(cuda.copy_kinds) == {"pinned"}
     assert np.asarray(cache)[0, 0, 0, 0, 0] == 4  # the values are right when they are read back
     del cache, out
     backend.close()

@@ -24,6 +24,8 @@ class FakeCuda:
     def __init__(self) -> None:
         self.fail_instantiate = False
         self.device = 0
+        self.pinned: list[np.ndarray] = []  # alloc_host arrays not freed yet
+        self.copy_kinds: list[str] = []  # per host<->device copy: "pinned" or "pageable" host memory
         self.mem: dict[int, bytearray] = {}
         self.allocations: list[int] = []
         self.calls: list[str] = []
@@ -55,17 +57,24 @@ class FakeCuda:
         self.calls.append("free")
 
     def alloc_host(self, nbytes: int) -> np.ndarray:
-        return np.zeros(nbytes, np.uint8)
+        arr = np.zeros(nbytes, np.uint8)
+        self.pinned.append(arr)
+        return arr
 
     def free_host(self, array: np.ndarray) -> None:
-        pass
+        self.pinned = [a for a in self.pinned if a is not array]
+
+    def _kind(self, host: np.ndarray) -> str:
+        return "pinned" if any(np.shares_memory(host, a) for a in self.pinned) else "pageable"
 
     def copy_htod(self, dst: int, src: np.ndarray, stream: int) -> None:
         assert stream not in self.capturing, "copies must stay outside the captured graph"
+        self.copy_kinds.append(self._kind(src))
         self.mem[dst][:src.nbytes] = src.tobytes()
         self.calls.append("htod")
 
     def copy_dtoh(self, dst: np.ndarray, src: int, stream: int) -> None:
+        self.copy_kinds.append(self._kind(dst))
         dst.reshape(-1).view(np.uint8)[:] = np.frombuffer(bytes(self.mem[src][:dst.nbytes]), np.uint8)
         self.calls.append("dtoh")
 

@@ -370,6 +370,7 @@ class TrtEngine:
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._out_shapes: dict[str, tuple[int, ...]] = {}
         self.buffers: dict[str, DeviceBuffer] = {}
+        self._pinned: dict[str, np.ndarray] = {}  # page-locked staging per I/O tensor (cudaMallocHost)
         # Capacity per tensor: the largest shape any profile allows (outputs: as TensorRT infers them).
         capacity: dict[str, int] = {}
         for prof in self.profiles:
@@ -467,18 +468,20 @@ class TrtEngine:
             self._drop_graphs()
             self._eager_runs = 0
         s = self._stream.handle
-        staged = []  # host copies must outlive the async copies: kept until the stream is synchronised
         for n in self.inputs:
             value = feeds[n]
             if isinstance(value, DeviceTensor) and value.ptr is not None and value.dtype == self._dtypes[n]:
                 self._bind(n, value.ptr)  # a previous call's output, still on the device: no copy
                 continue
             host = self._to_engine(n, np.asarray(value))
-            staged.append(host)
             if n not in self.buffers:
                 self.buffers[n] = DeviceBuffer(self._cuda, self.capacity[n])
             self._bind(n, self.buffers[n].address)
-            self.buffers[n].upload(host, s)
+            # through a page-locked staging buffer: a copy from pageable memory is staged by the driver
+            # and is not asynchronous (CUDA programming guide, "Page-Locked Host Memory")
+            pinned = self._pinned_for(n)[:host.nbytes]
+            pinned[:] = host.reshape(-1).view(np.uint8)
+            self.buffers[n].upload(pinned, s)
         kept: dict[str, DeviceTensor] = {}
         for n in self.outputs:
             if n in self.resident:
@@ -499,14 +502,22 @@ class TrtEngine:
         for n in self.outputs:
             if n in kept:
                 continue
-            host = np.empty(self._out_shapes[n], dtype=self._dtypes[n])
-            self.buffers[n].download(host, s)
-            outs[n] = host
+            pinned = self._pinned_for(n)[:self._nbytes(n, self._out_shapes[n])]
+            self.buffers[n].download(pinned, s)
+            outs[n] = pinned
         self._stream.sync()
-        del staged
+        for n, pinned in outs.items():  # out of the staging buffer (reused by the next call)
+            outs[n] = pinned.view(self._dtypes[n]).reshape(self._out_shapes[n]).copy()
         if self._events is not None and self._on_run is not None:
             self._on_run(self.name, self._cuda.event_elapsed_ms(*self._events))
         return {n: kept[n] if n in kept else self._from_engine(n, outs[n]) for n in self.contract.output_names}
+
+    def _pinned_for(self, name: str) -> np.ndarray:
+        """The page-locked host staging buffer of one I/O tensor (uint8, its capacity), made once."""
+        buf = self._pinned.get(name)
+        if buf is None:
+            buf = self._pinned[name] = self._cuda.alloc_host(self.capacity[name])
+        return buf
 
     def _execute(self, ctx: trt.IExecutionContext, stream: int) -> None:
         key = (*(self._bound[n] for n in self.inputs + self.outputs), self._arena.ptr or 0)
@@ -581,6 +592,9 @@ class TrtEngine:
             for buf in self.buffers.values():
                 buf.close()
             self.buffers = {}
+            for pinned in self._pinned.values():
+                self._cuda.free_host(pinned)
+            self._pinned = {}
             self._ctx = None
             self._engine = None
 
