@@ -300,7 +300,8 @@ def test_untiled_stream_equals_vae_decode(exported: Exported) -> None:
 
 # (latent h, w) of the frame and tile shapes, none of which divides the frame evenly -> the least PSNR
 # (dB) each must reach: a few dB under what this decode measures (module docstring; re-measured for
-# issue 17: Wan2.1 41.2 / 42.7 / 59.3 dB, Wan2.2 47.2 / 56.6 dB), so a broken blend or overlap fails where seams are rare too
+# issue 17: Wan2.1 41.2 / 42.7 / 59.3 dB, Wan2.2 47.2 / 56.6 dB), so a broken blend or overlap fails
+# where seams are rare too
 TILED_CASES = {"wan2.1": ((26, 34), {(16, 16): 40.0, (17, 21): 40.0, (20, 34): 54.0}),
                "wan2.2": ((18, 26), {(16, 16): 43.0, (17, 20): 52.0})}
 
