@@ -382,8 +382,10 @@ def _signal_mid_run(pkg: Path, tmp_path: Path, sig: signal.Signals) -> tuple[int
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_signal_mid_run(pkg, tmp_path, sig, code, word):
     rc, err, seconds = _signal_mid_run(pkg, tmp_path, sig)
-    assert rc == code, err
-    assert seconds < 2.0
+    assert rc == code, err  # not 0: the signal stopped the run instead of waiting for its 1000 steps
+    # Promptly: the current DiT call ends, then cleanup; ~0.1 s idle. The bound is loose because CI machines
+    # are shared (a step can take 0.5 s at load 15); a run that ignored the signal would take minutes.
+    assert seconds < 10.0
     assert err.rstrip().splitlines()[-1].endswith(word) and "Traceback" not in err
     assert (tmp_path / "a.mp4").read_bytes() == b"the old clip"  # never damaged
     assert temps(tmp_path) == []
