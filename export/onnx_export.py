@@ -38,6 +38,7 @@ from vidrt.export.components import (
 )
 from vidrt.export.onnx_optimize import optimize_model
 from vidrt.package.contracts import Contract
+from vidrt.package.manifest import WeightRef
 from vidrt.package.registry import ModelSpec
 
 # Above this many bytes of weights the graph is saved with external data (protobuf caps a file at
@@ -84,8 +85,31 @@ def export_graph(graph: GraphSpec, path: Path | str, opset: int = 18, *,
     if external_data is None:
         external_data = include_weights and _initializer_bytes(prog) > EXTERNAL_DATA_BYTES
     with _atomic_target(path) as tmp_path:
-        prog.save(tmp_path, include_initializers=include_weights, external_data=external_data)
+        if external_data and include_weights:
+            # every initializer in the data file, small ones too (onnx_ir keeps < 256 bytes inline by
+            # default): LoRAs replace initializers by name and ONNX Runtime can only replace external ones
+            ir.save(prog.model, tmp_path, external_data=data_file_name(path), size_threshold_bytes=0)
+            _inline_constants(tmp_path)  # but not the graph's own constants: ORT shape inference reads them
+        else:
+            prog.save(tmp_path, include_initializers=include_weights, external_data=external_data)
     return graph.contract
+
+
+def _inline_constants(path: Path, prefix: str = "model.", max_bytes: int = 256) -> None:
+    """Move the small initializers that are not model parameters (split sizes, shape constants, scalars
+    the exporter made) back into the graph file; the parameters stay in the data file."""
+    m = onnx.load(str(path), load_external_data=False)
+    with open(path.parent / data_file_name(path), "rb") as data:  # read per tensor: a 14B DiT is 28 GB
+        for init in m.graph.initializer:
+            info = {e.key: e.value for e in init.external_data}
+            if init.name.startswith(prefix) or init.data_location != onnx.TensorProto.EXTERNAL \
+                    or int(info["length"]) > max_bytes:
+                continue
+            data.seek(int(info.get("offset", 0)))
+            init.raw_data = data.read(int(info["length"]))
+            del init.external_data[:]
+            init.data_location = onnx.TensorProto.DEFAULT
+    onnx.save_model(m, str(path))
 
 
 def check_opset(opset: int) -> None:
@@ -300,6 +324,26 @@ def export_vae_decoder(vae: nn.Module, first_path: Path | str, step_path: Path |
     return c_first, c_step
 
 
+def weight_refs(path: Path | str, prefix: str = "model.") -> dict[str, WeightRef]:
+    """Parameter name -> where it is stored, for every external-data initializer named `prefix` + key
+    (the exporter keeps torch's names, `model.<diffusers key>`). A 2-D weight read by MatMul as its second
+    input is stored transposed ([in, out]: `_transpose_lazily` folded the Transpose into it); one read
+    through Gemm/Conv keeps torch's layout. vidrt.lora merges LoRAs into exactly these (manifest `weights`)."""
+    m = onnx.load(str(path), load_external_data=False)
+    matmul_b = {n.input[1] for n in m.graph.node if n.op_type == "MatMul" and len(n.input) > 1}
+    out = {}
+    for init in m.graph.initializer:
+        if not init.name.startswith(prefix) or init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        dtype = "bfloat16" if init.data_type == onnx.TensorProto.BFLOAT16 \
+            else onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
+        out[init.name[len(prefix):]] = WeightRef(
+            initializer=init.name, transposed=len(init.dims) == 2 and init.name in matmul_b,
+            offset=int(info.get("offset", 0)), length=int(info["length"]), dtype=dtype, shape=tuple(init.dims))
+    return out
+
+
 def graph_io(path: Path | str) -> dict[str, tuple[str, tuple[int | str, ...]]]:
     """name -> (numpy dtype name, shape) of a saved graph's inputs and outputs, without its weights."""
     m = onnx.load(str(path), load_external_data=False)
@@ -314,5 +358,5 @@ def graph_io(path: Path | str) -> dict[str, tuple[str, tuple[int | str, ...]]]:
 
 
 __all__ = ["EXTERNAL_DATA_BYTES", "export_graph", "export_text_encoder", "export_dit", "export_vae_decoder",
-           "build_meta_dit", "dit_rope_buffers", "text_encoder_precision", "graph_io", "data_file_name",
+           "build_meta_dit", "dit_rope_buffers", "text_encoder_precision", "graph_io", "weight_refs", "data_file_name",
            "check_opset"]

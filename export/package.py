@@ -25,8 +25,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import vidrt
@@ -42,7 +42,9 @@ from vidrt.export.onnx_export import (
     export_text_encoder,
     export_vae_decoder,
     text_encoder_precision,
+    weight_refs,
 )
+from vidrt.export.package_extras import bake_loras, package_recipes
 from vidrt.package.contracts import TEXT_ENCODER, VAE_FIRST, VAE_STEP, Contract
 from vidrt.package.manifest import (
     SCHEMA_VERSION,
@@ -54,6 +56,7 @@ from vidrt.package.manifest import (
     sha256_file,
     write_manifest,
 )
+from vidrt.package.recipes import LoraRef
 from vidrt.package.registry import to_dict
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -81,12 +84,14 @@ class Stage:
 
 def export_package(model_dir: Path | str, out: Path | str | None = None, variant: str | None = None, opset: int = 18,
                    precision: str = "fp32", progress: bool = True, *, fp8_scope: str = DEFAULT_FP8_SCOPE,
-                   calibration_prompts: tuple[str, ...] | None = None) -> Path:
+                   calibration_prompts: tuple[str, ...] | None = None, loras: Sequence[LoraRef] = ()) -> Path:
     """Export the checkpoint at `model_dir` into the package folder `out` (default engines/<variant>).
+    loras: baked into the DiT weights (`vidrt export --lora`); the checkpoint's recipes.json (if any) and
+    its LoRA files go into the package.
     precision "fp8": an fp32 package first, then every DiT expert replaced by its FP8 Q/DQ graph,
     calibrated on the package's own denoising steps (export/quantize_fp8.py `quantize_package`)."""
     if precision == "fp8":
-        path = export_package(model_dir, out, variant, opset, "fp32", progress)
+        path = export_package(model_dir, out, variant, opset, "fp32", progress, loras=loras)
         from vidrt.export.quantize_fp8 import CALIBRATION_PROMPTS, quantize_package
 
         ckpt = open_checkpoint(model_dir, variant)
@@ -114,7 +119,7 @@ def export_package(model_dir: Path | str, out: Path | str | None = None, variant
     try:
         with _locked(out):
             try:
-                _export_locked(ckpt, out, opset, precision, progress)
+                _export_locked(ckpt, out, opset, precision, progress, loras, Path(model_dir))
             except BaseException:
                 if not had_lock:  # the folder as it was: without the lock file this export added
                     (out / LOCK_FILE).unlink(missing_ok=True)
@@ -127,14 +132,15 @@ def export_package(model_dir: Path | str, out: Path | str | None = None, variant
     return out
 
 
-def _export_locked(ckpt: Checkpoint, out: Path, opset: int, precision: str, progress: bool) -> None:
+def _export_locked(ckpt: Checkpoint, out: Path, opset: int, precision: str, progress: bool,
+                   loras: Sequence[LoraRef] = (), model_dir: Path | None = None) -> None:
     _remove_leftovers(out)
     previous = _previous_manifest(out)
     staging = out / f"{STAGING_PREFIX}{os.getpid()}"
     staging.mkdir()
     try:
-        stages = _stages(ckpt, staging, opset, precision)
-        inputs = {s.name: _fingerprint(ckpt, s, opset) for s in stages}
+        stages = _stages(ckpt, staging, opset, precision, loras)
+        inputs = {s.name: _fingerprint(ckpt, s, opset, loras) for s in stages}
         results: dict[str, StageResult] = {}
         bar = tqdm(stages, desc="export", unit="stage", disable=not progress)
         for stage in bar:
@@ -150,16 +156,18 @@ def _export_locked(ckpt: Checkpoint, out: Path, opset: int, precision: str, prog
     tokenizer = results["tokenizer"].tokenizer
     assert tokenizer is not None
     components = {name: comp for r in results.values() for name, comp in r.components.items()}
-    write_manifest(out, Manifest(schema_version=SCHEMA_VERSION, model=ckpt.spec, tokenizer=tokenizer,
-                                 components=components, vidrt_version=vidrt.__version__, export_inputs=inputs,
+    recipes, lora_files = package_recipes(model_dir, out) if model_dir is not None else ((), ())
+    write_manifest(out, Manifest(schema_version=SCHEMA_VERSION, model=replace(ckpt.spec, recipes=recipes),
+                                 tokenizer=tokenizer, loras=lora_files, components=components, vidrt_version=vidrt.__version__, export_inputs=inputs,
                                  vocabulary=closed_vocabulary((out / TOKENIZER_FILE).read_text("utf-8"))))
 
 
 def export_main(model: str, variant: str | None, out: str | None, opset: int, precision: str,
-                fp8_scope: str = DEFAULT_FP8_SCOPE, calibration_prompts: tuple[str, ...] | None = None) -> Path:
+                fp8_scope: str = DEFAULT_FP8_SCOPE, calibration_prompts: tuple[str, ...] | None = None,
+                loras: Sequence[LoraRef] = ()) -> Path:
     """Glue for the `vidrt export` click command: export, then print where the package is."""
     path = export_package(model, out, variant, opset, precision, progress=True, fp8_scope=fp8_scope,
-                          calibration_prompts=calibration_prompts)
+                          calibration_prompts=calibration_prompts, loras=loras)
     print(f"exported {path}")
     return path
 
@@ -170,7 +178,7 @@ def export_main(model: str, variant: str | None, out: str | None, opset: int, pr
 VAE_OPSET = 18  # see _stages
 
 
-def _stages(ckpt: Checkpoint, out: Path, opset: int, precision: str) -> list[Stage]:
+def _stages(ckpt: Checkpoint, out: Path, opset: int, precision: str, loras: Sequence[LoraRef] = ()) -> list[Stage]:
     spec = ckpt.spec
 
     def tokenizer() -> StageResult:
@@ -189,10 +197,15 @@ def _stages(ckpt: Checkpoint, out: Path, opset: int, precision: str) -> list[Sta
         def run() -> StageResult:
             # meta-device trace + readers of the stored tensors: each is read, cast to the traced
             # dtype and written when the graph is saved (RAM: about one tensor, not the model)
+            # always with external data: LoRAs replace initializers by name at load time (ONNX Runtime
+            # add_external_initializers takes only external ones; fast_paths.md A.8), from the layout
+            # recorded in the manifest (`weights`)
             contract = export_dit(None, out / f"{expert}.onnx", spec, opset, precision,
                                   state_dict=ckpt.transformer_readers(expert),
-                                  config=ckpt.transformer_config(expert))
-            return StageResult({expert: _component(out, expert, contract, precision, opset)})
+                                  config=ckpt.transformer_config(expert), external_data=True)
+            comp = _component(out, expert, contract, precision, opset)
+            comp = replace(comp, weights=weight_refs(out / f"{expert}.onnx"))
+            return StageResult({expert: bake_loras(out, comp, loras)})
         return run
 
     # The VAE graphs stay at opset 18 whatever --opset says: at 23 the exporter turns the mid-block
@@ -248,9 +261,12 @@ def _vidrt_cause(exc: BaseException) -> VidrtError | None:
 # ---- skipping finished stages -----------------------------------------------------------------
 
 
-def _fingerprint(ckpt: Checkpoint, stage: Stage, opset: int) -> str:
+def _fingerprint(ckpt: Checkpoint, stage: Stage, opset: int, loras: Sequence[LoraRef] = ()) -> str:
     """Everything a stage's output depends on: its source files, the export settings, the spec."""
     payload = {"stage": stage.name, "files": ckpt.fingerprint(stage.name), "opset": opset,
+               "layout": "external-data+weights" if stage.name in ckpt.spec.experts else "",
+               "baked_loras": [[sha256_file(Path(r.path)), r.strength, r.expert] for r in loras
+                               if stage.name in ckpt.spec.experts and r.expert in (None, stage.name)],
                "precision": stage.precision,
                "vidrt": vidrt.__version__, "spec": to_dict(ckpt.spec)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +28,10 @@ from vidrt.backends.base import Backend, BackendOptions, Engine
 from vidrt.backends.residency import ResidencyPlan, plan_for_package
 from vidrt.embedding_cache import EmbeddingCache, package_key
 from vidrt.errors import DeviceError, UsageError
+from vidrt.lora import LoraMerger, SetKey, as_lora_refs
 from vidrt.package import contracts as C
 from vidrt.package.manifest import Manifest, artifact_path, load_manifest
-from vidrt.package.recipes import all_recipes
+from vidrt.package.recipes import LoraRef
 from vidrt.request import Request, Settings, resolve
 from vidrt.schedulers import Step, expert_for_timestep, make_schedule, make_solver
 from vidrt.stats import RunStats
@@ -139,18 +140,31 @@ class Pipeline:
         self.embeddings: EmbeddingCache | None = None  # prompt embeddings on disk (Pipeline.load)
         self.load_seconds = 0.0
         self.cfg_batch: int | None = None  # None: the memory plan's (2 where there is none); 1: two DiT calls
+        # LoRAs (vidrt.lora): applied to every run (Pipeline.load(loras=...)); a run adds its recipe's and
+        # request's. DiT engines are kept per (expert, LoRA set): ONNX Runtime sessions made with the merged
+        # initializers are parked, not closed, when another set is wanted (TensorRT refit: not yet).
+        self.loras: tuple[LoraRef, ...] = ()
+        self._merger = LoraMerger(package, manifest, self.warn)
+        self._want: dict[str, tuple[LoraRef, ...]] = {}  # expert -> the LoRAs of the current run
+        self._engine_key: dict[str, SetKey] = {}
+        self._parked: dict[tuple[str, SetKey], Engine] = {}
+        self._merge_stats = [0.0, 0]  # seconds, bytes of the merges since the last run began
 
     @classmethod
     def load(cls, package: str | Path | None = None, backend: str = "auto", device: str = "cpu",
              threads: int | None = None, verify: bool = True,
-             warn: Callable[[str], None] | None = None, embedding_cache: str | Path | None = None) -> Pipeline:
+             warn: Callable[[str], None] | None = None, embedding_cache: str | Path | None = None,
+             loras: Sequence[LoraRef | tuple[str, float] | str] | None = None) -> Pipeline:
         """Open a model package folder (what `vidrt export` writes; None = the bundled tiny model).
 
         backend  "auto" (TensorRT when a GPU, TensorRT and matching plans are present, else ONNX Runtime),
                  "onnxruntime" (CPU), "onnxruntime-cuda" (ONNX Runtime's CUDA provider) or "tensorrt";
                  threads: ONNX Runtime CPU threads (None = all cores);
                  verify: check the artifacts' sha256 (remembered per file, vidrt.package.verified);
-                 warn: where warnings go (default: print).
+                 warn: where warnings go (default: print);
+                 loras: [(path, strength), ...] or LoraRef(path, strength, expert) (A14B: expert "dit_high"
+                 or "dit_low"), safetensors in any key format of fast_paths.md A.2, merged into the DiT at
+                 load time (no re-export) for every run; each file is read and checked here.
         Raises PackageError (missing/damaged package, wrong schema or hashes), UsageError (unknown backend),
         DeviceError (TensorRT asked for but not usable here). Engines open on first use.
         """
@@ -166,19 +180,42 @@ class Pipeline:
         pipe = cls(package, manifest, BackendOptions(backend=backend, device=device, threads=threads), warn)
         if embedding_cache is not None:  # a repeated prompt then skips the text encoder
             pipe.embeddings = EmbeddingCache(embedding_cache, package_key(manifest))
+        pipe.loras = as_lora_refs(loras)
+        for expert in manifest.model.experts:  # refuse a bad file or key set now, not mid-run
+            pipe._merger.check(expert, pipe.loras)
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 
     def engine(self, name: str) -> Engine:
-        """Open a component once, on first use."""
-        if name not in self._engines:
+        """Open a component once, on first use; a DiT with the current run's LoRA set merged in."""
+        want = self._merger.key(name, self._want.get(name, ()))
+        current = self._engines.get(name)
+        if current is not None and self._engine_key.get(name, ()) == want:
+            return current
+        if current is not None:
+            self._parked[(name, self._engine_key.get(name, ()))] = self._engines.pop(name)
+        engine = self._parked.pop((name, want), None)
+        if engine is None:
             comp = self.manifest.components[name]
+            path = artifact_path(self.package, comp.artifact.file)
             backend = self.text_backend if name == C.TEXT_ENCODER and self.text_backend else self.backend
-            self._engines[name] = backend.open(name, artifact_path(self.package, comp.artifact.file), comp.contract)
-        return self._engines[name]
+            merged = self._merged(name) if want else {}
+            engine = backend.open(name, path, comp.contract, weights=merged) if merged \
+                else backend.open(name, path, comp.contract)
+        self._engines[name], self._engine_key[name] = engine, want
+        return engine
+
+    def _merged(self, name: str) -> dict[str, np.ndarray]:
+        _, merged = self._merger.merged(name, self._want.get(name, ()))
+        self._merge_stats[0] += self._merger.last_seconds
+        self._merge_stats[1] = max(self._merge_stats[1], self._merger.last_bytes)
+        return merged
 
     def release(self, name: str) -> None:
         engine = self._engines.pop(name, None)
+        self._engine_key.pop(name, None)
+        for key in [k for k in self._parked if k[0] == name]:
+            self._parked.pop(key).close()
         if engine is not None:
             engine.close()
 
@@ -240,7 +277,7 @@ class Pipeline:
             keep_text_encoder: bool = True) -> Result:
         spec = self.manifest.model
         check_prompt(request.prompt)
-        s = resolve(request, spec, all_recipes(self.manifest.recipes))
+        s = resolve(request, spec)
         stats = RunStats(backend=self.backend.name)
         stats.seconds["load"] = self.load_seconds
         report = progress or (lambda stage, done, total: None)
@@ -277,6 +314,9 @@ class Pipeline:
         plan = plan_steps(self.manifest, s)
         solver = make_solver(s.scheduler, [p.step for p in plan])
         needs_uncond = any(p.cfg for p in plan)
+        loras = self.loras + s.loras  # the pipeline's, then the recipe's and the request's
+        self._want = {expert: loras for expert in spec.experts}
+        self._merge_stats = [0.0, 0]
 
         # 2. text: [2, 512, d_model], row 0 = prompt, row 1 = negative prompt; [1, ...] when no step needs CFG
         with stats.stage("text"):
@@ -314,6 +354,8 @@ class Pipeline:
                 latents = solver.step(velocity, latents)
                 stats.denoise_step_seconds.append(time.perf_counter() - t0)
                 report("denoise", i + 1, len(plan))
+
+        stats.lora_merge_seconds, stats.lora_merge_bytes = self._merge_stats[0], int(self._merge_stats[1])
 
         # 5. decode (+ write, timed apart inside the consumer)
         frames: list[np.ndarray] = []

@@ -140,12 +140,12 @@ def _pick(given: object, recipe_value: object, default: object) -> object:
 
 def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | None = None) -> Settings:
     """Fill defaults from the recipe (if named), then the model, and refuse values that cannot work,
-    naming the nearest valid ones. recipes: name -> Recipe (default: the built-in ones; a package's own
-    come from `all_recipes(manifest.recipes)`)."""
+    naming the nearest valid ones. recipes: name -> Recipe (default: the built-in ones and the model's
+    own, `spec.recipes`)."""
     d = spec.sampling
     request = request.seeded()
     assert request.seed is not None
-    recipe = find_recipe(request.recipe, recipes if recipes is not None else all_recipes()) \
+    recipe = find_recipe(request.recipe, recipes if recipes is not None else all_recipes(spec.recipes)) \
         if request.recipe is not None else None
     if recipe is not None:  # the recipe's fields where the request leaves them open
         request = _apply_recipe(request, recipe, spec)

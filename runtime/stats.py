@@ -17,6 +17,8 @@ class RunStats:
     num_tokens: int = 0
     vae_tiles: int = 0
     backend: str = ""
+    lora_merge_seconds: float = 0.0  # LoRA merges this run made (inside "denoise": engines open on first use)
+    lora_merge_bytes: int = 0  # the largest set of merged tensors one merge held (its peak extra memory)
     dit_calls: int = 0  # DiT evaluations for the clip, one per batch row (a batch-2 CFG call is two)
     gpu: dict[str, object] = field(default_factory=dict)  # TensorRT: GPU seconds per stage, peak memory
 
@@ -44,10 +46,13 @@ class RunStats:
             steps = sorted(self.denoise_step_seconds)
             rows.append(f"denoise step median {steps[len(steps) // 2]:.3f} s over {len(steps)} steps, "
                         f"{self.num_tokens} tokens, {self.dit_calls} DiT calls")
+        if self.lora_merge_bytes:
+            rows.append(f"LoRA merge {self.lora_merge_seconds:.3f} s, {self.lora_merge_bytes / 2**20:.1f} MiB merged")
         return "\n".join(rows)
 
     def to_dict(self) -> dict[str, object]:
         return {"seconds": dict(self.seconds), "total_seconds": self.total_seconds,
                 "denoise_step_seconds": list(self.denoise_step_seconds),
                 "num_tokens": self.num_tokens, "vae_tiles": self.vae_tiles, "backend": self.backend,
-                "dit_calls": self.dit_calls} | ({"gpu": dict(self.gpu)} if self.gpu else {})
+                "dit_calls": self.dit_calls, "lora_merge_seconds": self.lora_merge_seconds,
+                "lora_merge_bytes": self.lora_merge_bytes} | ({"gpu": dict(self.gpu)} if self.gpu else {})

@@ -7,6 +7,7 @@ pipeline never cares which backend it talks to.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -50,5 +51,8 @@ class Backend(Protocol):
         when the engine is next opened. A no-op where nothing is planned."""
         ...
 
-    def open(self, name: str, path: Path, contract: Contract) -> Engine:
+    def open(self, name: str, path: Path, contract: Contract,
+             weights: Mapping[str, np.ndarray] | None = None) -> Engine:
+        """Open a component. `weights`: initializer name -> array replacing the stored one (LoRA-merged
+        DiT weights, vidrt.lora; ONNX Runtime: a session made with them, TensorRT: a refit)."""
         ...

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from vidrt.backends.base import BackendOptions
@@ -29,7 +31,8 @@ def _providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
 class OrtEngine:
     """One InferenceSession per component, created once. Feeds are cast to the contract dtypes."""
 
-    def __init__(self, name: str, path: Path, contract: Contract, options: BackendOptions | None = None) -> None:
+    def __init__(self, name: str, path: Path, contract: Contract, options: BackendOptions | None = None,
+                 weights: Mapping[str, np.ndarray] | None = None) -> None:
         import onnxruntime as ort
 
         options = options or BackendOptions()
@@ -52,6 +55,11 @@ class OrtEngine:
         # Reshape/Transpose, which then have no float8 CPU kernel ("Failed to find kernel for
         # Reshape(19)"). Graphs without Q/DQ are unaffected.
         so.add_session_config_entry("session.disable_quant_qdq", "1")
+        if weights:
+            # LoRA-merged initializers replace the external-data ones of the same name before graph
+            # optimisation; ORT checks name, dims and dtype and copies the data (OrtApi::AddExternalInitializers,
+            # fast_paths.md A.8). bf16 arrays arrive as uint16 bits: tagged with their ONNX type.
+            so.add_external_initializers(list(weights), [_ortvalue(a) for a in weights.values()])
         try:
             self._session: ort.InferenceSession | None = ort.InferenceSession(
                 str(path), sess_options=so, providers=_providers(options.device))
@@ -94,6 +102,15 @@ class OrtEngine:
         self._session = None
 
 
+def _ortvalue(array: np.ndarray) -> Any:
+    import onnxruntime as ort
+
+    array = np.ascontiguousarray(array)
+    if array.dtype == np.uint16:  # bfloat16 bits (vidrt.lora.merge.f32_to_bf16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, 16)  # TensorProto.BFLOAT16
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
 class OrtBackend:
     """`--backend onnxruntime` (CPU provider) or `--backend onnxruntime-cuda` (options.device "cuda" or "cuda:N")."""
 
@@ -108,5 +125,6 @@ class OrtBackend:
     def stream_weights(self, streamed: dict[str, int]) -> None:
         pass  # nothing is planned, so nothing is streamed
 
-    def open(self, name: str, path: Path, contract: Contract) -> OrtEngine:
-        return OrtEngine(name, path, contract, self.options)
+    def open(self, name: str, path: Path, contract: Contract,
+             weights: Mapping[str, np.ndarray] | None = None) -> OrtEngine:
+        return OrtEngine(name, path, contract, self.options, weights)

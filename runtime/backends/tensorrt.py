@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from vidrt.backends.base import BackendOptions
 from vidrt.backends.cuda import BufferPool, CudaApi, CudaRuntime, DeviceBuffer, DeviceTensor, Stream, probe
-from vidrt.errors import DeviceError, PackageError
+from vidrt.errors import DeviceError, PackageError, UsageError
 from vidrt.package import contracts as C
 from vidrt.package.contracts import Contract
 from vidrt.package.manifest import Engine as EngineEntry
@@ -738,10 +738,17 @@ class TrtBackend:
         depth = len(Path(comp.artifact.file).parts) if comp is not None else 1
         return path.parents[depth - 1]
 
-    def open(self, name: str, path: Path, contract: Contract) -> TrtEngine:
+    def open(self, name: str, path: Path, contract: Contract,
+             weights: Mapping[str, np.ndarray] | None = None) -> TrtEngine:
         """`path` is the component's ONNX file (what the pipeline passes); its plan is opened instead.
         The plan is deserialised from its file each time (no copy kept in host RAM: an A14B expert's
-        plan is ~14-28 GB; re-opening the other expert at the boundary re-reads it from the page cache)."""
+        plan is ~14-28 GB; re-opening the other expert at the boundary re-reads it from the page cache).
+        `weights` (LoRA-merged initializers) would need a refit of a refittable plan: not implemented yet,
+        so they are refused rather than ignored."""
+        if weights:
+            raise UsageError("LoRAs at load time are not implemented for TensorRT yet (engine refit); bake them "
+                             "into the package with `vidrt export --lora FILE` and rebuild with `vidrt build`, or "
+                             "use --backend onnxruntime")
         entry = self.plans.get(name)
         package = self._package_of(Path(path), name)
         rebuild = rebuild_command(package, self.precision)

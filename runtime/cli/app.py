@@ -85,6 +85,12 @@ def _default_model() -> str | None:
 @click.option("--timesteps", help="Euler: the unshifted timestep list, e.g. 1000,750,500,250 (one per step).")
 @click.option("--recipe", help="A named recipe, e.g. lightx2v-4step or the bundled model's fast (`vidrt info` "
                                "lists them); other flags override its fields.")
+@click.option("--lora", "lora", multiple=True, metavar="FILE[:STRENGTH]",
+              help="A LoRA (.safetensors, any Wan key format) merged at load time; repeatable.")
+@click.option("--lora-high-noise", multiple=True, metavar="FILE[:STRENGTH]",
+              help="Two-expert models (A14B): a LoRA for the high-noise expert only; repeatable.")
+@click.option("--lora-low-noise", multiple=True, metavar="FILE[:STRENGTH]",
+              help="Two-expert models (A14B): a LoRA for the low-noise expert only; repeatable.")
 @click.option("--backend", default="auto", show_default=True,
               help="auto, onnxruntime (CPU), onnxruntime-cuda (ONNX Runtime's CUDA provider) or tensorrt.")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores).")
@@ -139,7 +145,7 @@ def info(package: str | None) -> None:
     from vidrt.package.recipes import all_recipes, describe
 
     click.echo("  recipes      (--recipe NAME; flags override its fields)")
-    for recipe in all_recipes(m.recipes).values():
+    for recipe in all_recipes(spec.recipes).values():
         click.echo(f"    {describe(recipe)}")
 
 
@@ -155,8 +161,13 @@ def info(package: str | None) -> None:
               help="fp8: quantise the feed-forward matrices only, or every block matrix.")
 @click.option("--calibration-prompts", type=click.Path(dir_okay=False, exists=True),
               help="fp8: a text file, one calibration prompt per line (default: four built-in prompts).")
+@click.option("--lora", "lora", multiple=True, metavar="FILE[:STRENGTH]",
+              help="Bake a LoRA into the DiT weights (repeatable); `vidrt run --lora` applies one without this.")
+@click.option("--lora-high-noise", multiple=True, metavar="FILE[:STRENGTH]", help="A14B: bake into the high-noise DiT.")
+@click.option("--lora-low-noise", multiple=True, metavar="FILE[:STRENGTH]", help="A14B: bake into the low-noise DiT.")
 def export_cmd(model_dir: str, variant: str | None, out: str | None, opset: str, precision: str, fp8_scope: str,
-               calibration_prompts: str | None) -> None:
+               calibration_prompts: str | None, lora: tuple[str, ...], lora_high_noise: tuple[str, ...],
+               lora_low_noise: tuple[str, ...]) -> None:
     """Export a Wan checkpoint to a model package (ONNX + tokenizer + manifest). Needs vidrt[export]."""
     try:
         from vidrt.export.package import export_main
@@ -170,8 +181,10 @@ def export_cmd(model_dir: str, variant: str | None, out: str | None, opset: str,
         prompts = tuple(p.strip() for p in Path(calibration_prompts).read_text("utf-8").splitlines() if p.strip())
         if not prompts:
             raise UsageError(f"--calibration-prompts {calibration_prompts}: the file has no prompt")
+    from vidrt.cli.run import lora_refs
+
     export_main(model=model_dir, variant=variant, out=out, opset=int(opset), precision=precision,
-                fp8_scope=fp8_scope, calibration_prompts=prompts)
+                fp8_scope=fp8_scope, calibration_prompts=prompts, loras=lora_refs(lora, lora_high_noise, lora_low_noise))
 
 
 from vidrt.cli.trt import build_cmd, doctor_cmd, plan_cmd  # noqa: E402  (TensorRT commands: runtime/cli/trt.py)

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 from vidrt.errors import OutputError, UsageError
+from vidrt.package.recipes import LoraRef
 from vidrt.request import Request
 
 MAX_THREADS = 256  # ONNX Runtime makes one OS thread each: 100000 would exhaust the machine
@@ -39,6 +40,21 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     if prompt is None:
         raise UsageError('no prompt: pass --prompt "a red circle moving left" or --prompt-file FILE')
     return prompt
+
+
+def lora_refs(both: tuple[str, ...], high: tuple[str, ...], low: tuple[str, ...]) -> tuple[LoraRef, ...]:
+    """--lora / --lora-high-noise / --lora-low-noise FILE[:STRENGTH] -> LoraRef; missing files refused now."""
+    from vidrt.lora import parse_lora_arg
+
+    out = []
+    for flag, values, expert in (("--lora", both, None), ("--lora-high-noise", high, "dit_high"),
+                                 ("--lora-low-noise", low, "dit_low")):
+        for value in values:
+            path, strength = parse_lora_arg(value, flag)
+            if not Path(path).is_file():
+                raise UsageError(f"{flag} {path}: no such file; give the path of a .safetensors LoRA")
+            out.append(LoraRef(path, strength, expert))
+    return tuple(out)
 
 
 def parse_timesteps(value: str | None) -> tuple[float, ...] | None:
@@ -101,13 +117,14 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
                 size: str | None, frames: int | None, steps: int | None, guidance: float | None,
                 guidance_low_noise: float | None, shift: float | None, seed: int | None, scheduler: str | None,
                 timesteps: str | None, recipe: str | None, backend: str, threads: int | None,
+                lora: tuple[str, ...] = (), lora_high_noise: tuple[str, ...] = (),
+                lora_low_noise: tuple[str, ...] = (),
                 vae_memory: str | None, fps: int | None, crf: int | None, output: str, overwrite: bool,
                 stats_json: str | None, quiet: bool, device: int = 0, embedding_cache: str | None = None) -> None:
     from vidrt.backends import BACKENDS
     from vidrt.cli.app import parse_size
     from vidrt.models import default_package
     from vidrt.package.manifest import load_manifest
-    from vidrt.package.recipes import all_recipes
     from vidrt.pipeline import Pipeline, decode_plan
     from vidrt.request import resolve
     from vidrt.text import check_prompt
@@ -144,8 +161,9 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
                       guidance_low_noise=guidance_low_noise, shift=shift, seed=seed, scheduler=scheduler,
                       timesteps=parse_timesteps(timesteps),
                       recipe=recipe).seeded()  # one seed for the run, the metadata and --stats-json
+    loras = lora_refs(lora, lora_high_noise, lora_low_noise)
     spec_only = load_manifest(package, verify=False)  # the model's limits; Pipeline.load checks the hashes
-    settings = resolve(request, spec_only.model, all_recipes(spec_only.recipes))
+    settings = resolve(request, spec_only.model)
     if fmt.kind == "still" and settings.num_frames != 1:
         raise UsageError(f"-o {out_path.name}: a .png holds one frame and this clip has {settings.num_frames}; "
                          f"pass --frames 1, or a folder path ending in '/' for PNG frames")
@@ -161,7 +179,7 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
         click.echo(f"warning: {msg}", err=True)
 
     pipe = Pipeline.load(package, backend=backend, device=f"cuda:{device}", threads=threads, warn=warn,
-                         embedding_cache=embedding_cache)
+                         embedding_cache=embedding_cache, loras=loras)
     metadata = clip_metadata(settings, pipe.manifest.model.name)  # same metadata as batch and serve write
     progress = _Progress(quiet)
     fps_out = fps or pipe.manifest.model.sampling.fps

@@ -19,7 +19,6 @@ import numpy as np
 from vidrt.errors import PackageError
 from vidrt.package import contracts as C
 from vidrt.package.contracts import Contract
-from vidrt.package.recipes import Recipe
 from vidrt.package.registry import ModelSpec, from_dict, to_dict
 from vidrt.package.verified import VerifiedFiles
 
@@ -47,14 +46,33 @@ class Artifact:
 
 
 @dataclass(frozen=True)
+class WeightRef:
+    """Where one model parameter lives in an exported graph (recorded at export; vidrt.lora merges into it).
+
+    initializer  the ONNX initializer's name (also the TensorRT weight name the ONNX parser gives it)
+    transposed   the exporter stored a Linear weight [out, in] as its transpose [in, out] (MatMul layout)
+    offset, length  its bytes in the component's external-data file
+    dtype, shape    as stored (dtype a numpy name; "bfloat16" = uint16 bits)"""
+
+    initializer: str
+    transposed: bool
+    offset: int
+    length: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Component:
-    """One exported graph (ONNX) and its contract."""
+    """One exported graph (ONNX) and its contract. `weights`: DiT graphs only, diffusers parameter name
+    ("blocks.0.attn1.to_q.weight") -> WeightRef; empty in packages exported before vidrt recorded it."""
 
     name: str
     artifact: Artifact
     contract: Contract
     precision: str  # "fp32" | "fp16" | "bf16" | "fp8"
     opset: int
+    weights: dict[str, WeightRef] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -79,8 +97,7 @@ class Manifest:
     export_inputs: dict[str, str] = field(default_factory=dict)  # stage -> fingerprint of its inputs
     vocabulary: tuple[str, ...] = ()  # known prompt words, for small closed-vocabulary models
     engines: tuple[Engine, ...] = ()
-    recipes: tuple[Recipe, ...] = ()  # the package's own named recipes (e.g. the bundled model's `fast`)
-    loras: tuple[Artifact, ...] = ()  # LoRA files the package ships (its recipes name them)
+    loras: tuple[Artifact, ...] = ()  # LoRA files the package ships (its recipes, model.recipes, name them)
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -232,6 +249,10 @@ def check_manifest(m: Manifest) -> None:
     _check(set(needed) <= set(m.components), f"components lack {sorted(set(needed) - set(m.components))}")
     for name, comp in m.components.items():
         _check_artifact(comp.artifact)
+        for param, ref in comp.weights.items():
+            _check(comp.artifact.data_file is not None and ref.offset >= 0 and ref.length >= 0
+                   and ref.dtype in _DTYPES and all(isinstance(d, int) and d >= 0 for d in ref.shape),
+                   f"{name}: bad weight record for {param}")
         if name == C.TEXT_ENCODER:
             _check_contract(name, comp.contract, {C.INPUT_IDS, C.ATTENTION_MASK}, {C.TEXT_HIDDEN}, None)
         elif name in spec.experts:
@@ -243,7 +264,7 @@ def check_manifest(m: Manifest) -> None:
     shipped = {a.file for a in m.loras}
     for art in m.loras:
         _check_artifact(art)
-    for r in m.recipes:
+    for r in spec.recipes:
         _check(all(slot.file is None or slot.file in shipped for slot in r.loras),
                f"recipe {r.name!r} names a LoRA file the package does not list in `loras`")
         _check(r.expert_ok(spec.experts), f"recipe {r.name!r} names an expert the model does not have")

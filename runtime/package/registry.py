@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from vidrt.package.recipes import Recipe
+
 # W21/W22 wan/configs/shared_config.py::sample_neg_prompt (shared by every T2V / TI2V variant).
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -123,6 +125,8 @@ class ModelSpec:
     experts: tuple[str, ...] = ("dit",)  # DiT graph names; two experts = ("dit_high", "dit_low")
     per_token_timestep: bool = False  # TI2V-5B: timestep is [B, tokens] (first latent frame t=0 in i2v)
     source: str = ""
+    recipes: tuple[Recipe, ...] = ()  # the model's own named recipes (the bundled model's `fast`), besides
+    #                                   the built-in ones (vidrt.package.recipes)
 
     @property
     def spatial_multiple(self) -> int:

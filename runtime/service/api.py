@@ -61,6 +61,9 @@ class CreateVideoRequest(BaseModel):
     shift: float | None = Field(None, gt=0, le=100)
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="None or -1: a random one (kept in the file).")
     scheduler: Literal[tuple(SOLVERS)] | None = None  # type: ignore[valid-type]
+    recipe: str | None = Field(None, max_length=100, description="A named recipe, e.g. lightx2v-4step.")
+    loras: list[str] | None = Field(None, max_length=16, description="LoRA files on the server: FILE[:STRENGTH] "
+                                    "(A14B: dit_high=FILE[:STRENGTH], dit_low=...).")
     output_format: Literal["mp4", "webm"] = "mp4"
     fps: int | None = Field(None, ge=1, le=240)
     crf: int | None = Field(None, ge=0, le=63)

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from vidrt.errors import Cancelled, UsageError
+from vidrt.lora.merge import parse_lora_arg
+from vidrt.package.recipes import LoraRef
 from vidrt.package.registry import ModelSpec
 from vidrt.request import Request, Settings, resolve
 from vidrt.video import (
@@ -54,6 +56,8 @@ class JobRequest:
     shift: float | None = None
     seed: int | None = None  # None or -1: a random one, drawn once per clip (seeded()) and written in its metadata
     scheduler: str | None = None
+    recipe: str | None = None  # a named recipe (vidrt info lists them); the fields above override it
+    loras: tuple[str, ...] | None = None  # "FILE[:STRENGTH]" on the worker's disk (A14B: "dit_high=FILE[:S]")
     output_format: str = "mp4"  # mp4 | webm | png
     fps: int | None = None
     crf: int | None = None
@@ -107,7 +111,8 @@ class JobRequest:
         return Request(prompt=self.prompt, negative_prompt=self.negative_prompt, width=wh[0] if wh else None,
                        height=wh[1] if wh else None, num_frames=self.frames, steps=self.steps,
                        guidance=self.guidance, guidance_low_noise=self.guidance_low_noise, shift=self.shift,
-                       seed=self.seed, scheduler=self.scheduler)
+                       seed=self.seed, scheduler=self.scheduler, recipe=self.recipe,
+                       loras=tuple(lora_ref(x) for x in self.loras or ()))
 
     def settings(self, spec: ModelSpec) -> Settings:
         """Resolve against the model (defaults, ranges, multiples); also checks fps and CRF."""
@@ -130,11 +135,27 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "prompt": (str,), "model": (str,), "negative_prompt": (str,), "size": (str,), "scheduler": (str,),
     "output_format": (str,), "frames": (int,), "steps": (int,), "seed": (int,), "fps": (int,), "crf": (int,),
     "guidance": (int, float), "guidance_low_noise": (int, float), "shift": (int, float),
+    "recipe": (str,), "loras": (list, tuple),
 }
+
+
+def lora_ref(value: str) -> LoraRef:
+    """"FILE[:STRENGTH]", or "EXPERT=FILE[:STRENGTH]" for one expert of A14B (dit_high / dit_low)."""
+    expert, sep, rest = value.partition("=")
+    if sep and expert in ("dit_high", "dit_low"):
+        return LoraRef(*parse_lora_arg(rest, "loras"), expert=expert)
+    return LoraRef(*parse_lora_arg(value, "loras"))
 
 
 def _check_type(name: str, value: Any, where: str) -> Any:
     kinds = _TYPES[name]
+    if name == "loras":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise UsageError(f"{where}: loras must be a list of \"FILE[:STRENGTH]\" strings, "
+                             f"got {json.dumps(value)[:40]}")
+        for v in value:
+            lora_ref(v)  # malformed entries fail here, with the field named
+        return tuple(value)
     if isinstance(value, bool) or not isinstance(value, kinds):
         want = "a string" if kinds == (str,) else "an integer" if kinds == (int,) else "a number"
         raise UsageError(f"{where}: {name} must be {want}, got {json.dumps(value)[:40]}")

@@ -1,0 +1,123 @@
+"""LoRA at load time: a weight transform, never a graph change (DESIGN.md §9, fast_paths.md A).
+
+    merger = LoraMerger(package, manifest, warn)
+    key, merged = merger.merged("dit", (LoraRef("style.safetensors", 0.8),))  # initializer -> array
+    # ONNX Runtime: a session with those initializers (add_external_initializers); TensorRT: a refit
+
+The base weights stay untouched on disk: every merge starts from them (memory-mapped from the DiT's
+external-data file at the offsets the manifest records), so changing a strength recomputes W0 + s * dW.
+Files are read once; the merged arrays are not kept (the pipeline keeps the sessions made from them,
+per (expert, LoRA set), and ONNX Runtime copies them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from vidrt.errors import PackageError, UsageError
+from vidrt.lora.merge import LoraFile, lora_deltas, merge_into, parse_lora_arg, read_lora
+from vidrt.package.manifest import Manifest, WeightRef, artifact_path
+from vidrt.package.recipes import LoraRef
+
+__all__ = ["SetKey", "LoraMerger", "LoraRef", "LoraFile", "read_lora", "lora_deltas", "merge_into", "parse_lora_arg",
+           "base_reader", "as_lora_refs"]
+
+SetKey = tuple[tuple[str, float], ...]
+
+
+def as_lora_refs(loras: Sequence[LoraRef | tuple[str, float] | str] | None) -> tuple[LoraRef, ...]:
+    """LoraRef, (path, strength), "FILE[:STRENGTH]" -> LoraRef (every expert)."""
+    out = []
+    for item in loras or ():
+        if isinstance(item, LoraRef):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(LoraRef(*parse_lora_arg(item)))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (str, Path)):
+            out.append(LoraRef(str(item[0]), float(item[1])))
+        else:
+            raise UsageError(f"loras: {item!r:.60} is not (path, strength); write loras=[('style.safetensors', 0.8)]")
+    return tuple(out)
+
+
+def base_reader(data_file: Path, weights: dict[str, WeightRef]) -> Callable[[str], np.ndarray]:
+    """initializer name -> its stored base array, memory-mapped from the external-data file (read-only)."""
+    by_name = {ref.initializer: ref for ref in weights.values()}
+    mapped = np.memmap(data_file, dtype=np.uint8, mode="r")
+
+    def read(initializer: str) -> np.ndarray:
+        ref = by_name[initializer]
+        dtype = np.uint16 if ref.dtype == "bfloat16" else np.dtype(ref.dtype)
+        raw = mapped[ref.offset:ref.offset + ref.length]
+        return np.frombuffer(raw, dtype=dtype).reshape(ref.shape)
+
+    return read
+
+
+class LoraMerger:
+    """Merged DiT initializers per (expert, LoRA set), for one package."""
+
+    def __init__(self, package: Path, manifest: Manifest, warn: Callable[[str], None]) -> None:
+        self.package, self.manifest, self.warn = package, manifest, warn
+        self._files: dict[str, LoraFile] = {}
+        self.last_seconds = 0.0  # time of the last merge that was not cached
+        self.last_bytes = 0  # bytes of merged tensors it produced
+
+    def for_expert(self, expert: str, loras: Sequence[LoraRef]) -> tuple[LoraRef, ...]:
+        experts = self.manifest.model.experts
+        for ref in loras:
+            if ref.expert is not None and ref.expert not in experts:
+                raise UsageError(f"LoRA {ref.path} is for expert {ref.expert}, this model has {', '.join(experts)}; "
+                                 f"use --lora for one-denoiser models")
+        return tuple(r for r in loras if r.expert in (None, expert) and r.strength != 0.0)
+
+    def key(self, expert: str, loras: Sequence[LoraRef]) -> SetKey:
+        return tuple((self._resolve(r.path), float(r.strength)) for r in self.for_expert(expert, loras))
+
+    def check(self, expert: str, loras: Sequence[LoraRef]) -> None:
+        """Read every file that applies to `expert` and check its keys and shapes against the DiT (no merge)."""
+        key = self.key(expert, loras)
+        if key:
+            lora_deltas([(self._read(path), strength) for path, strength in key], self.weights(expert), self.warn)
+
+    def _resolve(self, path: str) -> str:
+        """A file the package ships (a recipe's LoRA) by its package-relative name, else a user path."""
+        shipped = {a.file for a in self.manifest.loras}
+        return str(artifact_path(self.package, path)) if path in shipped else str(Path(path).expanduser().resolve())
+
+    def _read(self, path: str) -> LoraFile:
+        if path not in self._files:
+            self._files[path] = read_lora(path)
+        return self._files[path]
+
+    def weights(self, expert: str) -> dict[str, WeightRef]:
+        comp = self.manifest.components[expert]
+        if not comp.weights:
+            raise PackageError(f"{self.package} was exported before vidrt recorded its DiT weight layout, so LoRAs "
+                               f"cannot be applied to it; re-export it (`vidrt export`)")
+        if comp.precision == "fp8":
+            raise UsageError("LoRAs cannot be merged into an FP8-quantised DiT (its weights are quantised); "
+                             "bake the LoRA in before quantising (`vidrt export --lora`)")
+        return comp.weights
+
+    def base(self, expert: str) -> Callable[[str], np.ndarray]:
+        comp = self.manifest.components[expert]
+        assert comp.artifact.data_file is not None
+        return base_reader(artifact_path(self.package, comp.artifact.data_file), self.weights(expert))
+
+    def merged(self, expert: str, loras: Sequence[LoraRef]) -> tuple[SetKey, dict[str, np.ndarray]]:
+        """(set key, initializer -> merged array); an empty dict when no LoRA applies to this expert."""
+        key = self.key(expert, loras)
+        if not key:
+            return key, {}
+        t0 = time.perf_counter()
+        weights = self.weights(expert)
+        files = [(self._read(path), strength) for path, strength in key]
+        deltas = lora_deltas(files, weights, self.warn)
+        merged = merge_into(deltas, weights, self.base(expert))
+        self.last_seconds = time.perf_counter() - t0
+        self.last_bytes = sum(a.nbytes for a in merged.values())
+        return key, merged

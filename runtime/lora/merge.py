@@ -1,0 +1,195 @@
+"""LoRA files -> merged DiT weights in the exported layout, in numpy (DESIGN.md §9; fast_paths.md A.4-A.6).
+
+    lora = read_lora("wan_lightx2v_4step.safetensors")                    # any key format of A.2
+    deltas = lora_deltas([(lora, 1.0)], weights, warn)                    # diffusers param -> delta (fp32)
+    merged = merge_into(deltas, weights, base)                            # initializer -> W0 + delta
+
+`weights` maps each diffusers parameter of a graph to where it lives in that graph (`WeightRef`: the ONNX
+initializer's name, whether the exporter stored a Linear weight transposed, its bytes in the external-data
+file); `base(initializer) -> array` reads the BASE value (never a merged one), so a strength change is
+W0 + s * delta again, not a second addition. Any graph works (the split DiT of step caching too): the
+merge only needs the initializer names and layouts its export recorded.
+
+Scaling (A.4): delta W = strength * (alpha / rank) * B @ A with rank = A.shape[0] (alpha absent: alpha =
+rank, i.e. scale 1, as ComfyUI, LightX2V and diffusers; PEFT's `lora_adapter_metadata` {r, lora_alpha}
+gives the file-wide alpha); `diff` and `diff_m`: strength * delta of the parameter; `diff_b`: of the bias.
+Arithmetic in float32; the result is cast to the initializer's dtype once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from vidrt.errors import UsageError
+from vidrt.lora.keys import CanonicalKey, canonical_key
+from vidrt.package.manifest import WeightRef
+
+# safetensors dtype names -> numpy (BF16 is read as its uint16 bits and widened; numpy has no bfloat16)
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+MAX_HEADER_BYTES = 100 << 20
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round to nearest even, as torch does; returns the uint16 bits."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA file's tensors (float32) by key, and its safetensors metadata."""
+
+    path: str
+    tensors: dict[str, np.ndarray]
+    metadata: dict[str, str]
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Read a .safetensors LoRA without torch (the format: 8-byte little-endian header length, JSON header
+    {name: {dtype, shape, data_offsets}, __metadata__}, then the raw little-endian tensor bytes).
+    The `safetensors` package's numpy API cannot return bf16, the dtype most published LoRAs use.
+    Raises UsageError naming the file for anything that is not a readable safetensors file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--lora {path}: no such file; give the path of a .safetensors LoRA")
+    try:
+        raw = p.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        if not 0 < n <= min(MAX_HEADER_BYTES, len(raw) - 8):
+            raise ValueError("bad header length")
+        header = json.loads(raw[8:8 + n])
+        body = memoryview(raw)[8 + n:]
+        meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        tensors = {}
+        for name, info in header.items():
+            dtype = _ST_DTYPES[info["dtype"]]
+            start, end = info["data_offsets"]
+            arr = np.frombuffer(body[start:end], dtype=np.dtype(dtype).newbyteorder("<")).reshape(info["shape"])
+            tensors[name] = bf16_to_f32(arr) if info["dtype"] == "BF16" else arr.astype(np.float32)
+    except OSError as exc:
+        raise UsageError(f"--lora {path} cannot be read ({exc.strerror})") from None
+    except (ValueError, KeyError, TypeError, struct.error) as exc:
+        raise UsageError(f"--lora {path} is not a safetensors LoRA file ({str(exc)[:80]}); "
+                         f"convert it to .safetensors") from None
+    return LoraFile(str(path), tensors, meta)
+
+
+def _file_alpha_scale(lora: LoraFile) -> float | None:
+    """PEFT's file-wide lora_alpha / r from `lora_adapter_metadata` (diffusers lora_base.py), if given."""
+    raw = lora.metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        cfg = json.loads(raw)
+        return float(cfg["lora_alpha"]) / float(cfg["r"])
+    except (ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def lora_deltas(loras: Sequence[tuple[LoraFile, float]], weights: Mapping[str, WeightRef],
+                warn: Callable[[str], None], architecture: str = "Wan DiT") -> dict[str, np.ndarray]:
+    """diffusers parameter -> summed float32 delta, in the parameter's own (torch) layout and shape.
+
+    Keys naming no module of this graph are reported once per file, by name (warn); a file none of whose
+    keys names a module of this graph, or whose shapes do not fit it, is refused (UsageError)."""
+    total: dict[str, np.ndarray] = {}
+    for lora, strength in loras:
+        groups: dict[str, dict[str, tuple[CanonicalKey, np.ndarray]]] = defaultdict(dict)
+        unknown, elsewhere = [], []
+        for key, value in lora.tensors.items():
+            ck = canonical_key(key)
+            if ck is None:
+                unknown.append(key)
+            elif ck.param not in weights:
+                elsewhere.append(key)
+            else:
+                groups[ck.module if ck.kind in ("A", "B", "alpha") else ck.param][ck.kind] = (ck, value)
+        if not groups:
+            example = next(iter(lora.tensors), "(none)")
+            raise UsageError(f"--lora {lora.path} is not a LoRA for this {architecture}: none of its "
+                             f"{len(lora.tensors)} keys names one of its modules (e.g. {example[:80]}); "
+                             f"use a LoRA made for this model")
+        skipped = unknown + elsewhere
+        if skipped:
+            shown = ", ".join(sorted(skipped)[:4])
+            warn(f"LoRA {Path(lora.path).name}: {len(skipped)} key(s) match nothing in this model and were "
+                 f"skipped: {shown}{' ...' if len(skipped) > 4 else ''}")
+        file_scale = _file_alpha_scale(lora)
+        for unit, parts in groups.items():
+            for param, delta in _unit_deltas(lora, unit, parts, file_scale, weights):
+                total[param] = total[param] + strength * delta if param in total else strength * delta
+    return total
+
+
+def _unit_deltas(lora: LoraFile, unit: str, parts: dict[str, tuple[CanonicalKey, np.ndarray]],
+                 file_scale: float | None, weights: Mapping[str, WeightRef]) -> list[tuple[str, np.ndarray]]:
+    out = []
+    if "A" in parts or "B" in parts:
+        if not ("A" in parts and "B" in parts):
+            raise UsageError(f"--lora {lora.path}: {unit} has lora_{'up/B' if 'A' in parts else 'down/A'} "
+                             f"missing; the file is incomplete")
+        (ck, a), (_, b) = parts["A"], parts["B"]
+        rank = a.shape[0]
+        if "alpha" in parts:
+            scale = float(parts["alpha"][1].reshape(-1)[0]) / rank
+        else:
+            scale = file_scale if file_scale is not None else 1.0
+        # conv LoRAs ([r, in, k...] / [out, r, 1...]) flatten to matrices
+        delta = b.reshape(b.shape[0], -1) @ a.reshape(rank, -1)
+        out.append((ck.param, np.float32(scale) * _shaped(lora, ck.param, delta, weights)))
+    for kind in ("diff", "diff_b"):
+        if kind in parts:
+            ck, d = parts[kind]
+            out.append((ck.param, _shaped(lora, ck.param, d, weights)))
+    return out
+
+
+def _shaped(lora: LoraFile, param: str, delta: np.ndarray, weights: Mapping[str, WeightRef]) -> np.ndarray:
+    ref = weights[param]
+    want = tuple(ref.shape[::-1]) if ref.transposed else tuple(ref.shape)  # the parameter's torch shape
+    if delta.size != int(np.prod(want)):
+        raise UsageError(f"--lora {lora.path} does not fit this model: {param} needs {list(want)}, the LoRA gives "
+                         f"{list(delta.shape)} (a LoRA for another model size); use one made for this model")
+    return np.asarray(delta, dtype=np.float32).reshape(want)
+
+
+def merge_into(deltas: Mapping[str, np.ndarray], weights: Mapping[str, WeightRef],
+               base: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
+    """ONNX initializer name -> W0 + delta, in the initializer's stored layout (transposed Linear weights
+    transposed back) and dtype (bf16 as uint16 bits). `base(initializer)` returns the stored base array."""
+    out = {}
+    for param, delta in deltas.items():
+        ref = weights[param]
+        w0 = base(ref.initializer)
+        d = delta.T if ref.transposed else delta
+        if ref.dtype == "bfloat16":
+            out[ref.initializer] = f32_to_bf16(bf16_to_f32(w0) + d.reshape(w0.shape))
+        else:
+            out[ref.initializer] = (w0.astype(np.float32) + d.reshape(w0.shape)).astype(w0.dtype)
+    return out
+
+
+_LORA_ARG = re.compile(r"^(?P<path>.+?)(?::(?P<strength>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?))?$")
+
+
+def parse_lora_arg(value: str, flag: str = "--lora") -> tuple[str, float]:
+    """"FILE[:STRENGTH]" -> (FILE, strength); strength defaults to 1.0."""
+    m = _LORA_ARG.match(value)
+    if not value or m is None:
+        raise UsageError(f"{flag} {value!r} is not FILE[:STRENGTH]; write it like {flag} style.safetensors:0.8")
+    strength = float(m["strength"]) if m["strength"] is not None else 1.0
+    if not -10.0 <= strength <= 10.0:
+        raise UsageError(f"{flag} {value}: strength {strength} is out of range; use -10..10 (1.0 = as trained)")
+    return m["path"], strength

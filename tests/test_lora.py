@@ -1,0 +1,265 @@
+"""LoRA at load time (issue 12 item 3) against diffusers `load_lora_weights` + `set_adapters`.
+
+Tiny random Wan2.1 (session package of conftest.py) and Wan2.2 A14B checkpoints; the LoRA files are
+written here, one per key format of shared/reference/fast_paths.md A.2, with random A/B. Both sides run
+the same 4-step CFG-free Euler recipe from the same noise (4 DiT calls: cheap, and every step sees the
+merged weights). Where diffusers has no reader for a format (VideoX-Fun `lora_unet__`, DiffSynth
+`.default.`) the file holds the same tensors as one diffusers reads (kohya, PEFT) and vidrt must give
+identical frames for both; where diffusers ignores a key kind (`diff_m`, a norm's `.diff`, A.3) the
+reference is diffusers run on weights merged by hand (the test says which).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny import TINY_VARIANT, write_diffusers_checkpoint
+from vidrt.errors import UsageError
+from vidrt.package.recipes import LoraRef
+from vidrt.pipeline import Pipeline
+from vidrt.request import Request
+
+pytest.importorskip("peft")  # diffusers' LoRA loading needs it
+
+PROMPT = "a red cat walks on the beach"
+W, H, F = 64, 64, 9
+RANK = 4
+LINEARS = (("self_attn.q", "attn1.to_q"), ("self_attn.k", "attn1.to_k"), ("self_attn.v", "attn1.to_v"),
+           ("self_attn.o", "attn1.to_out.0"), ("cross_attn.q", "attn2.to_q"), ("cross_attn.k", "attn2.to_k"),
+           ("cross_attn.v", "attn2.to_v"), ("cross_attn.o", "attn2.to_out.0"), ("ffn.0", "ffn.net.0.proj"),
+           ("ffn.2", "ffn.net.2"))
+NUM_BLOCKS = 2
+MIN_DB = 70.0  # a correct merge measures ~90 dB here; an unscaled alpha or diff_b lands far lower
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def random_pairs(seed: int, transformer, alpha: float | None) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """(block, original module) -> {A, B[, alpha]} for every block Linear, shaped from the model."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for b in range(NUM_BLOCKS):
+        for orig, diff in LINEARS:
+            weight = transformer.get_submodule(f"blocks.{b}.{diff}").weight
+            n_out, n_in = weight.shape
+            part = {"A": torch.randn(RANK, n_in, generator=g) / n_in**0.5,
+                    "B": torch.randn(n_out, RANK, generator=g) * 1.0}
+            if alpha is not None:
+                part["alpha"] = torch.tensor(alpha)
+            out[(b, orig)] = part
+    return out
+
+
+def write_lora(path, pairs, fmt: str, extra: dict[str, torch.Tensor] | None = None):
+    """The same tensors under one key format of fast_paths.md A.2."""
+    diff_of = dict(LINEARS)
+    sd = {}
+    for (b, orig), part in pairs.items():
+        kohya = f"blocks_{b}_{orig.replace('.', '_')}"
+        stem, down, up = {
+            "peft": (f"transformer.blocks.{b}.{diff_of[orig]}", "lora_A.weight", "lora_B.weight"),
+            "original": (f"diffusion_model.blocks.{b}.{orig}", "lora_down.weight", "lora_up.weight"),
+            "mixed": (f"diffusion_model.blocks.{b}.{orig}", "lora_A.weight", "lora_B.weight"),
+            "kohya": (f"lora_unet_{kohya}", "lora_down.weight", "lora_up.weight"),
+            "videox": (f"lora_unet__{kohya}", "lora_down.weight", "lora_up.weight"),
+            "diffsynth": (f"blocks.{b}.{orig}", "lora_A.default.weight", "lora_B.default.weight"),
+        }[fmt]
+        sd[f"{stem}.{down}"], sd[f"{stem}.{up}"] = part["A"], part["B"]
+        if "alpha" in part:
+            sd[f"{stem}.alpha"] = part["alpha"]
+    sd.update(extra or {})
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def distill_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class Distill(FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, **_):
+            return super().set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], device=device)
+
+    return Distill(num_train_timesteps=1000, shift=5.0)
+
+
+def diffusers_pipe(root):
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(root, scheduler=distill_scheduler())
+    pipe.text_encoder.config._attn_implementation = "eager"
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_frames(pipe, noise: np.ndarray) -> np.ndarray:
+    out = pipe(prompt=PROMPT, height=H, width=W, num_frames=F, num_inference_steps=4, guidance_scale=1.0,
+               latents=torch.from_numpy(noise)[None], output_type="np").frames[0]
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def ours(pipe: Pipeline, noise: np.ndarray, loras=()) -> np.ndarray:
+    req = Request(prompt=PROMPT, width=W, height=H, num_frames=F, recipe="lightx2v-4step", seed=0,
+                  loras=tuple(loras))
+    return pipe.run(req, noise=noise).frames
+
+
+@pytest.fixture(scope="module")
+def t2v(tiny_t2v_checkpoint, tiny_t2v_package):
+    pipe = Pipeline.load(tiny_t2v_package)
+    noise = np.random.default_rng(5).standard_normal(pipe.manifest.model.latent_shape(W, H, F), dtype=np.float32)
+    return tiny_t2v_checkpoint, pipe, noise
+
+
+def test_every_key_format_and_two_loras_match_diffusers(t2v, tmp_path):
+    root, pipe, noise = t2v
+    ref_pipe = diffusers_pipe(root)
+    tr = ref_pipe.transformer
+    plain = ours(pipe, noise)
+    assert psnr(plain, diffusers_frames(ref_pipe, noise)) >= MIN_DB
+
+    p1 = random_pairs(1, tr, alpha=2.0)  # alpha/rank = 0.5
+    p2 = random_pairs(2, tr, alpha=None)  # PEFT without alpha: scale 1
+    files = {fmt: write_lora(tmp_path / f"{fmt}.safetensors", p1, fmt)
+             for fmt in ("original", "mixed", "kohya", "videox")}
+    files.update({fmt: write_lora(tmp_path / f"{fmt}.safetensors", p2, fmt) for fmt in ("peft", "diffsynth")})
+    results = {}
+    for fmt, path in files.items():
+        got = ours(pipe, noise, [LoraRef(str(path), 1.0)])
+        results[fmt] = got
+        if fmt in ("videox", "diffsynth"):
+            continue  # diffusers reads neither: checked against kohya / peft below
+        ref_pipe.load_lora_weights(str(path), adapter_name=fmt)
+        ref_pipe.set_adapters([fmt], [1.0])
+        value = psnr(got, diffusers_frames(ref_pipe, noise))
+        ref_pipe.delete_adapters(fmt)
+        print(f"{fmt}: {value:.1f} dB vs diffusers; {psnr(got, plain):.1f} dB vs no LoRA")
+        assert value >= MIN_DB, fmt
+        assert psnr(got, plain) < 40.0, "the LoRA must change the clip, or this test shows nothing"
+    assert np.array_equal(results["videox"], results["kohya"])
+    assert np.array_equal(results["diffsynth"], results["peft"])
+    assert psnr(results["original"], results["peft"]) < 40.0  # different LoRAs, different clips
+
+    # two LoRAs at once, different strengths (one negative)
+    ref_pipe.load_lora_weights(str(files["original"]), adapter_name="one")
+    ref_pipe.load_lora_weights(str(files["peft"]), adapter_name="two")
+    ref_pipe.set_adapters(["one", "two"], [0.7, -0.4])
+    got = ours(pipe, noise, [LoraRef(str(files["original"]), 0.7), LoraRef(str(files["peft"]), -0.4)])
+    value = psnr(got, diffusers_frames(ref_pipe, noise))
+    print(f"two LoRAs (0.7, -0.4): {value:.1f} dB vs diffusers")
+    assert value >= MIN_DB
+    # a strength change recomputes from the base weights; back to no LoRA gives the plain clip again
+    assert np.array_equal(ours(pipe, noise), plain)
+
+
+def test_diff_b_matches_diffusers(t2v, tmp_path):
+    """LightX2V full bias deltas on some modules: diffusers turns them into PEFT lora_B.bias; with only some
+    modules covered its default low_cpu_mem_usage path leaves biases on the meta device, hence False."""
+    root, pipe, noise = t2v
+    ref_pipe = diffusers_pipe(root)
+    tr = ref_pipe.transformer
+    pairs = random_pairs(3, tr, alpha=8.0)
+    g = torch.Generator().manual_seed(4)
+    biases = {f"diffusion_model.blocks.{b}.{orig}.diff_b": torch.randn(tr.get_submodule(f"blocks.{b}.{diff}").weight
+                                                                       .shape[0], generator=g) * 0.3
+              for b in range(NUM_BLOCKS) for orig, diff in LINEARS[:5]}
+    path = write_lora(tmp_path / "diff_b.safetensors", pairs, "original", biases)
+    got = ours(pipe, noise, [LoraRef(str(path), 0.8)])
+    ref_pipe.load_lora_weights(str(path), adapter_name="db", low_cpu_mem_usage=False)
+    ref_pipe.set_adapters(["db"], [0.8])
+    value = psnr(got, diffusers_frames(ref_pipe, noise))
+    no_bias = ours(pipe, noise, [LoraRef(str(write_lora(tmp_path / "nb.safetensors", pairs, "original")), 0.8)])
+    print(f"diff_b: {value:.1f} dB vs diffusers; {psnr(got, no_bias):.1f} dB vs the same LoRA without diff_b")
+    assert value >= MIN_DB
+    assert psnr(got, no_bias) < 50.0
+
+
+def test_diff_m_and_norm_diff_match_hand_merged_weights(t2v, tmp_path):
+    """diffusers drops `blocks.N.diff_m` and norm `.diff` (fast_paths.md A.3), so the reference here is
+    diffusers' WanPipeline on weights merged by hand: scale_shift_table += s * diff_m, norm_q += s * diff."""
+    root, pipe, noise = t2v
+    ref_pipe = diffusers_pipe(root)
+    tr = ref_pipe.transformer
+    g = torch.Generator().manual_seed(6)
+    s = 0.6
+    extra = {}
+    with torch.no_grad():
+        for b in range(NUM_BLOCKS):
+            dm = torch.randn(tr.blocks[b].scale_shift_table.shape, generator=g) * 0.6
+            dn = torch.randn(tr.blocks[b].attn1.norm_q.weight.shape, generator=g) * 1.0
+            extra[f"diffusion_model.blocks.{b}.diff_m"] = dm
+            extra[f"diffusion_model.blocks.{b}.self_attn.norm_q.diff"] = dn
+            tr.blocks[b].scale_shift_table += s * dm
+            tr.blocks[b].attn1.norm_q.weight += s * dn
+    path = write_lora(tmp_path / "diff_m.safetensors", {}, "original", extra)
+    got = ours(pipe, noise, [LoraRef(str(path), s)])
+    value = psnr(got, diffusers_frames(ref_pipe, noise))
+    print(f"diff_m + norm diff: {value:.1f} dB vs diffusers on hand-merged weights")
+    assert value >= MIN_DB
+    assert psnr(got, ours(pipe, noise)) < 40.0
+
+
+def test_bad_loras_refused_or_reported(t2v, tmp_path):
+    root, pipe, noise = t2v
+    from diffusers import WanTransformer3DModel  # noqa: F401  (the tiny model's shapes come from its config)
+
+    # another architecture: SD-style keys
+    sd15 = tmp_path / "sd15.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4)}, str(sd15))
+    with pytest.raises(UsageError, match="not a LoRA for this Wan DiT"):
+        Pipeline.load(pipe.package, loras=[(str(sd15), 1.0)])
+    # another model size: a 1.3B-wide LoRA on this 64-wide model
+    wide = tmp_path / "wide.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 1536),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(1536, 4)}, str(wide))
+    with pytest.raises(UsageError, match="does not fit this model"):
+        Pipeline.load(pipe.package, loras=[(str(wide), 1.0)])
+    # I2V keys on a T2V model (LightX2V's Wan2.2-I2V LoRAs): reported once by name, the rest applied
+    ref = diffusers_pipe(root).transformer
+    mixed = write_lora(tmp_path / "i2v.safetensors", random_pairs(7, ref, 4.0), "original",
+                       {"diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight": torch.zeros(4, 64),
+                        "diffusion_model.blocks.0.cross_attn.k_img.lora_up.weight": torch.zeros(64, 4)})
+    warnings: list[str] = []
+    loaded = Pipeline.load(pipe.package, loras=[(str(mixed), 1.0)], warn=warnings.append)
+    assert len(warnings) == 1 and "k_img" in warnings[0] and "2 key(s)" in warnings[0], warnings
+    assert loaded.loras[0].strength == 1.0
+    with pytest.raises(UsageError, match="no such file"):
+        Pipeline.load(pipe.package, loras=[(str(tmp_path / "missing.safetensors"), 1.0)])
+    not_st = tmp_path / "junk.safetensors"
+    not_st.write_bytes(b"\xff" * 64)
+    with pytest.raises(UsageError, match="not a safetensors LoRA file"):
+        Pipeline.load(pipe.package, loras=[(str(not_st), 1.0)])
+
+
+@pytest.fixture(scope="module")
+def a14b(tmp_path_factory):
+    from vidrt.export.package import export_package
+
+    root = tmp_path_factory.mktemp("lora-a14b")
+    write_diffusers_checkpoint(root, "a14b")
+    return root, export_package(root, root / "package", variant=TINY_VARIANT["a14b"], progress=False)
+
+
+def test_a14b_one_lora_per_expert_matches_diffusers(a14b, tmp_path):
+    """Lightning / LightX2V A14B: a high-noise LoRA into `transformer`, a low-noise one into `transformer_2`
+    (diffusers load_into_transformer_2=True); the 4-step recipe runs 2 steps on each expert."""
+    root, package = a14b
+    pipe = Pipeline.load(package)
+    noise = np.random.default_rng(8).standard_normal(pipe.manifest.model.latent_shape(W, H, F), dtype=np.float32)
+    ref_pipe = diffusers_pipe(root)
+    high = write_lora(tmp_path / "high.safetensors", random_pairs(9, ref_pipe.transformer, 4.0), "original")
+    low = write_lora(tmp_path / "low.safetensors", random_pairs(10, ref_pipe.transformer_2, None), "peft")
+    got = ours(pipe, noise, [LoraRef(str(high), 1.0, "dit_high"), LoraRef(str(low), 0.9, "dit_low")])
+    ref_pipe.load_lora_weights(str(high), adapter_name="high")
+    ref_pipe.load_lora_weights(str(low), adapter_name="low", load_into_transformer_2=True)
+    ref_pipe.transformer.set_adapters(["high"], [1.0])
+    ref_pipe.transformer_2.set_adapters(["low"], [0.9])
+    value = psnr(got, diffusers_frames(ref_pipe, noise))
+    print(f"A14B per-expert LoRAs: {value:.1f} dB vs diffusers")
+    assert value >= MIN_DB
+    assert psnr(got, ours(pipe, noise)) < 40.0
