@@ -158,7 +158,8 @@ def _export_locked(ckpt: Checkpoint, out: Path, opset: int, precision: str, prog
     components = {name: comp for r in results.values() for name, comp in r.components.items()}
     recipes, lora_files = package_recipes(model_dir, out) if model_dir is not None else ((), ())
     write_manifest(out, Manifest(schema_version=SCHEMA_VERSION, model=replace(ckpt.spec, recipes=recipes),
-                                 tokenizer=tokenizer, loras=lora_files, components=components, vidrt_version=vidrt.__version__, export_inputs=inputs,
+                                 tokenizer=tokenizer, loras=lora_files, components=components,
+                                 vidrt_version=vidrt.__version__, export_inputs=inputs,
                                  vocabulary=closed_vocabulary((out / TOKENIZER_FILE).read_text("utf-8"))))
 
 

@@ -184,7 +184,8 @@ def export_cmd(model_dir: str, variant: str | None, out: str | None, opset: str,
     from vidrt.cli.run import lora_refs
 
     export_main(model=model_dir, variant=variant, out=out, opset=int(opset), precision=precision,
-                fp8_scope=fp8_scope, calibration_prompts=prompts, loras=lora_refs(lora, lora_high_noise, lora_low_noise))
+                fp8_scope=fp8_scope, calibration_prompts=prompts,
+                loras=lora_refs(lora, lora_high_noise, lora_low_noise))
 
 
 from vidrt.cli.trt import build_cmd, doctor_cmd, plan_cmd  # noqa: E402  (TensorRT commands: runtime/cli/trt.py)
