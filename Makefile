@@ -49,11 +49,12 @@ test: venv browser
 test-all: venv browser
 	$(VENV)/bin/pytest -q
 
-# A clip from the bundled tiny model, in seconds on a CPU (PROMPT="a blue square moving up" to change it).
+# A clip from the bundled tiny model, in seconds on a CPU (PROMPT="a blue square moving up" to change it;
+# FAST=1: the 4-step distilled recipe, `--recipe fast`).
 # Installs the runtime only: no torch.
 PROMPT ?= a red circle moving left
 run: $(VENV)/.runtime
-	$(VIDRT) run --prompt "$(PROMPT)" -o clip.mp4 --overwrite
+	$(VIDRT) run --prompt "$(PROMPT)" $(if $(FAST),--recipe fast) -o clip.mp4 --overwrite
 
 lint: venv
 	$(VENV)/bin/ruff check runtime export tests benchmarks

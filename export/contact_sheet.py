@@ -1,4 +1,6 @@
-"""docs/tiny-shapes.png: what the bundled model makes. One row per prompt, every 4th frame.
+"""docs/tiny-shapes.png: what the bundled model makes. One row per prompt, every 4th frame: on the left its
+default sampler (25 UniPC steps with CFG), on the right the `fast` recipe (4 CFG-free Euler steps with its
+distillation LoRA) when the package has one, from the same seed.
 
     python -m vidrt.export.contact_sheet [--out docs/tiny-shapes.png] [--seed 0]
 """
@@ -19,11 +21,12 @@ PROMPTS = ("a red circle moving left", "a green square moving right", "a blue tr
 GAP_PX = 2
 
 
-def contact_sheet(pipe: Pipeline, prompts: tuple[str, ...], seed: int, every: int = 4) -> np.ndarray:
+def contact_sheet(pipe: Pipeline, prompts: tuple[str, ...], seed: int, every: int = 4,
+                  recipe: str | None = None) -> np.ndarray:
     """-> uint8 [rows * (H + gap), cols * (W + gap), 3]: each row one prompt's frames 0, every, 2*every, ..."""
     rows = []
     for prompt in prompts:
-        frames = pipe.run(Request(prompt=prompt, seed=seed)).frames  # [F, H, W, 3]
+        frames = pipe.run(Request(prompt=prompt, seed=seed, recipe=recipe)).frames  # [F, H, W, 3]
         assert frames is not None
         picked = frames[::every]
         padded = np.pad(picked, ((0, 0), (0, GAP_PX), (0, GAP_PX), (0, 0)), constant_values=128)
@@ -47,7 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     package = default_package()
     if package is None:
         raise SystemExit("no bundled model package (runtime/models/tiny-shapes): export it first")
-    sheet = contact_sheet(Pipeline.load(package), PROMPTS, args.seed)
+    pipe = Pipeline.load(package)
+    sheet = contact_sheet(pipe, PROMPTS, args.seed)
+    if any(r.name == "fast" for r in pipe.manifest.model.recipes):
+        gap = np.full((sheet.shape[0], 4 * GAP_PX, 3), 255, np.uint8)
+        sheet = np.concatenate([sheet, gap, contact_sheet(pipe, PROMPTS, args.seed, recipe="fast")], axis=1)
     sheet = sheet.repeat(args.scale, axis=0).repeat(args.scale, axis=1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_png(sheet, args.out)

@@ -263,3 +263,25 @@ def test_a14b_one_lora_per_expert_matches_diffusers(a14b, tmp_path):
     print(f"A14B per-expert LoRAs: {value:.1f} dB vs diffusers")
     assert value >= MIN_DB
     assert psnr(got, ours(pipe, noise)) < 40.0
+
+
+def test_export_lora_bakes_the_same_weights(t2v, tmp_path):
+    """`vidrt export --lora` writes W0 + s * dW into the DiT's data file (export/package_extras.bake_loras):
+    the baked package makes the same clip as the LoRA applied at load time."""
+    import shutil
+    from dataclasses import replace
+
+    from vidrt.export.package_extras import bake_loras
+    from vidrt.package.manifest import load_manifest, write_manifest
+
+    root, pipe, noise = t2v
+    lora = write_lora(tmp_path / "bake.safetensors", random_pairs(11, diffusers_pipe(root).transformer, 2.0),
+                      "kohya")
+    baked = tmp_path / "baked"
+    shutil.copytree(pipe.package, baked)
+    manifest = load_manifest(baked, verify=False)
+    comp = bake_loras(baked, manifest.components["dit"], [LoraRef(str(lora), 0.6)])
+    write_manifest(baked, replace(manifest, components={**manifest.components, "dit": comp}))
+    at_load = ours(pipe, noise, [LoraRef(str(lora), 0.6)])
+    assert np.array_equal(ours(Pipeline.load(baked), noise), at_load)
+    assert psnr(at_load, ours(pipe, noise)) < 40.0
