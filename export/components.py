@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.export import Dim
-from vidrt.package.contracts import Contract, dit_contract, text_encoder_contract, vae_contracts
+from vidrt.package.contracts import (
+    Contract,
+    dit_contract,
+    text_encoder_contract,
+    vae_contracts,
+    vae_encoder_contracts,
+)
 from vidrt.package.registry import ModelSpec
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -314,6 +320,92 @@ def vae_graph_specs(vae: nn.Module, spec: ModelSpec, *, lat_h: int = 3, lat_w: i
             GraphSpec(VAEStepGraph(vae, n), (latent, *step_caches), (lat_dims, tuple(cache_dims)), step_c))
 
 
+# ---- VAE encoder (image-to-video conditioning) ----------------------------------------------------
+
+
+class _VAEEncodeGraph(nn.Module):
+    """The encoder as the reference runs it chunk by chunk (diffusers AutoencoderKLWan._encode, W21
+    WanVAE_.encode): Wan2.2 patchify (2x2, channel order (c, r, q)) -> encoder with causal caches ->
+    quant_conv (1x1x1, so per chunk is exact) -> mu = the first z channels (the posterior's mode;
+    what the official code and diffusers' I2V pipeline use, never a sample)."""
+
+    def __init__(self, vae: nn.Module, num_caches: int) -> None:
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv
+        self.patch_size = vae.config.patch_size
+        self.z_dim = vae.config.z_dim
+        self.num_caches = num_caches
+
+    def _pixels(self, video: torch.Tensor) -> torch.Tensor:
+        if self.patch_size is not None and self.patch_size > 1:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+
+            return patchify(video, patch_size=self.patch_size)
+        return video
+
+    def _mu(self, out: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(out)[:, : self.z_dim]
+
+
+class VAEEncodeFirstGraph(_VAEEncodeGraph):
+    """video [1, 3, 1, H, W] in [-1, 1] -> latent mu [1, z, 1, h, w] (not normalised), cache_out_* with
+    2 frames each (a 1-frame cache gets a zero frame in front: the causal padding the next chunk would
+    have had; the temporal downsamplers read only the last frame of theirs)."""
+
+    def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feat_cache: list[Any] = [None] * self.num_caches
+        out = self.encoder(self._pixels(video), feat_cache=feat_cache, feat_idx=[0])
+        return (self._mu(out), *(_two_frames(c) for c in feat_cache))
+
+
+class VAEEncodeStepGraph(_VAEEncodeGraph):
+    """video [1, 3, 4, H, W] + cache_in_* -> latent mu [1, z, 1, h, w], cache_out_* (same shapes as in)."""
+
+    def forward(self, video: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feat_cache: list[Any] = list(caches)
+        out = self.encoder(self._pixels(video), feat_cache=feat_cache, feat_idx=[0])
+        return (self._mu(out), *(_two_frames(c) for c in feat_cache))
+
+
+def count_encoder_caches(vae: nn.Module, spatial: int) -> int:
+    """Cache slots one encoder chunk uses (24 for the full Wan VAEs: the 1x1x1 shortcuts take none)."""
+    device = next(vae.parameters()).device
+    feat_idx = [0]
+    graph = _VAEEncodeGraph(vae, 0)
+    with torch.no_grad():
+        vae.encoder(graph._pixels(torch.zeros(1, 3, 1, spatial, spatial, device=device)), feat_cache=[None] * 256,
+                    feat_idx=feat_idx)
+    return feat_idx[0]
+
+
+def vae_encoder_graph_specs(vae: nn.Module, spec: ModelSpec, *, lat_h: int = 3, lat_w: int = 5
+                            ) -> tuple[GraphSpec, GraphSpec]:
+    """(first, step) specs of the streaming encoder; example latent 3x5 as for the decoder, so every
+    cache's spatial factor (cache = k * latent) is read off the traced shapes."""
+    s = spec.vae.stride[1]
+    n = count_encoder_caches(vae, s)
+    device = next(vae.parameters()).device
+    first = VAEEncodeFirstGraph(vae, n)
+    video = torch.rand(1, 3, 1, s * lat_h, s * lat_w, device=device) * 2 - 1
+    with torch.no_grad():
+        caches = first(video)[1:]
+    h, w = Dim("lat_h", min=1, max=512), Dim("lat_w", min=1, max=512)
+    cache_dims, cache_shapes = [], []
+    for c in caches:
+        kh, kw = c.shape[3] // lat_h, c.shape[4] // lat_w
+        assert c.shape[3] == kh * lat_h and c.shape[4] == kw * lat_w, c.shape
+        cache_dims.append({3: h if kh == 1 else kh * h, 4: w if kw == 1 else kw * w})
+        cache_shapes.append((1, c.shape[1], 2, _sym(kh, "lat_h"), _sym(kw, "lat_w")))
+    first_c, step_c = vae_encoder_contracts(spec, cache_shapes)
+    video_dims = {3: s * h, 4: s * w}
+    step_video = torch.rand(1, 3, spec.vae.stride[0], s * lat_h, s * lat_w, device=device) * 2 - 1
+    step_caches = tuple(torch.randn(c.shape, device=device) for c in caches)
+    return (GraphSpec(first, (video,), (video_dims,), first_c),
+            GraphSpec(VAEEncodeStepGraph(vae, n), (step_video, *step_caches), (video_dims, tuple(cache_dims)),
+                      step_c))
+
+
 def _sym(k: int, name: str) -> str:
     return name if k == 1 else f"{k}*{name}"
 
@@ -322,5 +414,6 @@ __all__ = [
     "PRECISIONS", "TORCH_DTYPES", "NUMPY_NAMES", "DIT_FP32_PARTS", "GraphSpec", "DiTGraph", "dit_graph_spec",
     "make_low_precision", "StackRopeAttnProcessor", "stack_rope", "TextEncoderGraph", "text_encoder_graph_spec",
     "eager_attention", "VAEFirstGraph", "VAEStepGraph", "nearest_upsampling", "count_vae_caches",
-    "vae_graph_specs",
+    "vae_graph_specs", "VAEEncodeFirstGraph", "VAEEncodeStepGraph", "count_encoder_caches",
+    "vae_encoder_graph_specs",
 ]

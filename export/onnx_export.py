@@ -34,6 +34,7 @@ from vidrt.export.components import (
     nearest_upsampling,
     stack_rope,
     text_encoder_graph_spec,
+    vae_encoder_graph_specs,
     vae_graph_specs,
 )
 from vidrt.export.onnx_optimize import optimize_model
@@ -342,6 +343,16 @@ def weight_refs(path: Path | str, prefix: str = "model.") -> dict[str, WeightRef
             initializer=init.name, transposed=len(init.dims) == 2 and init.name in matmul_b,
             offset=int(info.get("offset", 0)), length=int(info["length"]), dtype=dtype, shape=tuple(init.dims))
     return out
+def export_vae_encoder(vae: nn.Module, first_path: Path | str, step_path: Path | str, spec: ModelSpec,
+                       opset: int = 18, *, include_weights: bool = True,
+                       external_data: bool | None = None) -> tuple[Contract, Contract]:
+    """AutoencoderKLWan encoder -> vae_encode_first + vae_encode_step (explicit 2-frame caches), fp32,
+    dynamic lat_h/lat_w (i2v.md §3). Includes the Wan2.2 patchify and quant_conv; outputs mu."""
+    vae = vae.eval()
+    first, step = vae_encoder_graph_specs(vae, spec)
+    c_first = export_graph(first, first_path, opset, include_weights=include_weights, external_data=external_data)
+    c_step = export_graph(step, step_path, opset, include_weights=include_weights, external_data=external_data)
+    return c_first, c_step
 
 
 def graph_io(path: Path | str) -> dict[str, tuple[str, tuple[int | str, ...]]]:
@@ -358,5 +369,6 @@ def graph_io(path: Path | str) -> dict[str, tuple[str, tuple[int | str, ...]]]:
 
 
 __all__ = ["EXTERNAL_DATA_BYTES", "export_graph", "export_text_encoder", "export_dit", "export_vae_decoder",
+           "export_vae_encoder",
            "build_meta_dit", "dit_rope_buffers", "text_encoder_precision", "graph_io", "weight_refs", "data_file_name",
            "check_opset"]

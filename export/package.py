@@ -3,7 +3,8 @@
 Before anything is written, every weight of every component is checked against the model its
 config describes (keys, shapes, float dtypes; headers only: Checkpoint.check_weights).
 
-Stages: tokenizer, text_encoder, one per DiT expert, vae (both decoder graphs). A stage is
+Stages: tokenizer, text_encoder, one per DiT expert, vae (both decoder graphs), and for
+image-to-video models vae_encoder (both streaming encoder graphs). A stage is
 skipped when its inputs' fingerprint (checkpoint files + opset + precision + vidrt version +
 model spec) equals the one in the existing manifest and its files still hash right. A lock file
 serialises concurrent exports into one folder. Stages write into a staging folder inside the
@@ -41,11 +42,19 @@ from vidrt.export.onnx_export import (
     export_dit,
     export_text_encoder,
     export_vae_decoder,
+    export_vae_encoder,
     text_encoder_precision,
     weight_refs,
 )
 from vidrt.export.package_extras import bake_loras, package_recipes
-from vidrt.package.contracts import TEXT_ENCODER, VAE_FIRST, VAE_STEP, Contract
+from vidrt.package.contracts import (
+    TEXT_ENCODER,
+    VAE_ENCODE_FIRST,
+    VAE_ENCODE_STEP,
+    VAE_FIRST,
+    VAE_STEP,
+    Contract,
+)
 from vidrt.package.manifest import (
     SCHEMA_VERSION,
     Artifact,
@@ -80,6 +89,7 @@ class Stage:
     component_names: tuple[str, ...]  # package components it produces ("tokenizer" produces none)
     precision: str  # what this stage writes (T5 and VAE ignore an fp16 request): part of its fingerprint
     run: Callable[[], StageResult]
+    source: str = ""  # the checkpoint component it reads, when not `name` (the encoder reads "vae")
 
 
 def export_package(model_dir: Path | str, out: Path | str | None = None, variant: str | None = None, opset: int = 18,
@@ -220,9 +230,17 @@ def _stages(ckpt: Checkpoint, out: Path, opset: int, precision: str, loras: Sequ
         return StageResult({VAE_FIRST: _component(out, VAE_FIRST, first, "fp32", vae_opset),
                             VAE_STEP: _component(out, VAE_STEP, step, "fp32", vae_opset)})
 
+    def vae_encoder() -> StageResult:
+        first, step = export_vae_encoder(ckpt.vae(), out / f"{VAE_ENCODE_FIRST}.onnx", out / f"{VAE_ENCODE_STEP}.onnx",
+                                         spec, opset)
+        return StageResult({VAE_ENCODE_FIRST: _component(out, VAE_ENCODE_FIRST, first, "fp32", opset),
+                            VAE_ENCODE_STEP: _component(out, VAE_ENCODE_STEP, step, "fp32", opset)})
+
+    encoder = [Stage("vae_encoder", (VAE_ENCODE_FIRST, VAE_ENCODE_STEP), "fp32", vae_encoder, source="vae")] \
+        if spec.image is not None else []  # image-to-video models only
     return [Stage("tokenizer", (), "-", tokenizer), Stage("text_encoder", (TEXT_ENCODER,), te_precision, text_encoder),
             *(Stage(e, (e,), precision, dit(e)) for e in spec.experts),
-            Stage("vae", (VAE_FIRST, VAE_STEP), "fp32", vae)]
+            Stage("vae", (VAE_FIRST, VAE_STEP), "fp32", vae), *encoder]
 
 
 def _component(out: Path, name: str, contract: Contract, precision: str, opset: int) -> Component:
@@ -264,7 +282,7 @@ def _vidrt_cause(exc: BaseException) -> VidrtError | None:
 
 def _fingerprint(ckpt: Checkpoint, stage: Stage, opset: int, loras: Sequence[LoraRef] = ()) -> str:
     """Everything a stage's output depends on: its source files, the export settings, the spec."""
-    payload = {"stage": stage.name, "files": ckpt.fingerprint(stage.name), "opset": opset,
+    payload = {"stage": stage.name, "files": ckpt.fingerprint(stage.source or stage.name), "opset": opset,
                "layout": "external-data+weights" if stage.name in ckpt.spec.experts else "",
                "baked_loras": [[sha256_file(Path(r.path)), r.strength, r.expert] for r in loras
                                if stage.name in ckpt.spec.experts and r.expert in (None, stage.name)],

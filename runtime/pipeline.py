@@ -9,14 +9,18 @@
     1. plan     every step's timestep, sigma, expert, guidance and whether it needs CFG, built up front
     2. text     umT5 embeddings of the prompt (and the negative prompt when a step needs CFG),
                 zero-padded to 512 rows
+    2b. image   image-to-video: the image preprocessed by the model's rule, VAE-encoded once (streaming
+                encoder graphs, released before denoising) into a conditioning policy (vidrt.conditioning)
     3. noise    seeded normal latents [C, F, H, W] (or the caller's array)
     4. denoise  per step: one batch-2 DiT call (cond, uncond) and CFG, or one batch-1 call where the
-                step's guidance is 1 (CFG-free), then the solver update
+                step's guidance is 1 (CFG-free), then the solver update (+ the conditioning's DiT
+                input, per-token timesteps and re-imposed first frame)
     5. decode   tiled, streamed VAE decode; frames go to the consumer as each latent frame is done
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,8 +30,9 @@ import numpy as np
 from vidrt.backends import open_backend
 from vidrt.backends.base import Backend, BackendOptions, Engine
 from vidrt.backends.residency import ResidencyPlan, plan_for_package
+from vidrt.conditioning import Concat, FirstFrame, TextOnly, frame_mask
 from vidrt.embedding_cache import EmbeddingCache, package_key
-from vidrt.errors import DeviceError, UsageError
+from vidrt.errors import DeviceError, PackageError, UsageError
 from vidrt.lora import LoraMerger, SetKey, as_lora_refs
 from vidrt.package import contracts as C
 from vidrt.package.manifest import Manifest, artifact_path, load_manifest
@@ -228,7 +233,8 @@ class Pipeline:
                  scheduler: str | None = None, timesteps: tuple[float, ...] | None = None,
                  recipe: str | None = None, noise: np.ndarray | None = None,
                  on_frames: FramesFn | None = None, progress: ProgressFn | None = None,
-                 vae_memory: str | int | None = None) -> Result:
+                 vae_memory: str | int | None = None, image: str | Path | np.ndarray | None = None,
+                 last_image: str | Path | np.ndarray | None = None) -> Result:
         """Generate one clip; keyword names follow `vidrt run`'s flags. None = the model's default.
 
         size        "WxH" (e.g. "832x480") or (width, height), pixels; or width= and height=
@@ -243,6 +249,8 @@ class Pipeline:
         on_frames   called with uint8 [n, H, W, 3] chunks as they are decoded (then Result.frames is None)
         progress    called with (stage, done, total): "denoise" counts steps, "decode" counts frames
         vae_memory  memory budget for one VAE tile, bytes or "2GB" (default: chosen automatically)
+        image       image-to-video models: the first frame, a path or uint8 [H, W, 3] RGB; without a size
+                    the clip's size follows the image (vidrt.image.output_size); last_image: FLF2V only
         Returns a Result (frames uint8 [F, H, W, 3], settings, stats). Raises UsageError for values the
         model cannot run (naming the nearest valid ones), DeviceError for failures while running.
         """
@@ -269,7 +277,8 @@ class Pipeline:
         request = Request(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                           num_frames=num_frames, steps=steps, guidance=guidance,
                           guidance_low_noise=guidance_low_noise, shift=shift, seed=seed, scheduler=scheduler,
-                          timesteps=tuple(timesteps) if timesteps is not None else None, recipe=recipe)
+                          timesteps=tuple(timesteps) if timesteps is not None else None, recipe=recipe,
+                          image=image, last_image=last_image)
         return self.run(request, noise=noise, on_frames=on_frames, progress=progress, vae_memory_bytes=budget)
 
     def run(self, request: Request, noise: np.ndarray | None = None, on_frames: FramesFn | None = None,
@@ -332,6 +341,10 @@ class Pipeline:
             if not keep_text_encoder:
                 self.release(C.TEXT_ENCODER)  # its memory is not needed again for this clip
 
+        # 2b. image: encoded once; the encoder's memory is not needed again for this clip
+        with stats.stage("image") if request.image is not None else contextlib.nullcontext():
+            cond = self.conditioning(request, s)
+
         # 3. noise
         if noise is None:
             latents = np.random.default_rng(s.seed).standard_normal(latent_shape, dtype=np.float32)
@@ -339,19 +352,20 @@ class Pipeline:
             if tuple(noise.shape) != latent_shape:
                 raise UsageError(f"noise has shape {tuple(noise.shape)}, this request needs {latent_shape}")
             latents = np.asarray(noise, dtype=np.float32).copy()
+        latents = cond.initial(latents)
 
         # 4. denoise
         last_step = {p.expert: i for i, p in enumerate(plan)}
         with stats.stage("denoise"):
             for i, p in enumerate(plan):
                 t0 = time.perf_counter()
-                velocity = self._velocity(p, latents, context, cfg_batch, stats)
+                velocity = self._velocity(p, latents, context, cfg_batch, stats, cond)
                 if i == last_step[p.expert] and p.expert in released:
                     self.release(p.expert)  # A14B: the high-noise expert goes at the boundary
                 _check_finite(f"denoiser ({p.expert}, step {i + 1}/{len(plan)})", velocity, precision[p.expert],
                               "the DiT overflows in fp16: use bf16 or fp32 engines",
                               "--guidance/--shift may be extreme or the weights corrupt; lower them or re-export")
-                latents = solver.step(velocity, latents)
+                latents = cond.after_step(solver.step(velocity, latents))
                 stats.denoise_step_seconds.append(time.perf_counter() - t0)
                 report("denoise", i + 1, len(plan))
 
@@ -406,23 +420,57 @@ class Pipeline:
                               f"{self.package} --size {s.width}x{s.height} --frames {s.num_frames}`)")
         return plan
 
+    def conditioning(self, request: Request, s: Settings) -> TextOnly:
+        """Stage 2b: the conditioning policy of this request (vidrt.conditioning). With an image: load and
+        preprocess it by the model's rule at the resolved size, VAE-encode it with the streaming encoder
+        (TI2V: the first chunk only; concat models: [image, grey...] over the whole clip), then release
+        the encoder graphs."""
+        spec = self.manifest.model
+        plain = TextOnly(spec.per_token_timestep, spec.dit.patch_size)
+        if request.image is None or spec.image is None:
+            return plain
+        from vidrt.image import load_image, preprocess
+        from vidrt.vae_encode import encode
+
+        if C.VAE_ENCODE_FIRST not in self.manifest.components:
+            raise PackageError(f"{self.package} has no VAE encoder graphs (exported before vidrt took images); "
+                               f"re-export it with `vidrt export` to use --image")
+        rule = spec.image.resize
+        first_px = preprocess(load_image(request.image), s.width, s.height, rule)  # [3, H, W] in [-1, 1]
+        first, step = self.engine(C.VAE_ENCODE_FIRST), self.engine(C.VAE_ENCODE_STEP)
+        norm = dict(mean=spec.vae.latents_mean, std=spec.vae.latents_std)
+        try:
+            if spec.image.mode == "first_frame":  # causal: frame 0's latent is the first chunk's alone
+                z = encode(first_px[:, None], first, step, **norm)
+                _check_finite("VAE encoder", z, "fp32", "the VAE must run in fp32: re-export it")
+                return FirstFrame(spec.per_token_timestep, spec.dit.patch_size, image_latent=z)
+            video = np.zeros((3, s.num_frames, s.height, s.width), dtype=np.float32)  # grey = 0 in [-1, 1]
+            video[:, 0] = first_px
+            if request.last_image is not None:
+                video[:, -1] = preprocess(load_image(request.last_image, "--last-image"), s.width, s.height, rule)
+            z = encode(video, first, step, **norm)
+            _check_finite("VAE encoder", z, "fp32", "the VAE must run in fp32: re-export it")
+            _, _, h, w = z.shape
+            mask = frame_mask(s.num_frames, h, w, spec.vae.stride[0], last=request.last_image is not None)
+            return Concat(spec.per_token_timestep, spec.dit.patch_size, condition=np.concatenate([mask, z]))
+        finally:
+            self.release(C.VAE_ENCODE_FIRST)
+            self.release(C.VAE_ENCODE_STEP)
+
     def _velocity(self, p: PlannedStep, latents: np.ndarray, context: np.ndarray, cfg_batch: int,
-                  stats: RunStats) -> np.ndarray:
+                  stats: RunStats, cond: TextOnly | None = None) -> np.ndarray:
         """The step's velocity. CFG steps: DiT on cond and uncond, then u + g (c - u), as one batch-2 call
         or two batch-1 calls when the memory plan says batch 2 does not fit (cfg_batch == 1; the results
-        are the same). CFG-free steps (guidance 1): the conditional velocity of one batch-1 call."""
+        are the same). CFG-free steps (guidance 1): the conditional velocity of one batch-1 call.
+        `cond` shapes the DiT's input and timesteps (vidrt.conditioning; None = text only)."""
         spec = self.manifest.model
-        if spec.per_token_timestep:
-            # TI2V text-to-video: every token at the step's timestep (image mode would zero frame 0).
-            _, f, h, w = latents.shape
-            pt, ph, pw = spec.dit.patch_size
-            t_row = np.full(((f // pt) * (h // ph) * (w // pw),), p.step.timestep, dtype=np.float32)
-        else:
-            t_row = np.full((), p.step.timestep, dtype=np.float32)
+        cond = cond or TextOnly(spec.per_token_timestep, spec.dit.patch_size)
+        t_row = cond.timestep_row(p.step.timestep, latents)  # [] or [tokens] (TI2V; image mode: 0 on frame 0)
+        x = cond.model_input(latents)  # [C_in, F, h, w]: the latents, or + mask and image latents
         engine = self.engine(p.expert)
 
         def dit(batch: int, rows: slice) -> np.ndarray:
-            feeds = {C.LATENTS: np.broadcast_to(latents, (batch, *latents.shape)),
+            feeds = {C.LATENTS: np.broadcast_to(x, (batch, *x.shape)),
                      C.TIMESTEP: np.broadcast_to(t_row, (batch, *t_row.shape)), C.CONTEXT: context[rows]}
             stats.dit_calls += batch  # DiT evaluations: a batch-2 CFG call is two
             return engine.run(feeds)[C.VELOCITY]
@@ -430,10 +478,10 @@ class Pipeline:
         if not p.cfg:
             return dit(1, slice(0, 1))[0]
         if cfg_batch == 2:
-            cond, uncond = dit(2, slice(0, 2))
+            c, u = dit(2, slice(0, 2))
         else:
-            cond, uncond = dit(1, slice(0, 1))[0], dit(1, slice(1, 2))[0]
-        return uncond + np.float32(p.guidance) * (cond - uncond)
+            c, u = dit(1, slice(0, 1))[0], dit(1, slice(1, 2))[0]
+        return u + np.float32(p.guidance) * (c - u)
 
     def _warn_unknown_words(self, prompt: str) -> None:
         words = self.tokenizer(prompt).unknown_words

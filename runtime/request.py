@@ -7,8 +7,10 @@ import numbers
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from vidrt.errors import UsageError
 from vidrt.package.recipes import LoraRef, Recipe, all_recipes, find_recipe
 from vidrt.package.registry import ModelSpec
@@ -37,6 +39,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "steps": (numbers.Integral,), "seed": (numbers.Integral,),
     "guidance": (numbers.Real,), "guidance_low_noise": (numbers.Real,), "shift": (numbers.Real,),
     "timesteps": (tuple,), "recipe": (str,), "loras": (tuple,),  # items checked in Request.__post_init__
+    "image": (str, Path, np.ndarray), "last_image": (str, Path, np.ndarray),  # read by vidrt.image.load_image
 }
 _KIND = {str: "a string", numbers.Integral: "an integer", numbers.Real: "a number"}
 _FLAG = {"width": "--size", "height": "--size", "num_frames": "--frames"}  # the `vidrt run` flag of a field
@@ -87,6 +90,10 @@ class Request:
     timesteps: tuple[float, ...] | None = None  # euler: the unshifted timestep list (1000, 750, 500, 250)
     recipe: str | None = None  # a named recipe (vidrt.package.recipes); the fields above override its own
     loras: tuple[LoraRef, ...] = ()  # LoRAs for this clip, on top of the recipe's and the pipeline's
+    # image-to-video: a file path or a uint8 [H, W, 3] RGB array (vidrt.image.load_image); without
+    # width/height the clip's size follows the image by the model's rule (vidrt.image.output_size)
+    image: str | Path | np.ndarray | None = None
+    last_image: str | Path | np.ndarray | None = None  # first-last-frame models (Wan2.1 FLF2V) only
 
     def __post_init__(self) -> None:
         check_field_types(self, FIELD_TYPES, "Request")
@@ -126,6 +133,12 @@ class Settings:
     timesteps: tuple[float, ...] | None = None
     recipe: str | None = None
     loras: tuple[LoraRef, ...] = ()  # the recipe's shipped LoRAs (package-relative) then the request's
+    image: str | None = None  # the conditioning image: its path, or "array WxH"; None = text-to-video
+    last_image: str | None = None
+
+
+def _describe_image(source: object, pixels: np.ndarray) -> str:
+    return str(source) if isinstance(source, (str, Path)) else f"array {pixels.shape[1]}x{pixels.shape[0]}"
 
 
 def _nearest_multiple(value: int, multiple: int) -> str:
@@ -154,6 +167,27 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
     if (request.width is None) != (request.height is None):
         raise UsageError("give both width and height (--size WxH), or neither for the model's default size")
     width, height = (request.width, request.height) if request.width is not None else d.sizes[0]
+    image = last_image = None
+    if request.image is not None or request.last_image is not None:
+        from vidrt.image import load_image, output_size
+
+        cond = spec.image
+        if cond is None:
+            raise UsageError(f"{spec.name} is a text-to-video model and takes no --image; use an image-to-video "
+                             f"package (Wan2.2 TI2V-5B, Wan2.2 I2V-A14B, Wan2.1 I2V/FLF2V)")
+        if request.image is None:
+            raise UsageError("--last-image needs --image (the first frame)")
+        if request.last_image is not None and not cond.last_image:
+            raise UsageError(f"{spec.name} takes no --last-image; first-and-last-frame needs Wan2.1 FLF2V")
+        pixels = load_image(request.image)
+        image = _describe_image(request.image, pixels)
+        if request.last_image is not None:
+            last_image = _describe_image(request.last_image, load_image(request.last_image, "--last-image"))
+        if request.width is None:  # the official rule: the image's aspect in the default size's area
+            area = d.sizes[0][0] * d.sizes[0][1]
+            width, height = output_size(pixels.shape[1], pixels.shape[0], cond.resize, area, spec.spatial_multiple)
+    elif spec.image is not None and spec.image.required:
+        raise UsageError(f"{spec.name} is an image-to-video model: pass --image START.png")
     m = spec.spatial_multiple
     for name, v in (("width", width), ("height", height)):
         if not m <= v <= MAX_SIDE_PX:
@@ -198,7 +232,7 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
         guidance_low_noise=d.guidance_low_noise if g_low is None else g_low,
         shift=shift, seed=request.seed, scheduler=scheduler,
         timesteps=tuple(float(t) for t in timesteps) if timesteps is not None else None,
-        recipe=request.recipe, loras=request.loras,
+        recipe=request.recipe, loras=request.loras, image=image, last_image=last_image,
     )
 
 
@@ -219,7 +253,8 @@ def _apply_recipe(request: Request, recipe: Recipe, spec: ModelSpec) -> Request:
         guidance=_pick(request.guidance, recipe.guidance, None),  # type: ignore[arg-type]
         guidance_low_noise=g_low, shift=_pick(request.shift, recipe.shift, None),  # type: ignore[arg-type]
         seed=request.seed, scheduler=_pick(request.scheduler, recipe.scheduler, None),  # type: ignore[arg-type]
-        timesteps=timesteps, recipe=request.recipe, loras=shipped + request.loras)
+        timesteps=timesteps, recipe=request.recipe, loras=shipped + request.loras, image=request.image,
+        last_image=request.last_image)
 
 
 def _check_timesteps(timesteps: tuple[float, ...], steps: int, scheduler: str, n_train: int) -> None:

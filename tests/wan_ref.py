@@ -54,11 +54,26 @@ def _sdpa_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_sc
     return out.transpose(1, 2).contiguous().type_as(q)
 
 
+def _import_without(missing: tuple[str, ...], name: str) -> types.ModuleType:
+    """Import `name` whose module body imports packages it only uses in functions we never call
+    (wan.utils.utils: imageio and torchvision, for saving videos): empty stand-ins during the import."""
+    added = [m for m in missing if importlib.util.find_spec(m) is None and m not in sys.modules]
+    for m in added:
+        sys.modules[m] = types.ModuleType(m)
+    try:
+        return importlib.import_module(name)
+    finally:
+        for m in added:
+            del sys.modules[m]
+
+
 def load(module: str) -> types.ModuleType:
     """`load("modules.model")` -> the official wan.modules.model, patched to run on CPU in fp32."""
     _stub_packages()
     if module == "modules.t5":
         torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    if module == "utils.utils":
+        return _import_without(("imageio", "torchvision"), "wan.utils.utils")
     mod = importlib.import_module(f"wan.{module}")
     if module == "modules.model":
         mod.flash_attention = _sdpa_attention

@@ -71,7 +71,10 @@ def _default_model() -> str | None:
               help="Read the prompt from a UTF-8 text file (- = stdin).")
 @click.option("--model", "-m", "model", help="Model package folder (default: the bundled tiny model).")
 @click.option("--negative-prompt", help="What to steer away from (default: the model's).")
-@click.option("--size", help="WIDTHxHEIGHT in pixels (default: the model's first size).")
+@click.option("--size", help="WIDTHxHEIGHT in pixels (default: the model's first size; with --image, the image's "
+              "aspect in that area).")
+@click.option("--image", help="Image-to-video: the first frame (PNG, JPEG, WebP...).")
+@click.option("--last-image", help="First-and-last-frame models (Wan2.1 FLF2V): the last frame.")
 @click.option("--frames", type=int, help="Video frames, 4k+1 (default: the model's).")
 @click.option("--steps", type=int, help="Denoising steps.")
 @click.option("--guidance", type=float,
@@ -109,7 +112,7 @@ def _default_model() -> str | None:
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="Write per-stage timings as JSON here.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
 def run(**kw: Any) -> None:
-    """Generate a clip from a prompt."""
+    """Generate a clip from a prompt (and a start image on image-to-video models)."""
     from vidrt.cli.run import run_command
 
     run_command(**kw)

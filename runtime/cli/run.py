@@ -120,7 +120,8 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
                 lora: tuple[str, ...] = (), lora_high_noise: tuple[str, ...] = (),
                 lora_low_noise: tuple[str, ...] = (),
                 vae_memory: str | None, fps: int | None, crf: int | None, output: str, overwrite: bool,
-                stats_json: str | None, quiet: bool, device: int = 0, embedding_cache: str | None = None) -> None:
+                stats_json: str | None, quiet: bool, device: int = 0, embedding_cache: str | None = None,
+                image: str | None = None, last_image: str | None = None) -> None:
     from vidrt.backends import BACKENDS
     from vidrt.cli.app import parse_size
     from vidrt.models import default_package
@@ -159,14 +160,17 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
     request = Request(prompt=text, negative_prompt=negative_prompt, width=wh[0] if wh else None,
                       height=wh[1] if wh else None, num_frames=frames, steps=steps, guidance=guidance,
                       guidance_low_noise=guidance_low_noise, shift=shift, seed=seed, scheduler=scheduler,
-                      timesteps=parse_timesteps(timesteps),
-                      recipe=recipe).seeded()  # one seed for the run, the metadata and --stats-json
+                      timesteps=parse_timesteps(timesteps), recipe=recipe, image=image,
+                      last_image=last_image).seeded()  # one seed for the run, the metadata and --stats-json
     loras = lora_refs(lora, lora_high_noise, lora_low_noise)
     spec_only = load_manifest(package, verify=False)  # the model's limits; Pipeline.load checks the hashes
-    settings = resolve(request, spec_only.model)
+    settings = resolve(request, spec_only.model)  # also reads and checks --image and derives the size from it
     if fmt.kind == "still" and settings.num_frames != 1:
         raise UsageError(f"-o {out_path.name}: a .png holds one frame and this clip has {settings.num_frames}; "
                          f"pass --frames 1, or a folder path ending in '/' for PNG frames")
+    if image is not None and not quiet:
+        how = "as given by --size" if wh else "the image's aspect in the model's area"
+        click.echo(f"image {image} -> {settings.width}x{settings.height} ({how})", err=True)
     decode_plan(spec_only, settings, vae_bytes)  # a --vae-memory too small fails now, not after denoising
     clean_stale_temps(out_path.parent if str(out_path.parent) else Path("."))
 

@@ -47,11 +47,13 @@ class Contract:
 TEXT_ENCODER = "text_encoder"
 VAE_FIRST = "vae_decode_first"
 VAE_STEP = "vae_decode_step"
+VAE_ENCODE_FIRST = "vae_encode_first"  # image-to-video models only: the streaming VAE encoder
+VAE_ENCODE_STEP = "vae_encode_step"
 
 # Tensor names.
 INPUT_IDS, ATTENTION_MASK, TEXT_HIDDEN = "input_ids", "attention_mask", "last_hidden_state"
 LATENTS, TIMESTEP, CONTEXT, VELOCITY = "hidden_states", "timestep", "encoder_hidden_states", "noise_pred"
-VAE_LATENT, VAE_FRAMES = "latent", "frames"
+VAE_LATENT, VAE_FRAMES, VAE_VIDEO = "latent", "frames", "video"
 
 
 def cache_in(i: int) -> str:
@@ -93,6 +95,22 @@ def vae_contracts(spec: ModelSpec, cache_shapes: list[tuple[Dim, ...]]) -> tuple
                      outputs=(TensorSpec(VAE_FRAMES, "float32", (1, 3, 1, "out_h", "out_w")),) + outs)
     step = Contract(inputs=(latent,) + ins,
                     outputs=(TensorSpec(VAE_FRAMES, "float32", (1, 3, spec.vae.stride[0], "out_h", "out_w")),) + outs)
+    return first, step
+
+
+def vae_encoder_contracts(spec: ModelSpec, cache_shapes: list[tuple[Dim, ...]]) -> tuple[Contract, Contract]:
+    """(first, step) contracts of the streaming encoder. Video in [-1, 1], RGB, at the latent's
+    pixel size (stride x lat_h); first: 1 frame [1, 3, 1, H, W] -> latent mu [1, z, 1, h, w] + caches;
+    step (+ caches in): the next 4 frames -> the next latent frame + caches. mu is the VAE's own
+    latent (not normalised: the runtime applies latents_mean/std, as for the decoder)."""
+    s = spec.vae.stride[1]
+    video = f"{s}*lat_h", f"{s}*lat_w"
+    latent = TensorSpec(VAE_LATENT, "float32", (1, spec.vae.z_dim, 1, "lat_h", "lat_w"))
+    outs = tuple(TensorSpec(cache_out(i), "float32", sh) for i, sh in enumerate(cache_shapes))
+    ins = tuple(TensorSpec(cache_in(i), "float32", sh) for i, sh in enumerate(cache_shapes))
+    first = Contract(inputs=(TensorSpec(VAE_VIDEO, "float32", (1, 3, 1, *video)),), outputs=(latent,) + outs)
+    step = Contract(inputs=(TensorSpec(VAE_VIDEO, "float32", (1, 3, spec.vae.stride[0], *video)),) + ins,
+                    outputs=(latent,) + outs)
     return first, step
 
 

@@ -244,7 +244,14 @@ def check_manifest(m: Manifest) -> None:
     _check(spec.experts == ("dit",) or two, f"experts {spec.experts!r} are neither ('dit',) nor two experts")
     _check((s.boundary is not None) == two and (s.boundary is None or 0.0 < s.boundary < 1.0),
            f"sampling.boundary {s.boundary!r} does not fit experts {spec.experts!r}")
+    if spec.image is not None:
+        _check(spec.image.mode in ("first_frame", "concat"), f"image.mode {spec.image.mode!r} is unknown")
+        _check(spec.image.resize in ("area_bicubic", "cover_lanczos"), f"image.resize {spec.image.resize!r} is unknown")
+        _check(spec.image.mode != "concat" or spec.dit.in_channels == 2 * spec.vae.z_dim + spec.vae.stride[0],
+               f"a concat image model needs dit.in_channels = 2 z_dim + {spec.vae.stride[0]} (mask)")
     _check_artifact(m.tokenizer)
+    # (an image model's encoder graphs are checked when an image is given: a TI2V package exported
+    # before vidrt had them still runs text-to-video)
     needed = (C.TEXT_ENCODER, *spec.experts, C.VAE_FIRST, C.VAE_STEP)
     _check(set(needed) <= set(m.components), f"components lack {sorted(set(needed) - set(m.components))}")
     for name, comp in m.components.items():
@@ -261,6 +268,11 @@ def check_manifest(m: Manifest) -> None:
             caches = {t.name for t in comp.contract.outputs if t.name.startswith("cache_out_")}
             ins = {C.VAE_LATENT} | ({n.replace("_out_", "_in_") for n in caches} if name == C.VAE_STEP else set())
             _check_contract(name, comp.contract, ins, {C.VAE_FRAMES}, _VAE_DIMS)
+        elif name in (C.VAE_ENCODE_FIRST, C.VAE_ENCODE_STEP):
+            caches = {t.name for t in comp.contract.outputs if t.name.startswith("cache_out_")}
+            ins = {C.VAE_VIDEO} | ({n.replace("_out_", "_in_") for n in caches} if name == C.VAE_ENCODE_STEP
+                                   else set())
+            _check_contract(name, comp.contract, ins, {C.VAE_LATENT}, _VAE_DIMS)
     shipped = {a.file for a in m.loras}
     for art in m.loras:
         _check_artifact(art)

@@ -115,6 +115,24 @@ class SamplingDefaults:
 
 
 @dataclass(frozen=True)
+class ImageConditioning:
+    """How a start image conditions the clip (i2v.md §0-§4); a spec without one is text-to-video only.
+
+    mode      "first_frame": the image latent is latent frame 0, its tokens at timestep 0, re-imposed
+              after every step (Wan2.2 TI2V-5B); "concat": [noise, mask (4), image latents] as the DiT's
+              input channels (Wan2.1 I2V/FLF2V, Wan2.2 I2V-A14B). See vidrt.conditioning.
+    resize    vidrt.image rule: "cover_lanczos" (TI2V) or "area_bicubic" (Wan2.1 / A14B)
+    required  the model cannot run without an image (the I2V models; TI2V also runs from text alone)
+    last_image  the model also takes a last frame (Wan2.1 FLF2V)
+    """
+
+    mode: str
+    resize: str
+    required: bool = False
+    last_image: bool = False
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     description: str
@@ -127,6 +145,7 @@ class ModelSpec:
     source: str = ""
     recipes: tuple[Recipe, ...] = ()  # the model's own named recipes (the bundled model's `fast`), besides
     #                                   the built-in ones (vidrt.package.recipes)
+    image: ImageConditioning | None = None  # image-to-video: how an image conditions the clip (None: text only)
 
     @property
     def spatial_multiple(self) -> int:
@@ -185,6 +204,9 @@ VARIANTS: dict[str, ModelSpec] = {
                                   frames=121, fps=24, sizes=((1280, 704), (704, 1280))),
         per_token_timestep=True,
         source="W22 wan/configs/wan_ti2v_5B.py, wan/textimage2video.py; DIFF get_transformer_config",
+        # W22 wan/textimage2video.py WanTI2V.i2v: best_output_size (multiples of 32) in the --size area,
+        # Lanczos cover + centre crop, first latent frame in-painted; generate.py runs it when --image is given.
+        image=ImageConditioning(mode="first_frame", resize="cover_lanczos"),
     ),
     "wan2.2-t2v-a14b": ModelSpec(
         name="wan2.2-t2v-a14b",
@@ -299,6 +321,6 @@ def _convert(tp: Any, data: Any) -> Any:
 
 
 __all__ = [
-    "DiTConfig", "VAEConfig", "TextConfig", "SamplingDefaults", "ModelSpec", "VARIANTS",
+    "DiTConfig", "VAEConfig", "TextConfig", "SamplingDefaults", "ImageConditioning", "ModelSpec", "VARIANTS",
     "get_variant", "to_dict", "from_dict",
 ]
