@@ -547,7 +547,10 @@ def open_checkpoint(path: str | Path, variant: str | None = None) -> Checkpoint:
         raise PackageError(f"{root}: {wrong}; pass the right --variant or fix the folder")
     opener = _open_official if facts.layout == "official" else _open_diffusers
     parts, dit, text, vae, tok = opener(root)
-    if vae.z_dim != dit.in_channels:
+    # the DiT takes the latents, plus (channel-concat image-to-video) a 4-channel frame mask and the
+    # image latents: 16 + 4 + 16 = 36 for Wan2.1 I2V / Wan2.2 I2V-A14B
+    concat = spec.image is not None and spec.image.mode == "concat"
+    if dit.in_channels != (2 * vae.z_dim + vae.stride[0] if concat else vae.z_dim):
         raise PackageError(f"{parts['vae'].weights.label}: VAE z_dim {vae.z_dim} but the DiT takes "
                            f"{dit.in_channels} channels; wrong VAE file for this model")
     spec = dataclasses.replace(spec, dit=dit, vae=vae, text=text)

@@ -33,6 +33,23 @@ def tiny_t2v_package(tiny_t2v_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_ti2v_export(tmp_path_factory):
+    """(DiffusersTiny, package, export seconds) of the tiny Wan2.2 TI2V-5B kind (48-ch DiT, Wan2.2 VAE;
+    its package has the VAE encoder graphs, for image mode), exported once per session: shared by
+    test_export, test_pipeline and test_i2v. Never modify it."""
+    import time
+
+    from tiny import TINY_VARIANT, write_diffusers_checkpoint
+    from vidrt.export.package import export_package
+
+    root = tmp_path_factory.mktemp("shared-ckpt-ti2v")
+    tiny = write_diffusers_checkpoint(root, "ti2v")
+    t0 = time.perf_counter()
+    package = export_package(root, root.parent / "shared-package-ti2v", variant=TINY_VARIANT["ti2v"], progress=False)
+    return tiny, package, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="session")
 def run_package(request):
     """The bundled default model when this build ships one (runtime/models/tiny-shapes/), else the tiny
     random package: for tests that only need some real package to run."""

@@ -72,7 +72,10 @@ def test_official_dit_matches_official_module(official, kind):
     assert ckpt.spec.text.text_len == tiny.TEXT_LEN and ckpt.spec.dit.dim == 64
     for i, (expert, off) in enumerate(ref.dit.items()):
         x, t, ctx, seq = _dit_inputs(ckpt.spec.dit.in_channels, kind == "ti2v", seed=i)
-        want = off([x], t, [ctx], seq)[0]
+        if kind == "i2v":  # official I2V: latents x [16] and y = [mask 4, image latents 16], concatenated inside
+            want = off([x[:16]], t, [ctx], seq, y=[x[16:]])[0]
+        else:
+            want = off([x], t, [ctx], seq)[0]
         got = _diffusers_dit(ckpt.transformer(expert), x, t, ctx)
         assert got.shape == want.shape
         assert _rel(got, want) <= 1e-4, expert

@@ -57,8 +57,8 @@ def t2v(tmp_path_factory) -> Exported:
 
 
 @pytest.fixture(scope="module")
-def ti2v(tmp_path_factory) -> Exported:
-    return _export(tmp_path_factory, "ti2v")
+def ti2v(tiny_ti2v_export) -> Exported:
+    return Exported(*tiny_ti2v_export)  # shared with test_pipeline and test_i2v (conftest)
 
 
 @pytest.fixture(params=["t2v", "ti2v"])

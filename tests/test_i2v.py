@@ -9,7 +9,6 @@ tensor (diffusers' own preprocessing differs, i2v.md §5). vidrt runs the export
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import numpy as np
@@ -17,9 +16,7 @@ import pytest
 import torch
 import wan_ref
 from test_pipeline import NEGATIVE, PROMPT, SHIFT, official_unipc, psnr
-from tiny import TINY_VARIANT, write_diffusers_checkpoint
 from vidrt.errors import UsageError
-from vidrt.export.package import export_package
 from vidrt.image import preprocess
 from vidrt.pipeline import Pipeline
 from vidrt.request import Request, resolve
@@ -35,21 +32,10 @@ def _picture(w: int, h: int) -> np.ndarray:
     return img.astype(np.uint8)
 
 
-def _random_latent_stats(root, seed: int = 5) -> None:
-    cfg_path = root / "vae" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    rng = np.random.default_rng(seed)
-    cfg["latents_mean"] = rng.normal(0, 0.3, cfg["z_dim"]).round(4).tolist()
-    cfg["latents_std"] = rng.uniform(0.5, 1.5, cfg["z_dim"]).round(4).tolist()
-    cfg_path.write_text(json.dumps(cfg, indent=1))
-
-
 @pytest.fixture(scope="module")
-def ti2v(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt-ti2v-i2v")
-    write_diffusers_checkpoint(root, "ti2v")
-    _random_latent_stats(root)
-    return root, export_package(root, root / "package", variant=TINY_VARIANT["ti2v"], progress=False)
+def ti2v(tiny_ti2v_export):
+    tiny, package, _ = tiny_ti2v_export  # its VAE has non-trivial latents_mean/std (tiny.LATENT_STATS)
+    return tiny.root, package
 
 
 def diffusers_i2v(root, image: np.ndarray, noise: np.ndarray, width: int, height: int, guidance: float,
@@ -57,14 +43,15 @@ def diffusers_i2v(root, image: np.ndarray, noise: np.ndarray, width: int, height
     from diffusers import WanImageToVideoPipeline
 
     pipe = WanImageToVideoPipeline.from_pretrained(root, scheduler=official_unipc(SHIFT), image_encoder=None,
-                                                   image_processor=None, **extra)
+                                                   image_processor=None)
     pipe.text_encoder.config._attn_implementation = "eager"
     pipe.set_progress_bar_config(disable=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "input is in [-1, 1]": on purpose, the preprocessed tensor as is
         out = pipe(image=torch.from_numpy(image)[None], prompt=PROMPT, negative_prompt=NEGATIVE, height=height,
                    width=width, num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=guidance,
-                   latents=torch.from_numpy(noise)[None], max_sequence_length=512, output_type="np").frames[0]
+                   latents=torch.from_numpy(noise)[None], max_sequence_length=512, output_type="np",
+                   **extra).frames[0]
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -97,7 +84,64 @@ def test_ti2v_image_mode_matches_diffusers(ti2v):
     assert psnr(ours, other) < 40.0
 
 
+@pytest.fixture(scope="module")
+def i2v_a14b(tmp_path_factory):
+    """Tiny Wan2.2 I2V-A14B, diffusers layout: two 36-channel experts, boundary 0.9, no CLIP."""
+    from tiny import TINY_VARIANT, write_diffusers_checkpoint
+    from vidrt.export.package import export_package
+
+    root = tmp_path_factory.mktemp("ckpt-i2v-a14b")
+    write_diffusers_checkpoint(root, "i2v")
+    return root, export_package(root, root / "package", variant=TINY_VARIANT["i2v"], progress=False)
+
+
+def test_i2v_a14b_matches_diffusers(i2v_a14b):
+    """Channel concat: DiT input [latents 16, mask 4, VAE(image, grey x 8) 16], never re-imposed; the
+    high-noise expert (guidance_scale) while t >= 900, then the low-noise one (guidance_scale_2)."""
+    root, package = i2v_a14b
+    pipe = Pipeline.load(package)
+    spec = pipe.manifest.model
+    picture = _picture(90, 50)
+    s = resolve(Request(prompt=PROMPT, image=picture), spec)  # the size from the image: official area rule
+    ar = 50 / 90
+    lat_h, lat_w = round(np.sqrt(1280 * 720 * ar) // 8 // 2 * 2), round(np.sqrt(1280 * 720 / ar) // 8 // 2 * 2)
+    assert (s.width, s.height) == (lat_w * 8, lat_h * 8)  # W22 wan/image2video.py, 1280*720 area
+    w, h = 64, 48
+    noise = np.random.default_rng(8).standard_normal(spec.latent_shape(w, h, FRAMES), dtype=np.float32)
+    req = Request(prompt=PROMPT, negative_prompt=NEGATIVE, image=picture, width=w, height=h, num_frames=FRAMES,
+                  steps=STEPS, shift=SHIFT, scheduler="unipc", guidance=4.5, guidance_low_noise=2.5)
+    ours = pipe.run(req, noise=noise).frames
+    ref = diffusers_i2v(root, preprocess(picture, w, h, "area_bicubic"), noise, w, h, 4.5, guidance_scale_2=2.5)
+    assert ours.shape == ref.shape == (FRAMES, h, w, 3)
+    value = psnr(ours, ref)
+    print(f"i2v-a14b: PSNR vidrt vs diffusers WanImageToVideoPipeline = {value:.1f} dB")
+    assert value >= 70.0
+    with pytest.raises(UsageError, match="image-to-video model: pass --image"):
+        pipe("a cat", steps=1)
+
+
 def test_text_only_model_refuses_an_image(tiny_t2v_package):
     pipe = Pipeline.load(tiny_t2v_package)
     with pytest.raises(UsageError, match="text-to-video model and takes no --image"):
         pipe("a cat", image=_picture(64, 64), steps=1)
+
+
+def test_cli_run_with_image_prints_the_size(ti2v, tmp_path, capsys):
+    """`vidrt run --image` on TI2V: the size is printed before the run, the clip written; a bad image is
+    one line, exit 2, nothing written."""
+    from cli_helpers import assert_error, vidrt
+    from PIL import Image
+
+    _, package = ti2v
+    start = tmp_path / "start.png"
+    Image.fromarray(_picture(90, 60)).save(start)
+    out = tmp_path / "clip.mp4"
+    code, err = vidrt(capsys, "run", "--model", package, "--prompt", "a cat", "--image", start, "--size", "64x64",
+                      "--frames", "5", "--steps", "2", "-o", out)
+    assert code == 0, err
+    assert f"image {start} -> 64x64 (as given by --size)" in err and out.is_file()
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    code, err = vidrt(capsys, "run", "--model", package, "--prompt", "a cat", "--image", bad, "-o", tmp_path / "x.mp4")
+    assert_error(code, err, 2, "--image", "not an image")
+    assert not (tmp_path / "x.mp4").exists()

@@ -33,6 +33,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module", params=["t2v", "a14b", "ti2v"])
 def tiny_package(request, tmp_path_factory):
     kind = request.param
+    if kind == "ti2v":  # exported once per session (conftest), shared with test_export and test_i2v
+        tiny, package, _ = request.getfixturevalue("tiny_ti2v_export")
+        return kind, tiny.root, package
     root = tmp_path_factory.mktemp(f"ckpt-{kind}")
     write_diffusers_checkpoint(root, kind)
     package = export_package(root, root / "package", variant=TINY_VARIANT[kind], progress=False)

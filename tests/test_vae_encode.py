@@ -15,6 +15,8 @@ import torch
 from vidrt.backends.ort import OrtEngine
 from vidrt.export.onnx_export import export_vae_encoder
 from vidrt.export.random_weights import randomise_
+from vidrt.package.contracts import VAE_ENCODE_FIRST, VAE_ENCODE_STEP
+from vidrt.package.manifest import load_manifest
 from vidrt.package.registry import VARIANTS
 from vidrt.vae_encode import encode
 
@@ -22,14 +24,11 @@ SPECS = {"wan2.1": VARIANTS["wan2.1-t2v-1.3b"], "wan2.2": VARIANTS["wan2.2-ti2v-
 
 
 def tiny_vae(kind: str):
+    """Wan2.1 kind only (the Wan2.2 one comes from the shared package)."""
     from diffusers import AutoencoderKLWan
 
     rng = np.random.default_rng(3)
-    if kind == "wan2.2":
-        kw = dict(base_dim=8, decoder_base_dim=16, z_dim=48, num_res_blocks=1, is_residual=True, in_channels=12,
-                  out_channels=12, patch_size=2, scale_factor_spatial=16)
-    else:
-        kw = dict(base_dim=8, z_dim=16, num_res_blocks=2)
+    kw = dict(base_dim=8, z_dim=16, num_res_blocks=2)
     z = kw["z_dim"]
     kw.update(latents_mean=rng.normal(0, 0.5, z).tolist(), latents_std=rng.uniform(0.5, 2.0, z).tolist())
     return randomise_(AutoencoderKLWan(**kw), seed=70).eval()
@@ -37,12 +36,20 @@ def tiny_vae(kind: str):
 
 @pytest.fixture(scope="module", params=["wan2.1", "wan2.2"])
 def exported(request, tmp_path_factory):
+    """Wan2.1: exported here (random latent statistics, 2 res blocks as the real VAE). Wan2.2: the
+    encoder graphs of the shared tiny TI2V package (conftest; exported through `export_package`)."""
     kind = request.param
+    if kind == "wan2.2":
+        tiny, package, _ = request.getfixturevalue("tiny_ti2v_export")
+        m = load_manifest(package)
+        engines = [OrtEngine(n, package / m.components[n].artifact.file, m.components[n].contract)
+                   for n in (VAE_ENCODE_FIRST, VAE_ENCODE_STEP)]
+        return kind, tiny.vae, *engines
     vae = tiny_vae(kind)
     out = tmp_path_factory.mktemp(f"enc-{kind}")
     first_c, step_c = export_vae_encoder(vae, out / "first.onnx", out / "step.onnx", SPECS[kind])
-    return kind, vae, OrtEngine("vae_encode_first", out / "first.onnx", first_c), \
-        OrtEngine("vae_encode_step", out / "step.onnx", step_c)
+    return kind, vae, OrtEngine(VAE_ENCODE_FIRST, out / "first.onnx", first_c), \
+        OrtEngine(VAE_ENCODE_STEP, out / "step.onnx", step_c)
 
 
 @pytest.mark.parametrize("frames, size", [(1, (48, 80)), (9, (64, 32))])

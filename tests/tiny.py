@@ -1,7 +1,7 @@
 """Tiny random-weight Wan checkpoints, written to disk in the real formats (for tests).
 
     from tiny import write_official_checkpoint, write_diffusers_checkpoint, TINY_VARIANT
-    ref = write_official_checkpoint(tmp_path / "ckpt", "t2v")      # kind: "t2v" | "a14b" | "ti2v"
+    ref = write_official_checkpoint(tmp_path / "ckpt", "t2v")      # kind: "t2v" | "a14b" | "ti2v" | "i2v"
     ckpt = open_checkpoint(ref.root, variant=TINY_VARIANT["t2v"])  # tiny dims: pass the variant
     ref.dit["dit"], ref.text_encoder, ref.vae                      # the modules that wrote the files
 
@@ -11,6 +11,8 @@ randomised (zero-initialised heads too), fixed seeds:
   a14b  high_noise_model/ + low_noise_model/, each sharded in 2 with an index; Wan2.1_VAE.pth
         (num_res_blocks 2, the real count)
   ti2v  in_dim 48, model_type ti2v, Wan2.2_VAE.pth
+  i2v   Wan2.2 I2V-A14B: as a14b with in_dim 36 (latents 16 + mask 4 + image latents 16), out_dim 16,
+        model_type i2v (no CLIP)
   all   models_t5_umt5-xxl-enc-bf16.pth (fp32 tensors), google/umt5-xxl/ (tokenizer.json +
         tokenizer_config.json, loadable by transformers' AutoTokenizer)
 Diffusers layout: the same kinds from WanTransformer3DModel / AutoencoderKLWan / UMT5EncoderModel
@@ -30,25 +32,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import wan_ref
 from safetensors.torch import save_file
 from vidrt.export.random_weights import randomise_, write_word_tokenizer
 
-KINDS = ("t2v", "a14b", "ti2v")
-TINY_VARIANT = {"t2v": "wan2.1-t2v-1.3b", "a14b": "wan2.2-t2v-a14b", "ti2v": "wan2.2-ti2v-5b"}
+KINDS = ("t2v", "a14b", "ti2v", "i2v")
+TINY_VARIANT = {"t2v": "wan2.1-t2v-1.3b", "a14b": "wan2.2-t2v-a14b", "ti2v": "wan2.2-ti2v-5b",
+                "i2v": "wan2.2-i2v-a14b"}
 TEXT_LEN = 512
 DIT = dict(dim=64, ffn_dim=128, freq_dim=32, text_dim=64, num_heads=2, num_layers=2, text_len=TEXT_LEN)
 T5 = dict(vocab=256, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2, num_buckets=32)
 VAE21 = dict(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], temperal_downsample=[False, True, True])
 VAE22 = dict(dim=8, dec_dim=16, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
              temperal_downsample=[False, True, True])
+# Wan2.2 VAE latent statistics of the tiny ti2v kind: fixed, non-trivial (normalisation bugs show up)
+_rng = np.random.default_rng(5)
+LATENT_STATS = (_rng.normal(0, 0.3, 48).round(4).tolist(), _rng.uniform(0.5, 1.5, 48).round(4).tolist())
 WORDS = ("a cat dog walks runs on the beach in snow under blue red sky city night day slowly fast "
          "camera video of with and").split()
 
 
 def _experts(kind: str) -> tuple[str, ...]:
-    return ("dit_high", "dit_low") if kind == "a14b" else ("dit",)
+    return ("dit_high", "dit_low") if kind in ("a14b", "i2v") else ("dit",)
+
+
+def _channels(kind: str) -> tuple[int, int]:
+    """(DiT in, out) channels: ti2v 48; i2v (A14B) 16 latents + 4 mask + 16 image latents in, 16 out."""
+    return {"ti2v": (48, 48), "i2v": (36, 16)}.get(kind, (16, 16))
 
 
 def write_tokenizer(folder: Path) -> Path:
@@ -90,13 +102,14 @@ def write_official_checkpoint(root: str | Path, kind: str) -> OfficialTiny:
     assert kind in KINDS, kind
     root = Path(root)
     model_mod, t5_mod = wan_ref.load("modules.model"), wan_ref.load("modules.t5")
-    in_dim = 48 if kind == "ti2v" else 16
+    in_dim, out_dim = _channels(kind)
     dits = {}
     for i, expert in enumerate(_experts(kind)):
-        dit = randomise_(model_mod.WanModel(model_type="ti2v" if kind == "ti2v" else "t2v",
-                                            in_dim=in_dim, out_dim=in_dim, **DIT), seed=10 + i)
+        dit = randomise_(model_mod.WanModel(model_type={"ti2v": "ti2v", "i2v": "i2v"}.get(kind, "t2v"),
+                                            in_dim=in_dim, out_dim=out_dim, **DIT), seed=10 + i)
         folder = root / {"dit": ".", "dit_high": "high_noise_model", "dit_low": "low_noise_model"}[expert]
-        _save_sharded(dit.state_dict(), folder, "diffusion_pytorch_model", shards=2 if kind == "a14b" else 1)
+        _save_sharded(dit.state_dict(), folder, "diffusion_pytorch_model",
+                      shards=2 if kind in ("a14b", "i2v") else 1)
         config = {"_class_name": "WanModel", "_diffusers_version": "0.30.0",
                   **{k: v for k, v in dit.config.items() if not k.startswith("_")}}
         (folder / "config.json").write_text(json.dumps(config, indent=1))
@@ -107,7 +120,7 @@ def write_official_checkpoint(root: str | Path, kind: str) -> OfficialTiny:
         vae = wan_ref.load("modules.vae2_2").WanVAE_(**VAE22)
         name = "Wan2.2_VAE.pth"
     else:
-        nrb = 2 if kind == "a14b" else 1
+        nrb = 2 if kind in ("a14b", "i2v") else 1
         vae = wan_ref.load("modules.vae2_1").WanVAE_(num_res_blocks=nrb, **VAE21)
         name = "Wan2.1_VAE.pth"
     randomise_(vae, seed=30)
@@ -127,15 +140,15 @@ class DiffusersTiny:
 
 def diffusers_configs(kind: str) -> tuple[dict, dict, dict]:
     """(WanTransformer3DModel kwargs, UMT5Config kwargs, AutoencoderKLWan kwargs) of the tiny kind."""
-    ch = 48 if kind == "ti2v" else 16
-    dit = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=ch,
-               out_channels=ch, text_dim=64, freq_dim=32, ffn_dim=128, num_layers=2)
+    ch_in, ch_out = _channels(kind)
+    dit = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=ch_in,
+               out_channels=ch_out, text_dim=64, freq_dim=32, ffn_dim=128, num_layers=2)
     t5 = dict(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
               relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dropout_rate=0.0)
     if kind == "ti2v":
         vae = dict(base_dim=8, decoder_base_dim=16, z_dim=48, num_res_blocks=1, is_residual=True,
                    in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
-                   latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+                   latents_mean=LATENT_STATS[0], latents_std=LATENT_STATS[1])
     else:
         vae = dict(base_dim=8, z_dim=16, num_res_blocks=1)
     return dit, t5, vae
@@ -153,7 +166,7 @@ def write_diffusers_checkpoint(root: str | Path, kind: str) -> DiffusersTiny:
     for i, expert in enumerate(_experts(kind)):
         m = randomise_(WanTransformer3DModel(**dit_cfg), seed=40 + i)
         # a14b: sharded with diffusers' own index writer
-        m.save_pretrained(root / subs[expert], max_shard_size="300KB" if kind == "a14b" else "10GB")
+        m.save_pretrained(root / subs[expert], max_shard_size="300KB" if kind in ("a14b", "i2v") else "10GB")
         transformers[expert] = m
     te_cfg = UMT5Config(**t5_cfg)
     te_cfg._attn_implementation = "eager"  # what Checkpoint.text_encoder() builds: same kernels
@@ -166,8 +179,11 @@ def write_diffusers_checkpoint(root: str | Path, kind: str) -> DiffusersTiny:
              "scheduler": ["diffusers", "UniPCMultistepScheduler"],
              "text_encoder": ["transformers", "UMT5EncoderModel"],
              "tokenizer": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "WanTransformer3DModel"],
-             "transformer_2": ["diffusers", "WanTransformer3DModel"] if kind == "a14b" else [None, None],
-             "vae": ["diffusers", "AutoencoderKLWan"], "boundary_ratio": 0.875 if kind == "a14b" else None,
+             "transformer_2": ["diffusers", "WanTransformer3DModel"] if kind in ("a14b", "i2v") else [None, None],
+             "vae": ["diffusers", "AutoencoderKLWan"],
+             "boundary_ratio": {"a14b": 0.875, "i2v": 0.9}.get(kind),
              "expand_timesteps": kind == "ti2v"}
+    if kind == "i2v":  # as Wan-AI/Wan2.2-I2V-A14B-Diffusers: no image encoder (i2v.md §1)
+        index.update(_class_name="WanImageToVideoPipeline", image_encoder=[None, None], image_processor=[None, None])
     (root / "model_index.json").write_text(json.dumps(index, indent=1))
     return DiffusersTiny(root, kind, transformers, te, vae)

@@ -221,6 +221,22 @@ VARIANTS: dict[str, ModelSpec] = {
         experts=("dit_high", "dit_low"),
         source="W22 wan/configs/wan_t2v_A14B.py, wan/text2video.py",
     ),
+    "wan2.2-i2v-a14b": ModelSpec(
+        name="wan2.2-i2v-a14b",
+        description="Wan2.2 image-to-video A14B (high-noise + low-noise experts, 36-channel input), 480p/720p",
+        dit=DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, num_heads=40, in_channels=36, out_channels=16),
+        vae=WAN21_VAE,
+        text=TextConfig(),
+        # W22 wan/configs/wan_i2v_A14B.py: 40 steps, shift 5, boundary 0.900, sample_guide_scale = (3.5, 3.5)
+        # (low-noise, high-noise); generate.py: 81 frames at 16 fps, default --size 1280*720 (the area the
+        # image's aspect is fitted into); SUPPORTED_SIZES['i2v-A14B'] = 480p/720p. No CLIP (i2v.md §2.3).
+        sampling=SamplingDefaults(steps=40, shift=5.0, guidance_high_noise=3.5, guidance_low_noise=3.5,
+                                  frames=81, fps=16, sizes=_SIZES_480_720, boundary=0.9),
+        experts=("dit_high", "dit_low"),
+        # W22 wan/image2video.py WanI2V.generate: area rule + bicubic stretch, y = [mask 4, VAE(image, 0...)]
+        image=ImageConditioning(mode="concat", resize="area_bicubic", required=True),
+        source="W22 wan/configs/wan_i2v_A14B.py, wan/image2video.py, generate.py",
+    ),
     # vidrt's bundled default: a tiny Wan trained on synthetic moving shapes (export/train_tiny.py).
     # Architecture and latent statistics come from its files; the sampling defaults are the ones
     # the training sweep chose (checkpoints/tiny-shapes/TRAINING.md).
