@@ -119,6 +119,14 @@ class Checkpoint:
     def transformer_config(self, expert: str) -> dict:
         return dict(self._expert(expert).config)
 
+    def image_encoder(self) -> Any:
+        """Wan2.1 I2V/FLF2V: the CLIP vision tower as transformers' CLIPVisionModel (fp32, eval)."""
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        part = self.parts["image_encoder"]
+        cfg = CLIPVisionConfig(**part.config)
+        return _build(part, lambda: CLIPVisionModel(cfg), self._tensors(part), "cpu")
+
     def vae(self) -> AutoencoderKLWan:
         from diffusers import AutoencoderKLWan
 
@@ -262,13 +270,16 @@ def _official_dit(folder: Path, name: str) -> tuple[Part, DiTConfig, int]:
     cfg_path = folder / "config.json"
     cfg = read_json(cfg_path)
     model_type = cfg.get("model_type", "t2v")
-    if model_type not in ("t2v", "ti2v"):
-        raise PackageError(f"{cfg_path}: model_type {model_type!r} is not supported (t2v, ti2v only)")
+    if model_type not in ("t2v", "ti2v", "i2v", "flf2v"):
+        raise PackageError(f"{cfg_path}: model_type {model_type!r} is not supported (t2v, ti2v, i2v only)")
     wf = safetensors_files(folder, "diffusion_pytorch_model")
     if wf is None:
         raise PackageError(f"{folder}: no diffusion_pytorch_model.safetensors (or .index.json); "
                            "download the DiT weights there")
     info = shapes(wf)
+    if any(k.startswith("img_emb.") for k in info):  # Wan2.1 I2V/FLF2V: CLIP branch + open-clip .pth tower
+        raise PackageError(f"{folder}: the official Wan2.1 I2V/FLF2V layout (CLIP in open-clip format) is not "
+                           f"supported yet; export the diffusers layout (Wan-AI/Wan2.1-I2V-14B-*-Diffusers)")
     dim, in_ch, *patch = _need(info, "patch_embedding.weight", wf.label, "Wan DiT")
     text_dim = _need(info, "text_embedding.0.weight", wf.label, "Wan DiT")[1]
     freq_dim = _need(info, "time_embedding.0.weight", wf.label, "Wan DiT")[1]
@@ -300,7 +311,7 @@ def _dit_config(c: Mapping[str, Any]) -> DiTConfig:
                      num_layers=c["num_layers"], num_heads=c["num_attention_heads"],
                      in_channels=c["in_channels"], out_channels=c["out_channels"] or c["in_channels"],
                      freq_dim=c["freq_dim"], text_dim=c["text_dim"], patch_size=tuple(c["patch_size"]),
-                     eps=c["eps"])
+                     eps=c["eps"], image_dim=c.get("image_dim"))
 
 
 def _official_t5(path: WeightFiles) -> tuple[Part, TextConfig]:
@@ -439,8 +450,9 @@ def _open_diffusers(root: Path) -> tuple[dict[str, Part], DiTConfig, TextConfig,
     for name in experts:
         part = _diffusers_part(root, DIFFUSERS_EXPERT_DIRS[name], name, "diffusion_pytorch_model")
         cfg = _init_kwargs(WanTransformer3DModel, part.config)
-        if cfg.get("image_dim") or cfg.get("added_kv_proj_dim"):
-            raise PackageError(f"{part.sources[0]}: image-conditioned (i2v) transformer is not supported")
+        if bool(cfg.get("image_dim")) != bool(cfg.get("added_kv_proj_dim")):
+            # image tokens without their own K/V would be attended as extra text tokens (i2v.md §6 pitfall 1)
+            raise PackageError(f"{part.sources[0]}: image_dim and added_kv_proj_dim must be set together")
         defaults = {k: p.default for k, p in inspect.signature(WanTransformer3DModel.__init__).parameters.items()
                     if p.default is not inspect.Parameter.empty}
         cfg = {**defaults, **cfg, "patch_size": tuple(cfg.get("patch_size", defaults["patch_size"]))}
@@ -456,6 +468,11 @@ def _open_diffusers(root: Path) -> tuple[dict[str, Part], DiTConfig, TextConfig,
     vae_cfg = {**defaults, **_init_kwargs(AutoencoderKLWan, vae.config)}
     parts["vae"] = dataclasses.replace(vae, config=vae_cfg)
     kind = "wan2.2" if vae_cfg.get("is_residual") else "wan2.1"
+    if dit.image_dim is not None:  # Wan2.1 I2V/FLF2V: the CLIP vision tower (transformers CLIPVisionModel)
+        clip = _diffusers_part(root, "image_encoder", "image_encoder", "model")
+        parts["image_encoder"] = dataclasses.replace(clip, config={
+            k: v for k, v in clip.config.items() if not k.startswith("_") and k not in (
+                "architectures", "transformers_version", "model_type", "torch_dtype", "dtype")})
     return parts, dit, _text_config(te_cfg), _vae_config(vae_cfg, kind), root / "tokenizer"
 
 
@@ -471,6 +488,7 @@ class _Facts:
     dim: int
     in_channels: int
     vae_kind: str
+    image_dim: int | None = None  # Wan2.1 I2V/FLF2V's CLIP token width; None: no CLIP branch
 
 
 def _layout(root: Path) -> str:
@@ -497,14 +515,15 @@ def _facts(root: Path) -> _Facts:
         dim, in_ch = int(cfg.get("dim", 0)), int(cfg.get("in_dim", 16))
         has22 = any((root / f"{OFFICIAL_VAE_STEMS['wan2.2']}{s}").is_file() for s in (".pth", ".safetensors"))
         vae_kind = "wan2.2" if in_ch == 48 and has22 else "wan2.1"
-        return _Facts(layout, 2 if two else 1, dim, in_ch, vae_kind)
+        clip = cfg.get("model_type") in ("i2v", "flf2v") and not two  # Wan2.1's; Wan2.2 I2V-A14B has none
+        return _Facts(layout, 2 if two else 1, dim, in_ch, vae_kind, 1280 if clip else None)
     index = read_json(root / "model_index.json")
     two = bool(index.get("transformer_2")) and index["transformer_2"][0] is not None
     tcfg = read_json(root / "transformer" / "config.json")
     vcfg = read_json(root / "vae" / "config.json")
     dim = int(tcfg.get("num_attention_heads", 0)) * int(tcfg.get("attention_head_dim", 0))
     return _Facts(layout, 2 if two else 1, dim, int(tcfg.get("in_channels", 16)),
-                  "wan2.2" if vcfg.get("is_residual") else "wan2.1")
+                  "wan2.2" if vcfg.get("is_residual") else "wan2.1", tcfg.get("image_dim"))
 
 
 def _fits(spec: ModelSpec, facts: _Facts) -> str | None:
@@ -515,6 +534,9 @@ def _fits(spec: ModelSpec, facts: _Facts) -> str | None:
         return f"{spec.name} needs the {spec.vae.kind} VAE, the folder has the {facts.vae_kind} one"
     if spec.dit.in_channels != facts.in_channels:
         return f"{spec.name} has {spec.dit.in_channels} latent channels, the folder's DiT {facts.in_channels}"
+    if (spec.dit.image_dim is None) != (facts.image_dim is None):
+        has = "has" if spec.dit.image_dim is not None else "has no"
+        return f"{spec.name} {has} CLIP image tokens, the folder's DiT {'has' if facts.image_dim else 'has none'}"
     return None
 
 
@@ -554,6 +576,16 @@ def open_checkpoint(path: str | Path, variant: str | None = None) -> Checkpoint:
         raise PackageError(f"{parts['vae'].weights.label}: VAE z_dim {vae.z_dim} but the DiT takes "
                            f"{dit.in_channels} channels; wrong VAE file for this model")
     spec = dataclasses.replace(spec, dit=dit, vae=vae, text=text)
+    if spec.image is not None and spec.image.clip_size:  # CLIP's size, tokens and width from its config
+        if "image_encoder" not in parts:
+            raise PackageError(f"{root}: {spec.name} needs the CLIP image encoder (image_encoder/), the folder "
+                               f"has none")
+        from transformers import CLIPVisionConfig
+
+        c = CLIPVisionConfig(**parts["image_encoder"].config)  # config.json omits the defaults (224, 14, ...)
+        size, patch = int(c.image_size), int(c.patch_size)
+        spec = dataclasses.replace(spec, image=dataclasses.replace(
+            spec.image, clip_size=size, clip_tokens=(size // patch) ** 2 + 1, clip_dim=int(c.hidden_size)))
     return Checkpoint(root=root, layout=facts.layout, spec=spec, parts=parts, tokenizer_dir=tok)
 
 

@@ -20,6 +20,7 @@ from torch.export import Dim
 from vidrt.package.contracts import (
     Contract,
     dit_contract,
+    image_encoder_contract,
     text_encoder_contract,
     vae_contracts,
     vae_encoder_contracts,
@@ -68,6 +69,24 @@ class DiTGraph(nn.Module):
         return out.to(self.io_dtype)
 
 
+class DiTImageGraph(DiTGraph):
+    """DiTGraph + Wan2.1's CLIP tokens: encoder_hidden_states_image [B, n_images * T, image_dim]. diffusers'
+    WanImageEmbedding takes [B, T, D] and, for FLF2V (pos_embed), reshapes [2B, T, D] to [B, 2T, D]
+    itself, so the graph hands it [B * n_images, T, D]."""
+
+    def __init__(self, model: nn.Module, io_dtype: torch.dtype, tokens_per_image: int) -> None:
+        super().__init__(model, io_dtype)
+        self.tokens_per_image = tokens_per_image
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                encoder_hidden_states_image: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        image = encoder_hidden_states_image.float()
+        image = image.reshape(-1, self.tokens_per_image, image.shape[-1])
+        out = self.model(hidden_states.float(), timestep, encoder_hidden_states.float(),
+                         encoder_hidden_states_image=image, return_dict=False)[0]
+        return out.to(self.io_dtype)
+
+
 def dit_graph_spec(model: nn.Module, spec: ModelSpec, precision: str = "fp32", *, batch: int = 2,
                    frames: int = 2, height: int = 4, width: int = 4) -> GraphSpec:
     """Example inputs on the model's device (meta works). Batch must be >= 2: torch.export
@@ -90,6 +109,10 @@ def dit_graph_spec(model: nn.Module, spec: ModelSpec, precision: str = "fp32", *
     x_dims = {0: b, 2: f, 3: ph * hh, 4: pw * ww}
     # tokens = F*H*W/4 is a product of the other dims: let torch.export derive it (AUTO).
     t_dims = {0: b, 1: Dim.AUTO} if spec.per_token_timestep else {0: b}
+    if cfg.image_dim is not None and spec.image is not None:  # Wan2.1 I2V/FLF2V: + CLIP tokens
+        img = torch.randn(batch, spec.image.image_tokens, cfg.image_dim, device=device, dtype=io_dtype)
+        return GraphSpec(DiTImageGraph(model, io_dtype, spec.image.clip_tokens), (x, t, ctx, img),
+                         (x_dims, t_dims, {0: b}, {0: b}), dit_contract(spec, NUMPY_NAMES[precision]))
     return GraphSpec(DiTGraph(model, io_dtype), (x, t, ctx), (x_dims, t_dims, {0: b}),
                      dit_contract(spec, NUMPY_NAMES[precision]))
 
@@ -320,6 +343,31 @@ def vae_graph_specs(vae: nn.Module, spec: ModelSpec, *, lat_h: int = 3, lat_w: i
             GraphSpec(VAEStepGraph(vae, n), (latent, *step_caches), (lat_dims, tuple(cache_dims)), step_c))
 
 
+# ---- CLIP vision tower (Wan2.1 I2V / FLF2V) ----------------------------------------------------------
+
+
+class ImageEncoderGraph(nn.Module):
+    """transformers CLIPVisionModel: pixel_values [n, 3, S, S] -> hidden_states[-2] [n, T, D], the output
+    of the second-to-last layer without the final LayerNorm: what W21 wan/modules/clip.py calls
+    `use_31_block=True` and diffusers' WanImageToVideoPipeline.encode_image takes (i2v.md §4.4)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2].float()
+
+
+def image_encoder_graph_spec(model: nn.Module, spec: ModelSpec) -> GraphSpec:
+    assert spec.image is not None
+    s = spec.image.clip_size
+    device = next(model.parameters()).device
+    x = torch.randn(2, 3, s, s, device=device)
+    return GraphSpec(ImageEncoderGraph(model), (x,), ({0: Dim("images", min=1, max=64)},),
+                     image_encoder_contract(spec))
+
+
 # ---- VAE encoder (image-to-video conditioning) ----------------------------------------------------
 
 
@@ -415,5 +463,5 @@ __all__ = [
     "make_low_precision", "StackRopeAttnProcessor", "stack_rope", "TextEncoderGraph", "text_encoder_graph_spec",
     "eager_attention", "VAEFirstGraph", "VAEStepGraph", "nearest_upsampling", "count_vae_caches",
     "vae_graph_specs", "VAEEncodeFirstGraph", "VAEEncodeStepGraph", "count_encoder_caches",
-    "vae_encoder_graph_specs",
+    "vae_encoder_graph_specs", "DiTImageGraph", "ImageEncoderGraph", "image_encoder_graph_spec",
 ]

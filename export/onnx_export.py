@@ -30,6 +30,7 @@ from vidrt.export.components import (
     GraphSpec,
     dit_graph_spec,
     eager_attention,
+    image_encoder_graph_spec,
     make_low_precision,
     nearest_upsampling,
     stack_rope,
@@ -355,6 +356,19 @@ def export_vae_encoder(vae: nn.Module, first_path: Path | str, step_path: Path |
     return c_first, c_step
 
 
+def export_image_encoder(model: nn.Module, path: Path | str, spec: ModelSpec, opset: int = 18, *,
+                         external_data: bool | None = None) -> Contract:
+    """CLIPVisionModel -> image_encoder.onnx, fp32, dynamic image count (Wan2.1 I2V: 1, FLF2V: 2).
+    Eager attention: SDPA's decomposition is what the UMT5 export also avoids."""
+    model = model.eval()
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        return export_graph(image_encoder_graph_spec(model, spec), path, opset, external_data=external_data)
+    finally:
+        model.set_attn_implementation(before)
+
+
 def graph_io(path: Path | str) -> dict[str, tuple[str, tuple[int | str, ...]]]:
     """name -> (numpy dtype name, shape) of a saved graph's inputs and outputs, without its weights."""
     m = onnx.load(str(path), load_external_data=False)
@@ -369,6 +383,6 @@ def graph_io(path: Path | str) -> dict[str, tuple[str, tuple[int | str, ...]]]:
 
 
 __all__ = ["EXTERNAL_DATA_BYTES", "export_graph", "export_text_encoder", "export_dit", "export_vae_decoder",
-           "export_vae_encoder",
+           "export_vae_encoder", "export_image_encoder",
            "build_meta_dit", "dit_rope_buffers", "text_encoder_precision", "graph_io", "weight_refs", "data_file_name",
            "check_opset"]

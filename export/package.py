@@ -4,7 +4,8 @@ Before anything is written, every weight of every component is checked against t
 config describes (keys, shapes, float dtypes; headers only: Checkpoint.check_weights).
 
 Stages: tokenizer, text_encoder, one per DiT expert, vae (both decoder graphs), and for
-image-to-video models vae_encoder (both streaming encoder graphs). A stage is
+image-to-video models vae_encoder (both streaming encoder graphs) and, for Wan2.1 I2V/FLF2V,
+image_encoder (the CLIP vision tower). A stage is
 skipped when its inputs' fingerprint (checkpoint files + opset + precision + vidrt version +
 model spec) equals the one in the existing manifest and its files still hash right. A lock file
 serialises concurrent exports into one folder. Stages write into a staging folder inside the
@@ -40,6 +41,7 @@ from vidrt.export.onnx_export import (
     check_opset,
     data_file_name,
     export_dit,
+    export_image_encoder,
     export_text_encoder,
     export_vae_decoder,
     export_vae_encoder,
@@ -48,6 +50,7 @@ from vidrt.export.onnx_export import (
 )
 from vidrt.export.package_extras import bake_loras, package_recipes
 from vidrt.package.contracts import (
+    IMAGE_ENCODER,
     TEXT_ENCODER,
     VAE_ENCODE_FIRST,
     VAE_ENCODE_STEP,
@@ -236,8 +239,14 @@ def _stages(ckpt: Checkpoint, out: Path, opset: int, precision: str, loras: Sequ
         return StageResult({VAE_ENCODE_FIRST: _component(out, VAE_ENCODE_FIRST, first, "fp32", opset),
                             VAE_ENCODE_STEP: _component(out, VAE_ENCODE_STEP, step, "fp32", opset)})
 
+    def image_encoder() -> StageResult:
+        contract = export_image_encoder(ckpt.image_encoder(), out / f"{IMAGE_ENCODER}.onnx", spec, opset)
+        return StageResult({IMAGE_ENCODER: _component(out, IMAGE_ENCODER, contract, "fp32", opset)})
+
     encoder = [Stage("vae_encoder", (VAE_ENCODE_FIRST, VAE_ENCODE_STEP), "fp32", vae_encoder, source="vae")] \
         if spec.image is not None else []  # image-to-video models only
+    if spec.image is not None and spec.image.clip_size:  # Wan2.1 I2V/FLF2V: the CLIP vision tower
+        encoder.append(Stage("image_encoder", (IMAGE_ENCODER,), "fp32", image_encoder))
     return [Stage("tokenizer", (), "-", tokenizer), Stage("text_encoder", (TEXT_ENCODER,), te_precision, text_encoder),
             *(Stage(e, (e,), precision, dit(e)) for e in spec.experts),
             Stage("vae", (VAE_FIRST, VAE_STEP), "fp32", vae), *encoder]

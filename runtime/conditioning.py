@@ -10,7 +10,8 @@ The loop is the same for every model (DESIGN.md §9); what differs is data (the 
                step frame 0 is set to z again. No new DiT inputs.
   Concat       Wan2.1 I2V / FLF2V, Wan2.2 I2V-A14B (W21/W22 wan/image2video.py WanI2V.generate): the DiT
                input is [latents (z), mask (4), image latents (z)] along channels; the image latents are
-               never re-imposed (the model generates frame 0 itself).
+               never re-imposed (the model generates frame 0 itself). Wan2.1 also feeds the CLIP tokens
+               of the image(s) as a DiT input of their own.
 
 Every array is float32 [C, F, h, w] (latent frames F, latent rows h, cols w).
 """
@@ -46,6 +47,10 @@ class TextOnly:
     def after_step(self, latents: np.ndarray) -> np.ndarray:
         return latents
 
+    def extra_feeds(self) -> dict[str, np.ndarray]:
+        """DiT inputs beyond latents/timestep/context, each [1, ...] (broadcast to the call's batch)."""
+        return {}
+
 
 @dataclass(frozen=True, eq=False)
 class FirstFrame(TextOnly):
@@ -78,9 +83,14 @@ class Concat(TextOnly):
     condition video ([image, grey, ..., grey] or FLF2V [first, grey, ..., last])."""
 
     condition: np.ndarray = field(kw_only=True)
+    # Wan2.1 I2V/FLF2V: the CLIP tokens [1, n_images * T, D] under the contract's name; else empty
+    image_tokens: dict[str, np.ndarray] = field(kw_only=True, default_factory=dict)
 
     def model_input(self, latents: np.ndarray) -> np.ndarray:
         return np.concatenate([latents, self.condition], axis=0)
+
+    def extra_feeds(self) -> dict[str, np.ndarray]:
+        return self.image_tokens
 
 
 def frame_mask(num_frames: int, lat_h: int, lat_w: int, stride_t: int = 4, last: bool = False) -> np.ndarray:

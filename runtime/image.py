@@ -216,5 +216,22 @@ def preprocess(pixels: np.ndarray, width: int, height: int, rule: str) -> np.nda
     return to_unit_range(np.asarray(img, dtype=np.uint8))
 
 
-__all__ = ["RESIZE_RULES", "load_image", "area_size", "best_output_size", "output_size", "bicubic_resize",
-           "to_unit_range", "preprocess"]
+# OpenAI CLIP's normalisation, used by the ViT-H/14 tower of Wan2.1 I2V (W21 wan/modules/clip.py
+# CLIPModel: T.Normalize(mean, std); the same values in laion's preprocessor_config.json).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> CLIP pixel_values float32 [3, size, size], as W21 CLIPModel.visual does it: the
+    [-1, 1] image bicubic-stretched to size x size (torch kernel, no antialias, no crop), back to [0, 1]
+    (x * 0.5 + 0.5), then normalised with CLIP_MEAN / CLIP_STD. (diffusers' CLIPImageProcessor resizes
+    the short side and centre-crops instead: other values for non-square images, i2v.md §5.)"""
+    x = bicubic_resize(to_unit_range(pixels), size, size) * np.float32(0.5) + np.float32(0.5)
+    mean = np.asarray(CLIP_MEAN, np.float32)[:, None, None]
+    std = np.asarray(CLIP_STD, np.float32)[:, None, None]
+    return ((x - mean) / std).astype(np.float32)
+
+
+__all__ = ["RESIZE_RULES", "clip_pixels", "CLIP_MEAN", "CLIP_STD", "load_image", "area_size", "best_output_size",
+           "output_size", "bicubic_resize", "to_unit_range", "preprocess"]

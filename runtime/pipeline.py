@@ -452,10 +452,30 @@ class Pipeline:
             _check_finite("VAE encoder", z, "fp32", "the VAE must run in fp32: re-export it")
             _, _, h, w = z.shape
             mask = frame_mask(s.num_frames, h, w, spec.vae.stride[0], last=request.last_image is not None)
-            return Concat(spec.per_token_timestep, spec.dit.patch_size, condition=np.concatenate([mask, z]))
+            tokens = self._clip_tokens(request) if spec.image.clip_size else {}
+            return Concat(spec.per_token_timestep, spec.dit.patch_size, condition=np.concatenate([mask, z]),
+                          image_tokens=tokens)
         finally:
             self.release(C.VAE_ENCODE_FIRST)
             self.release(C.VAE_ENCODE_STEP)
+
+    def _clip_tokens(self, request: Request) -> dict[str, np.ndarray]:
+        """Wan2.1 I2V/FLF2V: the CLIP vision tower on the first (and last) image at their own resolution
+        -> {IMAGE_EMBEDS: [1, n_images * T, D]}; the tower is released afterwards."""
+        from vidrt.image import clip_pixels, load_image
+
+        spec = self.manifest.model
+        assert spec.image is not None
+        if C.IMAGE_ENCODER not in self.manifest.components:
+            raise PackageError(f"{self.package} has no image_encoder graph; re-export it with `vidrt export`")
+        images = [request.image] + ([request.last_image] if request.last_image is not None else [])
+        px = np.stack([clip_pixels(load_image(img), spec.image.clip_size) for img in images])  # [n, 3, S, S]
+        try:
+            out = self.engine(C.IMAGE_ENCODER).run({C.PIXEL_VALUES: px})[C.IMAGE_EMBEDS]  # [n, T, D]
+        finally:
+            self.release(C.IMAGE_ENCODER)
+        _check_finite("image encoder", out, "fp32", "re-export the package")
+        return {C.IMAGE_EMBEDS: out.reshape(1, -1, out.shape[-1]).astype(np.float32)}
 
     def _velocity(self, p: PlannedStep, latents: np.ndarray, context: np.ndarray, cfg_batch: int,
                   stats: RunStats, cond: TextOnly | None = None) -> np.ndarray:
@@ -472,6 +492,7 @@ class Pipeline:
         def dit(batch: int, rows: slice) -> np.ndarray:
             feeds = {C.LATENTS: np.broadcast_to(x, (batch, *x.shape)),
                      C.TIMESTEP: np.broadcast_to(t_row, (batch, *t_row.shape)), C.CONTEXT: context[rows]}
+            feeds.update({k: np.broadcast_to(v, (batch, *v.shape[1:])) for k, v in cond.extra_feeds().items()})
             stats.dit_calls += batch  # DiT evaluations: a batch-2 CFG call is two
             return engine.run(feeds)[C.VELOCITY]
 

@@ -179,6 +179,8 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
             raise UsageError("--last-image needs --image (the first frame)")
         if request.last_image is not None and not cond.last_image:
             raise UsageError(f"{spec.name} takes no --last-image; first-and-last-frame needs Wan2.1 FLF2V")
+        if cond.last_image and request.last_image is None:
+            raise UsageError(f"{spec.name} makes a clip between two frames: pass --last-image END.png too")
         pixels = load_image(request.image)
         image = _describe_image(request.image, pixels)
         if request.last_image is not None:

@@ -42,8 +42,8 @@ def diffusers_i2v(root, image: np.ndarray, noise: np.ndarray, width: int, height
                   **extra) -> np.ndarray:
     from diffusers import WanImageToVideoPipeline
 
-    pipe = WanImageToVideoPipeline.from_pretrained(root, scheduler=official_unipc(SHIFT), image_encoder=None,
-                                                   image_processor=None)
+    components = {} if (root / "image_encoder").is_dir() else {"image_encoder": None, "image_processor": None}
+    pipe = WanImageToVideoPipeline.from_pretrained(root, scheduler=official_unipc(SHIFT), **components)
     pipe.text_encoder.config._attn_implementation = "eager"
     pipe.set_progress_bar_config(disable=True)
     with warnings.catch_warnings():
@@ -120,6 +120,51 @@ def test_i2v_a14b_matches_diffusers(i2v_a14b):
         pipe("a cat", steps=1)
 
 
+@pytest.fixture(scope="module", params=["i2v", "flf2v"])
+def wan21(request, tmp_path_factory):
+    """Tiny Wan2.1 I2V / FLF2V (diffusers layout, CLIP branch live, tiny CLIP tower), exported."""
+    from tiny import write_diffusers_wan21_i2v
+    from vidrt.export.package import export_package
+
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"ckpt-wan21-{kind}")
+    tiny = write_diffusers_wan21_i2v(root, flf2v=kind == "flf2v")
+    variant = "wan2.1-flf2v-14b-720p" if kind == "flf2v" else "wan2.1-i2v-14b-480p"
+    return kind, tiny, export_package(root, root / "package", variant=variant, progress=False)
+
+
+def test_wan21_i2v_and_flf2v_match_diffusers(wan21):
+    """Wan2.1: concat as A14B plus the CLIP tokens of the image (FLF2V: of both images, with img_emb's
+    position embedding) through img_emb and the add_k/v_proj branch of every cross-attention. vidrt runs
+    the exported CLIP tower on the officially preprocessed pixels; diffusers gets the tokens of the
+    checkpoint's own CLIPVisionModel (hidden_states[-2]) on the same pixels, as image_embeds."""
+    from vidrt.image import clip_pixels
+
+    kind, tiny, package = wan21
+    pipe = Pipeline.load(package)
+    spec = pipe.manifest.model
+    assert spec.image.clip_tokens == 5 and spec.dit.image_dim == 16
+    first, last = _picture(90, 50), np.ascontiguousarray(_picture(90, 50)[::-1, ::-1])
+    w, h = 64, 48
+    noise = np.random.default_rng(9).standard_normal(spec.latent_shape(w, h, FRAMES), dtype=np.float32)
+    extra = {"last_image": last} if kind == "flf2v" else {}
+    req = Request(prompt=PROMPT, negative_prompt=NEGATIVE, image=first, width=w, height=h, num_frames=FRAMES,
+                  steps=STEPS, shift=SHIFT, scheduler="unipc", guidance=5.0, **extra)
+    ours = pipe.run(req, noise=noise).frames
+    images = [first] + ([last] if kind == "flf2v" else [])
+    with torch.no_grad():
+        px = torch.from_numpy(np.stack([clip_pixels(im, 28) for im in images]))
+        embeds = tiny.image_encoder(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+    ref_extra = {"image_embeds": embeds}
+    if kind == "flf2v":
+        ref_extra["last_image"] = torch.from_numpy(preprocess(last, w, h, "area_bicubic"))[None]
+    ref = diffusers_i2v(tiny.root, preprocess(first, w, h, "area_bicubic"), noise, w, h, 5.0, **ref_extra)
+    assert ours.shape == ref.shape == (FRAMES, h, w, 3)
+    value = psnr(ours, ref)
+    print(f"wan2.1 {kind}: PSNR vidrt vs diffusers WanImageToVideoPipeline = {value:.1f} dB")
+    assert value >= 70.0
+
+
 def test_text_only_model_refuses_an_image(tiny_t2v_package):
     pipe = Pipeline.load(tiny_t2v_package)
     with pytest.raises(UsageError, match="text-to-video model and takes no --image"):
@@ -145,3 +190,53 @@ def test_cli_run_with_image_prints_the_size(ti2v, tmp_path, capsys):
     code, err = vidrt(capsys, "run", "--model", package, "--prompt", "a cat", "--image", bad, "-o", tmp_path / "x.mp4")
     assert_error(code, err, 2, "--image", "not an image")
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_job_api_input_reference_runs_image_to_video(ti2v, tmp_path):
+    """The serve path without Ray: OpenAI's input_reference bytes -> VideoAPI.to_job (kept as a file,
+    checked as an image) -> execute_job runs image-to-video; a bad upload is a 400 naming input_reference."""
+    import io
+    from dataclasses import replace
+
+    from PIL import Image
+    from vidrt.service.api import ApiError, ServeLimits, VideoAPI
+    from vidrt.service.jobs import execute_job
+
+    _, package = ti2v
+    pipe = Pipeline.load(package)
+    api = VideoAPI(pipe.manifest.model, ServeLimits(max_pixels=96 * 96, max_frames=9, max_steps=10),
+                   image_dir=tmp_path / "inputs")
+    buf = io.BytesIO()
+    Image.fromarray(_picture(80, 80)).save(buf, "PNG")
+    fields = {"prompt": PROMPT, "size": "64x64", "frames": 5, "steps": 2, "seed": 3}
+    job, settings, _ = api.to_job(fields, image=buf.getvalue())
+    assert job.image is not None and job.image.startswith(str(tmp_path / "inputs")) and settings.image == job.image
+    result = execute_job(pipe, job, tmp_path / "clip.mp4")
+    assert result.path.is_file() and result.settings.image == job.image
+    with_image = pipe.run(job.to_request()).frames
+    text_only = pipe.run(replace(job, image=None).to_request()).frames
+    assert psnr(with_image, text_only) < 40.0  # the image conditions the clip
+    for data, needle in ((b"GIF89a not really", "not an image"), (b"\x00" * 10, "not an image")):
+        with pytest.raises(ApiError) as err:
+            api.to_job(fields, image=data)
+        assert err.value.status == 400 and err.value.param == "input_reference" and needle in err.value.message
+        assert err.value.message.startswith("input_reference ")
+        assert str(tmp_path) not in err.value.message and "\n" not in err.value.message
+
+
+def test_memory_plan_has_an_image_stage():
+    """`vidrt plan`: image-to-video models encode in a stage of their own before denoising, whose
+    engines (VAE encoder graphs; Wan2.1: + CLIP) are released before the DiT loads; text-only: none."""
+    from vidrt.backends.residency import make_plan
+    from vidrt.package.registry import VARIANTS
+
+    for name, engines in (("wan2.2-i2v-a14b", {"vae_encode_first", "vae_encode_step"}),
+                          ("wan2.1-i2v-14b-480p", {"vae_encode_first", "vae_encode_step", "image_encoder"})):
+        plan = make_plan(VARIANTS[name], 832, 480, 81, 24 * 10**9, "fp8")
+        names = [s.name for s in plan.stages]
+        assert "image" in names and names.index("image") < min(i for i, n in enumerate(names) if "denoise" in n)
+        image = plan.stages[names.index("image")]
+        assert set(image.load) == set(image.release) == engines, image
+        assert "image" in plan.table()
+    plan = make_plan(VARIANTS["wan2.1-t2v-14b"], 832, 480, 81, 24 * 10**9, "fp8")
+    assert all(s.name != "image" for s in plan.stages)

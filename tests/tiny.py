@@ -187,3 +187,45 @@ def write_diffusers_checkpoint(root: str | Path, kind: str) -> DiffusersTiny:
         index.update(_class_name="WanImageToVideoPipeline", image_encoder=[None, None], image_processor=[None, None])
     (root / "model_index.json").write_text(json.dumps(index, indent=1))
     return DiffusersTiny(root, kind, transformers, te, vae)
+
+
+def write_diffusers_wan21_i2v(root: str | Path, flf2v: bool = False) -> DiffusersTiny:
+    """Tiny Wan2.1 I2V (or FLF2V) in the diffusers layout, as i2v.md §6 prescribes: a 36-channel DiT
+    with the CLIP branch switched on for real (image_dim = CLIP width, added_kv_proj_dim = inner dim;
+    FLF2V: pos_embed_seq_len = 2 x CLIP tokens), a tiny CLIPVisionModel (28 px, patch 14: 5 tokens),
+    its CLIPImageProcessor, the Wan2.1 VAE and umT5 of the t2v kind. model_index.json as
+    Wan-AI/Wan2.1-I2V-14B-480P-Diffusers (WanImageToVideoPipeline)."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    root = Path(root)
+    dit_cfg, t5_cfg, vae_cfg = diffusers_configs("t2v")
+    clip_cfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                image_size=28, patch_size=14, hidden_act="gelu")
+    tokens = (28 // 14) ** 2 + 1
+    dit_cfg.update(in_channels=36, out_channels=16, image_dim=16, added_kv_proj_dim=64,
+                   pos_embed_seq_len=2 * tokens if flf2v else None)
+    transformer = randomise_(WanTransformer3DModel(**dit_cfg), seed=45)
+    transformer.save_pretrained(root / "transformer")
+    te_cfg = UMT5Config(**t5_cfg)
+    te_cfg._attn_implementation = "eager"
+    te = randomise_(UMT5EncoderModel(te_cfg), seed=50)
+    te.save_pretrained(root / "text_encoder")
+    vae = randomise_(AutoencoderKLWan(**vae_cfg), seed=60)
+    vae.save_pretrained(root / "vae")
+    clip = randomise_(CLIPVisionModel(clip_cfg), seed=65).eval()
+    clip.save_pretrained(root / "image_encoder")
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, do_center_crop=True,
+                       resample=3).save_pretrained(root / "image_processor")
+    write_tokenizer(root / "tokenizer")
+    index = {"_class_name": "WanImageToVideoPipeline", "_diffusers_version": "0.42.1",
+             "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+             "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+             "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": [None, None],
+             "vae": ["diffusers", "AutoencoderKLWan"], "image_encoder": ["transformers", "CLIPVisionModel"],
+             "image_processor": ["transformers", "CLIPImageProcessor"], "boundary_ratio": None,
+             "expand_timesteps": False}
+    (root / "model_index.json").write_text(json.dumps(index, indent=1))
+    out = DiffusersTiny(root, "flf2v" if flf2v else "i2v21", {"dit": transformer}, te, vae)
+    object.__setattr__(out, "image_encoder", clip)
+    return out

@@ -136,6 +136,17 @@ VAE_CACHE_SLOTS: dict[str, tuple[tuple[int, int], ...]] = {
 }
 
 
+# Image-to-video (stage "image", before denoising; released after it): the streaming VAE encoder
+# (+ quant_conv) and Wan2.1's CLIP ViT-H/14 vision tower, parameters counted on diffusers' /
+# transformers' full-size modules on the meta device. The encoder runs untiled (as the reference);
+# its steady-state causal caches, fp32, per video pixel: i2v.md §3 ([CHK vae_cache_shapes.out]:
+# 2.09 GiB at 480x832 for Wan2.1, 1.98 GiB at 704x1280 for Wan2.2); a step holds caches in + out.
+VAE_ENCODER_PARAMS = {"wan2.1": 53_596_928, "wan2.2": 149_637_088}
+CLIP_VISION_PARAMS = 630_766_080  # ViT-H/14, 32 layers x 1280 (all kept; Wan uses the output of layer 31)
+VAE_ENCODER_CACHE_BYTES_PER_PX = {"wan2.1": 2.09 * GiB / (480 * 832), "wan2.2": 1.98 * GiB / (704 * 1280)}
+ENCODER_ACTIVATION_FACTOR = 2.0  # activations of one 4-frame step, in units of its cache set (an allowance)
+
+
 def vae_step_contract(spec: ModelSpec) -> Contract:
     """The step graph's contract of the full-size decoder (for variants without a package)."""
     slots = VAE_CACHE_SLOTS.get(spec.vae.kind)
@@ -524,6 +535,22 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
             items.append(Item("the running tile's new caches", est.cache_bytes, "cache_out of one step"))
         return tuple(items)
 
+    # image (image-to-video models): the encoder graphs (+ CLIP), used once, released before denoising
+    image_items: tuple[Item, ...] = ()
+    image_engines: tuple[str, ...] = ()
+    if spec.image is not None:
+        enc_params = VAE_ENCODER_PARAMS.get(spec.vae.kind, 0)
+        caches = int(VAE_ENCODER_CACHE_BYTES_PER_PX.get(spec.vae.kind, 0) * width * height)
+        image_engines = (C.VAE_ENCODE_FIRST, C.VAE_ENCODE_STEP)
+        image_items = (*(weights(n, 4 * enc_params, f"{enc_params / 1e6:.1f} M params x fp32") for n in image_engines),
+                       Item("VAE encoder caches, in + out", 2 * caches, "i2v.md §3 bytes per pixel, untiled"),
+                       Item("VAE encoder activations", int(ENCODER_ACTIVATION_FACTOR * caches),
+                            f"allowance, {ENCODER_ACTIVATION_FACTOR:g} x the caches"))
+        if spec.image.clip_size:
+            image_engines += (C.IMAGE_ENCODER,)
+            image_items += (weights(C.IMAGE_ENCODER, 4 * CLIP_VISION_PARAMS,
+                                    f"{CLIP_VISION_PARAMS / 1e6:.0f} M params x fp32"),)
+
     experts = spec.experts
     # 1. everything resident? One shared scratch arena: as large as the largest engine's need. Only
     # when that costs the decode no extra tiles (smaller tiles = more redundant overlap work).
@@ -531,7 +558,7 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
     notes.clear()
     for batch in (2, 1):
         dits = [it for e in experts for it in dit_items(e, batch)]
-        fixed = [reserve_item, *te_gpu, *dits]
+        fixed = [reserve_item, *te_gpu, *image_items, *dits]
         fixed_acts = [i.bytes for i in fixed if i.name.endswith(" activations")]
         # the arena is the largest need, not the sum: room = what the fixed items leave, their largest
         # scratch included once (the VAE's own scratch is counted by choose_tile on top: conservative)
@@ -546,7 +573,7 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
         together = [i for i in every if i not in acts] + [Item("shared scratch arena", arena.bytes,
                                                                f"largest: {arena.name} ({arena.how})")]
         if sum(i.bytes for i in together) <= budget and not notes and tile.count <= staged_tiles:
-            stage = Stage("all stages", tuple(together), load=((C.TEXT_ENCODER,) if te_gpu else ()) + (
+            stage = Stage("all stages", tuple(together), load=((C.TEXT_ENCODER,) if te_gpu else ()) + image_engines + (
                 *experts, C.VAE_FIRST, C.VAE_STEP))
             return _finish(spec, width, height, frames, precision, budget, (stage,), True, batch, tile, {}, notes,
                            text_device, te_items, "tile")
@@ -555,6 +582,8 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
     # 2. per stage
     stages = [Stage("text", (reserve_item, *te_items), load=(C.TEXT_ENCODER,), release=(C.TEXT_ENCODER,))] \
         if te_gpu else []
+    if image_items:
+        stages.append(Stage("image", (reserve_item, *image_items), load=image_engines, release=image_engines))
     streamed: dict[str, int] = {}
     cfg_batch = 2
     dit_stage_items: dict[str, tuple[Item, ...]] = {}
@@ -651,7 +680,7 @@ def plan_for_package(package: Path, manifest: Manifest, width: int, height: int,
         elif name == C.TEXT_ENCODER:
             tp = "fp32" if precision == "fp32" else "bf16"
             weight_bytes[name] = onnx * BYTES[tp] // BYTES[comp.precision if comp.precision in BYTES else "fp32"]
-        elif name in (C.VAE_FIRST, C.VAE_STEP):
+        elif name in (C.VAE_FIRST, C.VAE_STEP, C.VAE_ENCODE_FIRST, C.VAE_ENCODE_STEP, C.IMAGE_ENCODER):
             weight_bytes[name] = onnx * 4 // BYTES.get(comp.precision, 4)
     contracts = {n: c.contract for n, c in manifest.components.items()}
     return make_plan(spec, width, height, frames, budget, precision, fp8_scope=fp8_scope,

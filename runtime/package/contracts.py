@@ -49,11 +49,13 @@ VAE_FIRST = "vae_decode_first"
 VAE_STEP = "vae_decode_step"
 VAE_ENCODE_FIRST = "vae_encode_first"  # image-to-video models only: the streaming VAE encoder
 VAE_ENCODE_STEP = "vae_encode_step"
+IMAGE_ENCODER = "image_encoder"  # Wan2.1 I2V/FLF2V: the CLIP vision tower
 
 # Tensor names.
 INPUT_IDS, ATTENTION_MASK, TEXT_HIDDEN = "input_ids", "attention_mask", "last_hidden_state"
 LATENTS, TIMESTEP, CONTEXT, VELOCITY = "hidden_states", "timestep", "encoder_hidden_states", "noise_pred"
 VAE_LATENT, VAE_FRAMES, VAE_VIDEO = "latent", "frames", "video"
+PIXEL_VALUES, IMAGE_EMBEDS = "pixel_values", "encoder_hidden_states_image"
 
 
 def cache_in(i: int) -> str:
@@ -74,12 +76,16 @@ def text_encoder_contract(spec: ModelSpec) -> Contract:
 
 
 def dit_contract(spec: ModelSpec, dtype: str = "float32") -> Contract:
-    """latents [B, C, F, H, W] + timestep [B] (TI2V: [B, tokens]) + context [B, 512, text_dim] -> velocity."""
+    """latents [B, C, F, H, W] + timestep [B] (TI2V: [B, tokens]) + context [B, 512, text_dim] (+ Wan2.1
+    I2V: CLIP tokens [B, 257 per image, image_dim], FLF2V 514) -> velocity [B, C_out, F, H, W]."""
     timestep_shape: tuple[Dim, ...] = ("batch", "tokens") if spec.per_token_timestep else ("batch",)
+    image: tuple[TensorSpec, ...] = ()
+    if spec.dit.image_dim is not None and spec.image is not None:
+        image = (TensorSpec(IMAGE_EMBEDS, dtype, ("batch", spec.image.image_tokens, spec.dit.image_dim)),)
     return Contract(
         inputs=(TensorSpec(LATENTS, dtype, ("batch", spec.dit.in_channels, "frames", "height", "width")),
                 TensorSpec(TIMESTEP, "float32", timestep_shape),
-                TensorSpec(CONTEXT, dtype, ("batch", spec.text.text_len, spec.dit.text_dim))),
+                TensorSpec(CONTEXT, dtype, ("batch", spec.text.text_len, spec.dit.text_dim))) + image,
         outputs=(TensorSpec(VELOCITY, dtype, ("batch", spec.dit.out_channels, "frames", "height", "width")),),
     )
 
@@ -96,6 +102,15 @@ def vae_contracts(spec: ModelSpec, cache_shapes: list[tuple[Dim, ...]]) -> tuple
     step = Contract(inputs=(latent,) + ins,
                     outputs=(TensorSpec(VAE_FRAMES, "float32", (1, 3, spec.vae.stride[0], "out_h", "out_w")),) + outs)
     return first, step
+
+
+def image_encoder_contract(spec: ModelSpec) -> Contract:
+    """Wan2.1's CLIP vision tower: pixel_values [n, 3, S, S] (CLIP-normalised) -> the penultimate layer's
+    hidden states [n, tokens, width] (W21 wan/modules/clip.py use_31_block; transformers hidden_states[-2])."""
+    assert spec.image is not None
+    c = spec.image
+    return Contract(inputs=(TensorSpec(PIXEL_VALUES, "float32", ("images", 3, c.clip_size, c.clip_size)),),
+                    outputs=(TensorSpec(IMAGE_EMBEDS, "float32", ("images", c.clip_tokens, c.clip_dim)),))
 
 
 def vae_encoder_contracts(spec: ModelSpec, cache_shapes: list[tuple[Dim, ...]]) -> tuple[Contract, Contract]:

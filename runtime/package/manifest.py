@@ -247,6 +247,8 @@ def check_manifest(m: Manifest) -> None:
     if spec.image is not None:
         _check(spec.image.mode in ("first_frame", "concat"), f"image.mode {spec.image.mode!r} is unknown")
         _check(spec.image.resize in ("area_bicubic", "cover_lanczos"), f"image.resize {spec.image.resize!r} is unknown")
+        _check((spec.dit.image_dim is None) == (spec.image.clip_size == 0), "dit.image_dim and image.clip_size "
+               "must be set together")
         _check(spec.image.mode != "concat" or spec.dit.in_channels == 2 * spec.vae.z_dim + spec.vae.stride[0],
                f"a concat image model needs dit.in_channels = 2 z_dim + {spec.vae.stride[0]} (mask)")
     _check_artifact(m.tokenizer)
@@ -268,6 +270,8 @@ def check_manifest(m: Manifest) -> None:
             caches = {t.name for t in comp.contract.outputs if t.name.startswith("cache_out_")}
             ins = {C.VAE_LATENT} | ({n.replace("_out_", "_in_") for n in caches} if name == C.VAE_STEP else set())
             _check_contract(name, comp.contract, ins, {C.VAE_FRAMES}, _VAE_DIMS)
+        elif name == C.IMAGE_ENCODER:
+            _check_contract(name, comp.contract, {C.PIXEL_VALUES}, {C.IMAGE_EMBEDS}, None)
         elif name in (C.VAE_ENCODE_FIRST, C.VAE_ENCODE_STEP):
             caches = {t.name for t in comp.contract.outputs if t.name.startswith("cache_out_")}
             ins = {C.VAE_VIDEO} | ({n.replace("_out_", "_in_") for n in caches} if name == C.VAE_ENCODE_STEP

@@ -23,6 +23,9 @@ WAN_NEGATIVE_PROMPT = (
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
+# W21 wan/configs/wan_i2v_14B.py: i2v_14B.sample_neg_prompt = "镜头晃动，" + the shared one (i2v.md §1).
+WAN21_I2V_NEGATIVE = "镜头晃动，" + WAN_NEGATIVE_PROMPT
+
 # W22 wan/modules/vae2_1.py:629-639 (Wan2_1_VAE.__init__): per-channel latent statistics, 16 channels.
 WAN21_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -65,6 +68,7 @@ class DiTConfig:
     text_dim: int = 4096
     patch_size: tuple[int, int, int] = (1, 2, 2)  # (t, h, w) latent cells per token
     eps: float = 1e-6
+    image_dim: int | None = None  # Wan2.1 I2V/FLF2V: width of the CLIP tokens (img_emb, add_k/v_proj); None: none
 
     @property
     def head_dim(self) -> int:
@@ -124,12 +128,23 @@ class ImageConditioning:
     resize    vidrt.image rule: "cover_lanczos" (TI2V) or "area_bicubic" (Wan2.1 / A14B)
     required  the model cannot run without an image (the I2V models; TI2V also runs from text alone)
     last_image  the model also takes a last frame (Wan2.1 FLF2V)
+    clip_*    Wan2.1: the CLIP vision tower's input size, tokens per image and width (see below)
     """
 
     mode: str
     resize: str
     required: bool = False
     last_image: bool = False
+    # Wan2.1 I2V/FLF2V only: the CLIP vision tower (`image_encoder`): its input side in px (224), tokens
+    # per image (257 = 16x16 patches + class token) and their width (1280); 0 = no image encoder
+    clip_size: int = 0
+    clip_tokens: int = 0
+    clip_dim: int = 0
+
+    @property
+    def image_tokens(self) -> int:
+        """CLIP tokens the DiT receives per clip: one image's, or the first and last image's (FLF2V)."""
+        return self.clip_tokens * (2 if self.last_image else 1)
 
 
 @dataclass(frozen=True)
@@ -236,6 +251,52 @@ VARIANTS: dict[str, ModelSpec] = {
         # W22 wan/image2video.py WanI2V.generate: area rule + bicubic stretch, y = [mask 4, VAE(image, 0...)]
         image=ImageConditioning(mode="concat", resize="area_bicubic", required=True),
         source="W22 wan/configs/wan_i2v_A14B.py, wan/image2video.py, generate.py",
+    ),
+    # Wan2.1 image-to-video (W21 wan/configs/wan_i2v_14B.py, generate.py, wan/image2video.py; i2v.md §1):
+    # 14B DiT with 36 input channels and the CLIP branch (img_emb, k_img/v_img), 40 steps, guidance 5,
+    # 81 frames at 16 fps; generate.py's shift is 3.0 for the 480p sizes and 5.0 otherwise. The
+    # negative prompt is "镜头晃动，" + the shared one (wan_i2v_14B.py sample_neg_prompt).
+    "wan2.1-i2v-14b-480p": ModelSpec(
+        name="wan2.1-i2v-14b-480p",
+        description="Wan2.1 image-to-video 14B, 480p (CLIP image tokens + 36-channel input)",
+        dit=DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, num_heads=40, in_channels=36, out_channels=16,
+                      image_dim=1280),
+        vae=WAN21_VAE,
+        text=TextConfig(),
+        sampling=SamplingDefaults(steps=40, shift=3.0, guidance_high_noise=5.0, guidance_low_noise=5.0, frames=81,
+                                  fps=16, sizes=((832, 480), (480, 832)), negative_prompt=WAN21_I2V_NEGATIVE),
+        image=ImageConditioning(mode="concat", resize="area_bicubic", required=True, clip_size=224,
+                                clip_tokens=257, clip_dim=1280),
+        source="W21 wan/configs/wan_i2v_14B.py, wan/image2video.py, generate.py; i2v.md §1",
+    ),
+    "wan2.1-i2v-14b-720p": ModelSpec(
+        name="wan2.1-i2v-14b-720p",
+        description="Wan2.1 image-to-video 14B, 720p (CLIP image tokens + 36-channel input)",
+        dit=DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, num_heads=40, in_channels=36, out_channels=16,
+                      image_dim=1280),
+        vae=WAN21_VAE,
+        text=TextConfig(),
+        sampling=SamplingDefaults(steps=40, shift=5.0, guidance_high_noise=5.0, guidance_low_noise=5.0, frames=81,
+                                  fps=16, sizes=((1280, 720), (720, 1280)), negative_prompt=WAN21_I2V_NEGATIVE),
+        image=ImageConditioning(mode="concat", resize="area_bicubic", required=True, clip_size=224,
+                                clip_tokens=257, clip_dim=1280),
+        source="W21 wan/configs/wan_i2v_14B.py, wan/image2video.py, generate.py; i2v.md §1",
+    ),
+    # W21 wan/first_last_frame2video.py, configs (flf2v = deepcopy of i2v, neg prompt "镜头切换，" + i2v's),
+    # generate.py: 50 steps ("i2v" is not in "flf2v-14B"), shift 16, guidance 5 (argparse), 720p only.
+    "wan2.1-flf2v-14b-720p": ModelSpec(
+        name="wan2.1-flf2v-14b-720p",
+        description="Wan2.1 first-and-last-frame-to-video 14B, 720p",
+        dit=DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, num_heads=40, in_channels=36, out_channels=16,
+                      image_dim=1280),
+        vae=WAN21_VAE,
+        text=TextConfig(),
+        sampling=SamplingDefaults(steps=50, shift=16.0, guidance_high_noise=5.0, guidance_low_noise=5.0, frames=81,
+                                  fps=16, sizes=((1280, 720), (720, 1280)),
+                                  negative_prompt="镜头切换，" + WAN21_I2V_NEGATIVE),
+        image=ImageConditioning(mode="concat", resize="area_bicubic", required=True, last_image=True, clip_size=224,
+                                clip_tokens=257, clip_dim=1280),
+        source="W21 wan/first_last_frame2video.py, wan/configs/__init__.py, generate.py; i2v.md §1",
     ),
     # vidrt's bundled default: a tiny Wan trained on synthetic moving shapes (export/train_tiny.py).
     # Architecture and latent statistics come from its files; the sampling defaults are the ones

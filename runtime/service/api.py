@@ -132,14 +132,17 @@ class ServeLimits:
 
 
 def image_input(spec: ModelSpec) -> bool:
-    """IMAGE-TO-VIDEO (issue 16) switches this on for models that take an image: until then every
-    input_reference is refused with a 400 in VideoAPI.to_job."""
-    return False
+    """Does the model take an image (input_reference)? Models without one refuse it with a 400."""
+    return spec.image is not None
 
 
 class VideoAPI:
-    def __init__(self, spec: ModelSpec, limits: ServeLimits, package: str | None = None) -> None:
+    def __init__(self, spec: ModelSpec, limits: ServeLimits, package: str | None = None,
+                 image_dir: str | Path | None = None) -> None:
+        """image_dir: where uploaded input_reference images are kept (named by their sha256, so the same
+        image is stored once and a retried job finds it); default: a temporary folder."""
         self.spec = spec
+        self.image_dir = Path(image_dir) if image_dir is not None else None
         self.limits = limits
         self.names = {spec.name} | ({Path(package).name} if package else set())
         self.fps = spec.sampling.fps
@@ -185,9 +188,11 @@ class VideoAPI:
         and what the client asked for as it asked (echoed in the Video object)."""
         body = self.parse(fields)
         if image is not None and not image_input(self.spec):
-            # IMAGE-TO-VIDEO (issue 16): once image_input() is true, pass `image` into the job here.
             raise ApiError(400, f"input_reference: {self.spec.name} makes video from text only (no image-to-video); "
                                 f"send the request without input_reference", "input_reference", "image_unsupported")
+        if image is None and self.spec.image is not None and self.spec.image.required:
+            raise ApiError(400, f"{self.spec.name} is an image-to-video model: send the first frame as "
+                                f"input_reference", "input_reference", "image_required")
         if body.model is not None and body.model not in self.names:
             raise ApiError(400, f"model {body.model!r} is not served here; this server runs {self.spec.name!r} "
                                 f"(leave model out, or send {self.spec.name!r})", "model", "model_not_found")
@@ -198,10 +203,16 @@ class VideoAPI:
             frames = self._frames_of(body.seconds, body.fps)
         values = body.model_dump(exclude={"model", "seconds"}, exclude_none=True)
         values["frames"] = frames
+        if image is not None:
+            values["image"] = str(self._keep_image(image))
         try:
             job = JobRequest.from_dict(values, where="request").seeded()  # a retry after a worker died: same seed
             settings = job.settings(self.spec)
         except UsageError as exc:
+            if "image" in values and f"--image {values['image']}" in str(exc):
+                # vidrt.image's one-line refusals (unreadable, CMYK, 16-bit, animated...), without the server's path
+                raise ApiError(400, str(exc).replace(f"--image {values['image']}", "input_reference"),
+                               "input_reference", "image_invalid") from None
             param = next((f for f in ("size", "frames", "steps", "width", "height", "guidance", "shift", "scheduler")
                           if f in str(exc)), None)
             raise ApiError(400, f"{exc}; {self._can()}" if param in ("size", "width", "height", "frames") else str(exc),
@@ -219,6 +230,21 @@ class VideoAPI:
                            "steps")
         asked = {k: v for k, v in (("seconds", body.seconds), ("size", body.size)) if v is not None}
         return job, settings, asked
+
+    def _keep_image(self, data: bytes) -> Path:
+        """Store input_reference's bytes as `<image_dir>/input-<sha256[:32]>` (written whole, then renamed)."""
+        import hashlib
+        import os
+        import tempfile
+
+        folder = self.image_dir or Path(tempfile.gettempdir()) / "vidrt-inputs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"input-{hashlib.sha256(data).hexdigest()[:32]}"
+        if not path.is_file():
+            tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return path
 
     def _frames_of(self, seconds: str, fps: int | None) -> int:
         value = float(seconds)

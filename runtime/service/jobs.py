@@ -61,6 +61,7 @@ class JobRequest:
     output_format: str = "mp4"  # mp4 | webm | png
     fps: int | None = None
     crf: int | None = None
+    image: str | None = None  # image-to-video: the first frame's image file (serve: the uploaded input_reference)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "request", extra_fields: tuple[str, ...] = ()) -> JobRequest:
@@ -112,7 +113,7 @@ class JobRequest:
                        height=wh[1] if wh else None, num_frames=self.frames, steps=self.steps,
                        guidance=self.guidance, guidance_low_noise=self.guidance_low_noise, shift=self.shift,
                        seed=self.seed, scheduler=self.scheduler, recipe=self.recipe,
-                       loras=tuple(lora_ref(x) for x in self.loras or ()))
+                       loras=tuple(lora_ref(x) for x in self.loras or ()), image=self.image)
 
     def settings(self, spec: ModelSpec) -> Settings:
         """Resolve against the model (defaults, ranges, multiples); also checks fps and CRF."""
@@ -133,7 +134,8 @@ class JobRequest:
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "prompt": (str,), "model": (str,), "negative_prompt": (str,), "size": (str,), "scheduler": (str,),
-    "output_format": (str,), "frames": (int,), "steps": (int,), "seed": (int,), "fps": (int,), "crf": (int,),
+    "output_format": (str,), "image": (str,), "frames": (int,), "steps": (int,), "seed": (int,), "fps": (int,),
+    "crf": (int,),
     "guidance": (int, float), "guidance_low_noise": (int, float), "shift": (int, float),
     "recipe": (str,), "loras": (list, tuple),
 }

@@ -183,7 +183,7 @@ _CREATE_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {**CreateVideoRequest.model_json_schema(), "properties": {
         **CreateVideoRequest.model_json_schema()["properties"],
         "input_reference": {"type": "string", "format": "binary",
-                            "description": "An image to start from (refused until image-to-video lands)."}}}}}}}
+                            "description": "The first frame (image-to-video models; others refuse it)."}}}}}}}
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse}
                                            for code in (400, 401, 404, 409, 413, 429, 503)}
 
@@ -346,7 +346,8 @@ class Service:
                              backend=config.backend, use_gpu=config.use_gpu, max_attempts=config.max_attempts,
                              store=store, keep_seconds=config.keep_seconds, previews=True)
         self.restored = manager.restore()
-        self.state = State(config=config, api=VideoAPI(spec, limits, config.package), manager=manager, store=store,
+        api = VideoAPI(spec, limits, config.package, out / "inputs")  # input_reference images kept here
+        self.state = State(config=config, api=api, manager=manager, store=store,
                            on_startup_error=self._startup_failed)
         self.app = create_app(self.state)
         asgi: Any = Guard(self.app, token=config.token, allowed_hosts=allowed_hosts_for(host, config.allowed_hosts),
