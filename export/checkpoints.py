@@ -145,6 +145,11 @@ class Checkpoint:
             cfg = dict(self._expert(expert).config)
             factories[expert] = partial(WanTransformer3DModel, **cfg)
         factories["vae"] = partial(AutoencoderKLWan, **self.parts["vae"].config)
+        if "image_encoder" in self.parts:  # Wan2.1 I2V/FLF2V's CLIP vision tower
+            from transformers import CLIPVisionConfig, CLIPVisionModel
+
+            clip_cfg = CLIPVisionConfig(**self.parts["image_encoder"].config)
+            factories["image_encoder"] = partial(CLIPVisionModel, clip_cfg)
         for name, factory in factories.items():
             part = self.parts[name]
             info = shapes(part.weights)
