@@ -125,7 +125,13 @@ class Checkpoint:
 
         part = self.parts["image_encoder"]
         cfg = CLIPVisionConfig(**part.config)
-        return _build(part, lambda: CLIPVisionModel(cfg), self._tensors(part), "cpu")
+
+        def fix_positions(model: torch.nn.Module) -> None:
+            # position_ids is a non-persistent buffer (in no file): empty on meta, so compute it
+            emb = getattr(model, "vision_model", model).embeddings  # transformers 5 dropped the vision_model level
+            emb.register_buffer("position_ids", torch.arange(emb.num_positions).expand((1, -1)), persistent=False)
+
+        return _build(part, lambda: CLIPVisionModel(cfg), self._tensors(part), "cpu", fix_positions)
 
     def vae(self) -> AutoencoderKLWan:
         from diffusers import AutoencoderKLWan

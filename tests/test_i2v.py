@@ -46,6 +46,9 @@ def diffusers_i2v(root, image: np.ndarray, noise: np.ndarray, width: int, height
     pipe = WanImageToVideoPipeline.from_pretrained(root, scheduler=official_unipc(SHIFT), **components)
     pipe.text_encoder.config._attn_implementation = "eager"
     pipe.set_progress_bar_config(disable=True)
+    embeds = extra.pop("image_embeds", None)
+    if embeds is not None:  # diffusers refuses image + image_embeds together; the VAE needs the image
+        pipe.encode_image = lambda image, device=None: embeds.to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "input is in [-1, 1]": on purpose, the preprocessed tensor as is
         out = pipe(image=torch.from_numpy(image)[None], prompt=PROMPT, negative_prompt=NEGATIVE, height=height,
