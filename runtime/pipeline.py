@@ -413,7 +413,7 @@ class Pipeline:
         budget, precision = device
         # TensorRT: the VAE tile is fixed by its engines' profile; the plan checks that it fits.
         plan = plan_for_package(self.package, self.manifest, s.width, s.height, s.num_frames, budget, precision,
-                                vae_tile=getattr(self.backend, "vae_tile", None))
+                                vae_tile=getattr(self.backend, "vae_tile", None), image=s.image is not None)
         if not plan.fits:
             raise DeviceError(f"{s.width}x{s.height}x{s.num_frames} needs {plan.peak / 2**30:.1f} GiB of GPU memory "
                               f"and {budget / 2**30:.1f} GiB are free; lower --size or --frames (see `vidrt plan "

@@ -243,3 +243,6 @@ def test_memory_plan_has_an_image_stage():
         assert "image" in plan.table()
     plan = make_plan(VARIANTS["wan2.1-t2v-14b"], 832, 480, 81, 24 * 10**9, "fp8")
     assert all(s.name != "image" for s in plan.stages)
+    ti2v = VARIANTS["wan2.2-ti2v-5b"]  # text or image: the stage only for a clip with an image
+    assert "image" not in [s.name for s in make_plan(ti2v, 1280, 704, 121, 24 * 10**9, "fp8").stages]
+    assert "image" in [s.name for s in make_plan(ti2v, 1280, 704, 121, 24 * 10**9, "fp8", image=True).stages]

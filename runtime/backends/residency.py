@@ -397,7 +397,7 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
               reports: dict[str, EngineReport] | None = None, contracts: dict[str, Contract] | None = None,
               text_precision: str | None = None, reserve: int = RESERVE_BYTES,
               vae_tile: tuple[int, int] | None = None, text_device: str | None = None,
-              decode_order: str | None = None) -> ResidencyPlan:
+              decode_order: str | None = None, image: bool | None = None) -> ResidencyPlan:
     """The plan for one clip. `weight_bytes` (engine -> bytes, e.g. from ONNX sizes), `reports` (from
     built engines) and `contracts` (from a package's manifest) override the architecture formulas.
     `vae_tile` = (tile_h, tile_w): the tile the VAE engines were built for (TensorRT: fixed; the plan
@@ -408,13 +408,13 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
         plan = make_plan(spec, width, height, frames, budget, precision, fp8_scope=fp8_scope,
                          weight_bytes=weight_bytes, reports=reports, contracts=contracts,
                          text_precision=text_precision, reserve=reserve, vae_tile=vae_tile, text_device="gpu",
-                         decode_order=decode_order)
+                         decode_order=decode_order, image=image)
         if plan.fits:
             return plan
         on_cpu = make_plan(spec, width, height, frames, budget, precision, fp8_scope=fp8_scope,
                            weight_bytes=weight_bytes, reports=reports, contracts=contracts,
                            text_precision=text_precision, reserve=reserve, vae_tile=vae_tile, text_device="cpu",
-                           decode_order=decode_order)
+                           decode_order=decode_order, image=image)
         return on_cpu if on_cpu.fits else plan
     if text_device not in TEXT_DEVICES:
         raise UsageError(f"--text-encoder {text_device!r}: use gpu or cpu")
@@ -538,7 +538,9 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
     # image (image-to-video models): the encoder graphs (+ CLIP), used once, released before denoising
     image_items: tuple[Item, ...] = ()
     image_engines: tuple[str, ...] = ()
-    if spec.image is not None:
+    if image is None:  # `image`: is the clip conditioned on one? Default: where the model needs one (I2V)
+        image = spec.image is not None and spec.image.required
+    if image and spec.image is not None:
         enc_params = VAE_ENCODER_PARAMS.get(spec.vae.kind, 0)
         caches = int(VAE_ENCODER_CACHE_BYTES_PER_PX.get(spec.vae.kind, 0) * width * height)
         image_engines = (C.VAE_ENCODE_FIRST, C.VAE_ENCODE_STEP)
@@ -654,7 +656,8 @@ def _finish(spec: ModelSpec, width: int, height: int, frames: int, precision: st
 
 def plan_for_package(package: Path, manifest: Manifest, width: int, height: int, frames: int, budget: int,
                      precision: str, fp8_scope: str = DEFAULT_FP8_SCOPE,
-                     vae_tile: tuple[int, int] | None = None, text_device: str | None = None) -> ResidencyPlan:
+                     vae_tile: tuple[int, int] | None = None, text_device: str | None = None,
+                     image: bool | None = None) -> ResidencyPlan:
     """As make_plan, with the package's contracts, ONNX weight bytes (rescaled to `precision` when the
     ONNX has another one) and any engine reports of a build at that precision."""
     spec = manifest.model
@@ -685,7 +688,7 @@ def plan_for_package(package: Path, manifest: Manifest, width: int, height: int,
     contracts = {n: c.contract for n, c in manifest.components.items()}
     return make_plan(spec, width, height, frames, budget, precision, fp8_scope=fp8_scope,
                      weight_bytes=weight_bytes, reports=load_reports(package, manifest, precision),
-                     contracts=contracts, vae_tile=vae_tile, text_device=text_device)
+                     contracts=contracts, vae_tile=vae_tile, text_device=text_device, image=image)
 
 
 __all__ = ["DiTParams", "dit_params", "dit_param_count", "text_param_count", "VAE_DECODER_PARAMS",
