@@ -554,3 +554,33 @@ def test_restore_rules_without_ray(package, tmp_path):
     assert again.expire(now=time.time() + 7200) == 4  # everything finished is past its keep
     assert list(again.jobs) == [running_once.id] and not finished.output.exists()
     again.store.close()
+
+
+def test_loras_only_by_name_from_the_operators_folder(tmp_path):
+    """A client may not make the server open a file of its choosing: LoRAs are bare names inside the
+    operator's --lora-dir, and without one the server takes none."""
+    from vidrt.models import default_package
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.api import ApiError, ServeLimits, VideoAPI
+
+    spec = load_manifest(default_package(), verify=False).model
+    limits = ServeLimits(max_pixels=64 * 64, max_frames=17, max_steps=50)
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "style.safetensors").write_bytes(b"not read here")
+    (tmp_path / "secret.safetensors").write_bytes(b"x")
+
+    def refusal(api: VideoAPI, loras: list[str]) -> ApiError:
+        with pytest.raises(ApiError) as info:
+            api.to_job({"prompt": "a red circle moving left", "loras": loras})
+        assert info.value.status == 400 and info.value.param == "loras"
+        return info.value
+
+    closed = VideoAPI(spec, limits)
+    assert "--lora-dir" in refusal(closed, ["style.safetensors"]).message
+    api = VideoAPI(spec, limits, lora_dir=str(tmp_path / "loras"))
+    for bad in ("../secret.safetensors", str(tmp_path / "secret.safetensors"), "..", ".hidden"):
+        assert "not a path" in refusal(api, [bad]).message
+    assert "style.safetensors" in refusal(api, ["missing.safetensors"]).message  # names what there is
+    job, _, _ = api.to_job({"prompt": "a red circle moving left", "loras": ["style.safetensors:0.5"]})
+    assert [(Path(r.path), r.strength) for r in job.to_request().loras] == \
+        [((tmp_path / "loras" / "style.safetensors").resolve(), 0.5)]

@@ -144,10 +144,13 @@ def read_token(token: str | None, token_file: str | None) -> str | None:
                                                   "and the bound address.")
 @click.option("--cors-origin", multiple=True, help="Let web pages from this origin call the API "
                                                    "(repeatable; default: none).")
+@click.option("--lora-dir", type=click.Path(file_okay=False), help="Folder of LoRA files requests may name in "
+                                                                   "\"loras\" (by file name; default: no LoRAs).")
 def serve_cmd(model: str | None, address: str | None, workers: int | None, threads: int | None, backend: str,
               use_gpu: bool | None, host: str, port: int, token_file: str | None, token: str | None, out_dir: str,
               keep: str, max_queue: int, max_steps: int, max_frames: int | None, max_size: str | None,
-              max_body: str | None, allow_host: tuple[str, ...], cors_origin: tuple[str, ...]) -> None:
+              max_body: str | None, allow_host: tuple[str, ...], cors_origin: tuple[str, ...],
+              lora_dir: str | None) -> None:
     """Serve the job API (OpenAI /v1/videos shape) and a web page at /.
 
     Loopback only unless a token is given; jobs survive restarts (the job table is in --out);
@@ -166,6 +169,8 @@ def serve_cmd(model: str | None, address: str | None, workers: int | None, threa
     keep_seconds = parse_duration(keep, "--keep")
     body_cap = parse_bytes(max_body, "--max-body") if max_body is not None else None
     token = read_token(token, token_file)
+    if lora_dir is not None and not Path(lora_dir).is_dir():
+        raise UsageError(f"--lora-dir {lora_dir} is not a folder; create it and put the LoRA files there")
     ray = require_ray("serve", local=address is None)
     try:
         from vidrt.service import server
@@ -178,7 +183,8 @@ def serve_cmd(model: str | None, address: str | None, workers: int | None, threa
                                 max_steps=max_steps, max_frames=max_frames,
                                 max_pixels=wh[0] * wh[1] if wh else None, max_body=body_cap,
                                 allowed_hosts=allow_host, cors_origins=cors_origins_checked(cors_origin),
-                                keep_seconds=keep_seconds)
+                                keep_seconds=keep_seconds,
+                                lora_dir=str(Path(lora_dir).resolve()) if lora_dir is not None else None)
     started = connect_ray(address, "serve")
     try:
         service = server.Service(config, host=host, port=port)

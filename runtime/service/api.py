@@ -62,8 +62,8 @@ class CreateVideoRequest(BaseModel):
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="None or -1: a random one (kept in the file).")
     scheduler: Literal[tuple(SOLVERS)] | None = None  # type: ignore[valid-type]
     recipe: str | None = Field(None, max_length=100, description="A named recipe, e.g. lightx2v-4step.")
-    loras: list[str] | None = Field(None, max_length=16, description="LoRA files on the server: FILE[:STRENGTH] "
-                                    "(A14B: dit_high=FILE[:STRENGTH], dit_low=...).")
+    loras: list[str] | None = Field(None, max_length=16, description="LoRA file names in the server's --lora-dir: "
+                                    "NAME[:STRENGTH] (A14B: dit_high=NAME[:STRENGTH], dit_low=...).")
     output_format: Literal["mp4", "webm"] = "mp4"
     fps: int | None = Field(None, ge=1, le=240)
     crf: int | None = Field(None, ge=0, le=63)
@@ -138,11 +138,13 @@ def image_input(spec: ModelSpec) -> bool:
 
 class VideoAPI:
     def __init__(self, spec: ModelSpec, limits: ServeLimits, package: str | None = None,
-                 image_dir: str | Path | None = None) -> None:
+                 image_dir: str | Path | None = None, lora_dir: str | None = None) -> None:
         """image_dir: where uploaded input_reference images are kept (named by their sha256, so the same
-        image is stored once and a retried job finds it); default: a temporary folder."""
+        image is stored once and a retried job finds it); default: a temporary folder. lora_dir: the
+        operator's folder of LoRA files that requests may name (None: requests take no LoRAs)."""
         self.spec = spec
         self.image_dir = Path(image_dir) if image_dir is not None else None
+        self.lora_dir = Path(lora_dir).resolve() if lora_dir is not None else None
         self.limits = limits
         self.names = {spec.name} | ({Path(package).name} if package else set())
         self.fps = spec.sampling.fps
@@ -205,6 +207,8 @@ class VideoAPI:
         values["frames"] = frames
         if image is not None:
             values["image"] = str(self._keep_image(image))
+        if body.loras:
+            values["loras"] = [self._server_lora(v) for v in body.loras]
         try:
             job = JobRequest.from_dict(values, where="request").seeded()  # a retry after a worker died: same seed
             settings = job.settings(self.spec)
@@ -245,6 +249,25 @@ class VideoAPI:
             tmp.write_bytes(data)
             os.replace(tmp, path)
         return path
+    def _server_lora(self, value: str) -> str:
+        """A client names a LoRA by its file name inside the operator's --lora-dir, never by a path: a
+        server must not open files a client chooses. "NAME[:STRENGTH]" or "dit_high=NAME[:STRENGTH]"."""
+        if self.lora_dir is None:
+            raise ApiError(400, "loras: this server takes no LoRAs (its operator can allow the files in a folder "
+                                "with `vidrt serve --lora-dir DIR`)", "loras", "loras_unsupported")
+        expert, sep, rest = value.partition("=")
+        if not (sep and expert in ("dit_high", "dit_low")):
+            expert, rest = "", value
+        name, colon, strength = rest.rpartition(":") if ":" in rest else (rest, "", "")
+        if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+            raise ApiError(400, f"loras: {value!r} must name a file of the server's LoRA folder (a bare name "
+                                f"like style.safetensors:0.8), not a path", "loras", "lora_not_found")
+        path = self.lora_dir / name
+        if not path.is_file():
+            known = sorted(p.name for p in self.lora_dir.glob("*.safetensors"))[:20]
+            raise ApiError(400, f"loras: {name!r} is not in this server's LoRA folder; it has "
+                                f"{', '.join(known) or 'no .safetensors files'}", "loras", "lora_not_found")
+        return f"{expert}={path}{colon}{strength}" if expert else f"{path}{colon}{strength}"
 
     def _frames_of(self, seconds: str, fps: int | None) -> int:
         value = float(seconds)

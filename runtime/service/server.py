@@ -79,6 +79,7 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] | None = ()  # () = the defaults (allowed_hosts_for); None = any Host
     cors_origins: tuple[str, ...] = ()
     keep_seconds: float | None = None  # None: keep finished clips until deleted
+    lora_dir: str | None = None  # the folder whose LoRA files requests may name (bare names); None: no LoRAs
 
 
 # ---- binding rules -----------------------------------------------------------------------------
@@ -346,7 +347,8 @@ class Service:
                              backend=config.backend, use_gpu=config.use_gpu, max_attempts=config.max_attempts,
                              store=store, keep_seconds=config.keep_seconds, previews=True)
         self.restored = manager.restore()
-        api = VideoAPI(spec, limits, config.package, out / "inputs")  # input_reference images kept here
+        api = VideoAPI(spec, limits, config.package, out / "inputs",  # input_reference images kept here
+                       lora_dir=config.lora_dir)
         self.state = State(config=config, api=api, manager=manager, store=store,
                            on_startup_error=self._startup_failed)
         self.app = create_app(self.state)
