@@ -59,8 +59,9 @@ class BuildOptions:
     vae_tile: tuple[int, int] | None = None  # (tile_h, tile_w) latent cells; None = from the residency plan
     gpu_memory: int | None = None  # bytes for the VAE tile choice; None = this GPU's total memory
     text_seq_opt: int = 128  # token count the text encoder is tuned for
-    components: tuple[str, ...] = ()  # () = all
+    components: tuple[str, ...] = ()  # () = all but the DiT's step-caching pieces (unless cache_pieces)
     check: bool = False  # compare each engine with ONNX Runtime (polygraphy), result in report.json
+    cache_pieces: bool = False  # also the "<expert>.<piece>" graphs `--cache` runs (vidrt.caching)
 
 
 # ---- pure parts (unit-tested) -------------------------------------------------------------------------
@@ -68,7 +69,7 @@ class BuildOptions:
 
 def check_component_precision(name: str, comp: Component, precision: str, spec: ModelSpec) -> None:
     """What each graph's ONNX precision must be for a build at `precision`."""
-    if name in spec.experts:
+    if name in spec.experts or is_dit_piece(name, spec):
         if comp.precision != precision:
             fix = f"re-export: vidrt export --model CHECKPOINT --opset 23 --precision {precision}"
             raise PackageError(f"{comp.artifact.file} is {comp.precision}, a {precision} build needs a {precision} "
@@ -81,6 +82,12 @@ def check_component_precision(name: str, comp: Component, precision: str, spec: 
         if comp.precision != "fp32":
             raise PackageError(f"{comp.artifact.file} is {comp.precision}: the Wan VAE is built in fp32 only "
                                f"(it is precision-sensitive); re-export it in fp32")
+
+
+def is_dit_piece(name: str, spec: ModelSpec) -> bool:
+    """"dit.block0", "dit_low.head": a step-caching piece of a DiT expert (vidrt.export.dit_split)."""
+    expert, _, piece = name.partition(".")
+    return expert in spec.experts and piece in C.DIT_PIECES
 
 
 def _bind(contract: Contract, sizes: dict[str, int]) -> dict[str, Shape]:
@@ -240,7 +247,8 @@ def build_package(package: Path | str, options: BuildOptions, *, trt_mod: Module
     out_dir = package / folder
     out_dir.mkdir(exist_ok=True)
     cache = out_dir / "timing.cache"
-    names = options.components or tuple(manifest.components)
+    names = options.components or tuple(n for n in manifest.components
+                                        if options.cache_pieces or not is_dit_piece(n, spec))
     unknown = set(names) - set(manifest.components)
     if unknown:
         raise UsageError(f"unknown component(s) {', '.join(sorted(unknown))}; the package has "
@@ -254,7 +262,7 @@ def build_package(package: Path | str, options: BuildOptions, *, trt_mod: Module
     for name in names:
         comp = manifest.components[name]
         buckets: tuple[tuple[int, int, int], ...] = ()
-        if name in spec.experts:
+        if name in spec.experts or is_dit_piece(name, spec):  # pieces: same dims (batch, tokens, ...)
             profiles = dit_profiles(spec, comp.contract, sizes, frames)
             buckets = tuple((w, h, frames) for w, h in sizes)
         elif name == C.TEXT_ENCODER:

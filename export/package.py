@@ -3,7 +3,8 @@
 Before anything is written, every weight of every component is checked against the model its
 config describes (keys, shapes, float dtypes; headers only: Checkpoint.check_weights).
 
-Stages: tokenizer, text_encoder, one per DiT expert, vae (both decoder graphs), and for
+Stages: tokenizer, text_encoder, one per DiT expert (the whole graph and, where it can be cut, its
+step-caching pieces: vidrt.export.dit_split), vae (both decoder graphs), and for
 image-to-video models vae_encoder (both streaming encoder graphs) and, for Wan2.1 I2V/FLF2V,
 image_encoder (the CLIP vision tower). A stage is
 skipped when its inputs' fingerprint (checkpoint files + opset + precision + vidrt version +
@@ -37,6 +38,7 @@ from vidrt.backends.residency import DEFAULT_FP8_SCOPE
 from vidrt.errors import PackageError, UsageError, VidrtError
 from vidrt.export.checkpoints import Checkpoint, open_checkpoint
 from vidrt.export.components import PRECISIONS
+from vidrt.export.dit_split import split_dit
 from vidrt.export.onnx_export import (
     check_opset,
     data_file_name,
@@ -50,6 +52,7 @@ from vidrt.export.onnx_export import (
 )
 from vidrt.export.package_extras import bake_loras, package_recipes
 from vidrt.package.contracts import (
+    DIT_PIECES,
     IMAGE_ENCODER,
     TEXT_ENCODER,
     VAE_ENCODE_FIRST,
@@ -57,6 +60,7 @@ from vidrt.package.contracts import (
     VAE_FIRST,
     VAE_STEP,
     Contract,
+    dit_piece,
 )
 from vidrt.package.manifest import (
     SCHEMA_VERSION,
@@ -69,7 +73,7 @@ from vidrt.package.manifest import (
     write_manifest,
 )
 from vidrt.package.recipes import LoraRef
-from vidrt.package.registry import to_dict
+from vidrt.package.registry import ModelSpec, to_dict
 
 TOKENIZER_FILE = "tokenizer.json"
 LOCK_FILE = ".export.lock"
@@ -117,6 +121,7 @@ def export_package(model_dir: Path | str, out: Path | str | None = None, variant
             for expert in report["experts"]:
                 inputs[expert] = hashlib.sha256(f"{inputs.get(expert, '')}|fp8|{fp8_scope}".encode()).hexdigest()
             write_manifest(path, dataclasses.replace(manifest, export_inputs=inputs))
+            _recut_pieces(path, print if progress else (lambda s: None))
         return path
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r} is not supported: choose one of {', '.join(PRECISIONS)}, fp8")
@@ -143,6 +148,18 @@ def export_package(model_dir: Path | str, out: Path | str | None = None, variant
                 folder.rmdir()
         raise
     return out
+
+
+def _recut_pieces(path: Path, log: Callable[[str], None]) -> None:
+    """After FP8 quantisation the step-caching pieces must come from the FP8 graphs; a graph that
+    cannot be cut loses its pieces (then `--cache` methods that need them are refused), never wrong ones."""
+    try:
+        add_dit_pieces(path, locked=True)
+    except PackageError as exc:
+        m = load_manifest(path, verify=False)
+        keep = {n: c for n, c in m.components.items() if n.partition(".")[0] not in m.model.experts}
+        write_manifest(path, dataclasses.replace(m, components=keep))
+        log(f"no step-caching pieces for the FP8 DiT ({exc}); --cache easycache still works")
 
 
 def _export_locked(ckpt: Checkpoint, out: Path, opset: int, precision: str, progress: bool,
@@ -219,7 +236,8 @@ def _stages(ckpt: Checkpoint, out: Path, opset: int, precision: str, loras: Sequ
                                   config=ckpt.transformer_config(expert), external_data=True)
             comp = _component(out, expert, contract, precision, opset)
             comp = replace(comp, weights=weight_refs(out / f"{expert}.onnx"))
-            return StageResult({expert: bake_loras(out, comp, loras)})
+            comp = bake_loras(out, comp, loras)
+            return StageResult({expert: comp, **dit_pieces(out, spec, comp, tolerant=True)})
         return run
 
     # The VAE graphs stay at opset 18 whatever --opset says: at 23 the exporter turns the mid-block
@@ -248,8 +266,39 @@ def _stages(ckpt: Checkpoint, out: Path, opset: int, precision: str, loras: Sequ
     if spec.image is not None and spec.image.clip_size:  # Wan2.1 I2V/FLF2V: the CLIP vision tower
         encoder.append(Stage("image_encoder", (IMAGE_ENCODER,), "fp32", image_encoder))
     return [Stage("tokenizer", (), "-", tokenizer), Stage("text_encoder", (TEXT_ENCODER,), te_precision, text_encoder),
-            *(Stage(e, (e,), precision, dit(e)) for e in spec.experts),
+            *(Stage(e, (e, *(dit_piece(e, p) for p in DIT_PIECES)), precision, dit(e)) for e in spec.experts),
             Stage("vae", (VAE_FIRST, VAE_STEP), "fp32", vae), *encoder]
+
+
+def dit_pieces(out: Path, spec: ModelSpec, whole: Component, tolerant: bool = False) -> dict[str, Component]:
+    """The step-caching pieces of one exported DiT expert (vidrt.export.dit_split), as components
+    that share the whole graph's external-data file. tolerant: a graph that cannot be cut (e.g. one
+    with image-conditioning inputs the cut does not know yet) gets no pieces instead of an error."""
+    try:
+        pieces = split_dit(out / whole.artifact.file, spec, whole.contract, whole.name)
+    except PackageError:
+        if not tolerant:
+            raise
+        return {}
+    return {name: Component(name=name, artifact=make_artifact(out, file.name, whole.artifact.data_file),
+                            contract=contract, precision=whole.precision, opset=whole.opset)
+            for name, (file, contract) in pieces.items()}
+
+
+def add_dit_pieces(package: Path | str, *, locked: bool = False) -> Path:
+    """Cut the DiT(s) of an existing package into the step-caching pieces and record them in its
+    manifest (packages exported before the pieces existed, the bundled model, FP8 graphs). Idempotent.
+    locked: the caller already holds the package's export lock."""
+    package = Path(package)
+    with contextlib.nullcontext() if locked else _locked(package):
+        m = load_manifest(package, verify=True)
+        components = dict(m.components)
+        for expert in m.model.experts:
+            components.update(dit_pieces(package, m.model, components[expert]))
+        write_manifest(package, dataclasses.replace(m, components=components))
+    if not locked:
+        (package / LOCK_FILE).unlink(missing_ok=True)
+    return package
 
 
 def _component(out: Path, name: str, contract: Contract, precision: str, opset: int) -> Component:
@@ -314,7 +363,8 @@ def _reuse(previous: Manifest | None, stage: Stage, fingerprint: str, out: Path)
     if stage.name == "tokenizer":
         return StageResult({}, tokenizer=previous.tokenizer, skipped=True) \
             if _intact(out, previous.tokenizer) else None
-    comps = {n: previous.components.get(n) for n in stage.component_names}
+    comps = {n: previous.components.get(n) for n in stage.component_names
+             if "." not in n or n in previous.components}  # DiT pieces: absent where the graph was not cut
     if any(c is None or not _intact(out, c.artifact) for c in comps.values()):
         return None
     return StageResult({n: c for n, c in comps.items() if c is not None}, skipped=True)
@@ -374,4 +424,4 @@ def closed_vocabulary(tokenizer_json: str) -> tuple[str, ...]:
     return tuple(w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if not w.startswith("<"))
 
 
-__all__ = ["export_package", "export_main", "TOKENIZER_FILE", "LOCK_FILE"]
+__all__ = ["export_package", "export_main", "add_dit_pieces", "dit_pieces", "TOKENIZER_FILE", "LOCK_FILE"]

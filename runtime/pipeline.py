@@ -14,7 +14,8 @@
     3. noise    seeded normal latents [C, F, H, W] (or the caller's array)
     4. denoise  per step: one batch-2 DiT call (cond, uncond) and CFG, or one batch-1 call where the
                 step's guidance is 1 (CFG-free), then the solver update (+ the conditioning's DiT
-                input, per-token timesteps and re-imposed first frame)
+                input, per-token timesteps and re-imposed first frame);
+                the `--cache` policy (vidrt.caching) may reuse the block stack's residual instead
     5. decode   tiled, streamed VAE decode; frames go to the consumer as each latent frame is done
 """
 
@@ -30,6 +31,7 @@ import numpy as np
 from vidrt.backends import open_backend
 from vidrt.backends.base import Backend, BackendOptions, Engine
 from vidrt.backends.residency import ResidencyPlan, plan_for_package
+from vidrt.caching import CachePolicy, ExpertDiT, build_policy, check_cache, mask_string, parse_cache, static_mask
 from vidrt.conditioning import Concat, FirstFrame, TextOnly, frame_mask
 from vidrt.embedding_cache import EmbeddingCache, package_key
 from vidrt.errors import DeviceError, PackageError, UsageError
@@ -223,6 +225,9 @@ class Pipeline:
             self._parked.pop(key).close()
         if engine is not None:
             engine.close()
+        for key in [k for k in self._engines if k.startswith(name + ".")]:  # its step-caching pieces
+            self._engine_key.pop(key, None)
+            self._engines.pop(key).close()
 
     # ---- the run -------------------------------------------------------------------------------
 
@@ -234,7 +239,7 @@ class Pipeline:
                  recipe: str | None = None, noise: np.ndarray | None = None,
                  on_frames: FramesFn | None = None, progress: ProgressFn | None = None,
                  vae_memory: str | int | None = None, image: str | Path | np.ndarray | None = None,
-                 last_image: str | Path | np.ndarray | None = None) -> Result:
+                 last_image: str | Path | np.ndarray | None = None, cache: str | None = None) -> Result:
         """Generate one clip; keyword names follow `vidrt run`'s flags. None = the model's default.
 
         size        "WxH" (e.g. "832x480") or (width, height), pixels; or width= and height=
@@ -251,6 +256,7 @@ class Pipeline:
         vae_memory  memory budget for one VAE tile, bytes or "2GB" (default: chosen automatically)
         image       image-to-video models: the first frame, a path or uint8 [H, W, 3] RGB; without a size
                     the clip's size follows the image (vidrt.image.output_size); last_image: FLF2V only
+        cache       step caching "METHOD[:THRESHOLD]": teacache, magcache, easycache, fbcache (vidrt.caching)
         Returns a Result (frames uint8 [F, H, W, 3], settings, stats). Raises UsageError for values the
         model cannot run (naming the nearest valid ones), DeviceError for failures while running.
         """
@@ -278,12 +284,14 @@ class Pipeline:
                           num_frames=num_frames, steps=steps, guidance=guidance,
                           guidance_low_noise=guidance_low_noise, shift=shift, seed=seed, scheduler=scheduler,
                           timesteps=tuple(timesteps) if timesteps is not None else None, recipe=recipe,
-                          image=image, last_image=last_image)
+                          image=image, last_image=last_image, cache=cache)
         return self.run(request, noise=noise, on_frames=on_frames, progress=progress, vae_memory_bytes=budget)
 
     def run(self, request: Request, noise: np.ndarray | None = None, on_frames: FramesFn | None = None,
             progress: ProgressFn | None = None, vae_memory_bytes: int | None = None,
-            keep_text_encoder: bool = True) -> Result:
+            keep_text_encoder: bool = True, policy: CachePolicy | None = None) -> Result:
+        """Generate one clip for `request` (see __call__). `policy`: a step-cache policy object that
+        replaces the one `request.cache` names (`vidrt cache calibrate` passes a recording one)."""
         spec = self.manifest.model
         check_prompt(request.prompt)
         s = resolve(request, spec)
@@ -345,6 +353,18 @@ class Pipeline:
         with stats.stage("image") if request.image is not None else contextlib.nullcontext():
             cond = self.conditioning(request, s)
 
+        # Step caching (vidrt.caching): the DiT per expert under the cache policy; TeaCache/MagCache decide
+        # every step here, before the run. No cache keeps the whole-graph call below (_velocity).
+        if policy is None and s.cache != "none":
+            policy = self._cache_policy(s, plan, cond, latent_shape, context, cfg_batch, loras)
+        dits: dict[str, ExpertDiT] = {}
+        t_rows: list[np.ndarray] = []
+        if policy is not None:
+            shape_only = np.zeros(latent_shape, np.float32)
+            t_rows = [cond.timestep_row(p.step.timestep, shape_only) for p in plan]
+            dits = self._expert_dits(plan, context, cfg_batch)  # (TeaCache's mask ran on its own copies)
+            stats.cache = policy.stats
+
         # 3. noise
         if noise is None:
             latents = np.random.default_rng(s.seed).standard_normal(latent_shape, dtype=np.float32)
@@ -359,7 +379,14 @@ class Pipeline:
         with stats.stage("denoise"):
             for i, p in enumerate(plan):
                 t0 = time.perf_counter()
-                velocity = self._velocity(p, latents, context, cfg_batch, stats, cond)
+                if policy is None:
+                    velocity = self._velocity(p, latents, context, cfg_batch, stats, cond)
+                else:
+                    if i > 0 and plan[i - 1].expert != p.expert:
+                        policy.new_expert()  # A14B: no residual crosses the expert switch
+                    rows = policy.step(i, dits[p.expert], latents, t_rows[i])  # [cond(, uncond), C, F, H, W]
+                    stats.dit_calls += len(rows)  # DiT evaluations: a batch-2 CFG call is two
+                    velocity = rows[1] + np.float32(p.guidance) * (rows[0] - rows[1]) if p.cfg else rows[0]
                 if i == last_step[p.expert] and p.expert in released:
                     self.release(p.expert)  # A14B: the high-noise expert goes at the boundary
                 _check_finite(f"denoiser ({p.expert}, step {i + 1}/{len(plan)})", velocity, precision[p.expert],
@@ -404,6 +431,24 @@ class Pipeline:
             stats.gpu = {**gpu_stats(), **({"planned_peak_bytes": memory.peak} if memory else {})}
         return Result(frames=video, settings=s, stats=stats, fps=spec.sampling.fps, model=spec.name)
 
+    def cache_mask(self, request: Request) -> str:
+        """The TeaCache / MagCache plan of a run, before it: "C" = the block stack runs, "s" = its cached
+        residual is reused (fast_paths.md C.2 notation). Needs no prompt encoding (the decisions depend
+        on the timesteps only). Raises UsageError for other methods or a package without tables."""
+        s = resolve(request, self.manifest.model)
+        choice = check_cache(self.manifest, s.cache)
+        if choice.method not in ("teacache", "magcache"):
+            raise UsageError(f"--cache {choice}: only teacache and magcache decide before the run; "
+                             f"fbcache and easycache decide per step")
+        plan = plan_steps(self.manifest, s)
+        spec = self.manifest.model
+        shape = spec.latent_shape(s.width, s.height, s.num_frames)
+        rows = np.zeros((2, spec.text.text_len, spec.dit.text_dim), np.float32)  # not read by time_embed
+        dits = {e: ExpertDiT(self.engine, e, rows, 2) for e in spec.experts}
+        mask = static_mask(choice, self.manifest, [p.expert for p in plan],
+                           [self._timestep_row(p, shape) for p in plan], dits.__getitem__, shape)
+        return mask_string(mask)
+
     def memory_plan(self, s: Settings) -> ResidencyPlan | None:
         """The device-memory plan for these settings on a backend whose memory vidrt plans (None on
         ONNX Runtime); a clip that cannot fit is refused here, before any engine runs."""
@@ -413,7 +458,8 @@ class Pipeline:
         budget, precision = device
         # TensorRT: the VAE tile is fixed by its engines' profile; the plan checks that it fits.
         plan = plan_for_package(self.package, self.manifest, s.width, s.height, s.num_frames, budget, precision,
-                                vae_tile=getattr(self.backend, "vae_tile", None), image=s.image is not None)
+                                vae_tile=getattr(self.backend, "vae_tile", None), image=s.image is not None,
+                                cache=s.cache)
         if not plan.fits:
             raise DeviceError(f"{s.width}x{s.height}x{s.num_frames} needs {plan.peak / 2**30:.1f} GiB of GPU memory "
                               f"and {budget / 2**30:.1f} GiB are free; lower --size or --frames (see `vidrt plan "
@@ -503,6 +549,40 @@ class Pipeline:
         else:
             c, u = dit(1, slice(0, 1))[0], dit(1, slice(1, 2))[0]
         return u + np.float32(p.guidance) * (c - u)
+    def _expert_dits(self, plan: list[PlannedStep], context: np.ndarray, cfg_batch: int) -> dict[str, ExpertDiT]:
+        """The DiT of each expert for the cache policies; an expert with no CFG step runs the prompt row."""
+        out = {}
+        for expert in dict.fromkeys(p.expert for p in plan):
+            rows = context if any(q.cfg for q in plan if q.expert == expert) else context[:1]
+            out[expert] = ExpertDiT(self.engine, expert, rows, cfg_batch)
+        return out
+
+    def _cache_policy(self, s: Settings, plan: list[PlannedStep], cond: TextOnly, latent_shape: tuple[int, ...],
+                      context: np.ndarray, cfg_batch: int, loras: tuple[LoraRef, ...]) -> CachePolicy:
+        """The `--cache` policy of this run. Refused where it would be wrong: image conditioning (its
+        DiT inputs are not in the pieces' contracts yet) and, for the methods that run the DiT's pieces,
+        LoRAs (the load-time merge applies to the whole graph's session only)."""
+        choice = parse_cache(s.cache)
+        if type(cond) is not TextOnly:
+            raise UsageError(f"--cache {choice} is not available for image-to-video yet; drop --cache")
+        if loras and choice.method != "easycache":
+            raise UsageError(f"--cache {choice} does not take LoRAs yet (they merge into the whole DiT graph, "
+                             f"not its pieces); use --cache easycache, or drop --lora")
+        shape_only = np.zeros(latent_shape, np.float32)
+        dits = self._expert_dits(plan, context, cfg_batch)
+        return build_policy(choice, self.manifest, [p.expert for p in plan],
+                            [cond.timestep_row(p.step.timestep, shape_only) for p in plan], dits.__getitem__,
+                            latent_shape)
+
+    def _timestep_row(self, p: PlannedStep, latent_shape: tuple[int, ...]) -> np.ndarray:
+        """The DiT's timestep input for one row: a scalar, or (TI2V text-to-video) one per token, every
+        token at the step's timestep (image mode would zero frame 0)."""
+        spec = self.manifest.model
+        if spec.per_token_timestep:
+            _, f, h, w = latent_shape
+            pt, ph, pw = spec.dit.patch_size
+            return np.full(((f // pt) * (h // ph) * (w // pw),), p.step.timestep, dtype=np.float32)
+        return np.full((), p.step.timestep, dtype=np.float32)
 
     def _warn_unknown_words(self, prompt: str) -> None:
         words = self.tokenizer(prompt).unknown_words

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vidrt.caching import parse_cache
 from vidrt.errors import UsageError
 from vidrt.package.recipes import LoraRef, Recipe, all_recipes, find_recipe
 from vidrt.package.registry import ModelSpec
@@ -40,6 +41,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "guidance": (numbers.Real,), "guidance_low_noise": (numbers.Real,), "shift": (numbers.Real,),
     "timesteps": (tuple,), "recipe": (str,), "loras": (tuple,),  # items checked in Request.__post_init__
     "image": (str, Path, np.ndarray), "last_image": (str, Path, np.ndarray),  # read by vidrt.image.load_image
+    "cache": (str,),
 }
 _KIND = {str: "a string", numbers.Integral: "an integer", numbers.Real: "a number"}
 _FLAG = {"width": "--size", "height": "--size", "num_frames": "--frames"}  # the `vidrt run` flag of a field
@@ -94,6 +96,7 @@ class Request:
     # width/height the clip's size follows the image by the model's rule (vidrt.image.output_size)
     image: str | Path | np.ndarray | None = None
     last_image: str | Path | np.ndarray | None = None  # first-last-frame models (Wan2.1 FLF2V) only
+    cache: str | None = None  # step caching "METHOD[:THRESHOLD]" (vidrt.caching.METHODS); None = none
 
     def __post_init__(self) -> None:
         check_field_types(self, FIELD_TYPES, "Request")
@@ -135,6 +138,7 @@ class Settings:
     loras: tuple[LoraRef, ...] = ()  # the recipe's shipped LoRAs (package-relative) then the request's
     image: str | None = None  # the conditioning image: its path, or "array WxH"; None = text-to-video
     last_image: str | None = None
+    cache: str = "none"  # "none" or METHOD[:THRESHOLD], checked
 
 
 def _describe_image(source: object, pixels: np.ndarray) -> str:
@@ -226,15 +230,22 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
     # Official A14B defaults differ per expert (wan/configs/wan_t2v_A14B.py sample_guide_scale = (3.0, 4.0):
     # low-noise, high-noise). One --guidance sets both, as before; --guidance-low-noise then overrides the second.
     g_low = request.guidance_low_noise if request.guidance_low_noise is not None else g
+    g_high_final = d.guidance_high_noise if g is None else g
+    g_low_final = d.guidance_low_noise if g_low is None else g_low
+    cache = parse_cache(request.cache)
+    if cache.method != "none" and abs(g_high_final - 1.0) <= 1e-6 and abs(g_low_final - 1.0) <= 1e-6:
+        # LightX2V refuses feature caching for step/CFG-distilled runs (fast_paths.md B.1, C.6)
+        why = f"the {request.recipe} recipe is distilled" if request.recipe else "--guidance 1 turns CFG off"
+        raise UsageError(f"--cache {cache} is for guided, undistilled runs and {why} (caching is refused there, "
+                         f"as LightX2V does); drop --cache")
     return Settings(
         prompt=prompt,
         negative_prompt=clean_prompt(d.negative_prompt if request.negative_prompt is None else request.negative_prompt),
         width=width, height=height, num_frames=frames, steps=steps,
-        guidance_high_noise=d.guidance_high_noise if g is None else g,
-        guidance_low_noise=d.guidance_low_noise if g_low is None else g_low,
+        guidance_high_noise=g_high_final, guidance_low_noise=g_low_final,
         shift=shift, seed=request.seed, scheduler=scheduler,
         timesteps=tuple(float(t) for t in timesteps) if timesteps is not None else None,
-        recipe=request.recipe, loras=request.loras, image=image, last_image=last_image,
+        recipe=request.recipe, loras=request.loras, image=image, last_image=last_image, cache=str(cache),
     )
 
 
@@ -256,7 +267,7 @@ def _apply_recipe(request: Request, recipe: Recipe, spec: ModelSpec) -> Request:
         guidance_low_noise=g_low, shift=_pick(request.shift, recipe.shift, None),  # type: ignore[arg-type]
         seed=request.seed, scheduler=_pick(request.scheduler, recipe.scheduler, None),  # type: ignore[arg-type]
         timesteps=timesteps, recipe=request.recipe, loras=shipped + request.loras, image=request.image,
-        last_image=request.last_image)
+        last_image=request.last_image, cache=request.cache)
 
 
 def _check_timesteps(timesteps: tuple[float, ...], steps: int, scheduler: str, n_train: int) -> None:

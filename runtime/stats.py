@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from vidrt.caching import CacheStats
+
 STAGES = ("load", "text", "denoise", "decode", "write")
 
 
@@ -21,6 +23,7 @@ class RunStats:
     lora_merge_bytes: int = 0  # the largest set of merged tensors one merge held (its peak extra memory)
     dit_calls: int = 0  # DiT evaluations for the clip, one per batch row (a batch-2 CFG call is two)
     gpu: dict[str, object] = field(default_factory=dict)  # TensorRT: GPU seconds per stage, peak memory
+    cache: CacheStats = field(default_factory=CacheStats)  # block-stack runs/skips, residual memory
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -48,6 +51,10 @@ class RunStats:
                         f"{self.num_tokens} tokens, {self.dit_calls} DiT calls")
         if self.lora_merge_bytes:
             rows.append(f"LoRA merge {self.lora_merge_seconds:.3f} s, {self.lora_merge_bytes / 2**20:.1f} MiB merged")
+        if self.cache.method != "none":
+            c = self.cache
+            rows.append(f"cache {c.method}: block stack ran {c.block_stack_runs} times, skipped "
+                        f"{c.block_stack_skips} ({c.residual_bytes / 2**20:.1f} MiB residuals)")
         return "\n".join(rows)
 
     def to_dict(self) -> dict[str, object]:
@@ -55,4 +62,7 @@ class RunStats:
                 "denoise_step_seconds": list(self.denoise_step_seconds),
                 "num_tokens": self.num_tokens, "vae_tiles": self.vae_tiles, "backend": self.backend,
                 "dit_calls": self.dit_calls, "lora_merge_seconds": self.lora_merge_seconds,
-                "lora_merge_bytes": self.lora_merge_bytes} | ({"gpu": dict(self.gpu)} if self.gpu else {})
+                "lora_merge_bytes": self.lora_merge_bytes, "cache": self.cache.method,
+                "block_stack_runs": self.cache.block_stack_runs, "block_stack_skips": self.cache.block_stack_skips,
+                "residual_bytes": self.cache.residual_bytes, "cache_mask": self.cache.mask} | \
+            ({"gpu": dict(self.gpu)} if self.gpu else {})

@@ -20,6 +20,7 @@ from tiny import TINY_VARIANT, write_diffusers_checkpoint
 from vidrt.export import package as package_mod
 from vidrt.export.components import stack_rope
 from vidrt.export.onnx_export import export_dit, export_text_encoder, export_vae_decoder, graph_io
+from vidrt.package import contracts as C
 from vidrt.package.contracts import cache_in
 from vidrt.package.manifest import load_manifest
 from vidrt.package.registry import VARIANTS
@@ -74,7 +75,8 @@ def test_package_has_every_file_and_verified_manifest(t2v: Exported) -> None:
     assert {"manifest.json", "tokenizer.json", "text_encoder.onnx", "dit.onnx", "vae_decode_first.onnx",
             "vae_decode_step.onnx"} <= names
     m = t2v.manifest  # load_manifest verified every sha256
-    assert set(m.components) == {"text_encoder", "dit", "vae_decode_first", "vae_decode_step"}
+    pieces = {f"dit.{piece}" for piece in C.DIT_PIECES}  # step caching (vidrt.export.dit_split)
+    assert set(m.components) == {"text_encoder", "dit", "vae_decode_first", "vae_decode_step"} | pieces
     assert set(m.export_inputs) == {"tokenizer", "text_encoder", "dit", "vae"}
     assert m.model.name == TINY_VARIANT["t2v"] and m.components["dit"].opset == 18
     assert not [p for p in names if p.endswith(".tmp") or p.startswith(".dit") or p.startswith(".vae")]

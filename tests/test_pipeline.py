@@ -234,3 +234,18 @@ def test_gpu_memory_plan_drives_the_run(tiny_package):
     backend.budget = hi - 1
     with pytest.raises(DeviceError, match="vidrt plan"):
         pipe.run(req)
+
+
+def test_dit_pieces_make_the_same_clip(tiny_package):
+    """Every kind (t2v, A14B's two experts, TI2V's per-token timesteps): the DiT run as its step-caching
+    pieces (First Block Cache at threshold 0 never skips) makes the whole graph's clip; on A14B the
+    high-noise expert's pieces are released at the boundary like its whole graph."""
+    kind, _, package = tiny_package
+    pipe = Pipeline.load(package)
+    req = Request(prompt=PROMPT, width=WIDTH, height=HEIGHT, num_frames=FRAMES, steps=4, seed=5)
+    whole = pipe.run(req)
+    pieces = pipe.run(replace(req, cache="fbcache:0"))
+    assert pieces.stats.cache.block_stack_runs == 4 and pieces.stats.cache.block_stack_skips == 0
+    assert psnr(whole.frames, pieces.frames) >= 70.0, psnr(whole.frames, pieces.frames)
+    skipping = pipe.run(replace(req, cache="fbcache:10"))  # skips all but the first step of each expert
+    assert skipping.stats.cache.block_stack_runs == (2 if kind == "a14b" else 1)

@@ -397,24 +397,25 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
               reports: dict[str, EngineReport] | None = None, contracts: dict[str, Contract] | None = None,
               text_precision: str | None = None, reserve: int = RESERVE_BYTES,
               vae_tile: tuple[int, int] | None = None, text_device: str | None = None,
-              decode_order: str | None = None, image: bool | None = None) -> ResidencyPlan:
+              decode_order: str | None = None, image: bool | None = None, cache: str = "none") -> ResidencyPlan:
     """The plan for one clip. `weight_bytes` (engine -> bytes, e.g. from ONNX sizes), `reports` (from
     built engines) and `contracts` (from a package's manifest) override the architecture formulas.
     `vae_tile` = (tile_h, tile_w): the tile the VAE engines were built for (TensorRT: fixed; the plan
     checks it fits, it does not choose another). `text_device` "gpu" / "cpu" (umT5 on ONNX Runtime,
     host RAM instead of device memory); None: the GPU when the clip fits that way, else the CPU.
-    `decode_order` "tile" / "frame" (vae_decode.iter_decode); None: the one needing fewer tiles."""
+    `decode_order` "tile" / "frame" (vae_decode.iter_decode); None: the one needing fewer tiles.
+    `cache`: the `--cache` method; its residual buffers stay resident through the denoise stage."""
     if text_device is None:
         plan = make_plan(spec, width, height, frames, budget, precision, fp8_scope=fp8_scope,
                          weight_bytes=weight_bytes, reports=reports, contracts=contracts,
                          text_precision=text_precision, reserve=reserve, vae_tile=vae_tile, text_device="gpu",
-                         decode_order=decode_order, image=image)
+                         decode_order=decode_order, image=image, cache=cache)
         if plan.fits:
             return plan
         on_cpu = make_plan(spec, width, height, frames, budget, precision, fp8_scope=fp8_scope,
                            weight_bytes=weight_bytes, reports=reports, contracts=contracts,
                            text_precision=text_precision, reserve=reserve, vae_tile=vae_tile, text_device="cpu",
-                           decode_order=decode_order, image=image)
+                           decode_order=decode_order, image=image, cache=cache)
         return on_cpu if on_cpu.fits else plan
     if text_device not in TEXT_DEVICES:
         raise UsageError(f"--text-encoder {text_device!r}: use gpu or cpu")
@@ -471,7 +472,11 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
                           f"estimate, {tokens:,} tokens x batch {batch}", batch)
         io = Item(f"{expert} I/O", io_bytes(contract, dit_sizes(spec, width, height, frames, 2)),
                   "contract shapes x dtypes, batch 2 (profile max)")
-        return (w, act, io)
+        method = cache.partition(":")[0]
+        if method in ("none", ""):
+            return (w, act, io)
+        return (w, act, io, Item(f"{method} residuals", cache_residual_bytes(spec, width, height, frames, method),
+                                 "fp32 residual stream x 2 CFG rows (vidrt.caching)"))
 
     # decode: the first-frame engine over every tile (frame 0), released; then the step engine. Each
     # tile's causal caches stay on the device between latent frames (frame-major order).
@@ -654,10 +659,21 @@ def _finish(spec: ModelSpec, width: int, height: int, frames: int, precision: st
                          streamed, tuple(notes), host, text_device, decode_order)
 
 
+def cache_residual_bytes(spec: ModelSpec, width: int, height: int, frames: int, method: str) -> int:
+    """Device bytes a step cache holds through the denoise stage (fast_paths.md C.6): the block-stack
+    residual [2, L, dim] in the fp32 residual stream (TeaCache, MagCache); First Block Cache also
+    keeps block 0's residual; EasyCache keeps v - x per CFG row, latent-sized."""
+    if method == "easycache":
+        c, f, h, w = spec.latent_shape(width, height, frames)
+        return 2 * c * f * h * w * 4
+    one = 2 * spec.num_tokens(width, height, frames) * spec.dit.dim * 4
+    return 2 * one if method == "fbcache" else one
+
+
 def plan_for_package(package: Path, manifest: Manifest, width: int, height: int, frames: int, budget: int,
                      precision: str, fp8_scope: str = DEFAULT_FP8_SCOPE,
                      vae_tile: tuple[int, int] | None = None, text_device: str | None = None,
-                     image: bool | None = None) -> ResidencyPlan:
+                     image: bool | None = None, cache: str = "none") -> ResidencyPlan:
     """As make_plan, with the package's contracts, ONNX weight bytes (rescaled to `precision` when the
     ONNX has another one) and any engine reports of a build at that precision."""
     spec = manifest.model
@@ -688,10 +704,11 @@ def plan_for_package(package: Path, manifest: Manifest, width: int, height: int,
     contracts = {n: c.contract for n, c in manifest.components.items()}
     return make_plan(spec, width, height, frames, budget, precision, fp8_scope=fp8_scope,
                      weight_bytes=weight_bytes, reports=load_reports(package, manifest, precision),
-                     contracts=contracts, vae_tile=vae_tile, text_device=text_device, image=image)
+                     contracts=contracts, vae_tile=vae_tile, text_device=text_device, image=image, cache=cache)
 
 
-__all__ = ["DiTParams", "dit_params", "dit_param_count", "text_param_count", "VAE_DECODER_PARAMS",
+__all__ = ["cache_residual_bytes",
+           "DiTParams", "dit_params", "dit_param_count", "text_param_count", "VAE_DECODER_PARAMS",
            "VAE_CACHE_SLOTS", "vae_step_contract", "dit_weight_bytes", "text_weight_bytes", "tensor_bytes",
            "io_bytes", "dit_activation_bytes", "text_activation_bytes", "EngineReport", "load_reports", "Item",
            "Stage", "ResidencyPlan", "make_plan", "plan_for_package", "RESERVE_BYTES", "DEFAULT_FP8_SCOPE",

@@ -111,8 +111,9 @@ def rebuild_command(package: Path | str | None, precision: str) -> str:
 
 
 def required_components(manifest: Manifest) -> tuple[str, ...]:
-    """Every graph a clip needs (the components the manifest lists)."""
-    return tuple(manifest.components)
+    """Every graph a clip without step caching needs: the manifest's components but the DiT's
+    step-caching pieces ("<expert>.<piece>", built with `vidrt build --cache-pieces`)."""
+    return tuple(n for n in manifest.components if n.partition(".")[0] not in manifest.model.experts)
 
 
 def select_engines(manifest: Manifest, trt_version: str, compute_capability: str, precision: str | None = None,
@@ -128,8 +129,8 @@ def select_engines(manifest: Manifest, trt_version: str, compute_capability: str
                                                                                set(PRECISION_PREFERENCE))
     for p in order:
         found = by_precision.get(p, {})
-        if all(c in found for c in need):
-            return p, {c: found[c] for c in need}
+        if all(c in found for c in need):  # + the caching pieces built at this precision, if any
+            return p, {c: e for c, e in found.items() if c in manifest.components}
     built_precisions = {engine_dir_precision(e) for e in manifest.engines}
     want = precision or next((p for p in order if p in built_precisions), "bf16")
     hint = rebuild_command(package, want)
@@ -753,7 +754,8 @@ class TrtBackend:
         package = self._package_of(Path(path), name)
         rebuild = rebuild_command(package, self.precision)
         if entry is None:
-            raise DeviceError(f"no TensorRT plan for {name}; rebuild: {rebuild}")
+            pieces = " --cache-pieces" if name.partition(".")[0] in self.manifest.model.experts else ""
+            raise DeviceError(f"no TensorRT plan for {name}; rebuild: {rebuild}{pieces}")
         plan_path = package / entry.artifact.file
         try:
             source = plan_source(self._trt, plan_path)

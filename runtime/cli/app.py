@@ -94,6 +94,8 @@ def _default_model() -> str | None:
               help="Two-expert models (A14B): a LoRA for the high-noise expert only; repeatable.")
 @click.option("--lora-low-noise", multiple=True, metavar="FILE[:STRENGTH]",
               help="Two-expert models (A14B): a LoRA for the low-noise expert only; repeatable.")
+@click.option("--cache", help="Step caching METHOD[:THRESHOLD]: teacache, magcache, easycache or fbcache "
+                              "(skips the DiT block stack on steps where it barely changes).")
 @click.option("--backend", default="auto", show_default=True,
               help="auto, onnxruntime (CPU), onnxruntime-cuda (ONNX Runtime's CUDA provider) or tensorrt.")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores).")
@@ -191,8 +193,10 @@ def export_cmd(model_dir: str, variant: str | None, out: str | None, opset: str,
                 loras=lora_refs(lora, lora_high_noise, lora_low_noise))
 
 
+from vidrt.cli.cache import cache_group  # noqa: E402  (step caching: runtime/cli/cache.py)
 from vidrt.cli.trt import build_cmd, doctor_cmd, plan_cmd  # noqa: E402  (TensorRT commands: runtime/cli/trt.py)
 
+cli.add_command(cache_group)
 cli.add_command(build_cmd)
 cli.add_command(plan_cmd)
 cli.add_command(doctor_cmd)

@@ -119,10 +119,12 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
                 timesteps: str | None, recipe: str | None, backend: str, threads: int | None,
                 lora: tuple[str, ...] = (), lora_high_noise: tuple[str, ...] = (),
                 lora_low_noise: tuple[str, ...] = (),
+                cache: str | None = None,
                 vae_memory: str | None, fps: int | None, crf: int | None, output: str, overwrite: bool,
                 stats_json: str | None, quiet: bool, device: int = 0, embedding_cache: str | None = None,
                 image: str | None = None, last_image: str | None = None) -> None:
     from vidrt.backends import BACKENDS
+    from vidrt.caching import check_cache
     from vidrt.cli.app import parse_size
     from vidrt.models import default_package
     from vidrt.package.manifest import load_manifest
@@ -161,10 +163,11 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
                       height=wh[1] if wh else None, num_frames=frames, steps=steps, guidance=guidance,
                       guidance_low_noise=guidance_low_noise, shift=shift, seed=seed, scheduler=scheduler,
                       timesteps=parse_timesteps(timesteps), recipe=recipe, image=image,
-                      last_image=last_image).seeded()  # one seed for the run, the metadata and --stats-json
+                      last_image=last_image, cache=cache).seeded()  # one seed for the run, metadata, --stats-json
     loras = lora_refs(lora, lora_high_noise, lora_low_noise)
     spec_only = load_manifest(package, verify=False)  # the model's limits; Pipeline.load checks the hashes
     settings = resolve(request, spec_only.model)  # also reads and checks --image and derives the size from it
+    check_cache(spec_only, settings.cache)  # pieces and tables present, before any engine loads
     if fmt.kind == "still" and settings.num_frames != 1:
         raise UsageError(f"-o {out_path.name}: a .png holds one frame and this clip has {settings.num_frames}; "
                          f"pass --frames 1, or a folder path ending in '/' for PNG frames")

@@ -38,13 +38,15 @@ def _bytes(value: str) -> int:
 @click.option("--vae-tile", help="VAE tile in latent cells HxW (default: from the residency plan for this GPU).")
 @click.option("--gpu-memory", help="Memory to plan the VAE tile for (default: this GPU's).")
 @click.option("--component", "components", multiple=True, help="Build only this component (repeatable).")
+@click.option("--cache-pieces", is_flag=True,
+              help="Also build the DiT's step-caching pieces, for `vidrt run --cache` on TensorRT.")
 @click.option("--device", type=click.IntRange(0), default=0, show_default=True,
               help="GPU to build on (its compute capability goes into the plans).")
 @click.option("--check", is_flag=True,
               help="Compare every engine with ONNX Runtime on the same random inputs (polygraphy); into report.json.")
 def build_cmd(package: str, precision: str, sizes: str | None, frames: int | None, workspace: str,
               optimization_level: int, weight_streaming: bool, vae_tile: str | None, gpu_memory: str | None,
-              components: tuple[str, ...], device: int, check: bool) -> None:
+              components: tuple[str, ...], cache_pieces: bool, device: int, check: bool) -> None:
     """Build TensorRT engines for a model package (needs TensorRT and the target GPU)."""
     from vidrt.export.build_engines import BuildOptions, build_package
 
@@ -54,7 +56,8 @@ def build_cmd(package: str, precision: str, sizes: str | None, frames: int | Non
         tile = (th, tw)
     opts = BuildOptions(precision=precision, sizes=_sizes(sizes), frames=frames, workspace_bytes=_bytes(workspace),
                         optimization_level=optimization_level, weight_streaming=weight_streaming, vae_tile=tile,
-                        gpu_memory=_bytes(gpu_memory) if gpu_memory else None, components=components, check=check)
+                        gpu_memory=_bytes(gpu_memory) if gpu_memory else None, components=components, check=check,
+                        cache_pieces=cache_pieces)
     manifest = build_package(Path(package), opts, log=click.echo, device=device)
     click.echo(f"{len(manifest.engines)} plan(s) recorded in {Path(package) / 'manifest.json'}")
 

@@ -57,6 +57,21 @@ LATENTS, TIMESTEP, CONTEXT, VELOCITY = "hidden_states", "timestep", "encoder_hid
 VAE_LATENT, VAE_FRAMES, VAE_VIDEO = "latent", "frames", "video"
 PIXEL_VALUES, IMAGE_EMBEDS = "pixel_values", "encoder_hidden_states_image"
 
+# The DiT cut into pieces for step caching (component "<expert>.<piece>", vidrt.export.dit_split;
+# fast_paths.md C.6): the tensors handed between them.
+TEXT_EMBED, TIME_EMBED, PATCH_EMBED = "text_embed", "time_embed", "patch_embed"
+BLOCK0, BLOCKS_REST, HEAD = "block0", "blocks_rest", "head"
+DIT_PIECES = (TEXT_EMBED, TIME_EMBED, PATCH_EMBED, BLOCK0, BLOCKS_REST, HEAD)
+TOKENS, BLOCK_OUT = "tokens", "block_out"  # the residual stream [B, L, dim] into / out of blocks
+TEMB, TIMESTEP_PROJ = "temb", "timestep_proj"  # e [B, dim] (head), e0 [B, 6*dim] (blocks); TI2V: per token
+CONTEXT_EMB = "context_emb"  # text embedding [B, 512, dim]: step-invariant
+ROPE_COS, ROPE_SIN = "rope_cos", "rope_sin"  # [1, L, 1, head_dim]: step-invariant
+
+
+def dit_piece(expert: str, piece: str) -> str:
+    """Component name of one piece of a DiT expert: "dit.block0", "dit_high.head"."""
+    return f"{expert}.{piece}"
+
 
 def cache_in(i: int) -> str:
     return f"cache_in_{i:02d}"

@@ -88,6 +88,25 @@ class Engine:
 
 
 @dataclass(frozen=True)
+class CacheTable:
+    """Step-cache statistics of a package, measured by `vidrt cache calibrate` with its own sampler
+    (MagCache's calibration, fast_paths.md C.2; a TeaCache-style polynomial fit, C.1).
+
+    mag_ratios   2*steps values, cond/uncond interleaved as in MagCache's tables, [1.0, 1.0] first:
+                 mean over tokens of ||R_t|| / ||R_t-1|| of the block-stack residual R
+    teacache_e / teacache_e0   numpy.poly1d coefficients (highest power first) mapping the relative L1
+                 change of the time embedding e (e0) to the relative L1 change of the DiT output
+    """
+
+    steps: int
+    shift: float
+    scheduler: str
+    mag_ratios: tuple[float, ...]
+    teacache_e: tuple[float, ...] = ()
+    teacache_e0: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     model: ModelSpec
@@ -98,6 +117,7 @@ class Manifest:
     vocabulary: tuple[str, ...] = ()  # known prompt words, for small closed-vocabulary models
     engines: tuple[Engine, ...] = ()
     loras: tuple[Artifact, ...] = ()  # LoRA files the package ships (its recipes, model.recipes, name them)
+    cache_table: CacheTable | None = None  # `vidrt cache calibrate`; None: published tables only
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -177,6 +197,11 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DIM = re.compile(r"([1-9][0-9]*\*)?[A-Za-z_][A-Za-z0-9_]*")
 _DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool"}
 _VAE_DIMS = {"lat_h", "lat_w", "out_h", "out_w"}
+_STREAM_IN = {C.TOKENS, C.TIMESTEP_PROJ, C.CONTEXT_EMB, C.ROPE_COS, C.ROPE_SIN}
+_PIECE_IO = {C.TEXT_EMBED: ({C.CONTEXT}, {C.CONTEXT_EMB}), C.TIME_EMBED: ({C.TIMESTEP}, {C.TEMB, C.TIMESTEP_PROJ}),
+             C.PATCH_EMBED: ({C.LATENTS}, {C.TOKENS, C.ROPE_COS, C.ROPE_SIN}),
+             C.BLOCK0: (_STREAM_IN, {C.BLOCK_OUT}), C.BLOCKS_REST: (_STREAM_IN, {C.BLOCK_OUT}),
+             C.HEAD: ({C.TOKENS, C.TEMB}, {C.VELOCITY})}
 
 
 def _check(ok: bool, what: str) -> None:
@@ -266,6 +291,9 @@ def check_manifest(m: Manifest) -> None:
             _check_contract(name, comp.contract, {C.INPUT_IDS, C.ATTENTION_MASK}, {C.TEXT_HIDDEN}, None)
         elif name in spec.experts:
             _check_contract(name, comp.contract, {C.LATENTS, C.TIMESTEP, C.CONTEXT}, {C.VELOCITY}, None)
+        elif name.partition(".")[0] in spec.experts and name.partition(".")[2] in _PIECE_IO:
+            ins, outs = _PIECE_IO[name.partition(".")[2]]
+            _check_contract(name, comp.contract, ins, outs, None)
         elif name in (C.VAE_FIRST, C.VAE_STEP):
             caches = {t.name for t in comp.contract.outputs if t.name.startswith("cache_out_")}
             ins = {C.VAE_LATENT} | ({n.replace("_out_", "_in_") for n in caches} if name == C.VAE_STEP else set())

@@ -64,6 +64,8 @@ class CreateVideoRequest(BaseModel):
     recipe: str | None = Field(None, max_length=100, description="A named recipe, e.g. lightx2v-4step.")
     loras: list[str] | None = Field(None, max_length=16, description="LoRA file names in the server's --lora-dir: "
                                     "NAME[:STRENGTH] (A14B: dit_high=NAME[:STRENGTH], dit_low=...).")
+    cache: str | None = Field(None, max_length=40, pattern=r"^[a-z]+(:[0-9.]+)?$",
+                              description="Step caching METHOD[:THRESHOLD]: teacache, magcache, easycache, fbcache.")
     output_format: Literal["mp4", "webm"] = "mp4"
     fps: int | None = Field(None, ge=1, le=240)
     crf: int | None = Field(None, ge=0, le=63)

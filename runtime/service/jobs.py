@@ -58,6 +58,7 @@ class JobRequest:
     scheduler: str | None = None
     recipe: str | None = None  # a named recipe (vidrt info lists them); the fields above override it
     loras: tuple[str, ...] | None = None  # "FILE[:STRENGTH]" on the worker's disk (A14B: "dit_high=FILE[:S]")
+    cache: str | None = None  # step caching "METHOD[:THRESHOLD]" (vidrt.caching), like `vidrt run --cache`
     output_format: str = "mp4"  # mp4 | webm | png
     fps: int | None = None
     crf: int | None = None
@@ -113,7 +114,7 @@ class JobRequest:
                        height=wh[1] if wh else None, num_frames=self.frames, steps=self.steps,
                        guidance=self.guidance, guidance_low_noise=self.guidance_low_noise, shift=self.shift,
                        seed=self.seed, scheduler=self.scheduler, recipe=self.recipe,
-                       loras=tuple(lora_ref(x) for x in self.loras or ()), image=self.image)
+                       loras=tuple(lora_ref(x) for x in self.loras or ()), image=self.image, cache=self.cache)
 
     def settings(self, spec: ModelSpec) -> Settings:
         """Resolve against the model (defaults, ranges, multiples); also checks fps and CRF."""
@@ -135,7 +136,7 @@ class JobRequest:
 _TYPES: dict[str, tuple[type, ...]] = {
     "prompt": (str,), "model": (str,), "negative_prompt": (str,), "size": (str,), "scheduler": (str,),
     "output_format": (str,), "image": (str,), "frames": (int,), "steps": (int,), "seed": (int,), "fps": (int,),
-    "crf": (int,),
+    "crf": (int,), "cache": (str,),
     "guidance": (int, float), "guidance_low_noise": (int, float), "shift": (int, float),
     "recipe": (str,), "loras": (list, tuple),
 }
