@@ -381,6 +381,7 @@ class Pipeline:
                 t0 = time.perf_counter()
                 if policy is None:
                     velocity = self._velocity(p, latents, context, cfg_batch, stats, cond)
+                    stats.cache.block_stack_runs += 1  # no cache: the whole graph, blocks included
                 else:
                     if i > 0 and plan[i - 1].expert != p.expert:
                         policy.new_expert()  # A14B: no residual crosses the expert switch
