@@ -326,9 +326,16 @@ def verify_artifacts(package: Path, manifest: Manifest) -> None:
     """Size and sha256 of every artifact. A file whose identity is unchanged since it last matched
     is not read again (vidrt.package.verified; VIDRT_VERIFY=full hashes everything)."""
     verified = VerifiedFiles()
+    checked: dict[str, str] = {}  # file -> sha256: the DiT pieces share one external-data file; hash it once
     try:
         for art in all_artifacts(manifest):
             for name, digest, size in art.files():
+                if name in checked:
+                    if checked[name] != digest:
+                        raise PackageError(f"{package}: the manifest gives {name} two different sha256s; "
+                                           f"re-export the package")
+                    continue
+                checked[name] = digest
                 p = _inside(package, name)
                 if not p.is_file():
                     raise PackageError(f"{package}: {name} is missing; re-export the package (`vidrt export`)")
