@@ -179,6 +179,11 @@ def test_interrupt_at_any_moment(run_package, tiny_t2v_checkpoint, tmp_path, com
         lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("warning:", "INFO"))]
         if lost:
             pass  # counted above
+        elif rc == 0 and command != "serve":
+            # the command finished before the signal came (a machine faster than the longest delay): what it
+            # wrote is its finished output, which `vidrt run`'s own tests check; nothing here to judge
+            outcomes["finished before the signal"] += 1
+            continue
         elif rc == 130:
             assert lines[-1:] == ["interrupted"] and "Traceback" not in err, f"{command} at {delay} s: {err}"
             outcomes["interrupted (130)"] += 1
