@@ -272,8 +272,13 @@ def quantize_package(package: Path, checkpoint: Any, *, scope: str = DEFAULT_FP8
         data = package / (comp.artifact.data_file or "")
         if comp.artifact.data_file and data.is_file():
             data.unlink()  # the fp8 graph keeps its (fp32 + scales) weights inside the .onnx
+        # The fp8 graph holds its weights inline (no weight records: LoRAs need the fp32 package), and the
+        # step-caching pieces cut from the fp32 graph shared the data file just removed: they go too.
         components[expert] = dataclasses.replace(comp, artifact=make_artifact(package, comp.artifact.file),
-                                                 precision="fp8", opset=FP8_OPSET)
+                                                 precision="fp8", opset=FP8_OPSET, weights={})
+        for piece in [n for n in components if n.startswith(f"{expert}.")]:
+            (package / components[piece].artifact.file).unlink(missing_ok=True)
+            del components[piece]
         report["experts"][expert] = info | {"calibration_calls": len(calib), "keep_blocks": keep,
                                             "quantized_layers": len(quantized_layers(model))}
     write_manifest(package, dataclasses.replace(manifest, components=components))
