@@ -136,6 +136,7 @@ def wan21(request, tmp_path_factory):
     return kind, tiny, export_package(root, root / "package", variant=variant, progress=False)
 
 
+@pytest.mark.slow  # two Wan2.1 exports with CLIP (~4 min idle): `make test-all`, kept out of CI's 90 minutes
 def test_wan21_i2v_and_flf2v_match_diffusers(wan21):
     """Wan2.1: concat as A14B plus the CLIP tokens of the image (FLF2V: of both images, with img_emb's
     position embedding) through img_emb and the add_k/v_proj branch of every cross-attention. vidrt runs

@@ -245,6 +245,7 @@ def a14b(tmp_path_factory):
     return root, export_package(root, root / "package", variant=TINY_VARIANT["a14b"], progress=False)
 
 
+@pytest.mark.slow  # its own A14B export + diffusers (~2 min idle): `make test-all`, kept out of CI's 90 minutes
 def test_a14b_one_lora_per_expert_matches_diffusers(a14b, tmp_path):
     """Lightning / LightX2V A14B: a high-noise LoRA into `transformer`, a low-noise one into `transformer_2`
     (diffusers load_into_transformer_2=True); the 4-step recipe runs 2 steps on each expert."""
