@@ -330,12 +330,7 @@ def vae_graph_specs(vae: nn.Module, spec: ModelSpec, *, lat_h: int = 3, lat_w: i
         caches = first(latent)[1:]
     h, w = Dim("lat_h", min=1, max=512), Dim("lat_w", min=1, max=512)
     # *caches is one varargs entry: its dynamic shapes must be a tuple (a list fails torch.export)
-    cache_dims, cache_shapes = [], []
-    for c in caches:
-        kh, kw = c.shape[3] // lat_h, c.shape[4] // lat_w
-        assert c.shape[3] == kh * lat_h and c.shape[4] == kw * lat_w, c.shape
-        cache_dims.append({3: h if kh == 1 else kh * h, 4: w if kw == 1 else kw * w})
-        cache_shapes.append((1, c.shape[1], 2, _sym(kh, "lat_h"), _sym(kw, "lat_w")))
+    cache_dims, cache_shapes = _cache_dims(caches, lat_h, lat_w, h, w)
     first_c, step_c = vae_contracts(spec, cache_shapes)
     lat_dims = {3: h, 4: w}
     step_caches = tuple(torch.randn(c.shape, device=device) for c in caches)
@@ -439,12 +434,8 @@ def vae_encoder_graph_specs(vae: nn.Module, spec: ModelSpec, *, lat_h: int = 3, 
     with torch.no_grad():
         caches = first(video)[1:]
     h, w = Dim("lat_h", min=1, max=512), Dim("lat_w", min=1, max=512)
-    cache_dims, cache_shapes = [], []
-    for c in caches:
-        kh, kw = c.shape[3] // lat_h, c.shape[4] // lat_w
-        assert c.shape[3] == kh * lat_h and c.shape[4] == kw * lat_w, c.shape
-        cache_dims.append({3: h if kh == 1 else kh * h, 4: w if kw == 1 else kw * w})
-        cache_shapes.append((1, c.shape[1], 2, _sym(kh, "lat_h"), _sym(kw, "lat_w")))
+    # *caches is one varargs entry: its dynamic shapes must be a tuple (a list fails torch.export)
+    cache_dims, cache_shapes = _cache_dims(caches, lat_h, lat_w, h, w)
     first_c, step_c = vae_encoder_contracts(spec, cache_shapes)
     video_dims = {3: s * h, 4: s * w}
     step_video = torch.rand(1, 3, spec.vae.stride[0], s * lat_h, s * lat_w, device=device) * 2 - 1
@@ -452,6 +443,18 @@ def vae_encoder_graph_specs(vae: nn.Module, spec: ModelSpec, *, lat_h: int = 3, 
     return (GraphSpec(first, (video,), (video_dims,), first_c),
             GraphSpec(VAEEncodeStepGraph(vae, n), (step_video, *step_caches), (video_dims, tuple(cache_dims)),
                       step_c))
+
+
+def _cache_dims(caches: Any, lat_h: int, lat_w: int, h: Any, w: Any) -> tuple[list[dict[int, Any]], list[tuple]]:
+    """Each causal cache [1, C, 2, k*lat_h, k*lat_w]: its dynamic dims for torch.export and its contract
+    shape (k = 1, or the spatial multiple of that cache's resolution)."""
+    cache_dims, cache_shapes = [], []
+    for c in caches:
+        kh, kw = c.shape[3] // lat_h, c.shape[4] // lat_w
+        assert c.shape[3] == kh * lat_h and c.shape[4] == kw * lat_w, c.shape
+        cache_dims.append({3: h if kh == 1 else kh * h, 4: w if kw == 1 else kw * w})
+        cache_shapes.append((1, c.shape[1], 2, _sym(kh, "lat_h"), _sym(kw, "lat_w")))
+    return cache_dims, cache_shapes
 
 
 def _sym(k: int, name: str) -> str:
