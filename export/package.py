@@ -236,7 +236,7 @@ def _stages(ckpt: Checkpoint, out: Path, opset: int, precision: str, loras: Sequ
                                   config=ckpt.transformer_config(expert), external_data=True)
             comp = _component(out, expert, contract, precision, opset)
             comp = replace(comp, weights=weight_refs(out / f"{expert}.onnx"))
-            comp = bake_loras(out, comp, loras)
+            comp = bake_loras(out, {expert: comp}, expert, loras).get(expert, comp)
             return StageResult({expert: comp, **dit_pieces(out, spec, comp, tolerant=True)})
         return run
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,12 +50,18 @@ def package_recipes(model_dir: Path, out: Path) -> tuple[tuple[Recipe, ...], tup
     return tuple(fixed), tuple(artifacts.values())
 
 
-def bake_loras(out: Path, comp: Component, loras: Sequence[LoraRef], warn: object = print) -> Component:
-    """Merge LoRAs into a freshly exported DiT's external-data file, in place (W0 + sum s * dW, written at the
-    recorded offsets), and re-hash it. For engines that cannot be refitted, or plain convenience."""
+def bake_loras(out: Path, components: Mapping[str, Component], expert: str, loras: Sequence[LoraRef],
+               warn: object = print) -> dict[str, Component]:
+    """Merge LoRAs into one DiT expert's external-data file, in place (W0 + sum s * dW, written at the
+    recorded offsets), and re-hash every component that shares that file (the step-caching pieces point
+    at the whole graph's data file: vidrt.export.dit_split). For engines that cannot be refitted, or
+    plain convenience.
+
+    components: the package's components by name; returns only the ones whose artifact changed."""
+    comp = components[expert]
     refs = [r for r in loras if r.expert in (None, comp.name)]
     if not refs:
-        return comp
+        return {}
     assert comp.artifact.data_file is not None
     data = out / comp.artifact.data_file
     deltas = lora_deltas([(read_lora(r.path), r.strength) for r in refs], comp.weights, warn)  # type: ignore[arg-type]
@@ -65,4 +71,5 @@ def bake_loras(out: Path, comp: Component, loras: Sequence[LoraRef], warn: objec
         for name, array in merged.items():
             f.seek(by_name[name].offset)
             f.write(array.tobytes())
-    return replace(comp, artifact=make_artifact(out, comp.artifact.file, comp.artifact.data_file))
+    return {c.name: replace(c, artifact=make_artifact(out, c.artifact.file, c.artifact.data_file))
+            for c in components.values() if c.artifact.data_file == comp.artifact.data_file}
