@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -61,3 +62,10 @@ def rehash(package: Path, component: str) -> None:
     art = make_artifact(package, entry["file"], entry.get("data_file"))
     entry.update(sha256=art.sha256, size_bytes=art.size_bytes)
     path.write_text(json.dumps(raw, indent=2))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -18,7 +18,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from cli_helpers import VIDRT, temps
+from cli_helpers import VIDRT, free_port, temps
 from vidrt.video import read_metadata
 
 KILLS = 20  # per signal
@@ -124,14 +124,6 @@ def _before_vidrt_code(rc: int, err: str) -> bool:
     return "KeyboardInterrupt" in err or not err.strip() if "/runtime/" not in err else False
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _commands(run_package: Path, checkpoint: Path, folder: Path) -> dict[str, list[str]]:
     jobs = folder / "jobs.jsonl"
     jobs.write_text('{"prompt": "a red circle", "size": "32x32", "frames": 1, "steps": 1}\n')
@@ -140,7 +132,7 @@ def _commands(run_package: Path, checkpoint: Path, folder: Path) -> dict[str, li
                 "--frames", str(FRAMES), "-o", str(folder / "clip.mp4")],
         "export": [VIDRT, "export", "--model", str(checkpoint), "--out", str(folder / "pkg")],
         "batch": [VIDRT, "batch", "-m", str(run_package), "--out", str(folder / "batch"), str(jobs)],
-        "serve": [VIDRT, "serve", "-m", str(run_package), "--port", str(_free_port()), "--out", str(folder / "served")],
+        "serve": [VIDRT, "serve", "-m", str(run_package), "--port", str(free_port()), "--out", str(folder / "served")],
     }
 
 

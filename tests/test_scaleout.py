@@ -12,7 +12,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("fastapi")
 requests = pytest.importorskip("requests")
 
+from cli_helpers import free_port  # noqa: E402
 from vidrt.cli.app import cli, main  # noqa: E402
 from vidrt.errors import UsageError  # noqa: E402
 from vidrt.service.jobs import JobRequest, execute_job  # noqa: E402
@@ -75,12 +75,6 @@ def local_ray():
     ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(package, local_ray, tmp_path_factory):
     from vidrt.service import server as srv
@@ -88,7 +82,7 @@ def server(package, local_ray, tmp_path_factory):
     out = tmp_path_factory.mktemp("served")
     config = srv.ServeConfig(package=str(package), out_dir=str(out), workers=2, threads=1, max_steps=400,
                              max_frames=17, max_pixels=128 * 128)
-    service = srv.Service(config, host="127.0.0.1", port=_free_port())
+    service = srv.Service(config, host="127.0.0.1", port=free_port())
     url = service.start_in_thread()
     yield url, out
     service.stop()

@@ -31,6 +31,7 @@ openai = pytest.importorskip("openai")
 requests = pytest.importorskip("requests")
 Image = pytest.importorskip("PIL.Image")
 
+from cli_helpers import free_port  # noqa: E402
 from vidrt.errors import UsageError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
@@ -56,12 +57,6 @@ def local_ray():
     yield
     if started:
         ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
