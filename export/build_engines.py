@@ -11,6 +11,9 @@ more; on 10.x the STRONGLY_TYPED creation flag gives the same behaviour. Per com
   text encoder  batch 1..2 x 1..512 tokens; umT5 is never built from an fp16 graph (it overflows)
   VAE           first/step graphs at one fixed tile shape (static: the step replays a CUDA graph),
                 fp32; the tile comes from the residency plan for this GPU unless --vae-tile is given
+  VAE encoder   image-to-video packages: the streaming encoder graphs (vae_encode_first / _step), fp32,
+                untiled (as the reference), one static profile per resolution bucket (the clip's size)
+  image encoder Wan2.1 I2V/FLF2V: the CLIP vision tower, one static profile (1 image; FLF2V 2)
 
 Plans go to `<package>/trt-<version>-sm<cc>-<precision>/<component>.plan` with a persistent
 timing cache (`timing.cache`, GPU-specific) and `report.json` (TensorRT's device_memory_size_v2
@@ -78,7 +81,7 @@ def check_component_precision(name: str, comp: Component, precision: str, spec: 
         if comp.precision == "fp16":
             raise PackageError(f"{comp.artifact.file} is fp16: umT5 overflows in fp16 (non-finite embeddings); "
                                f"re-export the text encoder in bf16 or fp32")
-    elif name in (C.VAE_FIRST, C.VAE_STEP):
+    elif name in (C.VAE_FIRST, C.VAE_STEP, C.VAE_ENCODE_FIRST, C.VAE_ENCODE_STEP):
         if comp.precision != "fp32":
             raise PackageError(f"{comp.artifact.file} is {comp.precision}: the Wan VAE is built in fp32 only "
                                f"(it is precision-sensitive); re-export it in fp32")
@@ -122,6 +125,28 @@ def text_profiles(spec: ModelSpec, contract: Contract, seq_opt: int) -> list[Pro
 def vae_profiles(contract: Contract, tile: tuple[int, int], scale: int) -> list[Profile]:
     th, tw = tile
     shapes = _bind(contract, {"lat_h": th, "lat_w": tw, "out_h": th * scale, "out_w": tw * scale})
+    return [{n: (s, s, s) for n, s in shapes.items()}]
+
+
+def vae_encoder_profiles(spec: ModelSpec, contract: Contract, sizes: tuple[tuple[int, int], ...],
+                         frames: int) -> list[Profile]:
+    """One static profile per (width, height): the streaming encoder runs untiled on the whole frame
+    (vidrt.vae_encode, as the reference), so its shapes are the clip's: latent lat_h x lat_w, video
+    stride x that (1 frame into vae_encode_first, 4 into vae_encode_step). An image-to-video clip
+    takes its size from the image, so that size must be one of the built buckets, as for the DiT."""
+    out = []
+    for width, height in sizes:
+        _, _, h, w = spec.latent_shape(width, height, frames)
+        shapes = _bind(contract, {"lat_h": h, "lat_w": w})
+        out.append({n: (s, s, s) for n, s in shapes.items()})
+    return out
+
+
+def image_encoder_profiles(spec: ModelSpec, contract: Contract) -> list[Profile]:
+    """The CLIP vision tower runs once per clip on the start image (FLF2V: start and end image
+    stacked, pipeline._clip_tokens) at its fixed input side: one static profile."""
+    assert spec.image is not None
+    shapes = _bind(contract, {"images": 2 if spec.image.last_image else 1})
     return [{n: (s, s, s) for n, s in shapes.items()}]
 
 
@@ -276,6 +301,11 @@ def build_package(package: Path | str, options: BuildOptions, *, trt_mod: Module
             profiles = vae_profiles(comp.contract, tile, spec.vae.stride[1])
             s = spec.vae.stride[1]
             buckets = ((tile[1] * s, tile[0] * s, 1),)  # the tile in pixels (width, height, 1 latent frame)
+        elif name in (C.VAE_ENCODE_FIRST, C.VAE_ENCODE_STEP):
+            profiles = vae_encoder_profiles(spec, comp.contract, sizes, frames)
+            buckets = tuple((w, h, frames) for w, h in sizes)
+        elif name == C.IMAGE_ENCODER and spec.image is not None:
+            profiles = image_encoder_profiles(spec, comp.contract)
         else:
             raise UsageError(f"do not know how to profile component {name!r}")
         log(f"building {name} ({comp.precision}) -> {folder}/{name}.plan, {len(profiles)} profile(s)")
@@ -325,5 +355,6 @@ def _check(onnx_path: Path, plan: bytes | memoryview, comp: Component, profile: 
 
 
 __all__ = ["BuildOptions", "BUILD_PRECISIONS", "check_component_precision", "dit_profiles", "text_profiles",
-           "vae_profiles", "choose_vae_tile", "network_flags", "build_plan", "build_package"]
+           "vae_profiles", "vae_encoder_profiles", "image_encoder_profiles", "choose_vae_tile", "network_flags",
+           "build_plan", "build_package"]
 

@@ -251,11 +251,11 @@ def _stages(ckpt: Checkpoint, out: Path, opset: int, precision: str, loras: Sequ
         return StageResult({VAE_FIRST: _component(out, VAE_FIRST, first, "fp32", vae_opset),
                             VAE_STEP: _component(out, VAE_STEP, step, "fp32", vae_opset)})
 
-    def vae_encoder() -> StageResult:
+    def vae_encoder() -> StageResult:  # the same mid-block attention as the decoder: the same opset rule
         first, step = export_vae_encoder(ckpt.vae(), out / f"{VAE_ENCODE_FIRST}.onnx", out / f"{VAE_ENCODE_STEP}.onnx",
-                                         spec, opset)
-        return StageResult({VAE_ENCODE_FIRST: _component(out, VAE_ENCODE_FIRST, first, "fp32", opset),
-                            VAE_ENCODE_STEP: _component(out, VAE_ENCODE_STEP, step, "fp32", opset)})
+                                         spec, vae_opset)
+        return StageResult({VAE_ENCODE_FIRST: _component(out, VAE_ENCODE_FIRST, first, "fp32", vae_opset),
+                            VAE_ENCODE_STEP: _component(out, VAE_ENCODE_STEP, step, "fp32", vae_opset)})
 
     def image_encoder() -> StageResult:
         contract = export_image_encoder(ckpt.image_encoder(), out / f"{IMAGE_ENCODER}.onnx", spec, opset)

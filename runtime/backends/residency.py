@@ -475,8 +475,14 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
         method = cache.partition(":")[0]
         if method in ("none", ""):
             return (w, act, io)
-        return (w, act, io, Item(f"{method} residuals", cache_residual_bytes(spec, width, height, frames, method),
-                                 "fp32 residual stream x 2 CFG rows (vidrt.caching)"))
+        residuals = Item(f"{method} residuals", cache_residual_bytes(spec, width, height, frames, method),
+                         "fp32 residual stream x 2 CFG rows, on the device (vidrt.caching)")
+        if method not in PIECE_METHODS:
+            return (w, act, io, residuals)
+        # the DiT as its pieces (the same weights, cut apart): the tensors handed between them stay on the device
+        chain = Item(f"{expert} pieces' tensors", pieces_tensor_bytes(spec, width, height, frames),
+                     "x_0 + block output in + out (fp32 [2, L, dim]), context_emb, e0, temb, RoPE")
+        return (Item(f"{expert} pieces weights", w.bytes, w.how), act, io, chain, residuals)
 
     # decode: the first-frame engine over every tile (frame 0), released; then the step engine. Each
     # tile's causal caches stay on the device between latent frames (frame-major order).
@@ -563,9 +569,13 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
     # when that costs the decode no extra tiles (smaller tiles = more redundant overlap work).
     staged_tiles = choose(budget - reserve, "tile").count
     notes.clear()
+    # The image encoders run once, before denoising, and are always released after (pipeline.conditioning):
+    # they are never part of the resident set; while they run, only the text encoder (if on the GPU) is open.
+    image_stage = [Stage("image", (reserve_item, *te_gpu, *image_items), load=image_engines, release=image_engines)] \
+        if image_items else []
     for batch in (2, 1):
         dits = [it for e in experts for it in dit_items(e, batch)]
-        fixed = [reserve_item, *te_gpu, *image_items, *dits]
+        fixed = [reserve_item, *te_gpu, *dits]
         fixed_acts = [i.bytes for i in fixed if i.name.endswith(" activations")]
         # the arena is the largest need, not the sum: room = what the fixed items leave, their largest
         # scratch included once (the VAE's own scratch is counted by choose_tile on top: conservative)
@@ -579,11 +589,12 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
         arena = max(acts, key=lambda i: i.bytes)
         together = [i for i in every if i not in acts] + [Item("shared scratch arena", arena.bytes,
                                                                f"largest: {arena.name} ({arena.how})")]
-        if sum(i.bytes for i in together) <= budget and not notes and tile.count <= staged_tiles:
-            stage = Stage("all stages", tuple(together), load=((C.TEXT_ENCODER,) if te_gpu else ()) + image_engines + (
+        if sum(i.bytes for i in together) <= budget and not notes and tile.count <= staged_tiles \
+                and all(st.peak <= budget for st in image_stage):
+            stage = Stage("all stages", tuple(together), load=((C.TEXT_ENCODER,) if te_gpu else ()) + (
                 *experts, C.VAE_FIRST, C.VAE_STEP))
-            return _finish(spec, width, height, frames, precision, budget, (stage,), True, batch, tile, {}, notes,
-                           text_device, te_items, "tile")
+            return _finish(spec, width, height, frames, precision, budget, (*image_stage, stage), True, batch, tile, {},
+                           notes, text_device, te_items, "tile")
         notes.clear()
 
     # 2. per stage
@@ -659,6 +670,25 @@ def _finish(spec: ModelSpec, width: int, height: int, frames: int, precision: st
                          streamed, tuple(notes), host, text_device, decode_order)
 
 
+PIECE_METHODS = ("teacache", "magcache", "fbcache")  # vidrt.caching.PIECES_NEEDED: they run the DiT's pieces
+
+
+def pieces_tensor_bytes(spec: ModelSpec, width: int, height: int, frames: int) -> int:
+    """Device bytes of the tensors handed between the DiT's pieces while a step runs them (vidrt.caching
+    ExpertDiT on TensorRT, beside the residuals): the residual stream [2, L, dim] fp32 three times at
+    once (x_0, the block piece's input and its output), the step-invariant context embedding
+    [2, 512, dim] and RoPE tables [1, L, 1, head_dim] x 2, the time embeddings e [2, dim] and
+    e0 [2, 6 dim] (per token for TI2V: [2, L, ...]); fp32 (the pieces keep the residual stream and the
+    time embedding in fp32, export/components.py)."""
+    d, tokens = spec.dit.dim, spec.num_tokens(width, height, frames)
+    per_row_time = tokens if spec.per_token_timestep else 1
+    stream = 3 * 2 * tokens * d
+    context = 2 * spec.text.text_len * d
+    rope = 2 * tokens * spec.dit.head_dim
+    time = 2 * per_row_time * 7 * d
+    return 4 * (stream + context + rope + time)
+
+
 def cache_residual_bytes(spec: ModelSpec, width: int, height: int, frames: int, method: str) -> int:
     """Device bytes a step cache holds through the denoise stage (fast_paths.md C.6): the block-stack
     residual [2, L, dim] in the fp32 residual stream (TeaCache, MagCache); First Block Cache also
@@ -707,7 +737,7 @@ def plan_for_package(package: Path, manifest: Manifest, width: int, height: int,
                      contracts=contracts, vae_tile=vae_tile, text_device=text_device, image=image, cache=cache)
 
 
-__all__ = ["cache_residual_bytes",
+__all__ = ["cache_residual_bytes", "pieces_tensor_bytes", "PIECE_METHODS",
            "DiTParams", "dit_params", "dit_param_count", "text_param_count", "VAE_DECODER_PARAMS",
            "VAE_CACHE_SLOTS", "vae_step_contract", "dit_weight_bytes", "text_weight_bytes", "tensor_bytes",
            "io_bytes", "dit_activation_bytes", "text_activation_bytes", "EngineReport", "load_reports", "Item",

@@ -646,6 +646,17 @@ def built_vae_tile(plans: dict[str, EngineEntry], scale: int) -> tuple[int, int]
     return None
 
 
+_CACHE_CHAINS = (C.VAE_FIRST, C.VAE_STEP, C.VAE_ENCODE_FIRST, C.VAE_ENCODE_STEP)
+
+
+def resident_outputs(name: str, contract: Contract) -> frozenset[str]:
+    """The outputs of `name` that stay on the device as DeviceTensors (fed to a later call by address):
+    the VAE decoder's and encoder's causal caches (cache_out_i -> the next step's cache_in_i)."""
+    if name in _CACHE_CHAINS:
+        return frozenset(n for n in contract.output_names if n.startswith("cache_out_"))
+    return frozenset()
+
+
 def device_index(options: BackendOptions) -> int:
     """--device cuda:N (or N) -> N; cpu/cuda -> 0."""
     tail = str(options.device).rsplit(":", 1)[-1]
@@ -710,7 +721,8 @@ class TrtBackend:
         """GPU seconds per stage (CUDA events around each enqueue: kernel time, not the host copies)
         and per engine, and the peak device memory this process used since the backend opened
         (cudaMemGetInfo's free bytes after each call, against the free bytes at start)."""
-        stage = {C.TEXT_ENCODER: "text", C.VAE_FIRST: "decode", C.VAE_STEP: "decode"}
+        stage = {C.TEXT_ENCODER: "text", C.VAE_FIRST: "decode", C.VAE_STEP: "decode", C.VAE_ENCODE_FIRST: "image",
+                 C.VAE_ENCODE_STEP: "image", C.IMAGE_ENCODER: "image"}
         by_stage: dict[str, float] = {}
         for name, ms in self._gpu_ms.items():
             key = stage.get(name, "denoise")
@@ -761,9 +773,7 @@ class TrtBackend:
             source = plan_source(self._trt, plan_path)
         except OSError as exc:
             raise PackageError(f"cannot read {plan_path} ({exc.strerror}); rebuild: {rebuild}") from None
-        # The VAE's causal caches stay on the device from call to call (cache_out_i -> cache_in_i).
-        resident = frozenset(n for n in contract.output_names if n.startswith("cache_out_")) \
-            if name in (C.VAE_FIRST, C.VAE_STEP) else frozenset()
+        resident = resident_outputs(name, contract)
         try:
             # The fixed-tile VAE step is the engine worth a CUDA graph (many small kernels per tile).
             engine = TrtEngine(name, source, contract, trt_mod=self._trt, runtime=self._runtime, cuda=self.cuda,
@@ -794,4 +804,4 @@ class TrtBackend:
 __all__ = ["INSTALL_TENSORRT", "MIN_VERSION", "version_tuple", "load_tensorrt", "tensorrt_status", "engine_dir_name",
            "engine_dir_precision", "rebuild_command", "select_engines", "availability", "numpy_dtype",
            "to_bf16_bits", "from_bf16_bits", "ScratchArena", "TrtEngine", "TrtBackend", "plan_source", "built_vae_tile",
-           "device_index", "PLAN_READ_CHUNK", "MAX_GRAPHS"]
+           "device_index", "PLAN_READ_CHUNK", "MAX_GRAPHS", "resident_outputs"]

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from vidrt.errors import UsageError
+
+if TYPE_CHECKING:
+    from vidrt.package.registry import ModelSpec
 
 
 def _sizes(value: str | None) -> tuple[tuple[int, int], ...]:
@@ -75,13 +79,21 @@ def build_cmd(package: str, precision: str, sizes: str | None, frames: int | Non
               help="fp8: quantise all block matrices, or only the feed-forward ones.")
 @click.option("--text-encoder", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
               help="Where umT5 runs: the GPU, or ONNX Runtime on the CPU (host RAM); auto = the GPU if the clip fits.")
+@click.option("--image", "image", is_flag=True,
+              help="Plan an image-to-video clip: the VAE encoder (+ Wan2.1's CLIP) stage, encoded once and released "
+                   "before denoising (image-to-video-only models plan it without the flag).")
+@click.option("--cache", "cache", metavar="METHOD[:THRESHOLD]",
+              help="Plan a step-cached run (teacache, magcache, fbcache: the DiT as pieces; easycache): the "
+                   "residual buffers and the tensors between the pieces, on the device through denoising.")
 def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precision: str, fp8_scope: str,
-             text_encoder: str) -> None:
+             text_encoder: str, image: bool, cache: str | None) -> None:
     """Device-memory plan for a clip: per stage peak, what stays resident, the VAE tile.
     MODEL is a package folder or a variant name (no weights needed)."""
     from vidrt.backends.residency import make_plan, plan_for_package
+    from vidrt.caching import parse_cache
     from vidrt.package.registry import VARIANTS, get_variant
 
+    method = str(parse_cache(cache))  # UsageError naming the valid forms
     (width, height), = _sizes(size)
     budgets = [_bytes(b) for b in gpu_memory.split(",") if b.strip()]
     text_device = None if text_encoder == "auto" else text_encoder
@@ -92,12 +104,14 @@ def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precisi
 
             manifest = load_manifest(model, verify=False)
             n = frames or manifest.model.sampling.frames
+            _check_image(manifest.model, image)
             plans.append(plan_for_package(Path(model), manifest, width, height, n, budget, precision, fp8_scope,
-                                          text_device=text_device))
+                                          text_device=text_device, image=image or None, cache=method))
         elif model in VARIANTS:
             spec = get_variant(model)
+            _check_image(spec, image)
             plans.append(make_plan(spec, width, height, frames or spec.sampling.frames, budget, precision,
-                                   fp8_scope=fp8_scope, text_device=text_device))
+                                   fp8_scope=fp8_scope, text_device=text_device, image=image or None, cache=method))
         else:
             raise UsageError(f"{model!r} is neither a package folder nor a variant ({', '.join(VARIANTS)})")
     if len(plans) == 1:
@@ -112,6 +126,11 @@ def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precisi
                    f"{'x2' if p.cfg_batch == 2 else '2x1':<3}  {p.decode_order:<6}  {p.vae_tile.count:>9}  "
                    f"{sum(p.streamed.values()) / 2**30 / max(len(p.streamed), 1):>17.2f}  "
                    f"{p.host_bytes / 2**30:>12.2f}")
+
+
+def _check_image(spec: ModelSpec, image: bool) -> None:
+    if image and spec.image is None:
+        raise UsageError(f"--image: {spec.name} is a text-to-video model (no image encoder); drop --image")
 
 
 @click.command("doctor")
