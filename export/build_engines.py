@@ -65,6 +65,7 @@ class BuildOptions:
     components: tuple[str, ...] = ()  # () = all but the DiT's step-caching pieces (unless cache_pieces)
     check: bool = False  # compare each engine with ONNX Runtime (polygraphy), result in report.json
     cache_pieces: bool = False  # also the "<expert>.<piece>" graphs `--cache` runs (vidrt.caching)
+    refit: bool = True  # DiT plans (experts and pieces) refittable: LoRAs at load time (vidrt.backends.refit)
 
 
 # ---- pure parts (unit-tested) -------------------------------------------------------------------------
@@ -91,6 +92,40 @@ def is_dit_piece(name: str, spec: ModelSpec) -> bool:
     """"dit.block0", "dit_low.head": a step-caching piece of a DiT expert (vidrt.export.dit_split)."""
     expert, _, piece = name.partition(".")
     return expert in spec.experts and piece in C.DIT_PIECES
+
+
+# TensorRT 11.3 "Refitting an Engine" (docs.nvidia.com/deeplearning/tensorrt/11.3.0/inference-library/
+# refitting-engines.html, and the 11.3.0 release notes' Known Issues): "Enabling BuilderFlag::kREFIT may
+# produce incorrect numerical output compared with a non-refit engine, even when no refit is performed. A
+# GEMM bias can be dropped and treated as zero, and that bias is not exposed through the refit API." The
+# note names kREFIT only; REFIT_INDIVIDUAL is not said to be safe, so 11.3 builds no refittable plan.
+REFIT_BROKEN = ((11, 3),)
+REFIT_FLAG = "REFIT_INDIVIDUAL"
+
+
+def refit_names(name: str, manifest: Manifest, options: BuildOptions, trt_version: str) -> tuple[tuple[str, ...], str]:
+    """(weights to mark refittable, why none) for one component's plan.
+
+    BuilderFlag.REFIT_INDIVIDUAL with the DiT's recorded parameters marked (manifest `weights`: every
+    parameter a LoRA key can name, `diff`/`diff_b`/`diff_m` included): "all weights are non-refittable
+    by default when this flag is enabled" (NvInfer.h BuilderFlag::kREFIT_INDIVIDUAL), so constants that
+    are not parameters (RoPE tables, shape values) stay foldable, unlike kREFIT's every-weight refit.
+    kREFIT_IDENTICAL cannot take a LoRA ("if the refit weights are not identical to the build-time
+    weights, behavior is undefined"); STRIP_PLAN is not used (a plan runs without its ONNX). A step-
+    caching piece gets the same list: marking a weight its graph lacks just returns False."""
+    spec = manifest.model
+    expert = name.partition(".")[0]
+    if not options.refit or not (name in spec.experts or is_dit_piece(name, spec)):
+        return (), ""
+    if options.precision == "fp8":
+        return (), "an fp8 DiT takes LoRAs baked in before quantising (vidrt export --lora)"
+    if version_tuple(trt_version)[:2] in REFIT_BROKEN:
+        return (), (f"TensorRT {trt_version}: refittable plans may drop GEMM biases (11.3 known issue, "
+                    f"docs.nvidia.com/deeplearning/tensorrt/11.3.0/inference-library/refitting-engines.html)")
+    weights = manifest.components[expert].weights
+    if not weights:
+        return (), "the package records no DiT weights (exported before vidrt did; re-export it)"
+    return tuple(sorted(ref.initializer for ref in weights.values())), ""
 
 
 def _bind(contract: Contract, sizes: dict[str, int]) -> dict[str, Shape]:
@@ -180,9 +215,12 @@ def _write_atomic(path: Path, data: bytes | memoryview) -> None:
 
 
 def build_plan(trt: ModuleType, onnx_path: Path, profiles: list[Profile], options: BuildOptions,
-               timing_cache: Path, *, streamable: bool = False) -> tuple[memoryview, dict[str, Any]]:
+               timing_cache: Path, *, streamable: bool = False,
+               refittable: tuple[str, ...] = ()) -> tuple[memoryview, dict[str, Any]]:
     """Build one plan. Returns (a view of TensorRT's serialised plan, report); the caller writes it
-    and drops it (an A14B plan is 14-28 GB: no bytes() copy)."""
+    and drops it (an A14B plan is 14-28 GB: no bytes() copy). `refittable`: weight names to mark
+    refittable under BuilderFlag.REFIT_INDIVIDUAL (refit_names); the report's "refit" says how many
+    the plan exposes to the refit API and which marked ones it does not ("lost")."""
     logger: trt_t.Logger = trt.Logger(trt.Logger.WARNING)
     builder: trt_t.Builder | None = trt.Builder(logger)
     if builder is None:
@@ -205,6 +243,12 @@ def build_plan(trt: ModuleType, onnx_path: Path, profiles: list[Profile], option
         config.clear_flag(tf32)
     if streamable:
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    # The ONNX parser names each weight after its initializer (INetworkDefinition::setWeightsName,
+    # "Refitting an Engine"); markWeightsRefittable "returns false if the weights do not exist or cannot be
+    # refitted" (NvInfer.h): a step-caching piece marks the part of the DiT's parameters it holds.
+    marked = [n for n in refittable if network.mark_weights_refittable(n)] if refittable else []
+    if marked:
+        config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)  # "cannot be used together with kREFIT"
     cache: trt_t.ITimingCache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     config.set_timing_cache(cache, False)
     for prof in profiles:
@@ -228,8 +272,21 @@ def build_plan(trt: ModuleType, onnx_path: Path, profiles: list[Profile], option
         report["profile_device_memory_bytes"] = [int(engine.get_device_memory_size_for_profile_v2(i))
                                                  for i in range(engine.num_optimization_profiles)]
         report["weight_bytes"] = int(engine.streamable_weights_size) if streamable else data.nbytes
+        if marked:
+            report["refit"] = _refit_report(trt, engine, logger, marked)
         del engine
     return data, report
+
+
+def _refit_report(trt: ModuleType, engine: trt_t.ICudaEngine, logger: trt_t.Logger,
+                  marked: list[str]) -> dict[str, Any]:
+    """What the built plan lets a refit change: every marked weight must be listed by the refit API
+    (Refitter.get_all_weights). One that is not can never take a LoRA -- and a marked GEMM bias that is
+    not is TensorRT 11.3's known issue (the bias "dropped and treated as zero")."""
+    exposed = set(trt.Refitter(engine, logger).get_all_weights()) if engine.refittable else set()
+    lost = [n for n in marked if n not in exposed]
+    return {"flag": REFIT_FLAG, "marked": len(marked), "weights": len(marked) - len(lost), "lost": lost[:8],
+            "lost_count": len(lost)}
 
 
 def build_package(package: Path | str, options: BuildOptions, *, trt_mod: ModuleType | None = None,
@@ -308,9 +365,29 @@ def build_package(package: Path | str, options: BuildOptions, *, trt_mod: Module
             profiles = image_encoder_profiles(spec, comp.contract)
         else:
             raise UsageError(f"do not know how to profile component {name!r}")
-        log(f"building {name} ({comp.precision}) -> {folder}/{name}.plan, {len(profiles)} profile(s)")
-        data, report = builder(trt, package / comp.artifact.file, profiles, options, cache,
-                               streamable=options.weight_streaming and name in spec.experts)
+        marks, why_not = refit_names(name, manifest, options, version)
+        if why_not:
+            log(f"{name}: built without refit ({why_not}); LoRAs on it: vidrt export --lora, then vidrt build")
+        log(f"building {name} ({comp.precision}{', refittable' if marks else ''}) -> {folder}/{name}.plan, "
+            f"{len(profiles)} profile(s)")
+        streamable = options.weight_streaming and name in spec.experts
+        data, report = builder(trt, package / comp.artifact.file, profiles, options, cache, streamable=streamable,
+                               refittable=marks)
+        refit = report.get("refit") or {}
+        if not refit.get("marked"):
+            marks = ()  # no weight of this graph was marked (or the plan could not be checked): not refittable
+        elif refit.get("lost_count"):
+            # a plan whose refit would silently miss weights (or zeroed a GEMM bias) is not kept: rebuilt
+            # as a plain plan, LoRAs refused on it with one line
+            lost = ", ".join(refit["lost"])
+            log(f"warning: {name}: TensorRT {version} does not expose {refit['lost_count']} marked "
+                f"weight(s) to refit ({lost}); a dropped GEMM bias is TensorRT 11.3's known issue "
+                f"(refitting-engines.html); rebuilding {name} without refit")
+            del data
+            data, report = builder(trt, package / comp.artifact.file, profiles, options, cache,
+                                   streamable=streamable, refittable=())
+            report["refit_dropped"] = refit
+            marks = ()
         _write_atomic(out_dir / f"{name}.plan", data)
         if options.check:
             report["check"] = _check(package / comp.artifact.file, data, comp, profiles[0], spec, options, checker,
@@ -324,7 +401,8 @@ def build_package(package: Path | str, options: BuildOptions, *, trt_mod: Module
                                                              strict=False)]
         reports[name] = report
         artifact = make_artifact(package, f"{folder}/{name}.plan")
-        new.append(EngineEntry(name, artifact, comp.precision, version, compute_capability, buckets))
+        new.append(EngineEntry(name, artifact, comp.precision, version, compute_capability, buckets,
+                               refit=REFIT_FLAG if marks else ""))
     _write_atomic(report_path, (json.dumps({"tensorrt_version": version, "compute_capability": compute_capability,
                                             "precision": options.precision, "engines": reports}, indent=1)
                                 + "\n").encode())
@@ -354,7 +432,7 @@ def _check(onnx_path: Path, plan: bytes | memoryview, comp: Component, profile: 
     return result
 
 
-__all__ = ["BuildOptions", "BUILD_PRECISIONS", "check_component_precision", "dit_profiles", "text_profiles",
-           "vae_profiles", "vae_encoder_profiles", "image_encoder_profiles", "choose_vae_tile", "network_flags",
-           "build_plan", "build_package"]
+__all__ = ["BuildOptions", "BUILD_PRECISIONS", "REFIT_FLAG", "refit_names", "check_component_precision",
+           "dit_profiles", "text_profiles", "vae_profiles", "vae_encoder_profiles", "image_encoder_profiles",
+           "choose_vae_tile", "network_flags", "build_plan", "build_package"]
 

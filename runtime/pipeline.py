@@ -139,7 +139,7 @@ class Pipeline:
         self.manifest = manifest
         self.options = options
         self.warn = warn or (lambda msg: print(f"warning: {msg}"))
-        self.backend = open_backend(options, manifest)
+        self.backend = open_backend(options, manifest, package)
         self.tokenizer = PromptTokenizer(artifact_path(package, manifest.tokenizer.file),
                                          manifest.model.text.text_len)
         self._engines: dict[str, Engine] = {}
@@ -148,8 +148,9 @@ class Pipeline:
         self.load_seconds = 0.0
         self.cfg_batch: int | None = None  # None: the memory plan's (2 where there is none); 1: two DiT calls
         # LoRAs (vidrt.lora): applied to every run (Pipeline.load(loras=...)); a run adds its recipe's and
-        # request's. DiT engines are kept per (expert, LoRA set): ONNX Runtime sessions made with the merged
-        # initializers are parked, not closed, when another set is wanted (TensorRT refit: not yet).
+        # request's. ONNX Runtime: DiT sessions are kept per (expert, LoRA set), made with the merged
+        # initializers and parked, not closed, when another set is wanted. TensorRT: one engine per graph,
+        # refitted in place when the set changes (vidrt.backends.refit).
         self.loras: tuple[LoraRef, ...] = ()
         self._merger = LoraMerger(package, manifest, self.warn)
         self._want: dict[str, tuple[LoraRef, ...]] = {}  # expert -> the LoRAs of the current run
@@ -199,13 +200,20 @@ class Pipeline:
         current = self._engines.get(name)
         if current is not None and self._engine_key.get(name, ()) == want:
             return current
+        backend = self.text_backend if name == C.TEXT_ENCODER and self.text_backend else self.backend
+        refit = getattr(backend, "refit", None)
+        if current is not None and refit is not None:
+            # TensorRT: one engine per graph, its weights refitted in place from the base weights
+            # (vidrt.backends.refit); an empty set restores the base. ONNX Runtime: a session per set.
+            refit(current, self._merged(name) if want else {})
+            self._engine_key[name] = want
+            return current
         if current is not None:
             self._parked[(name, self._engine_key.get(name, ()))] = self._engines.pop(name)
         engine = self._parked.pop((name, want), None)
         if engine is None:
             comp = self.manifest.components[name]
             path = artifact_path(self.package, comp.artifact.file)
-            backend = self.text_backend if name == C.TEXT_ENCODER and self.text_backend else self.backend
             merged = self._merged(name) if want else {}
             engine = backend.open(name, path, comp.contract, weights=merged) if merged \
                 else backend.open(name, path, comp.contract)
@@ -334,6 +342,10 @@ class Pipeline:
         loras = self.loras + s.loras  # the pipeline's, then the recipe's and the request's
         self._want = {expert: loras for expert in spec.experts}
         self._merge_stats = [0.0, 0]
+        check_refit = getattr(self.backend, "check_refit", None)  # TensorRT: refittable plans, or one line now
+        for expert in spec.experts:
+            if check_refit is not None and self._merger.key(expert, loras):
+                check_refit(expert)
 
         # 2. text: [2, 512, d_model], row 0 = prompt, row 1 = negative prompt; [1, ...] when no step needs CFG
         with stats.stage("text"):

@@ -351,7 +351,8 @@ def test_build_writes_plans_reports_and_manifest_entries(tmp_path: Path) -> None
     _write_package(tmp_path)
     built: list[tuple[str, list[Any], bool]] = []
 
-    def builder(trt: Any, onnx: Path, profiles: list[Any], options: Any, cache: Path, *, streamable: bool) -> Any:
+    def builder(trt: Any, onnx: Path, profiles: list[Any], options: Any, cache: Path, *, streamable: bool,
+                refittable: tuple[str, ...] = ()) -> Any:
         built.append((onnx.name, profiles, streamable))
         cache.write_bytes(b"timing")
         return onnx.name.encode() + b".plan", {"device_memory_bytes": 123, "plan_bytes": 9}

@@ -14,8 +14,8 @@ import pytest
 import typing_prep
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ("vidrt.backends.tensorrt", "vidrt.backends.cuda", "vidrt.backends.residency", "vidrt.backends.doctor",
-           "vidrt.cli.trt", "vidrt.export.build_engines", "vidrt.export.quantize_fp8")
+MODULES = ("vidrt.backends.tensorrt", "vidrt.backends.refit", "vidrt.backends.cuda", "vidrt.backends.residency",
+           "vidrt.backends.doctor", "vidrt.cli.trt", "vidrt.export.build_engines", "vidrt.export.quantize_fp8")
 
 
 def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

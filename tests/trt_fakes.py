@@ -6,6 +6,7 @@ addresses bound with set_tensor_address, stream capture that records work instea
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -148,6 +149,12 @@ class FakePlan:
     streamable: int = 0  # streamable_weights_size: > 0 for a plan built with --weight-streaming
     profile_memory: list[int] | None = None  # get_device_memory_size_for_profile_v2 per profile
     streaming_scratch: int = 0  # extra scratch once part of the weights stream (budget < streamable)
+    # Refit (FakeRefitter): `weights` = the refittable weights, name -> (dtype, value as built; bf16 as
+    # uint16 bits), fed to `compute` under their names; `combined` = groups TensorRT optimised together
+    # (setting one makes the others "missing"); `refittable` = ICudaEngine.refittable.
+    weights: dict[str, tuple[DType, np.ndarray]] = field(default_factory=dict)
+    combined: tuple[frozenset[str], ...] = ()
+    refittable: bool = False
 
 
 class FakeContext:
@@ -202,6 +209,9 @@ class FakeContext:
                 assert addresses[n] in cuda.mem, f"input {n} bound to freed memory"
                 raw = np.frombuffer(bytes(cuda.mem[addresses[n]][:nbytes]), _NP[dt.name]).reshape(shape)
                 feeds[n] = from_bf16_bits(raw) if dt is BF16 else raw
+            for n, (dt, _) in self.engine.plan.weights.items():  # what the engine holds now
+                held = self.engine.weights[n]
+                feeds[n] = from_bf16_bits(held) if dt is BF16 else held.astype(np.float32)
             outs = self.engine.plan.compute(feeds)
             for n, (dt, _) in self.engine.plan.outputs.items():
                 arr = to_bf16_bits(outs[n]) if dt is BF16 else np.ascontiguousarray(outs[n], _NP[dt.name])
@@ -223,7 +233,12 @@ class FakeEngine:
         self.executions = 0
         self.contexts: list[FakeContext] = []
         self.weight_streaming_budget_v2 = plan.streamable  # TensorRT's default: stream nothing
+        self.weights = {n: v.copy() for n, (_, v) in plan.weights.items()}  # refittable weights, as held now
+        self.refits: list[tuple[int | None, tuple[str, ...]]] = []  # (stream or None, names) per refit
 
+    @property
+    def refittable(self) -> bool:
+        return self.plan.refittable
     @property
     def streamable_weights_size(self) -> int:
         return self.plan.streamable
@@ -286,6 +301,96 @@ class FakeEngine11(FakeEngine):
         return ctx
 
 
+class FakeWeights:
+    """trt.Weights: (dtype, ptr, count) holds a raw pointer ("No deep copies are made", pyCoreDoc
+    WeightsDoc); a prototype (get_weights_prototype) has no data and size -1 for an unknown name."""
+
+    def __init__(self, dtype: DType = FLOAT, ptr: int = 0, count: int = 0) -> None:
+        self.dtype, self.ptr, self.size = dtype, ptr, count
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(_NP[self.dtype.name]).itemsize
+
+    def read(self) -> np.ndarray:
+        """The values at the pointer now (what TensorRT reads when the refit runs)."""
+        raw = (ctypes.c_uint8 * self.nbytes).from_address(self.ptr)
+        return np.frombuffer(bytes(raw), _NP[self.dtype.name]).copy()
+
+
+class FakeRefitter:
+    """trt.Refitter following pyCoreDoc RefitterDoc / NvInferRuntime.h IRefitter:
+    - set_named_weights returns False for a name that "does not correspond to any refittable weights",
+      a size or a dtype other than get_weights_prototype(name)'s; a location must be HOST or DEVICE
+      (a host pointer claimed to be on the device is a test failure here);
+    - get_missing_weights: the unset weights of every combined group one of whose weights was set;
+    - refit_cuda_engine(_async) returns False while any weight is missing, else copies every set
+      weight from its pointer into the engine (so an array freed or changed before the refit shows);
+    - weights stay set for later refits until unset_named_weights ("False if the weights were never set");
+    - max_threads >= 1 ("A value less than 1 triggers a kINVALID_ARGUMENT error")."""
+
+    def __init__(self, engine: FakeEngine, logger: Any) -> None:
+        assert engine.refittable, "createInferRefitter on an engine built without refit"
+        self.engine = engine
+        self._max_threads = 1
+        self.set: dict[str, FakeWeights] = {}
+        self.locations: dict[str, str] = {}
+        self.rejected: list[str] = []
+        engine.refitters = [*getattr(engine, "refitters", []), self]
+
+    @property
+    def max_threads(self) -> int:
+        return self._max_threads
+
+    @max_threads.setter
+    def max_threads(self, n: int) -> None:
+        assert n >= 1, "kINVALID_ARGUMENT: max_threads < 1"
+        self._max_threads = n
+
+    def get_all_weights(self) -> list[str]:
+        return list(self.engine.plan.weights)
+
+    def get_weights_prototype(self, name: str) -> FakeWeights:
+        if name not in self.engine.plan.weights:
+            return FakeWeights(FLOAT, 0, -1)
+        dt, value = self.engine.plan.weights[name]
+        return FakeWeights(dt, 0, int(value.size))
+
+    def set_named_weights(self, name: str, weights: FakeWeights, location: str = "HOST") -> bool:
+        assert location in ("HOST", "DEVICE")
+        proto = self.get_weights_prototype(name)
+        if proto.size < 0 or weights.dtype != proto.dtype or weights.size != proto.size:
+            self.rejected.append(name)
+            return False
+        assert location == "HOST", "host (numpy) memory passed as TensorLocation.DEVICE"
+        self.set[name], self.locations[name] = weights, location
+        return True
+
+    def unset_named_weights(self, name: str) -> bool:
+        return self.set.pop(name, None) is not None
+
+    def get_missing_weights(self) -> list[str]:
+        out: list[str] = []
+        for group in self.engine.plan.combined:
+            if group & set(self.set):
+                out += sorted(n for n in group if n not in self.set and n not in out)
+        return out
+
+    def _refit(self, stream: int | None) -> bool:
+        if self.get_missing_weights():
+            return False
+        for name, w in self.set.items():
+            self.engine.weights[name] = w.read().reshape(self.engine.weights[name].shape)
+        self.engine.refits.append((stream, tuple(sorted(self.set))))
+        return True
+
+    def refit_cuda_engine(self) -> bool:
+        return self._refit(None)
+
+    def refit_cuda_engine_async(self, stream: int) -> bool:
+        return self._refit(stream)
+
+
 @dataclass
 class FakeTensorRT:
     """The `tensorrt` module: `plans` maps plan bytes to what they deserialise to (unknown bytes ->
@@ -299,6 +404,7 @@ class FakeTensorRT:
     deserialized: list[str] = field(default_factory=list)
     builds: list[dict[str, Any]] = field(default_factory=list)
     build_result: bytes = b"plan"
+    network_weights: set[str] | None = None  # names the parsed network has (None: any name)
 
     def module(self) -> Any:
         fake = self
@@ -347,6 +453,7 @@ class FakeTensorRT:
 
         class BuilderFlag:
             TF32, WEIGHT_STREAMING = "TF32", "WEIGHT_STREAMING"
+            REFIT, REFIT_IDENTICAL, REFIT_INDIVIDUAL = "REFIT", "REFIT_IDENTICAL", "REFIT_INDIVIDUAL"
 
         class Config:
             def __init__(self, record: dict[str, Any]) -> None:
@@ -359,6 +466,9 @@ class FakeTensorRT:
 
             def set_flag(self, flag: str) -> None:
                 self.record["flags"].add(flag)
+                # NvInfer.h kREFIT_INDIVIDUAL: "cannot be used together with kREFIT or kREFIT_IDENTICAL"
+                assert not ({"REFIT", "REFIT_IDENTICAL"} & self.record["flags"]
+                            and "REFIT_INDIVIDUAL" in self.record["flags"])
 
             def clear_flag(self, flag: str) -> None:
                 self.record["flags"].discard(flag)
@@ -392,7 +502,17 @@ class FakeTensorRT:
                 fake.builds.append(self.record)
 
             def create_network(self, flags: int) -> Any:
-                return SimpleNamespace(flags=flags)
+                record = self.record
+                record["marked"] = []
+
+                def mark_weights_refittable(name: str) -> bool:
+                    # NvInfer.h: "false if the weights do not exist or cannot be refitted"
+                    exists = fake.network_weights is None or name in fake.network_weights
+                    if exists:
+                        record["marked"].append(name)
+                    return exists
+
+                return SimpleNamespace(flags=flags, mark_weights_refittable=mark_weights_refittable)
 
             def create_builder_config(self) -> Config:
                 return Config(self.record)
@@ -416,4 +536,6 @@ class FakeTensorRT:
             MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"), Dims=tuple,
             ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED="USER_MANAGED"),
             TensorIOMode=SimpleNamespace(INPUT=INPUT, OUTPUT=OUTPUT),
-            NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1), major=major)
+            NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1), major=major,
+            Refitter=FakeRefitter, Weights=FakeWeights, TensorLocation=SimpleNamespace(HOST="HOST", DEVICE="DEVICE"),
+            DataType=SimpleNamespace(FLOAT=FLOAT, HALF=HALF, BF16=BF16))

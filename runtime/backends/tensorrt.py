@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from vidrt.backends.base import BackendOptions
 from vidrt.backends.cuda import BufferPool, CudaApi, CudaRuntime, DeviceBuffer, DeviceTensor, Stream, probe
-from vidrt.errors import DeviceError, PackageError, UsageError
+from vidrt.backends.refit import EngineRefit, not_refittable
+from vidrt.errors import DeviceError, PackageError
 from vidrt.package import contracts as C
 from vidrt.package.contracts import Contract
 from vidrt.package.manifest import Engine as EngineEntry
@@ -578,6 +580,16 @@ class TrtEngine:
         except TypeError:
             return value
 
+    def refit(self, state: EngineRefit, weights: Mapping[str, np.ndarray]) -> int:
+        """Write LoRA-merged weights into this engine in place (vidrt.backends.refit), on the engine's
+        stream, and wait for it. CUDA graphs captured before replay what they captured: dropped."""
+        if self._engine is None:
+            raise DeviceError(f"engine {self.name} was closed")
+        self._drop_graphs()
+        count = state.apply(self._engine, weights, self._stream.handle)
+        self._stream.sync()
+        return count
+
     def close(self) -> None:
         if self._ctx is None and self._engine is None:
             return
@@ -657,6 +669,10 @@ def resident_outputs(name: str, contract: Contract) -> frozenset[str]:
     return frozenset()
 
 
+def _no_base(initializer: str) -> np.ndarray:
+    raise KeyError(initializer)  # no weight records: EngineRefit names the weight it cannot restore
+
+
 def device_index(options: BackendOptions) -> int:
     """--device cuda:N (or N) -> N; cpu/cuda -> 0."""
     tail = str(options.device).rsplit(":", 1)[-1]
@@ -702,6 +718,7 @@ class TrtBackend:
         # What the GPU has for this process before any engine is opened: the residency plan's budget.
         self.free_bytes_at_start = cuda.mem_info()[0]
         self.streamed: dict[str, int] = {}  # engine -> weight bytes the plan streams per call
+        self._refits: dict[str, EngineRefit] = {}  # engine -> which of its weights a LoRA changed now
         self.reset_gpu_stats()
 
     # ---- per-stage GPU time and peak memory (--stats-json) ----
@@ -710,6 +727,7 @@ class TrtBackend:
         self._gpu_ms: dict[str, float] = {}
         self._gpu_calls: dict[str, int] = {}
         self._min_free = self.free_bytes_at_start
+        self._refit_stats = [0.0, 0]  # LoRA refits since: seconds (set + refit + sync), bytes of weights set
 
     def _ran(self, engine: str, ms: float) -> None:
         """After every engine call: its CUDA-event time, and the device memory in use now."""
@@ -730,7 +748,9 @@ class TrtBackend:
         return {"gpu_seconds": by_stage, "gpu_seconds_by_engine": {n: ms / 1000 for n, ms in self._gpu_ms.items()},
                 "engine_calls": dict(self._gpu_calls),
                 "peak_device_bytes": self.free_bytes_at_start - self._min_free,
-                "free_bytes_at_start": self.free_bytes_at_start}
+                "free_bytes_at_start": self.free_bytes_at_start} | \
+            ({"lora_refit_seconds": self._refit_stats[0], "lora_refit_bytes": int(self._refit_stats[1])}
+             if self._refit_stats[1] else {})
 
     def device_memory(self) -> tuple[int, str] | None:
         return self.free_bytes_at_start, self.precision
@@ -756,15 +776,14 @@ class TrtBackend:
         """`path` is the component's ONNX file (what the pipeline passes); its plan is opened instead.
         The plan is deserialised from its file each time (no copy kept in host RAM: an A14B expert's
         plan is ~14-28 GB; re-opening the other expert at the boundary re-reads it from the page cache).
-        `weights` (LoRA-merged initializers) would need a refit of a refittable plan: not implemented yet,
-        so they are refused rather than ignored."""
-        if weights:
-            raise UsageError("LoRAs at load time are not implemented for TensorRT yet (engine refit); bake them "
-                             "into the package with `vidrt export --lora FILE` and rebuild with `vidrt build`, or "
-                             "use --backend onnxruntime")
+        `weights` (LoRA-merged initializers, vidrt.lora) are refitted into the fresh engine (`refit`); a
+        plan built without refit refuses them with one line, before it is read."""
         entry = self.plans.get(name)
         package = self._package_of(Path(path), name)
         rebuild = rebuild_command(package, self.precision)
+        self.package = self.package or package  # where refit reads base weights (and hints name)
+        if weights:
+            self.check_refit(name, package)
         if entry is None:
             pieces = " --cache-pieces" if name.partition(".")[0] in self.manifest.model.experts else ""
             raise DeviceError(f"no TensorRT plan for {name}; rebuild: {rebuild}{pieces}")
@@ -787,7 +806,53 @@ class TrtBackend:
                 file.close()
             del source
         self._open[name] = engine
+        self._refits.pop(name, None)  # a fresh engine holds its plan's (base) weights
+        if weights:
+            try:
+                self.refit(engine, weights)
+            except BaseException:
+                engine.close()
+                self._open.pop(name, None)
+                raise
         return engine
+
+    # ---- LoRAs at load time: refit (vidrt.backends.refit) ----
+
+    def check_refit(self, name: str, package: Path | None = None) -> None:
+        """UsageError (one line, the rebuild command) unless `name`'s plan was built refittable."""
+        entry = self.plans.get(name)
+        if entry is not None and not entry.refit:
+            where = package if package is not None else self.package
+            why = "was built without refit" + (" (TensorRT 11.3 builds none: a known issue)"
+                                               if version_tuple(entry.tensorrt_version)[:2] == (11, 3) else "")
+            raise not_refittable(name, rebuild_command(where, self.precision), why)
+
+    def refit(self, engine: TrtEngine, weights: Mapping[str, np.ndarray]) -> None:
+        """Put an open DiT engine (the whole graph or a step-caching piece) on these LoRA-merged weights,
+        in place: the plan stays loaded, its context valid. Every call starts from the base weights (an
+        empty `weights` restores them). Seconds and bytes go to gpu_stats()."""
+        name = engine.name
+        self.check_refit(name)
+        state = self._refits.get(name)
+        if state is None:
+            expert = name.partition(".")[0]
+            state = self._refits[name] = EngineRefit(self._trt, self._logger, name, self._base_weights(expert),
+                                                     rebuild_command(self.package, self.precision),
+                                                     whole=name == expert)
+        t0 = time.perf_counter()
+        engine.refit(state, weights)
+        self._refit_stats[0] += time.perf_counter() - t0
+        self._refit_stats[1] += state.last_bytes
+
+    def _base_weights(self, expert: str) -> Callable[[str], np.ndarray]:
+        """initializer -> the base array of `expert`, memory-mapped from its external-data file (its
+        step-caching pieces share that file and its names)."""
+        from vidrt.lora import base_reader  # numpy only
+
+        comp = self.manifest.components.get(expert)
+        if comp is None or not comp.weights or comp.artifact.data_file is None or self.package is None:
+            return _no_base
+        return base_reader(self.package / comp.artifact.data_file, comp.weights)
 
     def forget(self, name: str) -> None:
         """Kept for callers of the earlier API: plans are no longer cached in host RAM."""

@@ -44,14 +44,17 @@ def _bytes(value: str) -> int:
 @click.option("--component", "components", multiple=True, help="Build only this component (repeatable).")
 @click.option("--cache-pieces", is_flag=True,
               help="Also build the DiT's step-caching pieces, for `vidrt run --cache` on TensorRT.")
+@click.option("--no-refit", "no_refit", is_flag=True,
+              help="DiT plans that cannot be refitted (LoRAs then only baked in with vidrt export --lora).")
 @click.option("--device", type=click.IntRange(0), default=0, show_default=True,
               help="GPU to build on (its compute capability goes into the plans).")
 @click.option("--check", is_flag=True,
               help="Compare every engine with ONNX Runtime on the same random inputs (polygraphy); into report.json.")
 def build_cmd(package: str, precision: str, sizes: str | None, frames: int | None, workspace: str,
               optimization_level: int, weight_streaming: bool, vae_tile: str | None, gpu_memory: str | None,
-              components: tuple[str, ...], cache_pieces: bool, device: int, check: bool) -> None:
-    """Build TensorRT engines for a model package (needs TensorRT and the target GPU)."""
+              components: tuple[str, ...], cache_pieces: bool, no_refit: bool, device: int, check: bool) -> None:
+    """Build TensorRT engines for a model package (needs TensorRT and the target GPU). The DiT plans are
+    refittable (LoRAs at load time) unless --no-refit."""
     from vidrt.export.build_engines import BuildOptions, build_package
 
     tile = None
@@ -61,7 +64,7 @@ def build_cmd(package: str, precision: str, sizes: str | None, frames: int | Non
     opts = BuildOptions(precision=precision, sizes=_sizes(sizes), frames=frames, workspace_bytes=_bytes(workspace),
                         optimization_level=optimization_level, weight_streaming=weight_streaming, vae_tile=tile,
                         gpu_memory=_bytes(gpu_memory) if gpu_memory else None, components=components, check=check,
-                        cache_pieces=cache_pieces)
+                        cache_pieces=cache_pieces, refit=not no_refit)
     manifest = build_package(Path(package), opts, log=click.echo, device=device)
     click.echo(f"{len(manifest.engines)} plan(s) recorded in {Path(package) / 'manifest.json'}")
 

@@ -23,6 +23,7 @@ from vidrt.package.registry import ModelSpec, from_dict, to_dict
 from vidrt.package.verified import VerifiedFiles
 
 SCHEMA_VERSION = 1
+REFIT_FLAGS = ("", "REFIT", "REFIT_INDIVIDUAL")  # Engine.refit: TensorRT BuilderFlag names ("" = not refittable)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -85,6 +86,10 @@ class Engine:
     tensorrt_version: str
     compute_capability: str  # "8.9"
     profiles: tuple[tuple[int, int, int], ...] = ()  # (width, height, frames) buckets
+    # The TensorRT builder flag that made the plan refittable ("REFIT_INDIVIDUAL": `vidrt build` marks the
+    # DiT's recorded parameters, vidrt.export.build_engines), "" for a plan that cannot be refitted. The
+    # TensorRT backend applies LoRAs at load time by refit (vidrt.backends.refit) only to refittable plans.
+    refit: str = ""
 
 
 @dataclass(frozen=True)
@@ -315,6 +320,7 @@ def check_manifest(m: Manifest) -> None:
     for engine in m.engines:
         _check_artifact(engine.artifact)
         _check(engine.component in m.components, f"engine for unknown component {engine.component!r}")
+        _check(engine.refit in REFIT_FLAGS, f"engine {engine.component}: unknown refit flag {engine.refit!r}")
 
 
 def all_artifacts(manifest: Manifest) -> list[Artifact]:
