@@ -50,7 +50,8 @@ def _i2v_package(root: Path, spec: Any = I2V, encoder_precision: str = "fp32",
 
 
 def _fake_builder(built: list[tuple[str, list[Any]]]) -> Any:
-    def builder(trt: Any, onnx: Path, profiles: list[Any], options: Any, cache: Path, *, streamable: bool) -> Any:
+    def builder(trt: Any, onnx: Path, profiles: list[Any], options: Any, cache: Path, *, streamable: bool,
+                refittable: tuple[str, ...] = ()) -> Any:
         built.append((onnx.stem, profiles))
         return onnx.name.encode(), {"device_memory_bytes": 1 << 20}
     return builder
