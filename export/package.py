@@ -67,6 +67,7 @@ from vidrt.package.manifest import (
     Artifact,
     Component,
     Manifest,
+    WeightRef,
     load_manifest,
     make_artifact,
     sha256_file,
@@ -281,8 +282,19 @@ def dit_pieces(out: Path, spec: ModelSpec, whole: Component, tolerant: bool = Fa
             raise
         return {}
     return {name: Component(name=name, artifact=make_artifact(out, file.name, whole.artifact.data_file),
-                            contract=contract, precision=whole.precision, opset=whole.opset)
+                            contract=contract, precision=whole.precision, opset=whole.opset,
+                            weights=_piece_weights(file, whole))
             for name, (file, contract) in pieces.items()}
+
+
+def _piece_weights(piece: Path, whole: Component) -> dict[str, WeightRef]:
+    """The whole graph's weight records of the initializers this piece holds (the pieces keep the
+    whole graph's names, offsets and layouts): a LoRA merge gives each piece only its own tensors,
+    as ONNX Runtime refuses an external initializer the graph does not have."""
+    import onnx
+
+    held = {t.name for t in onnx.load(str(piece), load_external_data=False).graph.initializer}
+    return {param: ref for param, ref in whole.weights.items() if ref.initializer in held}
 
 
 def add_dit_pieces(package: Path | str, *, locked: bool = False) -> Path:

@@ -195,8 +195,9 @@ class Pipeline:
         return pipe
 
     def engine(self, name: str) -> Engine:
-        """Open a component once, on first use; a DiT with the current run's LoRA set merged in."""
-        want = self._merger.key(name, self._want.get(name, ()))
+        """Open a component once, on first use; a DiT (or one of its step-caching pieces, whose LoRA set
+        is its expert's) with the current run's LoRA set merged in."""
+        want = self._merger.key(name, self._want.get(self._merger.expert_of(name), ()))
         current = self._engines.get(name)
         if current is not None and self._engine_key.get(name, ()) == want:
             return current
@@ -221,7 +222,7 @@ class Pipeline:
         return engine
 
     def _merged(self, name: str) -> dict[str, np.ndarray]:
-        _, merged = self._merger.merged(name, self._want.get(name, ()))
+        _, merged = self._merger.merged(name, self._want.get(self._merger.expert_of(name), ()))
         self._merge_stats[0] += self._merger.last_seconds
         self._merge_stats[1] = max(self._merge_stats[1], self._merger.last_bytes)
         return merged
@@ -229,7 +230,7 @@ class Pipeline:
     def release(self, name: str) -> None:
         engine = self._engines.pop(name, None)
         self._engine_key.pop(name, None)
-        for key in [k for k in self._parked if k[0] == name]:
+        for key in [k for k in self._parked if k[0] == name or k[0].startswith(name + ".")]:  # + its pieces
             self._parked.pop(key).close()
         if engine is not None:
             engine.close()
@@ -368,7 +369,7 @@ class Pipeline:
         # Step caching (vidrt.caching): the DiT per expert under the cache policy; TeaCache/MagCache decide
         # every step here, before the run. No cache keeps the whole-graph call below (_velocity).
         if policy is None and s.cache != "none":
-            policy = self._cache_policy(s, plan, cond, latent_shape, context, cfg_batch, loras)
+            policy = self._cache_policy(s, plan, cond, latent_shape, context, cfg_batch)
         dits: dict[str, ExpertDiT] = {}
         t_rows: list[np.ndarray] = []
         if policy is not None:
@@ -571,16 +572,13 @@ class Pipeline:
         return out
 
     def _cache_policy(self, s: Settings, plan: list[PlannedStep], cond: TextOnly, latent_shape: tuple[int, ...],
-                      context: np.ndarray, cfg_batch: int, loras: tuple[LoraRef, ...]) -> CachePolicy:
+                      context: np.ndarray, cfg_batch: int) -> CachePolicy:
         """The `--cache` policy of this run. Refused where it would be wrong: image conditioning (its
-        DiT inputs are not in the pieces' contracts yet) and, for the methods that run the DiT's pieces,
-        LoRAs (the load-time merge applies to the whole graph's session only)."""
+        DiT inputs are not in the pieces' contracts yet). LoRAs merge into the pieces as into the whole
+        graph (same initializer names; each piece gets the tensors it holds: Pipeline.engine)."""
         choice = parse_cache(s.cache)
         if type(cond) is not TextOnly:
             raise UsageError(f"--cache {choice} is not available for image-to-video yet; drop --cache")
-        if loras and choice.method != "easycache":
-            raise UsageError(f"--cache {choice} does not take LoRAs yet (they merge into the whole DiT graph, "
-                             f"not its pieces); use --cache easycache, or drop --lora")
         shape_only = np.zeros(latent_shape, np.float32)
         dits = self._expert_dits(plan, context, cfg_batch)
         return build_policy(choice, self.manifest, [p.expert for p in plan],

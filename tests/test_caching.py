@@ -299,3 +299,83 @@ def test_bad_cache_requests_are_one_line_errors(tiny_t2v_package):
         pipe.run(Request(prompt=PROMPT, steps=2, guidance=1.0, cache="magcache"))
     with pytest.raises(UsageError, match="decide per step"):
         pipe.cache_mask(Request(prompt=PROMPT, cache="fbcache"))
+
+
+def _lora_over_every_piece(pipe: Pipeline, path) -> None:
+    """A rank-4 LoRA (original key format, fast_paths.md A.2) whose keys land in every DiT piece:
+    text_embed, time_embed, patch_embed (a bias diff), block0 (+ its modulation), blocks_rest, head."""
+    from safetensors.numpy import save_file
+
+    weights = pipe.manifest.components["dit"].weights
+    rng = np.random.default_rng(12)
+    tensors = {}
+    for orig, param in (("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+                        ("time_projection.1", "condition_embedder.time_proj"),
+                        ("blocks.0.self_attn.q", "blocks.0.attn1.to_q"),
+                        ("blocks.0.cross_attn.k", "blocks.0.attn2.to_k"),
+                        ("blocks.1.self_attn.v", "blocks.1.attn1.to_v"), ("blocks.1.ffn.0", "blocks.1.ffn.net.0.proj"),
+                        ("head.head", "proj_out")):
+        ref = weights[f"{param}.weight"]
+        n_out, n_in = ref.shape[::-1] if ref.transposed else ref.shape
+        down = rng.standard_normal((4, n_in)) / n_in**0.5
+        tensors[f"diffusion_model.{orig}.lora_down.weight"] = down.astype(np.float32)
+        tensors[f"diffusion_model.{orig}.lora_up.weight"] = rng.standard_normal((n_out, 4)).astype(np.float32)
+        tensors[f"diffusion_model.{orig}.alpha"] = np.array(2.0, np.float32)
+    tensors["diffusion_model.patch_embedding.diff_b"] = rng.standard_normal(weights["patch_embedding.bias"].shape
+                                                                            ).astype(np.float32) * 0.3
+    tensors["diffusion_model.blocks.0.diff_m"] = rng.standard_normal(weights["blocks.0.scale_shift_table"].shape
+                                                                     ).astype(np.float32) * 0.3
+    save_file(tensors, str(path))
+
+
+def test_loras_merge_into_the_pieces(tiny_t2v_package, tmp_path):
+    """Issue 13 item 4: a LoRA with a piece-based cache method. Each piece gets only the merged
+    initializers it holds (its manifest `weights`). Nothing skipped (magcache:0): the same clip as the
+    whole graph with the LoRA; with skips: the same clip as the LoRA baked into a copy of the package."""
+    from vidrt.errors import PackageError
+    from vidrt.export.package import add_dit_pieces
+    from vidrt.export.package_extras import bake_loras
+    from vidrt.package.manifest import load_manifest, write_manifest
+    from vidrt.package.recipes import LoraRef
+
+    pipe = Pipeline.load(tiny_t2v_package)
+    comps = pipe.manifest.components
+    pieces = [f"dit.{p}" for p in C.DIT_PIECES]
+    held = [set(comps[p].weights) for p in pieces]
+    assert all(held) and set().union(*held) == set(comps["dit"].weights)  # every weight is in one piece
+    assert sum(map(len, held)) == len(comps["dit"].weights)
+    lora = tmp_path / "every_piece.safetensors"
+    _lora_over_every_piece(pipe, lora)
+    loras = (LoraRef(str(lora), 0.8),)
+    noise = np.random.default_rng(3).standard_normal(pipe.manifest.model.latent_shape(WIDTH, HEIGHT, FRAMES),
+                                                     dtype=np.float32)
+    req = Request(prompt=PROMPT, width=WIDTH, height=HEIGHT, num_frames=FRAMES, steps=6, seed=2, loras=loras)
+    whole = pipe.run(req, noise=noise)
+    cached = pipe.run(replace(req, cache="magcache:0"), noise=noise)
+    plain = pipe.run(replace(req, loras=(), cache="magcache:0"), noise=noise)
+    assert cached.stats.cache.block_stack_skips == 0 and cached.stats.lora_merge_bytes > 0
+    same, changed = psnr(cached.frames, whole.frames), psnr(cached.frames, plain.frames)
+    print(f"LoRA, pieces (nothing skipped) vs whole graph: {same:.1f} dB; vs the pieces without the LoRA: "
+          f"{changed:.1f} dB")
+    assert same >= 70.0
+    assert changed < 40.0, "the LoRA must change the clip, or this shows nothing"
+
+    baked = tmp_path / "baked"
+    shutil.copytree(tiny_t2v_package, baked)
+    m = load_manifest(baked, verify=False)
+    write_manifest(baked, replace(m, components={**m.components, **bake_loras(baked, m.components, "dit", loras)}))
+    skipping = replace(req, cache="magcache:0.5")
+    at_load = pipe.run(skipping, noise=noise)
+    assert at_load.stats.cache.block_stack_skips > 0
+    assert np.array_equal(at_load.frames, Pipeline.load(baked).run(replace(skipping, loras=()), noise=noise).frames)
+
+    # pieces cut before vidrt recorded their weights: refused with the fix, which works
+    old = tmp_path / "old"
+    shutil.copytree(tiny_t2v_package, old)
+    m = load_manifest(old, verify=False)
+    write_manifest(old, replace(m, components={n: replace(c, weights={}) if n in pieces else c
+                                               for n, c in m.components.items()}))
+    with pytest.raises(PackageError, match="vidrt cache split"):
+        Pipeline.load(old).run(skipping, noise=noise)
+    add_dit_pieces(old)
+    assert np.array_equal(Pipeline.load(old).run(skipping, noise=noise).frames, at_load.frames)

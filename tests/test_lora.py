@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from tiny import TINY_VARIANT, write_diffusers_checkpoint
 from vidrt.errors import UsageError
+from vidrt.package import contracts as C
 from vidrt.package.recipes import LoraRef
 from vidrt.pipeline import Pipeline
 from vidrt.request import Request
@@ -287,3 +288,156 @@ def test_export_lora_bakes_the_same_weights(t2v, tmp_path):
     at_load = ours(pipe, noise, [LoraRef(str(lora), 0.6)])
     assert np.array_equal(ours(Pipeline.load(baked), noise), at_load)
     assert psnr(at_load, ours(pipe, noise)) < 40.0
+
+
+# ---- image-to-video DiTs (issue 16 item 3) ------------------------------------------------------
+
+# Wan2.1 I2V/FLF2V image branch (fast_paths.md A.1): per block, and the CLIP-token MLP (global)
+IMAGE_BLOCK = (("cross_attn.k_img", "attn2.add_k_proj"), ("cross_attn.v_img", "attn2.add_v_proj"))
+IMAGE_GLOBAL = (("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+                ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"))
+
+
+def i2v_pairs(seed: int, transformer, alpha: float | None, image_mlp: bool) -> dict:
+    """random_pairs over the block Linears plus k_img/v_img of every block, and (image_mlp) img_emb's
+    two Linears without alpha (diffusers' converter scales no img_emb alpha and refuses the key)."""
+    g = torch.Generator().manual_seed(seed)
+    out = random_pairs(seed, transformer, alpha)
+    mods = [((b, o), f"blocks.{b}.{d}") for b in range(NUM_BLOCKS) for o, d in IMAGE_BLOCK]
+    mods += [((None, o), d) for o, d in IMAGE_GLOBAL] if image_mlp else []
+    for key, module in mods:
+        n_out, n_in = transformer.get_submodule(module).weight.shape
+        out[key] = {"A": torch.randn(RANK, n_in, generator=g) / n_in**0.5, "B": torch.randn(n_out, RANK, generator=g)}
+        if alpha is not None and key[0] is not None:
+            out[key]["alpha"] = torch.tensor(alpha)
+    return out
+
+
+def write_any_lora(path, pairs, fmt: str, extra: dict | None = None):
+    """write_lora for block and global modules: (block or None, original module) -> {A, B[, alpha]}."""
+    diff_of = dict(LINEARS + IMAGE_BLOCK + IMAGE_GLOBAL)
+    sd = {}
+    for (b, orig), part in pairs.items():
+        at = "" if b is None else f"blocks.{b}."
+        stem, down, up = {
+            "peft": (f"transformer.{at}{diff_of[orig]}", "lora_A.weight", "lora_B.weight"),
+            "original": (f"diffusion_model.{at}{orig}", "lora_down.weight", "lora_up.weight"),
+            "mixed": (f"diffusion_model.{at}{orig}", "lora_A.weight", "lora_B.weight"),
+            "kohya": (f"lora_unet_{(at + orig).replace('.', '_')}", "lora_down.weight", "lora_up.weight"),
+            "videox": (f"lora_unet__{(at + orig).replace('.', '_')}", "lora_down.weight", "lora_up.weight"),
+            "diffsynth": (f"{at}{orig}", "lora_A.default.weight", "lora_B.default.weight"),
+        }[fmt]
+        sd[f"{stem}.{down}"], sd[f"{stem}.{up}"] = part["A"], part["B"]
+        if "alpha" in part:
+            sd[f"{stem}.alpha"] = part["alpha"]
+    sd.update(extra or {})
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def wan21_i2v_dit(tmp_path_factory):
+    """A tiny Wan2.1 I2V checkpoint (CLIP branch live), its DiT alone exported with its weight records
+    (no package: the LoRA path is the DiT's), diffusers' WanImageToVideoPipeline of the same folder, and
+    one set of DiT inputs (36 channels, 512 text rows, 5 CLIP tokens)."""
+    from diffusers import WanImageToVideoPipeline
+    from tiny import write_diffusers_wan21_i2v
+    from vidrt.export.checkpoints import open_checkpoint
+    from vidrt.export.onnx_export import export_dit, weight_refs
+
+    root = tmp_path_factory.mktemp("lora-wan21-i2v")
+    write_diffusers_wan21_i2v(root)
+    ckpt = open_checkpoint(root, "wan2.1-i2v-14b-480p")
+    path = root / "dit.onnx"
+    contract = export_dit(None, path, ckpt.spec, state_dict=ckpt.transformer_readers("dit"),  # as vidrt export
+                          config=ckpt.transformer_config("dit"), external_data=True)
+    pipe = WanImageToVideoPipeline.from_pretrained(root, scheduler=distill_scheduler())
+    rng = np.random.default_rng(13)
+    feeds = {C.LATENTS: rng.standard_normal((1, 36, 3, 8, 8), dtype=np.float32),
+             C.TIMESTEP: np.array([700.0], np.float32),
+             C.CONTEXT: rng.standard_normal((1, 512, 64), dtype=np.float32),
+             C.IMAGE_EMBEDS: rng.standard_normal((1, 5, 16), dtype=np.float32)}
+    return path, contract, weight_refs(path), pipe, feeds
+
+
+def _vidrt_dit(dit, loras) -> tuple[np.ndarray, set[str]]:
+    """The exported DiT on ONNX Runtime with the LoRAs merged as vidrt.lora.LoraMerger merges them
+    (lora_deltas -> merge_into from the memory-mapped base -> add_external_initializers)."""
+    from vidrt.backends.ort import OrtEngine
+    from vidrt.lora import base_reader, lora_deltas, merge_into, read_lora
+
+    path, contract, weights, _, feeds = dit
+    deltas = lora_deltas([(read_lora(p), s) for p, s in loras], weights, pytest.fail)
+    merged = merge_into(deltas, weights, base_reader(path.with_name("dit.onnx.data"), weights)) if deltas else {}
+    return OrtEngine("dit", path, contract, weights=merged).run(feeds)[C.VELOCITY], set(deltas)
+
+
+def _diffusers_dit(dit, adapters) -> np.ndarray:
+    _, _, _, pipe, feeds = dit
+    for name, (path, _) in adapters.items():
+        pipe.load_lora_weights(str(path), adapter_name=name, low_cpu_mem_usage=False)
+    if adapters:
+        pipe.set_adapters(list(adapters), [s for _, s in adapters.values()])
+    try:
+        with torch.no_grad():
+            out = pipe.transformer(torch.from_numpy(feeds[C.LATENTS]), torch.from_numpy(feeds[C.TIMESTEP]),
+                                   torch.from_numpy(feeds[C.CONTEXT]),
+                                   encoder_hidden_states_image=torch.from_numpy(feeds[C.IMAGE_EMBEDS]),
+                                   return_dict=False)[0]
+    finally:
+        if adapters:
+            pipe.delete_adapters(list(adapters))
+    return out.numpy()
+
+
+MIN_SNR_DB = 95.0  # DiT output, fp32 both sides: ~115 dB measured; a wrong scale or module lands far lower
+
+
+def snr_db(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(10 * np.log10(np.mean(ref.astype(np.float64) ** 2) / np.mean((got - ref).astype(np.float64) ** 2)))
+
+
+def test_i2v_loras_match_diffusers_on_the_image_branch(wan21_i2v_dit, tmp_path):
+    """Issue 16 item 3 on a tiny Wan2.1 I2V DiT: LoRAs with k_img / v_img (every block) and img_emb keys,
+    in every key format, against diffusers' WanImageToVideoPipeline.load_lora_weights (DiT output,
+    signal-to-error in dB). A T2V LoRA leaves the image branch untouched, as diffusers does (it fills
+    add_k_proj/add_v_proj with zero LoRAs, `_maybe_expand_t2v_lora_for_i2v`)."""
+    dit = wan21_i2v_dit
+    tr = dit[3].transformer
+    plain, _ = _vidrt_dit(dit, [])
+    assert snr_db(plain, _diffusers_dit(dit, {})) >= MIN_SNR_DB  # the export itself
+    with_mlp, blocks_only = i2v_pairs(1, tr, alpha=2.0, image_mlp=True), i2v_pairs(2, tr, 8.0, image_mlp=False)
+    bias = {f"diffusion_model.blocks.{b}.cross_attn.k_img.diff_b": torch.randn(64) * 0.3 for b in range(NUM_BLOCKS)}
+    files = {"original": write_any_lora(tmp_path / "original.safetensors", with_mlp, "original", bias),
+             "mixed": write_any_lora(tmp_path / "mixed.safetensors", with_mlp, "mixed"),
+             "kohya": write_any_lora(tmp_path / "kohya.safetensors", blocks_only, "kohya"),
+             "videox": write_any_lora(tmp_path / "videox.safetensors", blocks_only, "videox"),
+             "peft": write_any_lora(tmp_path / "peft.safetensors", i2v_pairs(3, tr, None, True), "peft"),
+             "diffsynth": write_any_lora(tmp_path / "diffsynth.safetensors", i2v_pairs(3, tr, None, True), "diffsynth")}
+    got = {}
+    figures = []
+    for fmt, path in files.items():
+        got[fmt], params = _vidrt_dit(dit, [(path, 0.8)])
+        assert {"blocks.1.attn2.add_k_proj.weight", "blocks.0.attn2.add_v_proj.weight"} <= params, fmt
+        if fmt in ("original", "mixed", "peft"):
+            assert "condition_embedder.image_embedder.ff.net.2.weight" in params, fmt
+        if fmt in ("videox", "diffsynth"):
+            continue  # diffusers reads neither: equal to kohya / peft below
+        value = snr_db(got[fmt], _diffusers_dit(dit, {fmt: (path, 0.8)}))
+        figures.append(f"{fmt} {value:.1f} dB")
+        assert value >= MIN_SNR_DB, fmt
+        assert snr_db(got[fmt], plain) < 40.0, "the LoRA must change the output"
+    assert np.array_equal(got["videox"], got["kohya"]) and np.array_equal(got["diffsynth"], got["peft"])
+    # the image branch matters: the same LoRA without its k_img/v_img/img_emb keys gives another output
+    text_only = {k: v for k, v in with_mlp.items() if k[1] in dict(LINEARS)}
+    no_image = write_any_lora(tmp_path / "no_image.safetensors", text_only, "original")
+    assert snr_db(_vidrt_dit(dit, [(no_image, 0.8)])[0], got["original"]) < 40.0
+
+    # a T2V LoRA (no image keys) on the I2V DiT: nothing merged into the image branch; = diffusers
+    t2v = write_lora(tmp_path / "t2v.safetensors", random_pairs(4, tr, 4.0), "original")
+    out, params = _vidrt_dit(dit, [(t2v, 1.0)])
+    assert not any("add_k_proj" in p or "add_v_proj" in p or "image_embedder" in p for p in params)
+    value = snr_db(out, _diffusers_dit(dit, {"t2v": (t2v, 1.0)}))
+    figures.append(f"T2V LoRA {value:.1f} dB")
+    assert value >= MIN_SNR_DB
+    print("I2V LoRAs vs diffusers (DiT output):", ", ".join(figures))

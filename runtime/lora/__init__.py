@@ -61,12 +61,28 @@ class LoraMerger:
     """Merged DiT initializers per (expert, LoRA set), for one package."""
 
     def __init__(self, package: Path, manifest: Manifest, warn: Callable[[str], None]) -> None:
-        self.package, self.manifest, self.warn = package, manifest, warn
+        self.package, self.manifest = package, manifest
+        self._warn_to = warn
+        self._warned: set[str] = set()
         self._files: dict[str, LoraFile] = {}
         self.last_seconds = 0.0  # time of the last merge that was not cached
         self.last_bytes = 0  # bytes of merged tensors it produced
 
+    def warn(self, message: str) -> None:
+        """Each distinct warning once: the check at load and the merges into an expert's step-caching
+        pieces meet the same skipped keys again."""
+        if message not in self._warned:
+            self._warned.add(message)
+            self._warn_to(message)
+
+    def expert_of(self, name: str) -> str:
+        """The DiT expert a component belongs to: `name` itself, or a step-caching piece's expert
+        ("dit.blocks_rest" -> "dit"; vidrt.caching runs the pieces, export/dit_split.py cuts them)."""
+        head, _, piece = name.partition(".")
+        return head if piece and head in self.manifest.model.experts else name
+
     def for_expert(self, expert: str, loras: Sequence[LoraRef]) -> tuple[LoraRef, ...]:
+        expert = self.expert_of(expert)
         experts = self.manifest.model.experts
         for ref in loras:
             if ref.expert is not None and ref.expert not in experts:
@@ -103,21 +119,35 @@ class LoraMerger:
                              "bake the LoRA in before quantising (`vidrt export --lora`)")
         return comp.weights
 
+    def _piece_weights(self, piece: str) -> dict[str, WeightRef]:
+        comp = self.manifest.components[piece]
+        if not comp.weights:
+            raise PackageError(f"{self.package}: its step-caching pieces were cut before vidrt recorded their "
+                               f"weights, so LoRAs cannot be merged into them; re-cut them with `vidrt cache "
+                               f"split {self.package}`, or run without --cache")
+        return comp.weights
+
     def base(self, expert: str) -> Callable[[str], np.ndarray]:
         comp = self.manifest.components[expert]
         assert comp.artifact.data_file is not None
         return base_reader(artifact_path(self.package, comp.artifact.data_file), self.weights(expert))
 
     def merged(self, expert: str, loras: Sequence[LoraRef]) -> tuple[SetKey, dict[str, np.ndarray]]:
-        """(set key, initializer -> merged array); an empty dict when no LoRA applies to this expert."""
+        """(set key, initializer -> merged array); an empty dict when no LoRA applies to this expert.
+        `expert` may name a step-caching piece ("dit.block0"): then only the initializers that piece
+        holds (its manifest `weights`; ONNX Runtime refuses one the graph lacks), merged exactly as for
+        the whole graph. A piece no LoRA key touches gets an empty dict. Raises PackageError for pieces
+        cut before vidrt recorded their weights."""
         key = self.key(expert, loras)
         if not key:
             return key, {}
         t0 = time.perf_counter()
-        weights = self.weights(expert)
+        whole = self.expert_of(expert)
+        weights = self.weights(whole)
+        own = weights if whole == expert else self._piece_weights(expert)
         files = [(self._read(path), strength) for path, strength in key]
-        deltas = lora_deltas(files, weights, self.warn)
-        merged = merge_into(deltas, weights, self.base(expert))
+        deltas = lora_deltas(files, weights, self.warn, only=None if own is weights else set(own))
+        merged = merge_into(deltas, own, self.base(whole))
         self.last_seconds = time.perf_counter() - t0
         self.last_bytes = sum(a.nbytes for a in merged.values())
         return key, merged

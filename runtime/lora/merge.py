@@ -22,7 +22,7 @@ import json
 import re
 import struct
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,15 +99,19 @@ def _file_alpha_scale(lora: LoraFile) -> float | None:
 
 
 def lora_deltas(loras: Sequence[tuple[LoraFile, float]], weights: Mapping[str, WeightRef],
-                warn: Callable[[str], None], architecture: str = "Wan DiT") -> dict[str, np.ndarray]:
+                warn: Callable[[str], None], architecture: str = "Wan DiT",
+                only: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """diffusers parameter -> summed float32 delta, in the parameter's own (torch) layout and shape.
 
     Keys naming no module of this graph are reported once per file, by name (warn); a file none of whose
-    keys names a module of this graph, or whose shapes do not fit it, is refused (UsageError)."""
+    keys names a module of this graph, or whose shapes do not fit it, is refused (UsageError).
+    only: compute the deltas of these parameters alone (one step-caching piece of the graph); keys of
+    the graph's other parameters are neither computed nor reported."""
     total: dict[str, np.ndarray] = {}
     for lora, strength in loras:
         groups: dict[str, dict[str, tuple[CanonicalKey, np.ndarray]]] = defaultdict(dict)
         unknown, elsewhere = [], []
+        matched = 0
         for key, value in lora.tensors.items():
             ck = canonical_key(key)
             if ck is None:
@@ -115,8 +119,10 @@ def lora_deltas(loras: Sequence[tuple[LoraFile, float]], weights: Mapping[str, W
             elif ck.param not in weights:
                 elsewhere.append(key)
             else:
-                groups[ck.module if ck.kind in ("A", "B", "alpha") else ck.param][ck.kind] = (ck, value)
-        if not groups:
+                matched += 1
+                if only is None or ck.param in only:
+                    groups[ck.module if ck.kind in ("A", "B", "alpha") else ck.param][ck.kind] = (ck, value)
+        if not matched:
             example = next(iter(lora.tensors), "(none)")
             raise UsageError(f"--lora {lora.path} is not a LoRA for this {architecture}: none of its "
                              f"{len(lora.tensors)} keys names one of its modules (e.g. {example[:80]}); "
