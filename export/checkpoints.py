@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ DIFFUSERS_EXPERT_DIRS = {"dit": "transformer", "dit_high": "transformer", "dit_l
 OFFICIAL_T5_STEM = "models_t5_umt5-xxl-enc-bf16"
 OFFICIAL_VAE_STEMS = {"wan2.1": "Wan2.1_VAE", "wan2.2": "Wan2.2_VAE"}
 OFFICIAL_TOKENIZER_DIR = "google/umt5-xxl"
+OFFICIAL_CLIP_STEM = "models_clip_open-clip-xlm-roberta-large-vit-huge-14"  # Wan2.1 I2V/FLF2V (i2v.md §1)
+# W21 wan/modules/clip.py clip_xlm_roberta_vit_h_14: vision_heads 16 at vision_dim 1280. No tensor's shape
+# holds the head count, so it comes from that head width (80) and the file's width.
+OFFICIAL_CLIP_HEAD_DIM = 80
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,16 @@ class Part:
     names: Mapping[str, str]  # module key -> key in the file
     config: Mapping[str, Any]  # kwargs of the module class (UMT5Config kwargs for the text encoder)
     sources: tuple[Path, ...]  # every file the part is read from (fingerprint)
+    views: Mapping[str, keymaps.View] = field(default_factory=dict)  # module keys that are part of a file tensor
+
+    def file_shapes(self) -> dict[str, TensorInfo]:
+        """Module key -> the shape it gets from the files (headers only; views applied)."""
+        info = shapes(self.weights)
+        out = {new: info[src] for new, src in self.names.items() if src in info}
+        for new, view in self.views.items():
+            if new in out:
+                out[new] = dataclasses.replace(out[new], shape=view.shape(out[new].shape))
+        return out
 
 
 @dataclass(frozen=True)
@@ -77,9 +92,7 @@ class Checkpoint:
         """The text encoder without storage (for tracing), its keys and shapes checked against the
         files' headers; its weights come from text_encoder_readers()."""
         part = self.parts["text_encoder"]
-        info = shapes(part.weights)
-        have = {new: info[src] for new, src in part.names.items() if src in info}
-        return _checked_on_meta(part, self._text_encoder_factory(), have).eval()
+        return _checked_on_meta(part, self._text_encoder_factory(), part.file_shapes()).eval()
 
     def _text_encoder_factory(self) -> Callable[[], UMT5EncoderModel]:
         from transformers import UMT5Config, UMT5EncoderModel
@@ -158,8 +171,7 @@ class Checkpoint:
             factories["image_encoder"] = partial(CLIPVisionModel, clip_cfg)
         for name, factory in factories.items():
             part = self.parts[name]
-            info = shapes(part.weights)
-            have = {new: info[src] for new, src in part.names.items() if src in info}
+            have = part.file_shapes()
             model = _checked_on_meta(part, factory, have)
             floats = {k for k, v in model.state_dict().items() if v.is_floating_point()}
             bad = [f"{part.names.get(k, k)} is {have[k].dtype}" for k in sorted(floats)
@@ -209,7 +221,7 @@ class Checkpoint:
         return self.parts[expert]
 
     def _tensors(self, part: Part, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-        return load_tensors(part.weights, dict(part.names), dtype)
+        return load_tensors(part.weights, dict(part.names), dtype, part.views)
 
 
 def _build(part: Part, factory: Callable[[], Any], sd: dict[str, torch.Tensor], device: str,
@@ -282,15 +294,12 @@ def _official_dit(folder: Path, name: str) -> tuple[Part, DiTConfig, int]:
     cfg = read_json(cfg_path)
     model_type = cfg.get("model_type", "t2v")
     if model_type not in ("t2v", "ti2v", "i2v", "flf2v"):
-        raise PackageError(f"{cfg_path}: model_type {model_type!r} is not supported (t2v, ti2v, i2v only)")
+        raise PackageError(f"{cfg_path}: model_type {model_type!r} is not supported (t2v, ti2v, i2v, flf2v only)")
     wf = safetensors_files(folder, "diffusion_pytorch_model")
     if wf is None:
         raise PackageError(f"{folder}: no diffusion_pytorch_model.safetensors (or .index.json); "
                            "download the DiT weights there")
     info = shapes(wf)
-    if any(k.startswith("img_emb.") for k in info):  # Wan2.1 I2V/FLF2V: CLIP branch + open-clip .pth tower
-        raise PackageError(f"{folder}: the official Wan2.1 I2V/FLF2V layout (CLIP in open-clip format) is not "
-                           f"supported yet; export the diffusers layout (Wan-AI/Wan2.1-I2V-14B-*-Diffusers)")
     dim, in_ch, *patch = _need(info, "patch_embedding.weight", wf.label, "Wan DiT")
     text_dim = _need(info, "text_embedding.0.weight", wf.label, "Wan DiT")[1]
     freq_dim = _need(info, "time_embedding.0.weight", wf.label, "Wan DiT")[1]
@@ -305,13 +314,21 @@ def _official_dit(folder: Path, name: str) -> tuple[Part, DiTConfig, int]:
             raise PackageError(f"{cfg_path}: {key}={cfg[key]} but the weights have {val}; "
                                "config.json belongs to another model")
     out_ch = head_out // (patch[0] * patch[1] * patch[2])
+    # Wan2.1 I2V/FLF2V: the CLIP tokens' width from img_emb's first LayerNorm, their own K/V projections
+    # (diffusers added_kv_proj_dim = dim), FLF2V's position table over both images' tokens
+    image_dim = info["img_emb.proj.0.weight"].shape[0] if "img_emb.proj.0.weight" in info else None
+    if (image_dim is not None) != (model_type in ("i2v", "flf2v") and "blocks.0.cross_attn.k_img.weight" in info):
+        raise PackageError(f"{wf.label}: model_type {model_type!r} in {cfg_path.name}, but the weights "
+                           f"{'lack' if image_dim is None else 'have'} the CLIP branch (img_emb, k_img); "
+                           f"config.json belongs to another model")
+    pos = info.get("img_emb.emb_pos")
     module_cfg = dict(
         patch_size=tuple(patch), num_attention_heads=heads, attention_head_dim=dim // heads,
         in_channels=in_ch, out_channels=out_ch, text_dim=text_dim, freq_dim=freq_dim, ffn_dim=ffn_dim,
         num_layers=num_layers, cross_attn_norm="blocks.0.norm3.weight" in info,
         qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in info else None,
-        eps=float(cfg.get("eps", 1e-6)), image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024,
-        pos_embed_seq_len=None)
+        eps=float(cfg.get("eps", 1e-6)), image_dim=image_dim, added_kv_proj_dim=dim if image_dim else None,
+        rope_max_seq_len=1024, pos_embed_seq_len=pos.shape[1] if pos is not None else None)
     names = _rename_or_fail(info, keymaps.DIT, wf, name)
     part = Part(name, wf, names, module_cfg, (cfg_path, *wf.files, *filter(None, [wf.index])))
     return part, _dit_config(module_cfg), int(cfg.get("text_len", 512))
@@ -341,6 +358,26 @@ def _official_t5(path: WeightFiles) -> tuple[Part, TextConfig]:
     names = _rename_or_fail(info, keymaps.UMT5, path, "text_encoder")
     part = Part("text_encoder", path, names, cfg, (*path.files, *filter(None, [path.index])))
     return part, _text_config(cfg)
+
+
+def _official_clip(wf: WeightFiles) -> Part:
+    """Wan's CLIP .pth (XLMRobertaCLIP state dict) -> its visual tower as transformers' CLIPVisionModel:
+    architecture from the tensor shapes (width, MLP width, layers, patch, token count), the official
+    tower's constants for the rest (GELU, LayerNorm eps 1e-5, 80-wide heads)."""
+    info, label, what = shapes(wf), wf.label, "Wan CLIP (open-clip XLM-RoBERTa ViT-H/14)"
+    dim, _, patch, _ = _need(info, "visual.patch_embedding.weight", label, what)
+    tokens = _need(info, "visual.pos_embedding", label, what)[1]
+    grid = math.isqrt(tokens - 1)
+    if grid * grid != tokens - 1 or dim % OFFICIAL_CLIP_HEAD_DIM:
+        raise PackageError(f"{label}: a CLIP tower of width {dim} with {tokens} positions is not the ViT-H/14 layout "
+                           f"Wan uses; re-download {OFFICIAL_CLIP_STEM}.pth")
+    cfg = dict(hidden_size=dim, intermediate_size=_need(info, "visual.transformer.0.mlp.0.weight", label, what)[0],
+               num_hidden_layers=len(_indices(info, r"^visual\.transformer\.(\d+)\.")),
+               num_attention_heads=dim // OFFICIAL_CLIP_HEAD_DIM, image_size=grid * patch, patch_size=patch,
+               num_channels=3, hidden_act="gelu", layer_norm_eps=1e-5)
+    names = _rename_or_fail(info, keymaps.WAN_CLIP_VISION, wf, "image_encoder")
+    return Part("image_encoder", wf, names, cfg, (*wf.files, *filter(None, [wf.index])),
+                keymaps.views(names, keymaps.WAN_CLIP_VISION))
 
 
 def _text_config(c: Mapping[str, Any], text_len: int = 512) -> TextConfig:
@@ -430,6 +467,12 @@ def _open_official(root: Path) -> tuple[dict[str, Part], DiTConfig, TextConfig, 
     if vae_files is None:
         raise PackageError(f"{root / 'Wan2.1_VAE.pth'}: missing (nor Wan2.2_VAE.pth); download the VAE weights")
     parts["vae"], vae = _official_vae(vae_files)
+    if dit.image_dim is not None:  # Wan2.1 I2V/FLF2V: the CLIP vision tower beside the DiT
+        clip = _pick(root, OFFICIAL_CLIP_STEM)
+        if clip is None:
+            raise PackageError(f"{root / (OFFICIAL_CLIP_STEM + '.pth')}: missing; Wan2.1 I2V/FLF2V need the CLIP "
+                               f"image encoder weights, download them there")
+        parts["image_encoder"] = _official_clip(clip)
     return parts, dit, dataclasses.replace(text, text_len=text_len), vae, root / OFFICIAL_TOKENIZER_DIR
 
 
@@ -500,6 +543,7 @@ class _Facts:
     in_channels: int
     vae_kind: str
     image_dim: int | None = None  # Wan2.1 I2V/FLF2V's CLIP token width; None: no CLIP branch
+    last_image: bool = False  # Wan2.1 FLF2V (official model_type "flf2v"; diffusers pos_embed_seq_len)
 
 
 def _layout(root: Path) -> str:
@@ -527,14 +571,16 @@ def _facts(root: Path) -> _Facts:
         has22 = any((root / f"{OFFICIAL_VAE_STEMS['wan2.2']}{s}").is_file() for s in (".pth", ".safetensors"))
         vae_kind = "wan2.2" if in_ch == 48 and has22 else "wan2.1"
         clip = cfg.get("model_type") in ("i2v", "flf2v") and not two  # Wan2.1's; Wan2.2 I2V-A14B has none
-        return _Facts(layout, 2 if two else 1, dim, in_ch, vae_kind, 1280 if clip else None)
+        return _Facts(layout, 2 if two else 1, dim, in_ch, vae_kind, 1280 if clip else None,
+                      cfg.get("model_type") == "flf2v")
     index = read_json(root / "model_index.json")
     two = bool(index.get("transformer_2")) and index["transformer_2"][0] is not None
     tcfg = read_json(root / "transformer" / "config.json")
     vcfg = read_json(root / "vae" / "config.json")
     dim = int(tcfg.get("num_attention_heads", 0)) * int(tcfg.get("attention_head_dim", 0))
     return _Facts(layout, 2 if two else 1, dim, int(tcfg.get("in_channels", 16)),
-                  "wan2.2" if vcfg.get("is_residual") else "wan2.1", tcfg.get("image_dim"))
+                  "wan2.2" if vcfg.get("is_residual") else "wan2.1", tcfg.get("image_dim"),
+                  tcfg.get("pos_embed_seq_len") is not None)
 
 
 def _fits(spec: ModelSpec, facts: _Facts) -> str | None:
@@ -548,6 +594,9 @@ def _fits(spec: ModelSpec, facts: _Facts) -> str | None:
     if (spec.dit.image_dim is None) != (facts.image_dim is None):
         has = "has" if spec.dit.image_dim is not None else "has no"
         return f"{spec.name} {has} CLIP image tokens, the folder's DiT {'has' if facts.image_dim else 'has none'}"
+    if bool(spec.image and spec.image.last_image) != facts.last_image:
+        kind = "first-and-last-frame (FLF2V)" if facts.last_image else "first-frame"
+        return f"{spec.name} is not a {kind} model like the folder's"
     return None
 
 
@@ -595,6 +644,9 @@ def open_checkpoint(path: str | Path, variant: str | None = None) -> Checkpoint:
 
         c = CLIPVisionConfig(**parts["image_encoder"].config)  # config.json omits the defaults (224, 14, ...)
         size, patch = int(c.image_size), int(c.patch_size)
+        if int(c.hidden_size) != spec.dit.image_dim:
+            raise PackageError(f"{parts['image_encoder'].weights.label}: CLIP width {c.hidden_size} but the DiT takes "
+                               f"{spec.dit.image_dim}-wide image tokens; wrong CLIP file for this model")
         spec = dataclasses.replace(spec, image=dataclasses.replace(
             spec.image, clip_size=size, clip_tokens=(size // patch) ** 2 + 1, clip_dim=int(c.hidden_size)))
     return Checkpoint(root=root, layout=facts.layout, spec=spec, parts=parts, tokenizer_dir=tok)

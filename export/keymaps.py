@@ -22,11 +22,32 @@ Rule = tuple[str, str]  # (regex matched at the start of the key, replacement fo
 
 
 @dataclass(frozen=True)
+class View:
+    """A module tensor that is a part of a stored one: chunk `index` of `chunks` equal parts along
+    dim 0 (a fused q/k/v projection), and/or the stored tensor without its `drop` leading size-1
+    dims (open-clip's [1, 1, D] class token is transformers' [D])."""
+
+    index: int = 0
+    chunks: int = 1
+    drop: int = 0
+
+    def shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        out = stored[self.drop:]
+        return (out[0] // self.chunks, *out[1:]) if self.chunks > 1 else out
+
+
+@dataclass(frozen=True)
 class KeyMap:
     prefix: tuple[Rule, ...]
     leaf: tuple[Rule, ...] = ()
     # (alias, source): diffusers/transformers keys that are tied to another one (same tensor)
     ties: tuple[tuple[str, str], ...] = ()
+    # (regex, replacements): one stored tensor is several module tensors stacked along dim 0, in order
+    splits: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # (regex on the full official key, n): the module tensor is the stored one without n leading 1-dims
+    squeeze: tuple[tuple[str, int], ...] = ()
+    # regexes of official keys that belong to no module loaded from this file (CLIP's text tower)
+    ignore: tuple[str, ...] = ()
 
 
 def _attn(official: str, diffusers: str) -> tuple[Rule, ...]:
@@ -42,10 +63,22 @@ def _attn(official: str, diffusers: str) -> tuple[Rule, ...]:
     )
 
 
-# Official WanModel -> diffusers WanTransformer3DModel (t2v / ti2v; i2v's img_emb is not supported).
+# Official WanModel -> diffusers WanTransformer3DModel (t2v / ti2v / i2v / flf2v).
 # The official norm1/norm2 have no affine weights; official norm3 (the affine cross-attn pre-norm)
 # is diffusers' norm2. `freqs` is a plain attribute in the official model, not a state-dict key.
+# Wan2.1 I2V/FLF2V add the CLIP branch (W21 wan/modules/model.py MLPProj, WanI2VCrossAttention; the
+# names as diffusers' convert_wan_to_diffusers / single_file_utils convert_wan_transformer_to_diffusers):
+# img_emb.proj = LayerNorm, Linear, GELU, Linear, LayerNorm -> image_embedder norm1, ff.net.0.proj,
+# ff.net.2, norm2; FLF2V's img_emb.emb_pos [1, 2 x 257, 1280] -> image_embedder.pos_embed.
 DIT = KeyMap(prefix=(
+    (r"^img_emb\.proj\.0\.", "condition_embedder.image_embedder.norm1."),
+    (r"^img_emb\.proj\.1\.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    (r"^img_emb\.proj\.3\.", "condition_embedder.image_embedder.ff.net.2."),
+    (r"^img_emb\.proj\.4\.", "condition_embedder.image_embedder.norm2."),
+    (r"^img_emb\.emb_pos$", "condition_embedder.image_embedder.pos_embed"),
+    (r"^blocks\.(\d+)\.cross_attn\.k_img\.", r"blocks.\1.attn2.add_k_proj."),
+    (r"^blocks\.(\d+)\.cross_attn\.v_img\.", r"blocks.\1.attn2.add_v_proj."),
+    (r"^blocks\.(\d+)\.cross_attn\.norm_k_img\.", r"blocks.\1.attn2.norm_added_k."),
     (r"^patch_embedding\.", "patch_embedding."),
     (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
     (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
@@ -61,6 +94,33 @@ DIT = KeyMap(prefix=(
     (r"^head\.head\.", "proj_out."),
     (r"^head\.modulation$", "scale_shift_table"),
 ))
+
+# Wan2.1 I2V/FLF2V's CLIP checkpoint `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`: the
+# state dict of Wan's own XLMRobertaCLIP (W21 wan/modules/clip.py; the same module in wan22
+# wan/modules/animate/clip.py). Only its visual tower (`visual.*`, a ViT-H/14: pre-norm, class token,
+# GELU) is used, as transformers' CLIPVisionModel (transformers 5 names: no `vision_model.` level).
+# to_qkv is q, k, v stacked along dim 0 (SelfAttention.forward: view(b, s, 3, n, d)); `visual.head`
+# (the contrastive projection), `textual.*` (XLM-RoBERTa) and `log_scale` are not needed.
+_CLIP_LAYER = r"^visual\.transformer\.(\d+)\."
+WAN_CLIP_VISION = KeyMap(
+    prefix=(
+        (r"^visual\.patch_embedding\.", "embeddings.patch_embedding."),
+        (r"^visual\.cls_embedding$", "embeddings.class_embedding"),
+        (r"^visual\.pos_embedding$", "embeddings.position_embedding.weight"),
+        (r"^visual\.pre_norm\.", "pre_layrnorm."),
+        (_CLIP_LAYER + r"norm1\.", r"encoder.layers.\1.layer_norm1."),
+        (_CLIP_LAYER + r"attn\.proj\.", r"encoder.layers.\1.self_attn.out_proj."),
+        (_CLIP_LAYER + r"norm2\.", r"encoder.layers.\1.layer_norm2."),
+        (_CLIP_LAYER + r"mlp\.0\.", r"encoder.layers.\1.mlp.fc1."),
+        (_CLIP_LAYER + r"mlp\.2\.", r"encoder.layers.\1.mlp.fc2."),
+        (r"^visual\.post_norm\.", "post_layernorm."),
+    ),
+    splits=((_CLIP_LAYER + r"attn\.to_qkv\.", (r"encoder.layers.\1.self_attn.q_proj.",
+                                                r"encoder.layers.\1.self_attn.k_proj.",
+                                                r"encoder.layers.\1.self_attn.v_proj.")),),
+    squeeze=((r"^visual\.cls_embedding$", 2), (r"^visual\.pos_embedding$", 1)),  # [1, 1, D], [1, T, D]
+    ignore=(r"^textual\.", r"^log_scale$", r"^visual\.head$"),
+)
 
 # Official t5.T5Encoder (shared_pos=False, i.e. umT5: one relative-position table per layer)
 # -> transformers UMT5EncoderModel. The input embedding is tied: encoder.embed_tokens = shared.
@@ -165,17 +225,43 @@ def rename_key(key: str, keymap: KeyMap) -> str | None:
 
 def rename(keys: Iterable[str], keymap: KeyMap) -> tuple[dict[str, str], list[str]]:
     """-> ({diffusers_key: official_key}, [official keys no rule covers]). Ties are added as
-    extra diffusers keys pointing at the same official key."""
+    extra diffusers keys pointing at the same official key; a split key gives one diffusers key per
+    part (all pointing at it: `views` says which part); ignored keys are in neither."""
     mapping: dict[str, str] = {}
     unknown: list[str] = []
     for key in keys:
-        new = rename_key(key, keymap)
-        if new is None:
+        if any(_match(p, key) for p in keymap.ignore):
+            continue
+        parts = _split(key, keymap)
+        new = rename_key(key, keymap) if parts is None else None
+        if parts is not None:
+            mapping.update(dict.fromkeys(parts, key))
+        elif new is None:
             unknown.append(key)
         else:
             mapping[new] = key
     add_ties(mapping, keymap)
     return mapping, unknown
+
+
+def _split(key: str, keymap: KeyMap) -> list[str] | None:
+    for pattern, repls in keymap.splits:
+        m = _match(pattern, key)
+        if m is not None:
+            return [m.expand(r) + key[m.end():] for r in repls]
+    return None
+
+
+def views(mapping: Mapping[str, str], keymap: KeyMap) -> dict[str, View]:
+    """diffusers key -> View, for the keys that are not their official tensor as stored (a part of a
+    split tensor, a squeezed one); every other key reads its tensor unchanged."""
+    out: dict[str, View] = {}
+    for new, key in mapping.items():
+        parts = _split(key, keymap)
+        drop = next((n for p, n in keymap.squeeze if _match(p, key)), 0)
+        if parts is not None or drop:
+            out[new] = View(parts.index(new) if parts else 0, len(parts) if parts else 1, drop)
+    return out
 
 
 def add_ties(mapping: dict[str, str], keymap: KeyMap) -> None:

@@ -9,13 +9,14 @@ import json
 import pickle
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from vidrt.errors import PackageError
+from vidrt.export.keymaps import View
 
 
 @dataclass(frozen=True)
@@ -146,9 +147,11 @@ def shapes(wf: WeightFiles) -> dict[str, TensorInfo]:
     return out
 
 
-def load(wf: WeightFiles, names: dict[str, str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def load(wf: WeightFiles, names: dict[str, str], dtype: torch.dtype | None,
+         views: Mapping[str, View] | None = None) -> dict[str, torch.Tensor]:
     """{new_name: source_name} -> {new_name: tensor}. Each source tensor is read once (safe_open
-    copies it out of the mmap; .pth tensors stay mmapped) and cast to `dtype` if given (ties share it)."""
+    copies it out of the mmap; .pth tensors stay mmapped) and cast to `dtype` if given (ties share it).
+    views: new names that are a part of their source tensor (keymaps.View: a chunk, squeezed dims)."""
     by_source: dict[str, torch.Tensor] = {}
     wanted = set(names.values())
 
@@ -170,7 +173,15 @@ def load(wf: WeightFiles, names: dict[str, str], dtype: torch.dtype | None) -> d
                             by_source[k] = cast(st.get_tensor(k))
             except (SafetensorError, OSError, RuntimeError) as exc:
                 raise PackageError(f"{f}: cannot be read ({exc}); re-download it") from None
-    return {new: by_source[src] for new, src in names.items()}
+    views = views or {}
+    return {new: view_of(by_source[src], views[new]) if new in views else by_source[src]
+            for new, src in names.items()}
+
+
+def view_of(t: torch.Tensor, view: View) -> torch.Tensor:
+    """The part of a stored tensor a keymaps.View names (a view, no copy)."""
+    t = t.reshape(view.shape(tuple(t.shape))) if view.chunks == 1 else t.reshape(t.shape[view.drop:])
+    return t.chunk(view.chunks, dim=0)[view.index] if view.chunks > 1 else t
 
 
 def stored(wf: WeightFiles, names: dict[str, str]) -> dict[str, Callable[[], torch.Tensor]]:

@@ -81,6 +81,84 @@ def test_official_dit_matches_official_module(official, kind):
         assert _rel(got, want) <= 1e-4, expert
 
 
+@pytest.fixture(scope="module", params=["i2v", "flf2v"])
+def official_wan21(request, tmp_path_factory) -> tiny.OfficialWan21:
+    return tiny.write_official_wan21_i2v(tmp_path_factory.mktemp(f"official-{request.param}"),
+                                         flf2v=request.param == "flf2v")
+
+
+@torch.no_grad()
+def test_official_wan21_i2v_loads_into_the_official_modules(official_wan21):
+    """Issue 16 item 1: Wan2.1 I2V / FLF2V in the official layout. Every DiT tensor lands where diffusers'
+    own converter (single_file_utils.convert_wan_transformer_to_diffusers) puts it; the image branch
+    (img_emb, k_img/v_img/norm_k_img) computes what the official modules compute; the CLIP .pth's visual
+    tower = the official VisionTransformer's penultimate block (use_31_block) as CLIPVisionModel."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    ref = official_wan21
+    flf2v = ref.kind == "flf2v"
+    variant = "wan2.1-flf2v-14b-720p" if flf2v else "wan2.1-i2v-14b-480p"
+    ckpt = open_checkpoint(ref.root, variant=variant)
+    assert ckpt.layout == "official" and ckpt.spec.dit.image_dim == 160 and ckpt.spec.dit.in_channels == 36
+    assert (ckpt.spec.image.clip_size, ckpt.spec.image.clip_tokens, ckpt.spec.image.clip_dim) == (28, 5, 160)
+    ckpt.check_weights()  # what `vidrt export` runs first: keys, shapes, dtypes of every part (CLIP views too)
+
+    tr = ckpt.transformer("dit")
+    official_sd = {k: v.clone() for k, v in ref.dit.state_dict().items()}
+    want = convert_wan_transformer_to_diffusers(dict(official_sd))
+    if flf2v:  # diffusers' single-file table has no emb_pos; its convert_wan_to_diffusers.py names it pos_embed
+        want["condition_embedder.image_embedder.pos_embed"] = want.pop("img_emb.emb_pos")
+    got = tr.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+    g = torch.Generator().manual_seed(5)
+    n = 257  # the official cross-attention takes the first 257 context tokens as the image's
+    clip_fea = torch.randn(2 if flf2v else 1, n, 160, generator=g)
+    if flf2v:  # W21 MLPProj: [2, n, d] -> [1, 2n, d] + emb_pos (here: a 257-token table, like the real one)
+        emb = ref.dit.img_emb
+        emb.emb_pos = torch.nn.Parameter(torch.randn(1, 2 * n, 160, generator=g))
+        tr.condition_embedder.image_embedder.pos_embed = torch.nn.Parameter(emb.emb_pos.detach().clone())
+        off_tokens = emb.proj(clip_fea.view(1, 2 * n, 160) + emb.emb_pos)
+    else:
+        off_tokens = ref.dit.img_emb(clip_fea)
+    our_tokens = tr.condition_embedder.image_embedder(clip_fea)
+    assert _rel(our_tokens, off_tokens) <= 1e-5
+    x = torch.randn(1, 8, 64, generator=g)
+    context = torch.cat([torch.randn(1, n, 64, generator=g), torch.randn(1, tiny.TEXT_LEN, 64, generator=g)], 1)
+    for b, block in enumerate(ref.dit.blocks):
+        off = block.cross_attn(x, context, None)
+        ours = tr.blocks[b].attn2(x, encoder_hidden_states=context)
+        assert _rel(ours, off) <= 1e-5, b
+
+    px = torch.randn(2, 3, 28, 28, generator=g)
+    off_clip = ref.clip.visual(px, use_31_block=True)
+    our_clip = ckpt.image_encoder()(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+    assert our_clip.shape == off_clip.shape == (2, 5, 160)
+    assert _rel(our_clip, off_clip) <= 1e-5
+
+
+def test_official_wan21_i2v_detection_and_bad_clip(official_wan21, tmp_path):
+    """From config.json's model_type: "flf2v" is the FLF2V variant; "i2v" fits the 480P and 720P entries
+    (the same files), so the variant is asked for, naming both. A missing CLIP file is one line."""
+    ref = official_wan21
+    if ref.kind == "flf2v":
+        with pytest.raises(PackageError) as err:  # tiny dims: no registry entry has them, FLF2V is named
+            detect_variant(ref.root)
+        _one_line(err, "--variant", "wan2.1-flf2v-14b-720p")
+        assert "wan2.1-i2v-14b" not in str(err.value)
+        with pytest.raises(PackageError) as err:
+            open_checkpoint(ref.root, variant="wan2.1-i2v-14b-480p")
+        _one_line(err, "first-and-last-frame (FLF2V)", "wan2.1-i2v-14b-480p")
+        return
+    bad = tmp_path / "no-clip"
+    shutil.copytree(ref.root, bad)
+    (bad / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth").unlink()
+    with pytest.raises(PackageError) as err:
+        open_checkpoint(bad, variant="wan2.1-i2v-14b-480p")
+    _one_line(err, "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", "missing")
+
+
 @pytest.mark.parametrize("kind", ["t2v", "ti2v"])
 @torch.no_grad()
 def test_official_vae_decode_matches(official, kind):
@@ -239,6 +317,12 @@ def test_detect_real_sizes(tmp_path):
     assert detect_variant(_fake_official(tmp_path / "c", 3072, 48, "Wan2.2_VAE.pth")) == "wan2.2-ti2v-5b"
     two = ("high_noise_model", "low_noise_model")
     assert detect_variant(_fake_official(tmp_path / "d", 5120, 16, "Wan2.1_VAE.pth", two)) == "wan2.2-t2v-a14b"
+    flf = _fake_official(tmp_path / "f", 5120, 36, "Wan2.1_VAE.pth")
+    (flf / "config.json").write_text(json.dumps({"dim": 5120, "in_dim": 36, "model_type": "flf2v"}))
+    assert detect_variant(flf) == "wan2.1-flf2v-14b-720p"
+    (flf / "config.json").write_text(json.dumps({"dim": 5120, "in_dim": 36, "model_type": "i2v"}))
+    with pytest.raises(PackageError, match="wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p"):  # same files: ask
+        detect_variant(flf)
     d = tmp_path / "e"
     for sub, cfg in (("transformer", {"num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16}),
                      ("vae", {"z_dim": 16})):

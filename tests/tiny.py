@@ -13,6 +13,7 @@ randomised (zero-initialised heads too), fixed seeds:
   ti2v  in_dim 48, model_type ti2v, Wan2.2_VAE.pth
   i2v   Wan2.2 I2V-A14B: as a14b with in_dim 36 (latents 16 + mask 4 + image latents 16), out_dim 16,
         model_type i2v (no CLIP)
+  Wan2.1 I2V / FLF2V: write_official_wan21_i2v (CLIP branch, models_clip_...pth, model_type i2v/flf2v)
   all   models_t5_umt5-xxl-enc-bf16.pth (fp32 tensors), google/umt5-xxl/ (tokenizer.json +
         tokenizer_config.json, loadable by transformers' AutoTokenizer)
 Diffusers layout: the same kinds from WanTransformer3DModel / AutoencoderKLWan / UMT5EncoderModel
@@ -101,7 +102,7 @@ class OfficialTiny:
 def write_official_checkpoint(root: str | Path, kind: str) -> OfficialTiny:
     assert kind in KINDS, kind
     root = Path(root)
-    model_mod, t5_mod = wan_ref.load("modules.model"), wan_ref.load("modules.t5")
+    model_mod = wan_ref.load("modules.model")
     in_dim, out_dim = _channels(kind)
     dits = {}
     for i, expert in enumerate(_experts(kind)):
@@ -114,6 +115,13 @@ def write_official_checkpoint(root: str | Path, kind: str) -> OfficialTiny:
                   **{k: v for k, v in dit.config.items() if not k.startswith("_")}}
         (folder / "config.json").write_text(json.dumps(config, indent=1))
         dits[expert] = dit
+    t5, vae = _write_official_rest(root, kind)
+    return OfficialTiny(root, kind, dits, t5, vae)
+
+
+def _write_official_rest(root: Path, kind: str) -> tuple[Any, Any]:
+    """umT5 .pth, the VAE .pth of the kind, the tokenizer folder; -> (official T5Encoder, WanVAE_)."""
+    t5_mod = wan_ref.load("modules.t5")
     t5 = randomise_(t5_mod.T5Encoder(shared_pos=False, dropout=0.0, **T5), seed=20)
     torch.save(t5.state_dict(), root / "models_t5_umt5-xxl-enc-bf16.pth")
     if kind == "ti2v":
@@ -126,7 +134,52 @@ def write_official_checkpoint(root: str | Path, kind: str) -> OfficialTiny:
     randomise_(vae, seed=30)
     torch.save(vae.state_dict(), root / name)
     write_tokenizer(root / "google" / "umt5-xxl")
-    return OfficialTiny(root, kind, dits, t5, vae)
+    return t5, vae
+
+
+# Wan2.1's CLIP (W21 wan/modules/clip.py XLMRobertaCLIP; wan22 ships the same module in modules/animate):
+# a ViT of 80-wide heads like the real ViT-H/14 (2 heads of 80), 28 px / patch 14 = 5 tokens, and a
+# one-layer text tower (its keys are in the real file and must be skipped by the loader)
+CLIP21 = dict(embed_dim=32, image_size=28, patch_size=14, vision_dim=160, vision_mlp_ratio=2, vision_heads=2,
+              vision_layers=3, vocab_size=64, max_text_len=16, text_dim=16, text_heads=2, text_layers=1)
+
+
+@dataclass(frozen=True)
+class OfficialWan21:
+    root: Path
+    kind: str  # "i2v" | "flf2v"
+    dit: Any  # official WanModel with Wan2.1's image branch (see write_official_wan21_i2v)
+    clip: Any  # official XLMRobertaCLIP
+
+
+def write_official_wan21_i2v(root: str | Path, flf2v: bool = False) -> OfficialWan21:
+    """Tiny Wan2.1 I2V / FLF2V in the official layout, from official modules: wan22's WanModel (36 in,
+    16 out) whose cross-attentions are wan22's WanAnimateCrossAttention with use_img_emb (Wan2.1's
+    WanI2VCrossAttention: + k_img, v_img, norm_k_img) and `img_emb` = its MLPProj(CLIP width, dim)
+    (FLF2V: + `emb_pos` [1, 2 x tokens, CLIP width], W21 model.py MLPProj(flf_pos_emb=True)); config.json
+    with model_type "i2v"/"flf2v"; models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth; umT5, VAE."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    model_mod, animate = wan_ref.load("modules.model"), wan_ref.load("modules.animate.model_animate")
+    dit = model_mod.WanModel(model_type="i2v", in_dim=36, out_dim=16, **DIT)
+    for block in dit.blocks:
+        block.cross_attn = animate.WanAnimateCrossAttention(DIT["dim"], DIT["num_heads"], (-1, -1), True, 1e-6,
+                                                            use_img_emb=True)
+    dit.img_emb = animate.MLPProj(CLIP21["vision_dim"], DIT["dim"])
+    tokens = (CLIP21["image_size"] // CLIP21["patch_size"]) ** 2 + 1
+    if flf2v:
+        dit.img_emb.emb_pos = torch.nn.Parameter(torch.zeros(1, 2 * tokens, CLIP21["vision_dim"]))
+    randomise_(dit, seed=15)
+    save_file({k: v.detach().contiguous() for k, v in dit.state_dict().items()},
+              str(root / "diffusion_pytorch_model.safetensors"))
+    config = {"_class_name": "WanModel", "_diffusers_version": "0.30.0",
+              **{k: v for k, v in dit.config.items() if not k.startswith("_")},
+              "model_type": "flf2v" if flf2v else "i2v"}
+    (root / "config.json").write_text(json.dumps(config, indent=1))
+    clip = randomise_(wan_ref.load("modules.animate.clip").XLMRobertaCLIP(**CLIP21), seed=25).eval()
+    torch.save(clip.state_dict(), root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    _write_official_rest(root, "i2v21")
+    return OfficialWan21(root, "flf2v" if flf2v else "i2v", dit.eval(), clip)
 
 
 @dataclass(frozen=True)

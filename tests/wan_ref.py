@@ -29,7 +29,9 @@ def _wan_root() -> Path:
 
 def _stub_packages() -> None:
     root = _wan_root()
-    for name, path in [("wan", root), ("wan.modules", root / "modules"), ("wan.utils", root / "utils")]:
+    modules = root / "modules"
+    for name, path in [("wan", root), ("wan.modules", modules), ("wan.utils", root / "utils"),
+                       ("wan.modules.animate", modules / "animate"), ("wan.distributed", root / "distributed")]:
         if name in sys.modules and getattr(sys.modules[name], "_vidrt_stub", False):
             continue
         mod = types.ModuleType(name)
@@ -57,7 +59,7 @@ def _sdpa_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_sc
 def _import_without(missing: tuple[str, ...], name: str) -> types.ModuleType:
     """Import `name` whose module body imports packages it only uses in functions we never call
     (wan.utils.utils: imageio and torchvision, for saving videos): empty stand-ins during the import."""
-    added = [m for m in missing if importlib.util.find_spec(m) is None and m not in sys.modules]
+    added = [m for m in missing if m not in sys.modules and not _findable(m)]
     for m in added:
         sys.modules[m] = types.ModuleType(m)
     try:
@@ -67,6 +69,13 @@ def _import_without(missing: tuple[str, ...], name: str) -> types.ModuleType:
             del sys.modules[m]
 
 
+def _findable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent is missing
+        return False
+
+
 def load(module: str) -> types.ModuleType:
     """`load("modules.model")` -> the official wan.modules.model, patched to run on CPU in fp32."""
     _stub_packages()
@@ -74,7 +83,12 @@ def load(module: str) -> types.ModuleType:
         torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     if module == "utils.utils":
         return _import_without(("imageio", "torchvision"), "wan.utils.utils")
-    mod = importlib.import_module(f"wan.{module}")
-    if module == "modules.model":
+    if module == "modules.animate.clip":  # Wan2.1's CLIP (XLMRobertaCLIP) as wan22 ships it; transforms unused
+        from transformers import AutoTokenizer  # noqa: F401  (imported before the torchvision stand-in exists)
+
+        mod = _import_without(("torchvision", "torchvision.transforms"), "wan.modules.animate.clip")
+    else:
+        mod = importlib.import_module(f"wan.{module}")
+    if module in ("modules.model", "modules.animate.clip", "modules.animate.model_animate"):
         mod.flash_attention = _sdpa_attention
     return mod
