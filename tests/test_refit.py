@@ -367,3 +367,45 @@ def test_pipeline_refits_the_open_dit_from_the_base_when_the_lora_set_changes() 
         half = half_merged[name].astype(np.float64) - base(name)
         full = full_merged[name].astype(np.float64) - base(name)
         assert np.abs(full).max() > 0 and np.allclose(half, full / 2, atol=1e-6), name
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_loras_reach_the_step_caching_pieces_on_both_paths() -> None:
+    """Issue 13 item 4: with --cache the DiT runs as pieces, and a LoRA reaches them as it reaches the
+    whole graph (same initializer names; each piece gets the part of the merged set it holds). MagCache
+    at threshold 0 never skips, so its clip equals the uncached clip with the same LoRA; on the refit
+    path (one engine per piece, refitted in place) the clips equal ONNX Runtime's session-per-set ones."""
+    from vidrt.models import default_package
+    from vidrt.package.recipes import LoraRef
+    from vidrt.pipeline import Pipeline
+    from vidrt.request import Request
+
+    package = default_package()
+    assert package is not None
+    lora = str(package / "fast_lora.safetensors")
+    ort = Pipeline.load(package, warn=lambda s: None)
+    req = Request(prompt="a red circle moving left", seed=5, steps=3, loras=(LoraRef(lora, 0.8),))
+    whole = ort.run(req).frames
+    pieces = ort.run(dataclasses.replace(req, cache="magcache:0"))
+    assert pieces.stats.cache.block_stack_skips == 0 and pieces.stats.lora_merge_bytes > 0
+    assert _psnr(pieces.frames, whole) >= 70.0
+    no_lora = ort.run(dataclasses.replace(req, cache="magcache:0", loras=())).frames
+    assert _psnr(no_lora, whole) < 40.0  # the LoRA changes the clip: the pieces did take it
+
+    pipe = Pipeline.load(package, warn=lambda s: None)
+    pipe.backend = backend = _RefitInPlace(pipe.backend)
+    for strength in (0.8, 0.0, 0.5):
+        r = dataclasses.replace(req, cache="magcache:0", loras=(LoraRef(lora, strength),) if strength else ())
+        want, got = ort.run(r).frames, pipe.run(r).frames
+        assert want is not None and got is not None and np.array_equal(got, want), strength
+    refits = {c[1]: c[2] for c in backend.calls if c[0] == "refit"}
+    opened = {c[1]: c[2] for c in backend.calls if c[0] == "open" and c[1].startswith("dit.")}
+    merged = set(pipe._merger.merged("dit", (LoraRef(lora, 1.0),))[1])
+    expected = {p: len(merged & {ref.initializer for ref in pipe.manifest.components[p].weights.values()})
+                for p in opened}
+    assert opened == expected and sum(expected.values()) >= len(merged)  # each piece: the part it holds
+    assert expected["dit.blocks_rest"] > 0 and refits == expected  # the last set (0.5) refitted the same

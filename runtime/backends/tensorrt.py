@@ -832,8 +832,10 @@ class TrtBackend:
         in place: the plan stays loaded, its context valid. Every call starts from the base weights (an
         empty `weights` restores them). Seconds and bytes go to gpu_stats()."""
         name = engine.name
-        self.check_refit(name)
         state = self._refits.get(name)
+        if not weights and (state is None or not state.changed):
+            return  # holds its base weights already (a piece no LoRA weight reaches)
+        self.check_refit(name)
         if state is None:
             expert = name.partition(".")[0]
             state = self._refits[name] = EngineRefit(self._trt, self._logger, name, self._base_weights(expert),
