@@ -4,6 +4,7 @@
     python -m benchmarks.run                  # the full suite (more pairs, larger cost-growth sizes)
     python -m benchmarks.run --workloads tiny --pairs 5 --no-scaling
     python -m benchmarks.run --gpu            # TensorRT backend vs diffusers on CUDA (skips where absent)
+    python -m benchmarks.run --quick --axes recipe,cache   # the recipe and cache axes (benchmarks/axes.py)
     vidrt bench [same options]
 
 For each workload: one process per side (vidrt on ONNX Runtime or TensorRT, diffusers' WanPipeline
@@ -32,18 +33,25 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import axes as axes_mod
 from benchmarks import flops, machine, report, scaling, workloads
 from benchmarks.workers import Worker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# The cache axis: every method on a package with calibrated tables (the bundled model), the methods with
+# published Wan2.1 tables on the others (issue 13: the 1.3B architecture at 50 steps, MagCache and TeaCache).
+CACHE_METHODS = {"tiny": axes_mod.CACHE_METHODS, "wan1.3b": ("none", "magcache", "teacache")}
+
 # (workload sizes, cost-growth sizes) per preset. The 1.3B DiT on 2 cores does ~30-50 GFLOP/s and one
 # CFG step at 128x128x5 is ~1 TFLOP, so the sizes stay small; the VAE grows further (cheap per token).
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"pairs": {"tiny": 3, "wan1.3b": 2}, "wan13b_clip": dict(width=64, height=64, frames=5, steps=2),
+              "axis_pairs": {"tiny": 3, "wan1.3b": 1}, "cache_methods": CACHE_METHODS,
               "vae_sizes": [(128, 128, 5), (256, 256, 5)], "dit_sizes": [(64, 64, 5), (128, 128, 5)],
               "repeats": 1, "gemm_n": 2048},
     "full": {"pairs": {"tiny": 5, "wan1.3b": 3}, "wan13b_clip": dict(width=128, height=128, frames=5, steps=2),
+             "axis_pairs": {"tiny": 5, "wan1.3b": 2}, "cache_methods": CACHE_METHODS,
              "vae_sizes": [(128, 128, 5), (256, 256, 5), (256, 256, 9), (384, 384, 9)],
              "dit_sizes": [(64, 64, 5), (128, 128, 5), (128, 128, 9), (192, 192, 9)],
              "repeats": 2, "gemm_n": 3072},
@@ -179,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both sides (default: all)")
     ap.add_argument("--no-reference", action="store_true", help="vidrt only (no diffusers side)")
     ap.add_argument("--no-scaling", action="store_true", help="skip the cost-growth section")
+    ap.add_argument("--axes", default="main",
+                    help="comma list of: main (the side-by-side table, cost growth, FLOPs), recipe (50 steps + CFG, "
+                         "CFG off, the 4-step recipe), cache (each --cache method); default: main")
     ap.add_argument("--scaling-package", help="package for the cost growth (default: the wan1.3b workload's)")
     ap.add_argument("--gpu", action="store_true", help="TensorRT backend vs diffusers on CUDA (skipped when absent)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: benchmarks/results)")
@@ -188,7 +199,15 @@ def main(argv: list[str] | None = None) -> int:
 
     preset_name = "quick" if args.quick else "full"
     preset = PRESETS[preset_name]
-    tag = args.tag or f"{'gpu' if args.gpu else 'cpu'}-{preset_name}"
+    axes = tuple(a.strip() for a in args.axes.split(",") if a.strip())
+    bad = sorted(set(axes) - {"main", *axes_mod.AXES})
+    if bad or not axes:
+        ap.error(f"--axes: unknown {', '.join(bad) or 'empty list'}; choose from main, {', '.join(axes_mod.AXES)}")
+    if args.gpu and axes != ("main",):
+        ap.error("--axes recipe/cache run on the CPU (ONNX Runtime vs torch CPU); drop --gpu or use --axes main")
+    extra = [a for a in axes if a != "main"]
+    main_table = "main" in axes
+    tag = args.tag or f"{'gpu' if args.gpu else 'cpu'}-{preset_name}" + ("" if main_table else "-axes")
     log = Tee()
     t_start = time.perf_counter()
     m = machine.describe(args.threads)
@@ -204,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(workloads.WORKLOADS)}")
 
     peak = None
-    if not args.gpu:
+    if not args.gpu and main_table:
         log(f"measuring the fp32 GEMM peak ({preset['gemm_n']}^3, numpy and ONNX Runtime) ...")
         peak = flops.measured_peak(preset["gemm_n"], threads=args.threads)
         log(f"  numpy {peak['numpy_gemm_flops'] / 1e9:.1f} GFLOP/s, "
@@ -230,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"GPU mode: skipped: {why}")
             names = []
 
-    for name in names:
+    for name in names if main_table else ():
         wl = built[name]
         pairs = args.pairs or preset["pairs"][name]
         log(f"side by side: {name}, {pairs} pair(s) ...")
@@ -238,7 +257,17 @@ def main(argv: list[str] | None = None) -> int:
         record["workloads"].append(res)
         log(report.workload_table(res))
 
-    if not args.no_scaling and not args.gpu:
+    record["axes"] = []
+    for name in names if extra else ():
+        pairs = args.pairs or preset["axis_pairs"][name]
+        log(f"axes {', '.join(extra)}: {name}, {pairs} pair(s) per row ...")
+        res = axes_mod.run_axes(built[name], tuple(extra), pairs, args.threads, not args.no_reference,
+                                tuple(preset["cache_methods"][name]), args.cache / "loras" / name, log)
+        record["axes"].append(res)
+        for axis in extra:
+            log(f"\n{axis} axis, {name}:\n" + axes_mod.axis_markdown(res, axis) + "\n")
+
+    if not args.no_scaling and not args.gpu and main_table:
         pkg = Path(args.scaling_package) if args.scaling_package else (
             built["wan1.3b"].package if "wan1.3b" in built else workloads.wan13b(args.cache, log=log).package)
         log(f"cost growth on {workloads._rel(pkg)} (one fresh process per point) ...")
@@ -275,10 +304,11 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  dit step {r['width']}x{r['height']}x{r['frames']} ({r['tokens']} tokens): {fl.step:.3g} FLOP, "
                     f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s = {100 * r['peak_fraction']:.0f} %")
 
-    table = flops.standard_table()
-    record["flops"] = {"standard": table, "model": flops.__doc__}
-    log("DiT FLOPs at the models' standard sizes (benchmarks/flops.py::dit_flops; CFG = 2 forwards per step):")
-    log(report.flops_table(table, peak))
+    if main_table:
+        table = flops.standard_table()
+        record["flops"] = {"standard": table, "model": flops.__doc__}
+        log("DiT FLOPs at the models' standard sizes (benchmarks/flops.py::dit_flops; CFG = 2 forwards per step):")
+        log(report.flops_table(table, peak))
 
     record["seconds_total"] = time.perf_counter() - t_start
     log(f"done in {record['seconds_total'] / 60:.1f} min")

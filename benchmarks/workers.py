@@ -42,21 +42,29 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 class VidrtSide:
-    def __init__(self, package: str, threads: int | None, backend: str, device: str) -> None:
+    def __init__(self, package: str, threads: int | None, backend: str, device: str, open_all: bool = True) -> None:
+        from vidrt.package import contracts as C
         from vidrt.pipeline import Pipeline
 
         # verify=True: the package's sha256 check is part of vidrt's load (and of `load` seconds)
         self.pipe = Pipeline.load(package, backend=backend, device=device, threads=threads, warn=lambda m: None)
-        for name in self.pipe.manifest.components:  # sessions open lazily; open them now so `load` is comparable
-            self.pipe.engine(name)
+        pieces = {C.dit_piece(e, p) for e in self.pipe.manifest.model.experts for p in C.DIT_PIECES}
+        for name in self.pipe.manifest.components if open_all else ():
+            # sessions open lazily; open them now so `load` is comparable. The step-caching pieces are not
+            # opened: a run without --cache never uses them (they would double the DiT's weights in memory)
+            if name not in pieces:
+                self.pipe.engine(name)
         self.gpu = backend == "tensorrt" or device == "cuda"
 
     def run(self, clip: Clip, noise: np.ndarray) -> dict[str, Any]:
+        from vidrt.package.recipes import LoraRef
         from vidrt.request import Request
 
         req = Request(prompt=clip.prompt, negative_prompt=clip.negative_prompt, width=clip.width, height=clip.height,
                       num_frames=clip.frames, steps=clip.steps, guidance=clip.guidance, shift=clip.shift,
-                      scheduler="unipc")
+                      scheduler=clip.scheduler, recipe=clip.recipe, cache=clip.cache,
+                      timesteps=tuple(1000.0 * s for s in clip.sigmas) if clip.sigmas else None,
+                      loras=tuple(LoraRef(path, strength) for path, strength in clip.loras))
         gpu = PeakGPU() if self.gpu else None
         with PeakRSS() as mem:
             if gpu:
@@ -71,7 +79,10 @@ class VidrtSide:
         return {"frames": res.frames, "seconds": wall, "stages": stages,
                 "step_seconds": list(st.denoise_step_seconds), "num_tokens": st.num_tokens,
                 "vae_tiles": st.vae_tiles, "peak_rss": mem.peak_bytes,
-                "peak_device": gpu.peak_bytes if gpu else None}
+                "peak_device": gpu.peak_bytes if gpu else None, "dit_calls": st.dit_calls,
+                "block_stack_runs": st.cache.block_stack_runs, "block_stack_skips": st.cache.block_stack_skips,
+                "cache_mask": st.cache.mask, "lora_seconds": st.lora_merge_seconds,
+                "lora_bytes": st.lora_merge_bytes}
 
 
 # ---- diffusers -------------------------------------------------------------------------------------
@@ -99,6 +110,27 @@ def official_unipc(shift: float) -> Any:
     return OfficialUniPC(num_train_timesteps=1000, shift=1, use_dynamic_shifting=False)
 
 
+def distill_euler(shift: float, sigmas: tuple[float, ...]) -> Any:
+    """diffusers' FlowMatchEulerDiscreteScheduler over an explicit sigma list (shifted by `shift` inside
+    set_timesteps, as LightX2V shifts its timestep list: fast_paths.md B.1). WanPipeline calls
+    set_timesteps(num_inference_steps) only, so the list is bound here."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class DistillEuler(FlowMatchEulerDiscreteScheduler):  # type: ignore[misc]
+        def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, **_: Any) -> Any:
+            return super().set_timesteps(sigmas=list(sigmas), device=device)
+
+    return DistillEuler(num_train_timesteps=1000, shift=shift)
+
+
+def reference_cache_config(spec: dict[str, Any]) -> Any:
+    """{"kind": "magcache"|"fbcache", ...} -> diffusers' MagCacheConfig / FirstBlockCacheConfig."""
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
+
+    cfg = {k: v for k, v in spec.items() if k != "kind"}
+    return MagCacheConfig(**cfg) if spec["kind"] == "magcache" else FirstBlockCacheConfig(**cfg)
+
+
 class DiffusersSide:
     def __init__(self, checkpoint: str, threads: int | None, device: str) -> None:
         import torch
@@ -112,7 +144,6 @@ class DiffusersSide:
         self.pipe.text_encoder.config._attn_implementation = "eager"
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(device)
-        self._shift: float | None = None
         # stage clocks: wrap the pipeline's own text encoding and VAE decode
         self.marks: dict[str, float] = {}
         encode, decode = self.pipe.encode_prompt, self.pipe.vae.decode
@@ -137,6 +168,48 @@ class DiffusersSide:
 
         self.pipe.encode_prompt = timed_encode
         self.pipe.vae.decode = timed_decode
+        # counters: DiT forwards (diffusers runs cond and uncond as two batch-1 calls) and real runs of the
+        # last block (its FFN is called only when the block computes, not when a cache hook skips it)
+        self.counts = {"forwards": 0, "last_block": 0}
+        tr = self.pipe.transformer
+        tr.register_forward_pre_hook(lambda *_: self._count("forwards"))
+        tr.blocks[-1].ffn.register_forward_pre_hook(lambda *_: self._count("last_block"))
+        self._sched_key: tuple[Any, ...] | None = None
+        self._loras: tuple[tuple[str, float], ...] = ()
+        self._cache: dict[str, Any] | None = None
+
+    def _count(self, what: str) -> None:
+        self.counts[what] += 1
+
+    def _prepare(self, clip: Clip) -> float:
+        """Scheduler, LoRAs and cache hook for this clip; returns the seconds spent loading LoRAs."""
+        key = (clip.scheduler, clip.shift, clip.sigmas)
+        if self._sched_key != key:
+            self.pipe.scheduler = (official_unipc(clip.shift) if clip.scheduler == "unipc"
+                                   else distill_euler(clip.shift, tuple(clip.sigmas or ())))
+            self._sched_key = key
+        lora_s = 0.0
+        want = tuple((str(p), float(w)) for p, w in clip.reference_loras)
+        if want != self._loras:
+            t0 = time.perf_counter()
+            if self._loras:
+                self.pipe.unload_lora_weights()
+            names = [f"lora{i}" for i in range(len(want))]
+            for name, (path, _) in zip(names, want, strict=True):
+                # low_cpu_mem_usage=False: with diff_b on some modules only, the default path leaves biases
+                # on the meta device (tests/test_lora.py)
+                self.pipe.load_lora_weights(path, adapter_name=name, low_cpu_mem_usage=False)
+            if want:
+                self.pipe.set_adapters(names, [w for _, w in want])
+            self._loras = want
+            lora_s = time.perf_counter() - t0
+        if clip.reference_cache != self._cache:
+            if self._cache is not None:
+                self.pipe.transformer.disable_cache()
+            if clip.reference_cache is not None:
+                self.pipe.transformer.enable_cache(reference_cache_config(clip.reference_cache))
+            self._cache = clip.reference_cache
+        return lora_s
 
     def _sync(self) -> None:
         if self.device == "cuda":
@@ -144,10 +217,11 @@ class DiffusersSide:
 
     def run(self, clip: Clip, noise: np.ndarray) -> dict[str, Any]:
         torch = self.torch
-        if self._shift != clip.shift:
-            self.pipe.scheduler = official_unipc(clip.shift)
-            self._shift = clip.shift
+        t_prep = time.perf_counter()
+        lora_s = self._prepare(clip)
+        prep_s = time.perf_counter() - t_prep
         self.marks = {}
+        self.counts = {k: 0 for k in self.counts}
         steps: list[float] = []
 
         def on_step(pipe: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
@@ -181,18 +255,23 @@ class DiffusersSide:
         dev = None
         if gpu:
             dev = max(gpu.peak_bytes, int(torch.cuda.max_memory_reserved()))
-        return {"frames": frames, "seconds": wall, "stages": stages, "step_seconds": step_s,
-                "peak_rss": mem.peak_bytes, "peak_device": dev}
+        fwd = self.counts["forwards"]
+        per_step = fwd / len(steps) if steps else 1.0  # 2 with CFG (cond + uncond), 1 without
+        # loading a LoRA (first clip after a change) counts in this clip's seconds, as vidrt's merge does
+        return {"frames": frames, "seconds": wall + (prep_s if lora_s else 0.0), "stages": stages,
+                "step_seconds": step_s, "peak_rss": mem.peak_bytes, "peak_device": dev, "dit_calls": fwd,
+                "block_stack_runs": self.counts["last_block"] / per_step, "lora_seconds": lora_s}
 
 
 # ---- the process loop ------------------------------------------------------------------------------
 
 
-def _serve(conn: Any, side: str, target: str, threads: int | None, backend: str, device: str) -> None:
+def _serve(conn: Any, side: str, target: str, threads: int | None, backend: str, device: str,
+           open_all: bool = True) -> None:
     try:
         t0 = time.perf_counter()
         with PeakRSS() as mem:
-            obj: Any = (VidrtSide(target, threads, backend, device) if side == "vidrt"
+            obj: Any = (VidrtSide(target, threads, backend, device, open_all) if side == "vidrt"
                         else DiffusersSide(target, threads, device))
         conn.send({"ok": True, "load_seconds": time.perf_counter() - t0, "load_peak_rss": mem.peak_bytes,
                    "rss_after_load": rss_bytes(), "torch_imported": "torch" in sys.modules})
@@ -213,14 +292,14 @@ class Worker:
     """A side in its own (spawned, not forked) process."""
 
     def __init__(self, side: str, target: Path, threads: int | None, backend: str = "auto",
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", open_all: bool = True) -> None:
         ctx = mp.get_context("spawn")
         self.side = side
         self.conn, child = ctx.Pipe()
         env_threads = str(threads) if threads else None
         if env_threads:  # OpenMP / MKL pools of torch size themselves from these at import
             os.environ.setdefault("OMP_NUM_THREADS", env_threads)
-        self.proc = ctx.Process(target=_serve, args=(child, side, str(target), threads, backend, device),
+        self.proc = ctx.Process(target=_serve, args=(child, side, str(target), threads, backend, device, open_all),
                                 daemon=True, name=f"bench-{side}")
         self.proc.start()
         self.info = self._recv()

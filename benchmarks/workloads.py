@@ -61,6 +61,14 @@ class Clip:
     shift: float = 5.0
     prompt: str = PROMPT
     negative_prompt: str = NEGATIVE
+    # The recipe / cache axes (benchmarks/axes.py); the defaults are the official sampler, no LoRA, no cache.
+    scheduler: str = "unipc"  # "unipc" (wan22's FlowUniPC on the diffusers side) | "euler" (flow-matching Euler)
+    sigmas: tuple[float, ...] | None = None  # euler: unshifted sigmas (timesteps / 1000), as LightX2V's list
+    recipe: str | None = None  # vidrt's `--recipe` (it fills nothing the fields above do not already say)
+    loras: tuple[tuple[str, float], ...] = ()  # vidrt: LoRA files beyond its recipe's shipped ones
+    reference_loras: tuple[tuple[str, float], ...] = ()  # diffusers: every LoRA file (load_lora_weights)
+    cache: str | None = None  # vidrt's `--cache METHOD[:THRESHOLD]`
+    reference_cache: dict[str, Any] | None = None  # diffusers: {"kind": "magcache"|"fbcache", **config}
 
 
 @dataclass(frozen=True)
