@@ -228,6 +228,7 @@ def _side(runs: list[dict[str, Any]], warm: dict[str, Any] | None) -> dict[str, 
             "block_stack_runs": float(np.mean([r.get("block_stack_runs", 0) for r in runs])),
             "cache_mask": last.get("cache_mask", ""), "peak_rss_bytes": max(r["peak_rss"] for r in runs),
             "step_median": float(np.median([s for r in runs for s in r["step_seconds"]] or [np.nan])),
+            "stages_median": {k: float(np.median([r["stages"].get(k, 0.0) for r in runs])) for k in report.STAGE_ORDER},
             "first_clip_seconds": warm.get("seconds") if warm else None,
             "lora_seconds_first_clip": warm.get("lora_seconds") if warm else None,
             "lora_bytes": warm.get("lora_bytes") if warm else None}

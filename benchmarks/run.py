@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     m = machine.describe(args.threads)
     log(f"vidrt bench ({preset_name}) {dt.datetime.now().isoformat(timespec='seconds')}")
     log(f"machine: {machine.one_line(m)}")
+    log(f"command: python -m benchmarks.run {' '.join(sys.argv[1:] if argv is None else argv)}")
     record: dict[str, Any] = {"schema": 1, "tag": tag, "preset": preset_name,
                               "argv": sys.argv[1:] if argv is None else argv,
                               "started": dt.datetime.now().isoformat(timespec="seconds"), "machine": m,
