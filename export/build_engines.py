@@ -101,6 +101,7 @@ def is_dit_piece(name: str, spec: ModelSpec) -> bool:
 # note names kREFIT only; REFIT_INDIVIDUAL is not said to be safe, so 11.3 builds no refittable plan.
 REFIT_BROKEN = ((11, 3),)
 REFIT_FLAG = "REFIT_INDIVIDUAL"
+REFIT_MIN_VERSION = (10, 2)  # kREFIT_INDIVIDUAL and markWeightsRefittable came with TensorRT 10.2 (NvInfer.h)
 
 
 def refit_names(name: str, manifest: Manifest, options: BuildOptions, trt_version: str) -> tuple[tuple[str, ...], str]:
@@ -119,6 +120,8 @@ def refit_names(name: str, manifest: Manifest, options: BuildOptions, trt_versio
         return (), ""
     if options.precision == "fp8":
         return (), "an fp8 DiT takes LoRAs baked in before quantising (vidrt export --lora)"
+    if version_tuple(trt_version)[:2] < REFIT_MIN_VERSION:
+        return (), f"TensorRT {trt_version} has no BuilderFlag.REFIT_INDIVIDUAL (10.2 and newer)"
     if version_tuple(trt_version)[:2] in REFIT_BROKEN:
         return (), (f"TensorRT {trt_version}: refittable plans may drop GEMM biases (11.3 known issue, "
                     f"docs.nvidia.com/deeplearning/tensorrt/11.3.0/inference-library/refitting-engines.html)")

@@ -31,7 +31,16 @@ import numpy as np
 from vidrt.backends import open_backend
 from vidrt.backends.base import Backend, BackendOptions, Engine
 from vidrt.backends.residency import ResidencyPlan, plan_for_package
-from vidrt.caching import CachePolicy, ExpertDiT, build_policy, check_cache, mask_string, parse_cache, static_mask
+from vidrt.caching import (
+    PIECES_NEEDED,
+    CachePolicy,
+    ExpertDiT,
+    build_policy,
+    check_cache,
+    mask_string,
+    parse_cache,
+    static_mask,
+)
 from vidrt.conditioning import Concat, FirstFrame, TextOnly, frame_mask
 from vidrt.embedding_cache import EmbeddingCache, package_key
 from vidrt.errors import DeviceError, PackageError, UsageError
@@ -344,9 +353,11 @@ class Pipeline:
         self._want = {expert: loras for expert in spec.experts}
         self._merge_stats = [0.0, 0]
         check_refit = getattr(self.backend, "check_refit", None)  # TensorRT: refittable plans, or one line now
+        pieces = C.DIT_PIECES if parse_cache(s.cache).method in PIECES_NEEDED else ()
         for expert in spec.experts:
             if check_refit is not None and self._merger.key(expert, loras):
-                check_refit(expert)
+                for name in (expert, *(C.dit_piece(expert, p) for p in pieces)):
+                    check_refit(name)
 
         # 2. text: [2, 512, d_model], row 0 = prompt, row 1 = negative prompt; [1, ...] when no step needs CFG
         with stats.stage("text"):

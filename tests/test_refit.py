@@ -272,7 +272,7 @@ def test_tensorrt_11_3_builds_no_refittable_plan(tmp_path: Path, version: str) -
     assert next(e for e in m11_4.engines if e.component == "dit" and e.tensorrt_version == "11.4.0.106").refit
 
 
-def test_fp8_dit_plans_are_not_refittable(tmp_path: Path) -> None:
+def test_which_plans_are_refittable(tmp_path: Path) -> None:
     from vidrt.export.build_engines import BuildOptions, refit_names
 
     _package(tmp_path)
@@ -283,6 +283,8 @@ def test_fp8_dit_plans_are_not_refittable(tmp_path: Path) -> None:
         **m.components, "dit.blocks_rest": m.components["dit"]}), BuildOptions("bf16"), "10.13.0.35")
     assert names == tuple(sorted(base_name for base_name in _base("bfloat16"))) and why == ""
     assert refit_names(C.VAE_STEP, m, BuildOptions("bf16"), "10.13.0.35") == ((), "")
+    names, why = refit_names("dit", m, BuildOptions("bf16"), "10.1.0.27")  # kREFIT_INDIVIDUAL: 10.2+
+    assert names == () and "REFIT_INDIVIDUAL" in why
 
 
 # ---- the pipeline: one engine per graph, refitted in place ------------------------------------------------
@@ -409,3 +411,5 @@ def test_loras_reach_the_step_caching_pieces_on_both_paths() -> None:
                 for p in opened}
     assert opened == expected and sum(expected.values()) >= len(merged)  # each piece: the part it holds
     assert expected["dit.blocks_rest"] > 0 and refits == expected  # the last set (0.5) refitted the same
+    checked = {c[1] for c in backend.calls if c[0] == "check"}  # every plan a LoRA run may refit, before work
+    assert checked == {"dit", *(f"dit.{p}" for p in C.DIT_PIECES)}
