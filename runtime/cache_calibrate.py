@@ -40,10 +40,13 @@ class Recorder:
     _prev: dict[str, np.ndarray] = field(default_factory=dict)
 
     def step(self, i: int, dit: ExpertDiT, x: np.ndarray, t_row: np.ndarray) -> np.ndarray:
+        ops = dit.ops  # the pieces' outputs are backend handles (TensorRT: device tensors); the signals go to numpy
         emb = dit.embed(x, t_row)
         x0 = emb[C.TOKENS]
-        residual = dit.blocks(C.BLOCKS_REST, dit.blocks(C.BLOCK0, x0, emb), emb) - x0
-        out = dit.head(x0 + residual, emb)
+        residual_t = ops.sub(dit.blocks(C.BLOCKS_REST, dit.blocks(C.BLOCK0, x0, emb), emb), x0)
+        out = dit.head(ops.add(x0, residual_t), emb)
+        residual = ops.to_host(residual_t)
+        emb = {**emb, C.TEMB: ops.to_host(emb[C.TEMB]), C.TIMESTEP_PROJ: ops.to_host(emb[C.TIMESTEP_PROJ])}
         self.stats.block_stack_runs += 1
         rows = [0, 1] if len(residual) > 1 else [0, 0]  # CFG-free: one row stands for both
         prev = self._prev.get("residual")

@@ -14,16 +14,22 @@ TeaCache/MagCache/FBCache cache the residual of the block stack in token space, 
 (FBCache: x_L - x_1), and always run the embeddings and the head. One decision serves both CFG
 halves (C.6: the published cond/uncond masks coincide). Two-expert models (A14B) start a new
 window at the expert switch: state and residuals are dropped, the retention steps apply again.
+
+Where the tensors live is the backend's business: the pieces' outputs are the backend's tensor
+handles and the residual arithmetic goes through its `TensorOps` (vidrt.backends.base): numpy arrays
+on ONNX Runtime; on TensorRT device tensors chained by address from piece to piece, the residual
+kept on the device, and only noise_pred (out of the head) copied back per step. One code path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from vidrt import cache_tables as T
-from vidrt.backends.base import Engine
+from vidrt.backends.base import HOST_OPS, Engine, TensorOps
 from vidrt.errors import UsageError
 from vidrt.package import contracts as C
 from vidrt.package.manifest import Manifest
@@ -170,25 +176,31 @@ _SHARED = {C.ROPE_COS, C.ROPE_SIN}  # [1, L, 1, d]: the same for every row
 
 class ExpertDiT:
     """One DiT expert for one clip: the whole graph, or its pieces with the step-invariant text
-    embedding and RoPE computed once. Rows = CFG rows (cond, uncond); `cfg_batch` 1 runs them one at
-    a time (the memory plan's choice), with the same result."""
+    embedding and RoPE computed once (kept where the backend keeps them: on TensorRT, on the device
+    for the whole clip). Rows = CFG rows (cond, uncond); `cfg_batch` 1 runs them one at a time (the
+    memory plan's choice), with the same result. `ops`: the backend's TensorOps (its tensor handles:
+    numpy arrays, or device tensors); the pieces' outputs are such handles, `whole` and `head` return
+    numpy noise_pred."""
 
-    def __init__(self, engine: Callable[[str], Engine], expert: str, context: np.ndarray, cfg_batch: int) -> None:
+    def __init__(self, engine: Callable[[str], Engine], expert: str, context: np.ndarray, cfg_batch: int,
+                 ops: TensorOps = HOST_OPS) -> None:
         self._engine, self.expert, self.context, self.cfg_batch = engine, expert, context, cfg_batch
+        self.ops = ops
         self.rows = len(context)
-        self._context_emb: np.ndarray | None = None
-        self._rope: dict[str, np.ndarray] | None = None
+        self._context_emb: Any = None
+        self._rope: dict[str, Any] | None = None
 
-    def run(self, piece: str | None, pool: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, piece: str | None, pool: dict[str, Any]) -> dict[str, Any]:
         """Run the whole graph (piece None) or one piece on the inputs its contract names, taken from
         `pool` (so a piece whose contract gains inputs, e.g. image conditioning, is fed by name)."""
         engine = self._engine(self.expert if piece is None else C.dit_piece(self.expert, piece))
         feeds = {name: pool[name] for name in engine.contract.input_names}
         if self.cfg_batch >= self.rows:
             return engine.run(feeds)
-        parts = [engine.run({k: v if k in _SHARED else v[r:r + 1] for k, v in feeds.items()})
+        parts = [engine.run({k: v if k in _SHARED else self.ops.rows(v, r, r + 1) for k, v in feeds.items()})
                  for r in range(self.rows)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        # RoPE [1, L, 1, d] is the same for every row: one copy, not one per row (fed whole to every row)
+        return {k: parts[0][k] if k in _SHARED else self.ops.concat([p[k] for p in parts]) for k in parts[0]}
 
     def latents(self, x: np.ndarray) -> np.ndarray:
         return np.broadcast_to(x, (self.rows, *x.shape))
@@ -200,12 +212,13 @@ class ExpertDiT:
         pool = {C.LATENTS: self.latents(x), C.TIMESTEP: self.timesteps(t_row), C.CONTEXT: self.context}
         return self.run(None, pool)[C.VELOCITY]
 
-    def time_embed(self, t_row: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(temb e, timestep_proj e0) for every row; they depend on t only (`x` gives TI2V its shape)."""
+    def time_embed(self, t_row: np.ndarray, x: np.ndarray) -> tuple[Any, Any]:
+        """(temb e, timestep_proj e0) for every row; they depend on t only (`x` gives TI2V its shape).
+        Backend tensor handles (`ops.to_host` for numpy)."""
         out = self.run(C.TIME_EMBED, {C.TIMESTEP: self.timesteps(t_row), C.LATENTS: self.latents(x)})
         return out[C.TEMB], out[C.TIMESTEP_PROJ]
 
-    def embed(self, x: np.ndarray, t_row: np.ndarray) -> dict[str, np.ndarray]:
+    def embed(self, x: np.ndarray, t_row: np.ndarray) -> dict[str, Any]:
         """tokens x_0 and everything the blocks and the head read besides the residual stream."""
         pool = {C.LATENTS: self.latents(x), C.TIMESTEP: self.timesteps(t_row), C.CONTEXT: self.context}
         if self._context_emb is None:
@@ -217,11 +230,12 @@ class ExpertDiT:
         return {**pool, C.TOKENS: patch[C.TOKENS], C.TEMB: temb, C.TIMESTEP_PROJ: e0,
                 C.CONTEXT_EMB: self._context_emb, **self._rope}
 
-    def blocks(self, piece: str, x: np.ndarray, emb: dict[str, np.ndarray]) -> np.ndarray:
+    def blocks(self, piece: str, x: Any, emb: dict[str, Any]) -> Any:
         return self.run(piece, {**emb, C.TOKENS: x})[C.BLOCK_OUT]
 
-    def head(self, x: np.ndarray, emb: dict[str, np.ndarray]) -> np.ndarray:
-        return self.run(C.HEAD, {**emb, C.TOKENS: x})[C.VELOCITY]
+    def head(self, x: Any, emb: dict[str, Any]) -> np.ndarray:
+        out: np.ndarray = self.run(C.HEAD, {**emb, C.TOKENS: x})[C.VELOCITY]
+        return out
 
 
 # ---- policies ---------------------------------------------------------------------------------
@@ -243,22 +257,24 @@ class NeverSkip:
 
 @dataclass
 class StaticMask:
-    """TeaCache / MagCache: the blocks run where mask[i]; elsewhere x_L = x_0 + R of the last run."""
+    """TeaCache / MagCache: the blocks run where mask[i]; elsewhere x_L = x_0 + R of the last run.
+    R is a backend tensor handle (TensorRT: on the device, overwritten in place each time it is made)."""
 
     mask: list[bool]
     stats: CacheStats
-    residual: np.ndarray | None = None
+    residual: Any = None
 
     def step(self, i: int, dit: ExpertDiT, x: np.ndarray, t_row: np.ndarray) -> np.ndarray:
+        ops = dit.ops
         emb = dit.embed(x, t_row)
         x0 = emb[C.TOKENS]
         if self.mask[i] or self.residual is None:
             x_last = dit.blocks(C.BLOCKS_REST, dit.blocks(C.BLOCK0, x0, emb), emb)
-            self.residual = x_last - x0
-            self.stats.residual_bytes = max(self.stats.residual_bytes, self.residual.nbytes)
+            self.residual = ops.sub(x_last, x0, out=self.residual)
+            self.stats.residual_bytes = max(self.stats.residual_bytes, ops.nbytes(self.residual))
             self.stats.block_stack_runs += 1
         else:
-            x_last = x0 + self.residual
+            x_last = ops.add(x0, self.residual)
             self.stats.block_stack_skips += 1
         return dit.head(x_last, emb)
 
@@ -275,22 +291,24 @@ class FirstBlock:
 
     threshold: float
     stats: CacheStats
-    head_residual: np.ndarray | None = None
-    tail_residual: np.ndarray | None = None
+    head_residual: Any = None  # backend tensor handles (TensorRT: on the device)
+    tail_residual: Any = None
 
     def step(self, i: int, dit: ExpertDiT, x: np.ndarray, t_row: np.ndarray) -> np.ndarray:
+        ops = dit.ops
         emb = dit.embed(x, t_row)
         x1 = dit.blocks(C.BLOCK0, emb[C.TOKENS], emb)
-        r1 = x1 - emb[C.TOKENS]
+        r1 = ops.sub(x1, emb[C.TOKENS])
         compute = self.head_residual is None or self.tail_residual is None or \
-            float(np.abs(r1 - self.head_residual).mean() / np.abs(self.head_residual).mean()) > self.threshold
+            ops.rel_l1(r1, self.head_residual) > self.threshold
         if compute:
             x_last = dit.blocks(C.BLOCKS_REST, x1, emb)
-            self.head_residual, self.tail_residual = r1, x_last - x1
-            self.stats.residual_bytes = max(self.stats.residual_bytes, r1.nbytes + self.tail_residual.nbytes)
+            self.head_residual, self.tail_residual = r1, ops.sub(x_last, x1, out=self.tail_residual)
+            self.stats.residual_bytes = max(self.stats.residual_bytes,
+                                            ops.nbytes(r1) + ops.nbytes(self.tail_residual))
             self.stats.block_stack_runs += 1
         else:
-            x_last = x1 + self.tail_residual
+            x_last = ops.add(x1, self.tail_residual)
             self.stats.block_stack_skips += 1
         return dit.head(x_last, emb)
 
@@ -409,7 +427,8 @@ def static_mask(choice: CacheChoice, manifest: Manifest, experts: list[str], t_r
         thresh = choice.threshold if choice.threshold is not None else default
         for a, b in segments(experts):
             x = np.zeros(latent_shape, np.float32)  # shape only (TI2V)
-            signals = [dit(experts[i]).time_embed(t_rows[i], x)[1 if use_ret else 0][0] for i in range(a, b)]
+            signals = [_host_row(dit(experts[i]), dit(experts[i]).time_embed(t_rows[i], x)[1 if use_ret else 0])
+                       for i in range(a, b)]
             mask += teacache_mask(signals, coeffs, thresh, use_ret)
     else:
         thresh, k, rr = T.MAGCACHE_DEFAULTS
@@ -418,6 +437,12 @@ def static_mask(choice: CacheChoice, manifest: Manifest, experts: list[str], t_r
         for a, b in segments(experts):
             mask += magcache_mask(ratios[2 * a:2 * b], thresh, k, rr)
     return mask
+
+
+def _host_row(d: ExpertDiT, t: Any) -> np.ndarray:
+    """Row 0 of a time embedding, on the host (TeaCache's signal: [6 * dim] or [dim] floats)."""
+    row: np.ndarray = d.ops.to_host(d.ops.rows(t, 0, 1))[0]
+    return row
 
 
 def build_policy(choice: CacheChoice, manifest: Manifest, experts: list[str], t_rows: list[np.ndarray],

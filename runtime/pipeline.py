@@ -414,6 +414,7 @@ class Pipeline:
                     velocity = rows[1] + np.float32(p.guidance) * (rows[0] - rows[1]) if p.cfg else rows[0]
                 if i == last_step[p.expert] and p.expert in released:
                     self.release(p.expert)  # A14B: the high-noise expert goes at the boundary
+                    dits.pop(p.expert, None)  # with its step-invariant embeddings (device memory on TensorRT)
                 _check_finite(f"denoiser ({p.expert}, step {i + 1}/{len(plan)})", velocity, precision[p.expert],
                               "the DiT overflows in fp16: use bf16 or fp32 engines",
                               "--guidance/--shift may be extreme or the weights corrupt; lower them or re-export")
@@ -421,6 +422,9 @@ class Pipeline:
                 stats.denoise_step_seconds.append(time.perf_counter() - t0)
                 report("denoise", i + 1, len(plan))
 
+        if policy is not None:
+            policy.new_expert()  # the last window ends: its residuals go before decoding (device memory)
+        dits.clear()
         stats.lora_merge_seconds, stats.lora_merge_bytes = self._merge_stats[0], int(self._merge_stats[1])
 
         # 5. decode (+ write, timed apart inside the consumer)
@@ -469,7 +473,7 @@ class Pipeline:
         spec = self.manifest.model
         shape = spec.latent_shape(s.width, s.height, s.num_frames)
         rows = np.zeros((2, spec.text.text_len, spec.dit.text_dim), np.float32)  # not read by time_embed
-        dits = {e: ExpertDiT(self.engine, e, rows, 2) for e in spec.experts}
+        dits = {e: ExpertDiT(self.engine, e, rows, 2, self.backend.tensor_ops()) for e in spec.experts}
         mask = static_mask(choice, self.manifest, [p.expert for p in plan],
                            [self._timestep_row(p, shape) for p in plan], dits.__getitem__, shape)
         return mask_string(mask)
@@ -579,7 +583,7 @@ class Pipeline:
         out = {}
         for expert in dict.fromkeys(p.expert for p in plan):
             rows = context if any(q.cfg for q in plan if q.expert == expert) else context[:1]
-            out[expert] = ExpertDiT(self.engine, expert, rows, cfg_batch)
+            out[expert] = ExpertDiT(self.engine, expert, rows, cfg_batch, self.backend.tensor_ops())
         return out
 
     def _cache_policy(self, s: Settings, plan: list[PlannedStep], cond: TextOnly, latent_shape: tuple[int, ...],

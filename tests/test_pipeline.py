@@ -175,6 +175,9 @@ class _PlannedBackend:
     def stream_weights(self, streamed):
         self.events.append(("stream", tuple(sorted(streamed)), None))
 
+    def tensor_ops(self):
+        return self.inner.tensor_ops()
+
     def open(self, name, path, contract):
         engine, events = self.inner.open(name, path, contract), self.events
 

@@ -310,6 +310,9 @@ class _RefitInPlace:
     def check_refit(self, name: str) -> None:
         self.calls.append(("check", name, 0))
 
+    def tensor_ops(self) -> Any:
+        return self.inner.tensor_ops()
+
     def open(self, name: str, path: Path, contract: Any, weights: Any = None) -> Any:
         self.paths[name] = (path, contract)
         self.calls.append(("open", name, len(weights or {})))

@@ -262,3 +262,258 @@ def test_vae_encoder_is_exported_at_the_vae_opset(tmp_path: Path, monkeypatch: A
     stage = next(s for s in pkg._stages(ckpt, tmp_path, 23, "bf16") if s.name == "vae_encoder")  # type: ignore[arg-type]
     result = stage.run()
     assert seen == [18] and result.components[C.VAE_ENCODE_STEP].opset == 18
+
+
+# ---- device tensors between engines: TensorOps on the device (vidrt.backends.device_ops) ------------------
+
+
+def _ops() -> tuple[Any, FakeCuda]:
+    from vidrt.backends.cuda import BufferPool, Stream
+    from vidrt.backends.device_ops import DeviceOps
+
+    cuda = FakeCuda()
+    return DeviceOps(cuda, BufferPool(cuda), Stream(cuda)), cuda
+
+
+def _on_device(ops: Any, host: np.ndarray, to_host: Any = None) -> Any:
+    from vidrt.backends.cuda import DeviceTensor
+
+    t = DeviceTensor(ops.pool, ops.pool.take(host.nbytes), tuple(host.shape), host.dtype, ops.stream.handle, to_host)
+    ops.cuda.copy_htod(t.ptr, np.ascontiguousarray(host), ops.stream.handle)
+    return t
+
+
+@pytest.mark.parametrize("kind", ["f32", "bf16", "f16"])
+def test_device_ops_compute_what_numpy_does(kind: str) -> None:
+    """The residual arithmetic and FBCache's metric on device tensors, per storage dtype, against numpy
+    on the same values (bf16: rounded to nearest even on the way back, as to_bf16_bits does)."""
+    from vidrt.backends.tensorrt import from_bf16_bits, to_bf16_bits
+
+    ops, cuda = _ops()
+    rng = np.random.default_rng(1)
+    a32, b32 = (rng.standard_normal((2, 7, 33)).astype(np.float32) for _ in range(2))
+    if kind == "bf16":
+        a, b, back = to_bf16_bits(a32), to_bf16_bits(b32), from_bf16_bits
+        ref = lambda x: from_bf16_bits(to_bf16_bits(x))  # noqa: E731
+    elif kind == "f16":
+        a, b, back = a32.astype(np.float16), b32.astype(np.float16), None
+        ref = lambda x: x.astype(np.float16).astype(np.float32)  # noqa: E731
+    else:
+        a, b, back, ref = a32, b32, None, (lambda x: x)
+    da, db = _on_device(ops, a, back), _on_device(ops, b, back)
+    fa, fb = (ops.to_host(t).astype(np.float32) for t in (da, db))  # the values as stored
+    np.testing.assert_array_equal(ops.to_host(ops.sub(da, db)).astype(np.float32), ref(fa - fb))
+    total = ops.add(da, db)
+    np.testing.assert_array_equal(ops.to_host(total).astype(np.float32), ref(fa + fb))
+    same = ops.sub(da, db, out=total)  # written in place into an existing buffer
+    assert same is total and same.ptr == total.ptr
+    assert ops.rel_l1(da, db) == pytest.approx(float(np.abs(fa - fb).mean() / np.abs(fb).mean()), rel=1e-6)
+    assert cuda.launches.count(f"vidrt_axpby_{kind}") == 3 and cuda.launches.count(f"vidrt_absdiff_{kind}") == 1
+    assert not [c for c in cuda.copies if c[0] == "dtoh" and c[1] > 16 and c[1] != a.nbytes]  # only the 16-byte sums
+    del da, db, total, same
+    ops.close()
+    ops.pool.close()
+    assert cuda.mem == {}
+
+
+def test_device_rows_keep_256_byte_alignment_and_concat_joins_them() -> None:
+    ops, cuda = _ops()
+    aligned = _on_device(ops, np.arange(2 * 64, dtype=np.float32).reshape(2, 64))  # 256-byte rows
+    view = ops.rows(aligned, 1, 2)
+    assert view.base is aligned and view.ptr == aligned.ptr + 256  # a view, no copy
+    odd = _on_device(ops, np.arange(2 * 15, dtype=np.float32).reshape(2, 15))  # 60-byte rows
+    row = ops.rows(odd, 1, 2)
+    assert row.base is None and row.ptr % 256 == 0 and ("dtod", 60) in cuda.copies  # copied to an aligned buffer
+    np.testing.assert_array_equal(ops.to_host(row), np.arange(15, 30, dtype=np.float32)[None])
+    joined = ops.concat([ops.rows(odd, 0, 1), row])
+    np.testing.assert_array_equal(ops.to_host(joined), ops.to_host(odd))
+    np.testing.assert_array_equal(ops.to_host(view), np.arange(64, 128, dtype=np.float32)[None])
+    host = np.ones((2, 3), np.float32)  # host arrays stay on the host
+    assert ops.rows(host, 0, 1).base is host and isinstance(ops.concat([host, host]), np.ndarray)
+    del view, aligned, odd, row, joined
+    ops.close()
+    ops.pool.close()
+    assert cuda.mem == {}
+
+
+def test_fakes_refuse_what_the_docs_forbid() -> None:
+    """The fakes encode setTensorAddress's and enqueueV3's rules (so the tests above would catch a backend
+    that broke them): unaligned or host pointers, too-small buffers, memory freed before the stream is
+    synchronised, a buffer read on another stream before its writer synchronised."""
+    plan = FakePlan(inputs={"x": (FLOAT, [((4,), (4,), (4,))])}, outputs={"y": (FLOAT, lambda s: (4,))},
+                    compute=lambda f: {"y": f["x"] * 2})
+    cuda = FakeCuda()
+    fake = FakeTensorRT(cuda, plans={b"p": plan})
+    engine = fake.module().Runtime(None).deserialize_cuda_engine(b"p")
+    ctx = engine.create_execution_context("USER_MANAGED")
+    ctx.set_device_memory(cuda.malloc(1 << 20), 1 << 20)
+    ctx.set_input_shape("x", (4,))
+    buf = cuda.malloc(16)
+    with pytest.raises(AssertionError, match="256-byte aligned"):
+        ctx.set_tensor_address("x", buf + 4)
+    with pytest.raises(AssertionError, match="not in any live device allocation"):
+        ctx.set_tensor_address("x", np.zeros(4, np.float32).ctypes.data // 256 * 256)
+    small = cuda.malloc(8)
+    ctx.set_tensor_address("x", buf)
+    ctx.set_tensor_address("y", small)
+    with pytest.raises(AssertionError, match="run past the end"):
+        ctx.execute_async_v3(1)
+    out = cuda.malloc(16)
+    ctx.set_tensor_address("y", out)
+    s1, s2 = cuda.stream_create(), cuda.stream_create()
+    assert ctx.execute_async_v3(s1)
+    with pytest.raises(AssertionError, match="before the stream is synchronised"):
+        cuda.free(buf)
+    other = engine.create_execution_context("USER_MANAGED")  # a second context reading y on another stream
+    other.set_device_memory(cuda.malloc(1 << 20), 1 << 20)
+    other.set_input_shape("x", (4,))
+    other.set_tensor_address("x", out)
+    other.set_tensor_address("y", buf)
+    with pytest.raises(AssertionError, match="has not synchronised"):
+        other.execute_async_v3(s2)
+    assert other.execute_async_v3(s1)  # the same stream: ordered after the writer, fine
+    cuda.stream_sync(s1)
+    cuda.free(buf)  # after synchronisation: fine
+
+
+# ---- the step-caching DiT pieces chained on the device, through the whole pipeline -------------------------
+
+
+def _bind_dims(specs: tuple[Any, ...], shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for t in specs:
+        for d, v in zip(t.shape, shapes[t.name], strict=True):
+            if isinstance(d, str):
+                factor, _, name = d.rpartition("*")
+                sizes[name] = v // (int(factor) if factor else 1)
+    return sizes
+
+
+def _ort_backed_plans(package: Path, manifest: Manifest, ranges: dict[str, tuple[int, int]]) -> dict[bytes, FakePlan]:
+    """A fake plan per component that runs the component's own ONNX graph in ONNX Runtime: the TensorRT
+    backend's whole machinery (buffers, addresses, device tensors, streams, the kernels between pieces)
+    runs for real around the graphs' true arithmetic."""
+    from trt_fakes import INT64
+    from vidrt.backends.ort import OrtEngine
+
+    dtypes = {"float32": FLOAT, "int64": INT64}
+    plans = {}
+    for name, comp in manifest.components.items():
+        c = comp.contract
+        lo = {k: v[0] for k, v in ranges.items()}
+        hi = {k: v[1] for k, v in ranges.items()}
+        session = OrtEngine(name, package / comp.artifact.file, c)
+
+        fixed = {k: a for k, (a, b) in ranges.items() if a == b}  # e.g. tokens, for patch_embed's output
+
+        def out_shape(t: Any, c: Any = c, fixed: dict[str, int] = fixed) -> Any:
+            return lambda shapes: C.resolve_shape(t.shape, {**fixed, **_bind_dims(c.inputs, shapes)})
+
+        plans[name.encode()] = FakePlan(
+            inputs={t.name: (dtypes[t.dtype], [(C.resolve_shape(t.shape, lo), C.resolve_shape(t.shape, hi),
+                                                C.resolve_shape(t.shape, hi))]) for t in c.inputs},
+            outputs={t.name: (dtypes[t.dtype], out_shape(t)) for t in c.outputs},
+            compute=lambda feeds, e=session: e.run(feeds))
+    return plans
+
+
+@pytest.fixture(scope="module")
+def trt_tiny(tmp_path_factory: Any) -> Any:
+    """The bundled model (its DiT pieces included) behind the TensorRT backend on the fakes, and on
+    ONNX Runtime: a factory of (pipeline, FakeCuda) pairs."""
+    from vidrt.models import default_package
+    from vidrt.package.manifest import load_manifest
+    from vidrt.pipeline import Pipeline
+
+    package = default_package()
+    assert package is not None
+    manifest = load_manifest(package)
+    spec = manifest.model
+    cf, f, h, w = spec.latent_shape(64, 64, 17)
+    ranges = {"batch": (1, 2), "seq": (1, spec.text.text_len), "tokens": (spec.num_tokens(64, 64, 17),) * 2,
+              "frames": (f, f), "height": (h, h), "width": (w, w), "lat_h": (h, h), "lat_w": (w, w),
+              "out_h": (64, 64), "out_w": (64, 64)}
+    plans = _ort_backed_plans(package, manifest, ranges)
+    root = tmp_path_factory.mktemp("plans")
+    entries = tuple(dataclasses.replace(e, profiles=((64, 64, 1),) if e.component in (C.VAE_FIRST, C.VAE_STEP)
+                                        else ()) for e in _entries(root, "10.13.0.35", "8.9", "fp32",
+                                                                   tuple(manifest.components)))
+    with_plans = dataclasses.replace(manifest, engines=entries)
+
+    def make(trt: bool) -> tuple[Any, FakeCuda | None]:
+        pipe = Pipeline.load(package, warn=lambda s: None)
+        if not trt:
+            return pipe, None
+        cuda = FakeCuda()
+        fake = FakeTensorRT(cuda, plans=plans)
+        pipe.backend = TrtBackend(BackendOptions(backend="tensorrt"), with_plans, root, trt_mod=fake.module(),
+                                  cuda=cuda, compute_capability="8.9")
+        return pipe, cuda
+
+    return make
+
+
+@pytest.mark.parametrize("cache,cfg_batch", [("magcache", 2), ("fbcache:0.2", 2), ("magcache", 1)])
+def test_cached_run_on_tensorrt_keeps_the_pieces_tensors_on_the_device(trt_tiny: Any, cache: str,
+                                                                       cfg_batch: int) -> None:
+    """The whole pipeline with --cache on the TensorRT backend (fakes around the pieces' real graphs):
+    the same clip and the same skips as on ONNX Runtime, and per denoising step nothing of the residual
+    stream crosses PCIe: the host -> device copies are the small DiT inputs (latents, timesteps), the
+    device -> host ones noise_pred (once per call of the head) and FBCache's 16-byte sums."""
+    from vidrt.request import Request
+
+    req = Request(prompt="a red circle moving left", seed=5, steps=8, cache=cache)
+    ref_pipe, _ = trt_tiny(False)
+    ref_pipe.cfg_batch = cfg_batch
+    ref = ref_pipe.run(req)
+    pipe, cuda = trt_tiny(True)
+    pipe.cfg_batch = cfg_batch
+    marks: list[int] = []
+    got = pipe.run(req, progress=lambda stage, done, total: marks.append(len(cuda.copies)) if stage == "denoise"
+                   else None)
+    assert got.stats.cache.block_stack_skips == ref.stats.cache.block_stack_skips > 0
+    assert got.stats.cache.block_stack_runs == ref.stats.cache.block_stack_runs
+    np.testing.assert_allclose(got.frames.astype(np.int16), ref.frames.astype(np.int16), atol=1)
+    spec = pipe.manifest.model
+    c, f, h, w = spec.latent_shape(64, 64, 17)
+    latent_bytes = 2 * spec.dit.in_channels * f * h * w * 4
+    noise_pred_bytes = cfg_batch * spec.dit.out_channels * f * h * w * 4  # one head call: cfg_batch rows
+    stream_bytes = spec.dit.dim * spec.num_tokens(64, 64, 17) * 4  # one row of the residual stream
+    assert stream_bytes >= latent_bytes // 2  # (so the size test below can tell them apart)
+    for a, b in zip(marks[1:], marks[2:], strict=False):  # steps 3.. (step 1 computes the context embedding)
+        step = cuda.copies[a:b]
+        assert all(n < stream_bytes for kind, n in step if kind == "htod"), step
+        down = [n for kind, n in step if kind == "dtoh"]
+        assert sorted(set(down) - {16}) == [noise_pred_bytes], step
+        assert down.count(noise_pred_bytes) == (1 if cfg_batch == 2 else 2)  # noise_pred, per head call
+    # the residual stream, context embedding and RoPE lived on the device: every kernel went through the ops
+    assert any(n.startswith("vidrt_axpby_f32") for n in cuda.launches)
+    assert got.stats.cache.residual_bytes == ref.stats.cache.residual_bytes
+    pipe.backend.close()
+    assert cuda.mem == {}
+
+
+def test_missing_nvrtc_is_one_line_naming_the_install() -> None:
+    """Here cuda-python is installed but libnvrtc is not: compiling the kernels says what to install."""
+    pytest.importorskip("cuda.bindings.nvrtc")
+    from vidrt.backends.kernels import INSTALL_NVRTC, SOURCE, compile_cubin
+    from vidrt.errors import DeviceError
+
+    try:
+        compile_cubin(SOURCE, (8, 9))
+    except DeviceError as exc:
+        assert INSTALL_NVRTC in str(exc) and "\n" not in str(exc)
+    else:  # a machine with the CUDA runtime compiler: the cubin is real
+        pass
+
+
+def test_the_tensorrt_extra_brings_nvrtc_of_the_wheels_cuda_major() -> None:
+    import re
+
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    trt = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["tensorrt"]
+    major = re.match(r"tensorrt-cu(\d+)", next(r for r in trt if r.startswith("tensorrt-cu"))).group(1)  # type: ignore[union-attr]
+    nvrtc = next(r for r in trt if r.startswith("nvidia-cuda-nvrtc"))
+    assert nvrtc.startswith(f"nvidia-cuda-nvrtc-cu{major}") and f"<{int(major) + 1}" in nvrtc

@@ -15,7 +15,8 @@ import typing_prep
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ("vidrt.backends.tensorrt", "vidrt.backends.refit", "vidrt.backends.cuda", "vidrt.backends.residency",
-           "vidrt.backends.doctor", "vidrt.cli.trt", "vidrt.export.build_engines", "vidrt.export.quantize_fp8")
+           "vidrt.backends.doctor", "vidrt.cli.trt", "vidrt.export.build_engines", "vidrt.export.quantize_fp8",
+           "vidrt.backends.kernels", "vidrt.backends.device_ops")
 
 
 def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -35,6 +36,6 @@ def test_mypy_strict_on_the_tensorrt_modules() -> None:
 def test_cuda_stub_matches_the_installed_bindings() -> None:
     if importlib.util.find_spec("cuda.bindings") is None:
         pytest.skip("cuda-python is not installed")
-    res = _run(["-m", "mypy.stubtest", "cuda.bindings.runtime", "--ignore-missing-stub"],
-               env={"MYPYPATH": str(ROOT / "typings")})
+    res = _run(["-m", "mypy.stubtest", "cuda.bindings.runtime", "cuda.bindings.nvrtc", "cuda.bindings.driver",
+                "--ignore-missing-stub"], env={"MYPYPATH": str(ROOT / "typings")})
     assert res.returncode == 0, res.stdout + res.stderr

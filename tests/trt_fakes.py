@@ -2,6 +2,21 @@
 (and are tested) without a GPU. They follow the real APIs' shapes: integer handles, device pointers
 into a fake address space, contexts that read their inputs from and write their outputs to the
 addresses bound with set_tensor_address, stream capture that records work instead of running it.
+
+They also enforce what the docs require of a caller (an AssertionError names the rule broken):
+  - set_tensor_address: "The pointer must have at least 256-byte alignment" and "must point to a
+    device buffer of sufficient size" (NvInferRuntime.h IExecutionContext::setTensorAddress): checked
+    when bound (alignment, inside a live device allocation) and at enqueue (the bytes of the tensor's
+    current shape fit in that allocation); pointers may point into an allocation (row views);
+  - execute_async_v3 / enqueueV3: "Modifying or releasing memory that has been registered for the
+    tensors before stream synchronization ... results in undefined behavior" (pyCoreDoc.h): cudaFree
+    of memory that work queued on a stream still uses, before that stream (or an event recorded on it)
+    is synchronised, fails;
+  - work on one stream runs in issue order, so one context's output buffer can be another context's
+    input on that stream; a buffer written on one stream and read on another before the writer's
+    stream is synchronised fails (a cross-stream race without an event);
+  - cudaMalloc returns 256-byte aligned memory (the fake's allocations are 4 KiB aligned and never
+    overlap).
 """
 
 from __future__ import annotations
@@ -31,12 +46,49 @@ class FakeCuda:
         self.allocations: list[int] = []
         self.calls: list[str] = []
         self._next = 0x1000
+        self._next_ptr = 0x7F00_0000_0000  # device address space: allocations 4 KiB aligned, never overlapping
         self.capturing: dict[int, list[Callable[[], None]]] = {}
         self.graphs: dict[int, list[Callable[[], None]]] = {}
+        self.pending: dict[int, set[int]] = {}  # stream -> allocations its unsynchronised work uses
+        self.written: dict[int, int] = {}  # allocation -> the stream that last wrote it
+        self.event_stream: dict[int, int] = {}  # event -> stream it was last recorded on
+        self.launches: list[str] = []  # kernel names, in launch order
+        self.copies: list[tuple[str, int]] = []  # ("htod" | "dtoh" | "dtod", bytes), in issue order
 
     def _handle(self) -> int:
         self._next += 0x1000
         return self._next
+
+    # ---- the device address space ----
+
+    def resolve(self, ptr: int, nbytes: int = 1) -> tuple[int, int]:
+        """(allocation base, offset) of [ptr, ptr + nbytes) inside one live allocation, else AssertionError."""
+        for base, buf in self.mem.items():
+            if base <= ptr < base + max(len(buf), 1):
+                assert ptr + nbytes <= base + len(buf), \
+                    f"{nbytes} bytes at {ptr:#x} run past the end of a {len(buf)}-byte allocation"
+                return base, ptr - base
+        raise AssertionError(f"{ptr:#x} is not in any live device allocation (freed, or never allocated)")
+
+    def read(self, ptr: int, nbytes: int) -> bytes:
+        base, off = self.resolve(ptr, nbytes)
+        return bytes(self.mem[base][off:off + nbytes])
+
+    def write(self, ptr: int, data: bytes, stream: int | None = None) -> None:
+        base, off = self.resolve(ptr, len(data))
+        self.mem[base][off:off + len(data)] = data
+        if stream is not None:
+            self.written[base] = stream
+
+    def use(self, stream: int, ptr: int, nbytes: int = 1, reads: bool = True) -> None:
+        """Work queued on `stream` uses [ptr, ptr + nbytes): pending until the stream is synchronised.
+        Reading what another stream wrote and has not synchronised is a race."""
+        base, _ = self.resolve(ptr, nbytes)
+        writer = self.written.get(base)
+        if reads and writer is not None and writer != stream:
+            assert base not in self.pending.get(writer, set()), \
+                f"stream {stream:#x} reads a buffer stream {writer:#x} wrote and has not synchronised"
+        self.pending.setdefault(stream, set()).add(base)
 
     def set_device(self, index: int) -> None:
         self.device = index
@@ -47,14 +99,20 @@ class FakeCuda:
         return 20 * 2**30 - sum(len(m) for m in self.mem.values()), 24 * 2**30
 
     def malloc(self, nbytes: int) -> int:
-        ptr = self._handle()
+        ptr = self._next_ptr
+        self._next_ptr += -(-max(nbytes, 1) // 0x1000) * 0x1000 + 0x1000  # a gap after every allocation
         self.mem[ptr] = bytearray(nbytes)
         self.allocations.append(nbytes)
         self.calls.append("malloc")
         return ptr
 
     def free(self, ptr: int) -> None:
+        assert ptr in self.mem, f"cudaFree({ptr:#x}): not the start of a live allocation"
+        for stream, used in self.pending.items():
+            assert ptr not in used, (f"cudaFree of memory that work on stream {stream:#x} still uses, before the "
+                                     f"stream is synchronised (execute_async_v3: undefined behaviour)")
         del self.mem[ptr]
+        self.written.pop(ptr, None)
         self.calls.append("free")
 
     def alloc_host(self, nbytes: int) -> np.ndarray:
@@ -71,18 +129,39 @@ class FakeCuda:
     def copy_htod(self, dst: int, src: np.ndarray, stream: int) -> None:
         assert stream not in self.capturing, "copies must stay outside the captured graph"
         self.copy_kinds.append(self._kind(src))
-        self.mem[dst][:src.nbytes] = src.tobytes()
+        self.use(stream, dst, src.nbytes, reads=False)
+        self.write(dst, src.tobytes(), stream)
+        self.copies.append(("htod", src.nbytes))
         self.calls.append("htod")
 
     def copy_dtoh(self, dst: np.ndarray, src: int, stream: int) -> None:
         self.copy_kinds.append(self._kind(dst))
-        dst.reshape(-1).view(np.uint8)[:] = np.frombuffer(bytes(self.mem[src][:dst.nbytes]), np.uint8)
+        self.use(stream, src, dst.nbytes)
+        dst.reshape(-1).view(np.uint8)[:] = np.frombuffer(self.read(src, dst.nbytes), np.uint8)
+        self.copies.append(("dtoh", dst.nbytes))
         self.calls.append("dtoh")
+
+    def copy_dtod(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self.use(stream, src, nbytes)
+        self.use(stream, dst, nbytes, reads=False)
+        self.write(dst, self.read(src, nbytes), stream)
+        self.copies.append(("dtod", nbytes))
+        self.calls.append("dtod")
+
+    def memset(self, dst: int, value: int, nbytes: int, stream: int) -> None:
+        self.use(stream, dst, nbytes, reads=False)
+        self.write(dst, bytes([value]) * nbytes, stream)
+        self.calls.append("memset")
+
+    def load_kernels(self, source: str, names: tuple[str, ...]) -> FakeKernels:
+        self.calls.append("load_kernels")
+        return FakeKernels(self, source, names)
 
     def stream_create(self) -> int:
         return self._handle()
 
     def stream_sync(self, stream: int) -> None:
+        self.pending.pop(stream, None)
         self.calls.append("stream_sync")
 
     def stream_destroy(self, stream: int) -> None:
@@ -92,9 +171,12 @@ class FakeCuda:
         return self._handle()
 
     def event_record(self, event: int, stream: int) -> None:
+        self.event_stream[event] = stream
         self.calls.append("event_record")
 
     def event_sync(self, event: int) -> None:
+        # everything queued before the record has finished: in this fake, all of that stream's work so far
+        self.pending.pop(self.event_stream.get(event, -1), None)
         self.calls.append("event_sync")
 
     def event_elapsed_ms(self, start: int, end: int) -> float:
@@ -125,6 +207,51 @@ class FakeCuda:
 
     def graph_destroy(self, graph_exec: int) -> None:
         del self.graphs[graph_exec]
+
+
+class FakeKernels:
+    """vidrt.backends.kernels' kernels, run in numpy on the fake device memory. Each launch checks what
+    the real one needs: a kernel compiled from the source, the parameter kinds of its signature, whole
+    warps per block (the reductions shuffle 32 lanes), pointers into live allocations big enough."""
+
+    _STORAGE = {"f32": np.float32, "bf16": np.uint16, "f16": np.float16}
+    _SIGNATURES = {"axpby": ("ptr", "ptr", "ptr", "f32", "u64"), "absdiff": ("ptr", "ptr", "ptr", "u64")}
+
+    def __init__(self, cuda: FakeCuda, source: str, names: tuple[str, ...]) -> None:
+        self.cuda, self.names = cuda, set(names)
+        assert "extern \"C\" __global__" in source, "kernels need C linkage to be found by name"
+        self.closed = False
+
+    def _load(self, ptr: int, n: int, suffix: str) -> np.ndarray:
+        storage = self._STORAGE[suffix]
+        raw = np.frombuffer(self.cuda.read(ptr, n * np.dtype(storage).itemsize), storage)
+        return from_bf16_bits(raw) if suffix == "bf16" else raw.astype(np.float32)
+
+    def launch(self, name: str, grid: int, block: int, args: tuple[tuple[int | float, str], ...],
+               stream: int) -> None:
+        assert not self.closed and name in self.names, f"kernel {name} was not compiled"
+        op, suffix = name.removeprefix("vidrt_").split("_")
+        assert tuple(k for _, k in args) == self._SIGNATURES[op], f"{name}: parameter kinds {args}"
+        assert grid >= 1 and block % 32 == 0, "whole warps per block"
+        values = [v for v, _ in args]
+        n = int(values[-1])
+        a, b = self._load(int(values[0]), n, suffix), self._load(int(values[1]), n, suffix)
+        for ptr in values[:2]:
+            self.cuda.use(stream, int(ptr), n * np.dtype(self._STORAGE[suffix]).itemsize)
+        if op == "axpby":
+            out = (a + np.float32(values[3]) * b).astype(np.float32)
+            stored = to_bf16_bits(out) if suffix == "bf16" else out.astype(self._STORAGE[suffix])
+            self.cuda.use(stream, int(values[2]), stored.nbytes, reads=False)
+            self.cuda.write(int(values[2]), stored.tobytes(), stream)
+        else:
+            sums = np.frombuffer(self.cuda.read(int(values[2]), 16), np.float64)
+            self.cuda.use(stream, int(values[2]), 16)
+            new = sums + np.array([np.abs(a.astype(np.float64) - b).sum(), np.abs(b.astype(np.float64)).sum()])
+            self.cuda.write(int(values[2]), new.tobytes(), stream)
+        self.cuda.launches.append(name)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 @dataclass(frozen=True)
@@ -184,6 +311,8 @@ class FakeContext:
         return self.engine.plan.outputs[name][1](self.shapes)
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
+        assert ptr % 256 == 0, f"{name}: {ptr:#x} is not 256-byte aligned (setTensorAddress)"
+        self.engine.cuda.resolve(ptr)  # a device buffer (not host memory, not freed)
         self.addresses[name] = ptr
         return True
 
@@ -199,15 +328,23 @@ class FakeContext:
         # What the work reads is fixed now: a captured graph replays these pointers, whatever the
         # context is bound to later (CUDA graphs keep the addresses they were captured with).
         addresses, scratch, shapes = dict(self.addresses), self.device_memory[0], dict(self.shapes)
+        out_shapes = {n: self.get_tensor_shape(n) for n in self.engine.plan.outputs}
+
+        def nbytes(n: str, dt: DType) -> int:
+            return math.prod((shapes | out_shapes)[n]) * np.dtype(_NP[dt.name]).itemsize
+
+        # "a device buffer of sufficient size": every tensor's bytes at its current shape fit where it is bound
+        for n, (dt, _) in {**self.engine.plan.inputs, **self.engine.plan.outputs}.items():
+            assert n in addresses, f"{n} has no address (setTensorAddress before enqueueV3)"
+            cuda.resolve(addresses[n], nbytes(n, dt))
 
         def kernel() -> None:
             assert scratch in cuda.mem, "kernel ran on freed scratch memory"
+            cuda.use(stream, scratch, reads=False)
             feeds = {}
             for n, (dt, _) in self.engine.plan.inputs.items():
-                shape = shapes[n]
-                nbytes = math.prod(shape) * np.dtype(_NP[dt.name]).itemsize
-                assert addresses[n] in cuda.mem, f"input {n} bound to freed memory"
-                raw = np.frombuffer(bytes(cuda.mem[addresses[n]][:nbytes]), _NP[dt.name]).reshape(shape)
+                cuda.use(stream, addresses[n], nbytes(n, dt))
+                raw = np.frombuffer(cuda.read(addresses[n], nbytes(n, dt)), _NP[dt.name]).reshape(shapes[n])
                 feeds[n] = from_bf16_bits(raw) if dt is BF16 else raw
             for n, (dt, _) in self.engine.plan.weights.items():  # what the engine holds now
                 held = self.engine.weights[n]
@@ -215,8 +352,9 @@ class FakeContext:
             outs = self.engine.plan.compute(feeds)
             for n, (dt, _) in self.engine.plan.outputs.items():
                 arr = to_bf16_bits(outs[n]) if dt is BF16 else np.ascontiguousarray(outs[n], _NP[dt.name])
-                assert addresses[n] in cuda.mem, f"output {n} bound to freed memory"
-                cuda.mem[addresses[n]][:arr.nbytes] = arr.tobytes()
+                assert arr.nbytes == nbytes(n, dt), f"{n}: computed {arr.shape}, engine shape {out_shapes[n]}"
+                cuda.use(stream, addresses[n], arr.nbytes, reads=False)
+                cuda.write(addresses[n], arr.tobytes(), stream)
             self.engine.executions += 1
 
         if stream in cuda.capturing:

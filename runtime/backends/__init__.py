@@ -1,9 +1,12 @@
 """vidrt.backends: engines and everything device-specific.
 
-    base.py       the Engine / Backend interface every stage calls
+    base.py       the Engine / Backend interface every stage calls; TensorOps (arithmetic on engine outputs
+                  where they live) and its numpy implementation
     ort.py        ONNX Runtime (CPU; the CUDA provider selectable)
     tensorrt.py   TensorRT plans: buffers, streams, CUDA graphs, weight streaming (not yet run on a GPU)
-    cuda.py       the cuda-python calls TensorRT needs, typed
+    cuda.py       the cuda-python calls TensorRT needs, typed; device tensors
+    device_ops.py TensorOps on device tensors (step caching's residuals between the DiT pieces)
+    kernels.py    the element-wise CUDA kernels behind it, compiled with NVRTC
     residency.py  the GPU memory plan: what is resident per stage, the VAE tile, the peak
     doctor.py     what this machine can run, and why not
 

@@ -7,10 +7,10 @@ pipeline never cares which backend it talks to.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from vidrt.package.contracts import Contract
@@ -27,6 +27,74 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release the session / device memory (the pipeline drops the text encoder before denoising)."""
         ...
+
+
+class TensorOps(Protocol):
+    """Arithmetic on the tensors engines hand to each other, done where they live: a backend's tensor
+    handle is a numpy array on ONNX Runtime (`HostOps`) and, for outputs the TensorRT backend keeps on
+    the device (the VAE caches, the step-caching DiT pieces' tensors), a `vidrt.backends.cuda.DeviceTensor`
+    (`vidrt.backends.device_ops.DeviceOps`: CUDA kernels, nothing crosses PCIe). Step caching
+    (vidrt.caching) computes its residuals through this, so the pipeline has one code path for both.
+    Every op takes handles of one shape; `out` (optional) is a handle to write the result into."""
+
+    def add(self, a: Any, b: Any, out: Any = None) -> Any:
+        """a + b, element-wise."""
+        ...
+
+    def sub(self, a: Any, b: Any, out: Any = None) -> Any:
+        """a - b, element-wise."""
+        ...
+
+    def rel_l1(self, a: Any, b: Any) -> float:
+        """mean|a - b| / mean|b| over every element (First Block Cache's change metric)."""
+        ...
+
+    def rows(self, a: Any, start: int, stop: int) -> Any:
+        """a[start:stop] along the first (batch) axis."""
+        ...
+
+    def concat(self, parts: Sequence[Any]) -> Any:
+        """The parts joined along the first (batch) axis."""
+        ...
+
+    def to_host(self, a: Any) -> np.ndarray:
+        """A numpy copy (or the array itself on the host); bf16 comes back as float32."""
+        ...
+
+    def nbytes(self, a: Any) -> int:
+        ...
+
+
+class HostOps:
+    """TensorOps on numpy arrays (ONNX Runtime: every engine output is a host array)."""
+
+    def add(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return np.add(a, b, out=out if _reusable(out, a) else None)
+
+    def sub(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return np.subtract(a, b, out=out if _reusable(out, a) else None)
+
+    def rel_l1(self, a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a - b).mean() / np.abs(b).mean())
+
+    def rows(self, a: np.ndarray, start: int, stop: int) -> np.ndarray:
+        return a[start:stop]
+
+    def concat(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts)
+
+    def to_host(self, a: np.ndarray) -> np.ndarray:
+        return np.asarray(a)
+
+    def nbytes(self, a: np.ndarray) -> int:
+        return int(a.nbytes)
+
+
+def _reusable(out: np.ndarray | None, like: np.ndarray) -> bool:
+    return out is not None and out.shape == like.shape and out.dtype == like.dtype and out.flags.writeable
+
+
+HOST_OPS = HostOps()
 
 
 @dataclass(frozen=True)
@@ -49,6 +117,10 @@ class Backend(Protocol):
     def stream_weights(self, streamed: dict[str, int]) -> None:
         """engine -> weight bytes to keep in host memory and stream each call (the plan's); applied
         when the engine is next opened. A no-op where nothing is planned."""
+        ...
+
+    def tensor_ops(self) -> TensorOps:
+        """Arithmetic on this backend's engine outputs where they live (host or device)."""
         ...
 
     def open(self, name: str, path: Path, contract: Contract,

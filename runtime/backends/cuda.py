@@ -132,6 +132,16 @@ def describe(rt: ModuleType, err: int) -> str:
 # ---- the API the engine uses -------------------------------------------------------------------
 
 
+class Kernels(Protocol):
+    """Compiled CUDA kernels by name (vidrt.backends.kernels: NVRTC + the driver's library API).
+    `args` are (value, kind) pairs, kind "ptr" (a device pointer), "u64" or "f32": the kernel's
+    parameter types, in order. Launches are asynchronous on `stream`."""
+
+    def launch(self, name: str, grid: int, block: int, args: tuple[tuple[int | float, str], ...],
+               stream: int) -> None: ...
+    def close(self) -> None: ...
+
+
 class CudaApi(Protocol):
     """Integer handles throughout. Copies are asynchronous on `stream`; host arrays must stay alive
     (and, for true overlap, be pinned: see `alloc_host`) until the stream is synchronised."""
@@ -144,6 +154,9 @@ class CudaApi(Protocol):
     def free_host(self, array: np.ndarray) -> None: ...
     def copy_htod(self, dst: int, src: np.ndarray, stream: int) -> None: ...
     def copy_dtoh(self, dst: np.ndarray, src: int, stream: int) -> None: ...
+    def copy_dtod(self, dst: int, src: int, nbytes: int, stream: int) -> None: ...
+    def memset(self, dst: int, value: int, nbytes: int, stream: int) -> None: ...
+    def load_kernels(self, source: str, names: tuple[str, ...]) -> Kernels: ...  # compiled for this device
     def stream_create(self) -> int: ...
     def stream_sync(self, stream: int) -> None: ...
     def stream_destroy(self, stream: int) -> None: ...
@@ -239,6 +252,26 @@ class CudaRuntime:
         kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self._check("cudaMemcpyAsync (device to host)",
                     rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream)[0])
+
+    def copy_dtod(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        from cuda.bindings import runtime as rt
+
+        kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        self._check("cudaMemcpyAsync (device to device)", rt.cudaMemcpyAsync(dst, src, nbytes, kind, stream)[0])
+
+    def memset(self, dst: int, value: int, nbytes: int, stream: int) -> None:
+        from cuda.bindings import runtime as rt
+
+        self._check("cudaMemsetAsync", rt.cudaMemsetAsync(dst, value, nbytes, stream)[0])
+
+    def load_kernels(self, source: str, names: tuple[str, ...]) -> Kernels:
+        from vidrt.backends.kernels import compile_kernels
+
+        err, device = _load_cudart().cudaGetDevice()
+        self._check("cudaGetDevice", err)
+        err, prop = _load_cudart().cudaGetDeviceProperties(device)
+        self._check("cudaGetDeviceProperties", err)
+        return compile_kernels(source, names, (int(prop.major), int(prop.minor)))
 
     def stream_create(self) -> int:
         from cuda.bindings import runtime as rt
@@ -394,11 +427,22 @@ class DeviceTensor:
     shape/dtype are the engine's (bf16 as uint16 bits); `to_host` converts a host copy (bf16 -> fp32)."""
 
     def __init__(self, pool: BufferPool, ptr: int, shape: tuple[int, ...], dtype: np.dtype[Any], stream: int,
-                 to_host: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 to_host: Callable[[np.ndarray], np.ndarray] | None = None, base: DeviceTensor | None = None) -> None:
         self.pool, self.shape, self.dtype, self.stream = pool, shape, dtype, stream
         self.ptr: int | None = ptr
         self.nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         self._to_host = to_host
+        self.base = base  # a view (rows of `base`) owns no buffer: it keeps `base`, whose buffer it points into
+
+    def view(self, ptr: int, shape: tuple[int, ...]) -> DeviceTensor:
+        """A tensor over part of this one's buffer (e.g. some leading rows); keeps this one alive."""
+        return DeviceTensor(self.pool, ptr, shape, self.dtype, self.stream, self._to_host, base=self)
+
+    def like(self, shape: tuple[int, ...] | None = None) -> DeviceTensor:
+        """A new tensor of this dtype (and host conversion) from the pool, contents undefined."""
+        shape = self.shape if shape is None else shape
+        nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
+        return DeviceTensor(self.pool, self.pool.take(nbytes), shape, self.dtype, self.stream, self._to_host)
 
     def numpy(self) -> np.ndarray:
         if self.ptr is None:
@@ -415,7 +459,9 @@ class DeviceTensor:
     def release(self) -> None:
         if self.ptr is not None:
             ptr, self.ptr = self.ptr, None
-            self.pool.give(self.nbytes, ptr)
+            if self.base is None:
+                self.pool.give(self.nbytes, ptr)
+            self.base = None
 
     def __del__(self) -> None:
         try:
@@ -465,5 +511,5 @@ class Timer:
         self.cuda.event_destroy(self.end)
 
 
-__all__ = ["DeviceInfo", "Probe", "probe", "describe", "CudaApi", "CudaRuntime", "DeviceBuffer", "BufferPool",
-           "DeviceTensor", "Stream", "Timer"]
+__all__ = ["DeviceInfo", "Probe", "probe", "describe", "Kernels", "CudaApi", "CudaRuntime", "DeviceBuffer",
+           "BufferPool", "DeviceTensor", "Stream", "Timer"]

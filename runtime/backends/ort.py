@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from vidrt.backends.base import BackendOptions
+from vidrt.backends.base import HOST_OPS, BackendOptions, HostOps
 from vidrt.errors import DeviceError, PackageError
 from vidrt.package.contracts import Contract
 
@@ -124,6 +124,9 @@ class OrtBackend:
 
     def stream_weights(self, streamed: dict[str, int]) -> None:
         pass  # nothing is planned, so nothing is streamed
+
+    def tensor_ops(self) -> HostOps:
+        return HOST_OPS  # every output is a numpy array (ONNX Runtime's CUDA provider too: run() returns host arrays)
 
     def open(self, name: str, path: Path, contract: Contract,
              weights: Mapping[str, np.ndarray] | None = None) -> OrtEngine:

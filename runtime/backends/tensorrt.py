@@ -15,11 +15,14 @@ sized for the largest shape any of the plan's optimisation profiles allows; `exe
 one non-blocking cuda-python stream; a completion event to wait on. Fully static engines (every
 profile min == max: the fixed-tile VAE step) replay a CUDA graph captured on their second call.
 
-Boundary: the pipeline works in numpy, so every call copies its inputs host -> device and its
-outputs device -> host. That is cheap for the DiT (a few MB per multi-second step) and costly for
-the VAE caches (hundreds of MB per tile step). A later version keeps data on the device: latents
-and the scheduler update on the GPU between DiT steps, and the VAE's cache_out buffers bound as
-the next step's cache_in (ping-pong `set_tensor_address`, no copies) -- see `TrtEngine.run`.
+Boundary: what goes from one engine to another stays on the device as a `DeviceTensor` (bound by
+address as the next call's input, no copies): the VAE decoder's and encoder's causal caches, and every
+tensor the step-caching DiT pieces hand each other (tokens, block outputs, time/context embeddings,
+RoPE; the cached residual too, computed by `tensor_ops()`'s kernels). What the numpy side needs crosses
+PCIe through page-locked buffers: the latents and timesteps in, noise_pred out (a few MB per
+multi-second DiT step; the scheduler stays in numpy on the host: its state is the latents and a few
+past model outputs, latent-sized, and the solver's arithmetic is microseconds against the DiT's
+seconds), the VAE's latent tile in and frames out.
 
 Plans are tied to a TensorRT version and a GPU (compute capability). The manifest records both;
 a mismatch is refused with the command that rebuilds them (`vidrt build PACKAGE --precision P`).
@@ -39,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from vidrt.backends.base import BackendOptions
 from vidrt.backends.cuda import BufferPool, CudaApi, CudaRuntime, DeviceBuffer, DeviceTensor, Stream, probe
+from vidrt.backends.device_ops import DeviceOps
 from vidrt.backends.refit import EngineRefit, not_refittable
 from vidrt.errors import DeviceError, PackageError
 from vidrt.package import contracts as C
@@ -323,14 +327,21 @@ def _create_context(trt_mod: ModuleType, engine: trt.ICudaEngine) -> trt.IExecut
 class TrtEngine:
     """One deserialised plan. See the module docstring for the memory and stream layout.
 
-    `resident_outputs`: outputs returned as `DeviceTensor`s (left on the device; the VAE caches). A
-    DeviceTensor fed back as an input is bound by its address, so a cache chain never crosses PCIe."""
+    `resident_outputs`: outputs returned as `DeviceTensor`s (left on the device; the VAE caches, the DiT
+    pieces' tensors). A DeviceTensor fed as an input is bound by its address (set_tensor_address on the
+    producer's output buffer), so a chain never crosses PCIe; `device_inputs`: inputs expected that way.
+    Two engines' contexts share such buffers safely because every enqueue and copy goes to one stream
+    (work on a stream runs in issue order) and the buffer of a released DeviceTensor is only reused
+    by later work on that stream (BufferPool); nothing is freed before the stream is synchronised
+    (execute_async_v3: "Modifying or releasing memory that has been registered for the tensors before
+    stream synchronization ... results in undefined behavior", pyCoreDoc.h)."""
 
     def __init__(self, name: str, plan: bytes | Any, contract: Contract, *, trt_mod: ModuleType,
                  runtime: trt.Runtime, cuda: CudaApi, stream: Stream, arena: ScratchArena, cuda_graph: bool = True,
                  rebuild: str = "vidrt build PACKAGE --precision P", plan_path: str = "",
                  streamed_bytes: int = 0, resident_outputs: frozenset[str] = frozenset(),
-                 pool: BufferPool | None = None, on_run: Callable[[str, float], None] | None = None) -> None:
+                 pool: BufferPool | None = None, on_run: Callable[[str, float], None] | None = None,
+                 device_inputs: frozenset[str] = frozenset()) -> None:
         self.name = name
         self.contract = contract
         self._trt, self._cuda, self._stream, self._arena = trt_mod, cuda, stream, arena
@@ -387,9 +398,10 @@ class TrtEngine:
                     raise PackageError(f"{name}: output {n} has no bounded shape {shape}; rebuild: {rebuild}")
                 capacity[n] = max(capacity.get(n, 0), self._nbytes(n, shape))
         self.capacity = capacity
-        # Inputs that usually arrive as DeviceTensors (cache_in_*, fed from cache_out_*) get a buffer
-        # only if a host array comes instead (the first call of a chain on the ONNX-exported contract).
-        chained = {n for n in self.inputs if n.replace("cache_in_", "cache_out_") in self.resident}
+        # Inputs that usually arrive as DeviceTensors (cache_in_*, fed from cache_out_*; the DiT pieces'
+        # tensors) get a buffer only if a host array comes instead (e.g. the first call of a cache chain).
+        chained = {n for n in self.inputs if n.replace("cache_in_", "cache_out_") in self.resident} | \
+            (set(device_inputs) & set(self.inputs))
         try:
             for n in names:
                 if n not in self.resident and n not in chained:
@@ -598,6 +610,7 @@ class TrtEngine:
         finally:
             self._drop_graphs()
             self._arena.unbind(id(self))
+            self._pool.trim()  # spare buffers of device tensors (synchronised above): freed with the engine
             if self._events is not None:
                 for event in self._events:
                     self._cuda.event_destroy(event)
@@ -659,13 +672,32 @@ def built_vae_tile(plans: dict[str, EngineEntry], scale: int) -> tuple[int, int]
 
 
 _CACHE_CHAINS = (C.VAE_FIRST, C.VAE_STEP, C.VAE_ENCODE_FIRST, C.VAE_ENCODE_STEP)
+# What the step-caching DiT pieces hand to each other (vidrt.caching.ExpertDiT): device tensors end to end.
+_PIECE_TENSORS = frozenset({C.TOKENS, C.BLOCK_OUT, C.TEMB, C.TIMESTEP_PROJ, C.CONTEXT_EMB, C.ROPE_COS, C.ROPE_SIN})
+
+
+def _is_piece(name: str) -> bool:
+    return name.partition(".")[2] in C.DIT_PIECES
 
 
 def resident_outputs(name: str, contract: Contract) -> frozenset[str]:
     """The outputs of `name` that stay on the device as DeviceTensors (fed to a later call by address):
-    the VAE decoder's and encoder's causal caches (cache_out_i -> the next step's cache_in_i)."""
+    the VAE decoder's and encoder's causal caches (cache_out_i -> the next step's cache_in_i), and every
+    tensor a step-caching DiT piece hands to another (only noise_pred, out of the head, comes back)."""
     if name in _CACHE_CHAINS:
         return frozenset(n for n in contract.output_names if n.startswith("cache_out_"))
+    if _is_piece(name):
+        return frozenset(contract.output_names) & _PIECE_TENSORS
+    return frozenset()
+
+
+def device_inputs(name: str, contract: Contract) -> frozenset[str]:
+    """Inputs that arrive as another engine's DeviceTensor: no buffer is preallocated for them (one is
+    made if a host array comes instead). A DiT piece's residual stream [2, L, dim] is GBs at 720p."""
+    if name in _CACHE_CHAINS:
+        return frozenset(n for n in contract.input_names if n.startswith("cache_in_"))
+    if _is_piece(name):
+        return frozenset(contract.input_names) & _PIECE_TENSORS
     return frozenset()
 
 
@@ -715,6 +747,7 @@ class TrtBackend:
         self.pool = BufferPool(cuda)  # device buffers of outputs kept on the device (VAE caches)
         self.cuda_graphs = cuda_graphs
         self._open: dict[str, TrtEngine] = {}
+        self._ops: DeviceOps | None = None  # arithmetic on device tensors between engines (tensor_ops)
         # What the GPU has for this process before any engine is opened: the residency plan's budget.
         self.free_bytes_at_start = cuda.mem_info()[0]
         self.streamed: dict[str, int] = {}  # engine -> weight bytes the plan streams per call
@@ -792,14 +825,14 @@ class TrtBackend:
             source = plan_source(self._trt, plan_path)
         except OSError as exc:
             raise PackageError(f"cannot read {plan_path} ({exc.strerror}); rebuild: {rebuild}") from None
-        resident = resident_outputs(name, contract)
+        resident, chained = resident_outputs(name, contract), device_inputs(name, contract)
         try:
             # The fixed-tile VAE step is the engine worth a CUDA graph (many small kernels per tile).
             engine = TrtEngine(name, source, contract, trt_mod=self._trt, runtime=self._runtime, cuda=self.cuda,
                                stream=self.stream, arena=self.arena, cuda_graph=self.cuda_graphs and name == C.VAE_STEP,
                                rebuild=rebuild, plan_path=entry.artifact.file,
                                streamed_bytes=self.streamed.get(name, 0), resident_outputs=resident, pool=self.pool,
-                               on_run=self._ran)
+                               on_run=self._ran, device_inputs=chained)
         finally:
             file = getattr(source, "file", None)
             if file is not None:
@@ -815,6 +848,12 @@ class TrtBackend:
                 self._open.pop(name, None)
                 raise
         return engine
+
+    def tensor_ops(self) -> DeviceOps:
+        """Arithmetic on the engines' device tensors, on this backend's stream (vidrt.backends.device_ops)."""
+        if self._ops is None:
+            self._ops = DeviceOps(self.cuda, self.pool, self.stream)
+        return self._ops
 
     # ---- LoRAs at load time: refit (vidrt.backends.refit) ----
 
@@ -863,6 +902,10 @@ class TrtBackend:
         for engine in self._open.values():
             engine.close()
         self._open = {}
+        if self._ops is not None:
+            self._ops.close()
+            self._ops = None
+        self.stream.sync()  # queued copies/kernels on pooled buffers finish before they are freed
         self.arena.close()
         self.pool.close()
         self.stream.close()
@@ -871,4 +914,4 @@ class TrtBackend:
 __all__ = ["INSTALL_TENSORRT", "MIN_VERSION", "version_tuple", "load_tensorrt", "tensorrt_status", "engine_dir_name",
            "engine_dir_precision", "rebuild_command", "select_engines", "availability", "numpy_dtype",
            "to_bf16_bits", "from_bf16_bits", "ScratchArena", "TrtEngine", "TrtBackend", "plan_source", "built_vae_tile",
-           "device_index", "PLAN_READ_CHUNK", "MAX_GRAPHS", "resident_outputs"]
+           "device_index", "PLAN_READ_CHUNK", "MAX_GRAPHS", "resident_outputs", "device_inputs"]

@@ -1,0 +1,46 @@
+# Hand-written partial stub of cuda-python's cuda.bindings.driver (checked by stubtest in
+# tests/test_typecheck.py): what vidrt.backends.kernels calls. Every function returns a tuple whose
+# first item is the CUresult.
+from enum import IntEnum
+from typing import Any
+
+from typing_extensions import disjoint_base
+
+class CUresult(IntEnum):
+    CUDA_SUCCESS = 0
+    CUDA_ERROR_INVALID_VALUE = 1
+    CUDA_ERROR_OUT_OF_MEMORY = 2
+    CUDA_ERROR_NOT_INITIALIZED = 3
+    CUDA_ERROR_NOT_FOUND = 500
+
+@disjoint_base
+class CUlibrary:
+    def __init__(self, *args: object, **kwargs: object) -> None: ...
+    def __int__(self) -> int: ...
+
+@disjoint_base
+class CUkernel:
+    def __init__(self, *args: object, **kwargs: object) -> None: ...
+    def __int__(self) -> int: ...
+
+@disjoint_base
+class CUfunction:
+    def __init__(self, *args: object, **kwargs: object) -> None: ...
+    def __int__(self) -> int: ...
+
+@disjoint_base
+class CUstream:
+    def __init__(self, *args: object, **kwargs: object) -> None: ...
+    def __int__(self) -> int: ...
+
+def cuGetErrorName(error: CUresult) -> tuple[CUresult, bytes]: ...
+def cuInit(Flags: int) -> tuple[CUresult]: ...
+def cuLibraryLoadData(code: Any, jitOptions: tuple[Any] | list[Any] | None, jitOptionsValues: tuple[Any] | list[Any] | None,
+                      numJitOptions: int, libraryOptions: tuple[Any] | list[Any] | None,
+                      libraryOptionValues: tuple[Any] | list[Any] | None,
+                      numLibraryOptions: int) -> tuple[CUresult, CUlibrary]: ...
+def cuLibraryGetKernel(library: CUlibrary | int, name: bytes) -> tuple[CUresult, CUkernel]: ...
+def cuLibraryUnload(library: CUlibrary | int) -> tuple[CUresult]: ...
+def cuLaunchKernel(f: CUfunction | CUkernel | int, gridDimX: int, gridDimY: int, gridDimZ: int, blockDimX: int,
+                   blockDimY: int, blockDimZ: int, sharedMemBytes: int, hStream: CUstream | int, kernelParams: Any,
+                   extra: int) -> tuple[CUresult]: ...
