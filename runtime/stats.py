@@ -50,7 +50,10 @@ class RunStats:
             rows.append(f"denoise step median {steps[len(steps) // 2]:.3f} s over {len(steps)} steps, "
                         f"{self.num_tokens} tokens, {self.dit_calls} DiT calls")
         if self.lora_merge_bytes:
-            rows.append(f"LoRA merge {self.lora_merge_seconds:.3f} s, {self.lora_merge_bytes / 2**20:.1f} MiB merged")
+            refit = self.gpu.get("lora_refit_seconds")  # TensorRT: the merged weights refitted into the engines
+            rows.append(f"LoRA merge {self.lora_merge_seconds:.3f} s, {self.lora_merge_bytes / 2**20:.1f} MiB merged"
+                        + (f"; refit {refit:.3f} s, {int(self.gpu.get('lora_refit_bytes', 0)) / 2**20:.1f} MiB"
+                           if isinstance(refit, float) else ""))
         if self.cache.method != "none":
             c = self.cache
             rows.append(f"cache {c.method}: block stack ran {c.block_stack_runs} times, skipped "

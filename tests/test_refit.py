@@ -416,3 +416,13 @@ def test_loras_reach_the_step_caching_pieces_on_both_paths() -> None:
     assert expected["dit.blocks_rest"] > 0 and refits == expected  # the last set (0.5) refitted the same
     checked = {c[1] for c in backend.calls if c[0] == "check"}  # every plan a LoRA run may refit, before work
     assert checked == {"dit", *(f"dit.{p}" for p in C.DIT_PIECES)}
+
+
+def test_stats_table_shows_the_refit_next_to_the_merge() -> None:
+    from vidrt.stats import RunStats
+
+    stats = RunStats(lora_merge_seconds=0.5, lora_merge_bytes=2**20)
+    assert stats.table().splitlines()[-1] == "LoRA merge 0.500 s, 1.0 MiB merged"  # ONNX Runtime
+    stats.gpu = {"lora_refit_seconds": 0.25, "lora_refit_bytes": 3 * 2**20}  # TensorRT's gpu_stats()
+    assert stats.table().splitlines()[-1] == "LoRA merge 0.500 s, 1.0 MiB merged; refit 0.250 s, 3.0 MiB"
+    assert stats.to_dict()["gpu"]["lora_refit_bytes"] == 3 * 2**20

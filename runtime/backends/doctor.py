@@ -119,7 +119,8 @@ def diagnose(package: Path | str | None = None) -> Report:
 
             m = load_manifest(package, verify=False)
             ok, why = availability(m)
-            package_lines.append(f"package       {package}: {len(m.engines)} plan(s); "
+            refittable = sum(1 for e in m.engines if e.refit)  # LoRAs at load time (vidrt.backends.refit)
+            package_lines.append(f"package       {package}: {len(m.engines)} plan(s), {refittable} refittable; "
                                  f"--backend auto uses {'tensorrt' if ok else 'onnxruntime'} ({why})")
         except Exception as exc:
             package_lines.append(f"package       {package}: {exc}")
