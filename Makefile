@@ -79,7 +79,8 @@ gpu-check: venv
 typecheck: venv
 	$(PY) tests/typing_prep.py >/dev/null
 	$(PY) -m mypy -m vidrt.backends.tensorrt -m vidrt.backends.cuda -m vidrt.backends.residency -m vidrt.backends.doctor \
-		-m vidrt.cli.trt -m vidrt.export.build_engines -m vidrt.export.quantize_fp8
+		-m vidrt.cli.trt -m vidrt.export.build_engines -m vidrt.export.quantize_fp8 -m vidrt.backends.refit \
+		-m vidrt.backends.kernels -m vidrt.backends.device_ops
 
 # Retrain the embedded tiny model (export/train_tiny.py): VAE, then umT5 + DiT, then the sampling sweep.
 # Seeded and step-counted; about an hour on a busy 2-core CPU. Writes checkpoints/tiny-shapes/.
