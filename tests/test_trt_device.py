@@ -203,9 +203,10 @@ def test_plan_command_image_and_cache_flags(capsys: Any) -> None:
     plain = CliRunner().invoke(cli, ["plan", "wan2.2-ti2v-5b", "--size", "1280x704", "--frames", "121",
                                      "--precision", "fp8"])
     assert "vae_encode" not in plain.output and "residuals" not in plain.output
-    # EasyCache runs the whole graph: its buffer, no pieces
+    # EasyCache runs the whole graph and keeps its latent-sized cache on the host: no device item, a note
     easy = CliRunner().invoke(cli, ["plan", "wan2.1-t2v-1.3b", "--size", "832x480", "--cache", "easycache"])
-    assert "easycache residuals" in easy.output and "pieces" not in easy.output
+    assert "residuals" not in easy.output and "pieces" not in easy.output
+    assert "note: easycache keeps v - x per CFG row" in easy.output
     assert_error(*vidrt(capsys, "plan", "wan2.1-t2v-1.3b", "--size", "832x480", "--image"), 2, "text-to-video model",
                  "drop --image")
     assert_error(*vidrt(capsys, "plan", "wan2.1-t2v-1.3b", "--size", "832x480", "--cache", "fastest"), 2,

@@ -448,6 +448,9 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
         return Item(f"{engine} activations", estimate, what)
 
     reserve_item = Item("CUDA context + libraries", reserve, "reserve")
+    easy = _gib(cache_residual_bytes(spec, width, height, frames, "easycache"))
+    cache_notes = [f"easycache keeps v - x per CFG row ({easy}) in host memory: the whole DiT graph runs, its "
+                   f"output comes back every step"] if cache.partition(":")[0] == "easycache" else []
 
     # text (umT5 on the GPU, or on ONNX Runtime CPU: then host RAM only)
     te_contract = contracts.get(C.TEXT_ENCODER, C.text_encoder_contract(spec))
@@ -473,12 +476,10 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
         io = Item(f"{expert} I/O", io_bytes(contract, dit_sizes(spec, width, height, frames, 2)),
                   "contract shapes x dtypes, batch 2 (profile max)")
         method = cache.partition(":")[0]
-        if method in ("none", ""):
+        if method not in PIECE_METHODS:  # none; EasyCache runs the whole graph and keeps its cache on the host
             return (w, act, io)
         residuals = Item(f"{method} residuals", cache_residual_bytes(spec, width, height, frames, method),
                          "fp32 residual stream x 2 CFG rows, on the device (vidrt.caching)")
-        if method not in PIECE_METHODS:
-            return (w, act, io, residuals)
         # the DiT as its pieces (the same weights, cut apart): the tensors handed between them stay on the device
         chain = Item(f"{expert} pieces' tensors", pieces_tensor_bytes(spec, width, height, frames),
                      "x_0 + block output in + out (fp32 [2, L, dim]), context_emb, e0, temb, RoPE")
@@ -594,7 +595,7 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
             stage = Stage("all stages", tuple(together), load=((C.TEXT_ENCODER,) if te_gpu else ()) + (
                 *experts, C.VAE_FIRST, C.VAE_STEP))
             return _finish(spec, width, height, frames, precision, budget, (*image_stage, stage), True, batch, tile, {},
-                           notes, text_device, te_items, "tile")
+                           [*notes, *cache_notes], text_device, te_items, "tile")
         notes.clear()
 
     # 2. per stage
@@ -642,7 +643,7 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
     if cfg_batch == 1:
         notes.append("CFG as two batch-1 DiT calls per step (batch 2 does not fit)")
     return _finish(spec, width, height, frames, precision, budget, tuple(stages), False, cfg_batch, tile, streamed,
-                   notes, text_device, te_items, order)
+                   [*notes, *cache_notes], text_device, te_items, order)
 
 
 def _finish(spec: ModelSpec, width: int, height: int, frames: int, precision: str, budget: int,
@@ -690,9 +691,10 @@ def pieces_tensor_bytes(spec: ModelSpec, width: int, height: int, frames: int) -
 
 
 def cache_residual_bytes(spec: ModelSpec, width: int, height: int, frames: int, method: str) -> int:
-    """Device bytes a step cache holds through the denoise stage (fast_paths.md C.6): the block-stack
-    residual [2, L, dim] in the fp32 residual stream (TeaCache, MagCache); First Block Cache also
-    keeps block 0's residual; EasyCache keeps v - x per CFG row, latent-sized."""
+    """Bytes a step cache holds through the denoise stage (fast_paths.md C.6): the block-stack residual
+    [2, L, dim] in the fp32 residual stream (TeaCache, MagCache; on the device on TensorRT); First Block
+    Cache also keeps block 0's residual; EasyCache keeps v - x per CFG row, latent-sized (host memory:
+    it runs the whole graph, whose output comes back to the host every step)."""
     if method == "easycache":
         c, f, h, w = spec.latent_shape(width, height, frames)
         return 2 * c * f * h * w * 4
