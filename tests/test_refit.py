@@ -426,3 +426,92 @@ def test_stats_table_shows_the_refit_next_to_the_merge() -> None:
     stats.gpu = {"lora_refit_seconds": 0.25, "lora_refit_bytes": 3 * 2**20}  # TensorRT's gpu_stats()
     assert stats.table().splitlines()[-1] == "LoRA merge 0.500 s, 1.0 MiB merged; refit 0.250 s, 3.0 MiB"
     assert stats.to_dict()["gpu"]["lora_refit_bytes"] == 3 * 2**20
+
+
+# ---- end to end: the TensorRT backend (fakes) around the bundled model's real graphs, with LoRAs ------------
+
+
+def _refittable_ort_plans(package: Path, manifest: Any, ranges: dict[str, tuple[int, int]]) -> dict[bytes, Any]:
+    """test_trt_device's ONNX-Runtime-backed fake plans, the DiT's (whole and pieces) refittable: each
+    holds the recorded weights its graph has, and computes with the values it holds now (a session made
+    with the weights that differ from the base, as ONNX Runtime's LoRA path makes one)."""
+    import hashlib
+
+    from test_trt_device import _ort_backed_plans
+    from vidrt.backends.ort import OrtEngine
+    from vidrt.lora import base_reader
+
+    plans = _ort_backed_plans(package, manifest, ranges)
+    whole = manifest.components["dit"]
+    assert whole.artifact.data_file is not None
+    read = base_reader(package / whole.artifact.data_file, whole.weights)
+    for name, comp in manifest.components.items():
+        if name.partition(".")[0] != "dit":
+            continue
+        base = {ref.initializer: np.array(read(ref.initializer)) for ref in comp.weights.values()}
+        sessions: dict[str, Any] = {}
+
+        def compute(feeds: dict[str, Any], name: str = name, comp: Any = comp, base: Any = base,
+                    sessions: Any = sessions) -> Any:
+            changed = {n: feeds[n] for n in base if not np.array_equal(feeds[n], base[n])}
+            key = hashlib.sha256(b"".join(n.encode() + changed[n].tobytes() for n in sorted(changed))).hexdigest()
+            if key not in sessions:
+                sessions[key] = OrtEngine(name, package / comp.artifact.file, comp.contract, weights=changed or None)
+            return sessions[key].run({k: v for k, v in feeds.items() if k in comp.contract.input_names})
+
+        plans[name.encode()] = dataclasses.replace(plans[name.encode()], compute=compute, refittable=True,
+                                                   weights={n: (FLOAT, v) for n, v in base.items()})
+    return plans
+
+
+def test_tensorrt_pipeline_with_loras_makes_onnxruntimes_clips() -> None:
+    """The pipeline on the TensorRT backend (fakes around the bundled model's real graphs: its buffers,
+    device tensors and refits run for real, the graphs' arithmetic in ONNX Runtime) with a LoRA, then
+    another strength, then none, with and without step caching: the clips ONNX Runtime makes."""
+    from vidrt.models import default_package
+    from vidrt.package.recipes import LoraRef
+    from vidrt.pipeline import Pipeline
+    from vidrt.request import Request
+
+    package = default_package()
+    assert package is not None
+    manifest = load_manifest(package)
+    spec = manifest.model
+    _, f, h, w = spec.latent_shape(64, 64, 17)
+    ranges = {"batch": (1, 2), "seq": (1, spec.text.text_len), "tokens": (spec.num_tokens(64, 64, 17),) * 2,
+              "frames": (f, f), "height": (h, h), "width": (w, w), "lat_h": (h, h), "lat_w": (w, w),
+              "out_h": (64, 64), "out_w": (64, 64)}
+    plans = _refittable_ort_plans(package, manifest, ranges)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)  # the plans' folder; the package's files beside them (refit reads base weights there)
+        for item in package.iterdir():
+            (root / item.name).symlink_to(item)
+        entries = tuple(dataclasses.replace(
+            e, profiles=((64, 64, 1),) if e.component in (C.VAE_FIRST, C.VAE_STEP) else (),
+            refit="REFIT_INDIVIDUAL" if e.component.partition(".")[0] == "dit" else "")
+            for e in _entries(root, "10.13.0.35", "8.9", "fp32", tuple(manifest.components)))
+        cuda = FakeCuda()
+        fake = FakeTensorRT(cuda, plans=plans)
+        pipe = Pipeline.load(package, warn=lambda s: None)
+        pipe.backend = TrtBackend(BackendOptions(backend="tensorrt"), dataclasses.replace(manifest, engines=entries),
+                                  root, trt_mod=fake.module(), cuda=cuda, compute_capability="8.9")
+        ort = Pipeline.load(package, warn=lambda s: None)
+        lora = str(package / "fast_lora.safetensors")
+        no_lora = {cache: ort.run(Request(prompt="a red circle moving left", seed=5, steps=4, cache=cache)).frames
+                   for cache in (None, "magcache")}
+        for cache in (None, "magcache"):
+            for strength in (1.0, 0.4, 0.0):
+                req = Request(prompt="a red circle moving left", seed=5, steps=4, cache=cache,
+                              loras=(LoraRef(lora, strength),) if strength else ())
+                got, want = pipe.run(req), ort.run(req)
+                np.testing.assert_allclose(got.frames.astype(np.int16), want.frames.astype(np.int16), atol=1,
+                                           err_msg=f"cache {cache}, strength {strength}")
+                assert got.stats.gpu["lora_refit_bytes"] > 0  # every run changed the set: refitted
+                if strength:
+                    assert np.abs(got.frames.astype(np.int16) - no_lora[cache].astype(np.int16)).max() > 8
+        # refitted: the whole graph and the pieces the LoRA reaches (it has only block keys: not the head)
+        assert set(pipe.backend._refits) == {"dit", "dit.block0", "dit.blocks_rest"}
+        pipe.backend.close()
+        assert cuda.mem == {}
