@@ -864,7 +864,8 @@ class TrtBackend:
             where = package if package is not None else self.package
             why = "was built without refit" + (" (TensorRT 11.3 builds none: a known issue)"
                                                if version_tuple(entry.tensorrt_version)[:2] == (11, 3) else "")
-            raise not_refittable(name, rebuild_command(where, self.precision), why)
+            pieces = " --cache-pieces" if "." in name else ""  # a step-caching piece's plan
+            raise not_refittable(name, rebuild_command(where, self.precision) + pieces, why)
 
     def refit(self, engine: TrtEngine, weights: Mapping[str, np.ndarray]) -> None:
         """Put an open DiT engine (the whole graph or a step-caching piece) on these LoRA-merged weights,
