@@ -222,8 +222,9 @@ def test_plan_counts_the_pieces_tensors_and_residuals_by_the_formula() -> None:
     tokens, d = spec.num_tokens(1280, 720, 81), spec.dit.dim  # 75,600 tokens x 5120
     assert tokens == 75_600
     assert cache_residual_bytes(spec, 1280, 720, 81, "magcache") == 2 * tokens * d * 4
-    expected = 4 * (3 * 2 * tokens * d + 2 * 512 * d + 2 * tokens * 128 + 2 * 7 * d)
-    assert pieces_tensor_bytes(spec, 1280, 720, 81) == expected
+    latents = 2 * 16 * 21 * 90 * 160  # [2, 16, 21, 90, 160]: 3 piece inputs beyond the whole graph's one, bf16
+    expected = 4 * (3 * 2 * tokens * d + 2 * 512 * d + 2 * tokens * 128 + 2 * 7 * d) + 3 * latents * 2
+    assert pieces_tensor_bytes(spec, 1280, 720, 81, 2) == expected
     base = make_plan(spec, 1280, 720, 81, 200 * 10**9, "fp8")
     cached = make_plan(spec, 1280, 720, 81, 200 * 10**9, "fp8", cache="teacache:0.1")
     grown = max(s.peak for s in cached.stages if "dit" in s.load or s.name == "all stages") - \

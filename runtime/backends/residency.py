@@ -481,8 +481,9 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
         residuals = Item(f"{method} residuals", cache_residual_bytes(spec, width, height, frames, method),
                          "fp32 residual stream x 2 CFG rows, on the device (vidrt.caching)")
         # the DiT as its pieces (the same weights, cut apart): the tensors handed between them stay on the device
-        chain = Item(f"{expert} pieces' tensors", pieces_tensor_bytes(spec, width, height, frames),
-                     "x_0 + block output in + out (fp32 [2, L, dim]), context_emb, e0, temb, RoPE")
+        chain = Item(f"{expert} pieces' tensors", pieces_tensor_bytes(spec, width, height, frames,
+                                                                      DTYPE_BYTES[dit_dtype]),
+                     "x_0 + block output in + out (fp32 [2, L, dim]), context_emb, e0, temb, RoPE, latents")
         return (Item(f"{expert} pieces weights", w.bytes, w.how), act, io, chain, residuals)
 
     # decode: the first-frame engine over every tile (frame 0), released; then the step engine. Each
@@ -674,20 +675,24 @@ def _finish(spec: ModelSpec, width: int, height: int, frames: int, precision: st
 PIECE_METHODS = ("teacache", "magcache", "fbcache")  # vidrt.caching.PIECES_NEEDED: they run the DiT's pieces
 
 
-def pieces_tensor_bytes(spec: ModelSpec, width: int, height: int, frames: int) -> int:
+def pieces_tensor_bytes(spec: ModelSpec, width: int, height: int, frames: int, latent_itemsize: int = 4) -> int:
     """Device bytes of the tensors handed between the DiT's pieces while a step runs them (vidrt.caching
     ExpertDiT on TensorRT, beside the residuals): the residual stream [2, L, dim] fp32 three times at
     once (x_0, the block piece's input and its output), the step-invariant context embedding
     [2, 512, dim] and RoPE tables [1, L, 1, head_dim] x 2, the time embeddings e [2, dim] and
     e0 [2, 6 dim] (per token for TI2V: [2, L, ...]); fp32 (the pieces keep the residual stream and the
-    time embedding in fp32, export/components.py)."""
+    time embedding in fp32, export/components.py). Plus the latents input buffer [2, C_in, F, H, W] of
+    each piece that reads it (patch_embed, block0, blocks_rest, head; TI2V's time_embed too) beyond
+    the one the whole graph's I/O counts, at `latent_itemsize` bytes (the DiT graph's input dtype)."""
     d, tokens = spec.dit.dim, spec.num_tokens(width, height, frames)
     per_row_time = tokens if spec.per_token_timestep else 1
     stream = 3 * 2 * tokens * d
     context = 2 * spec.text.text_len * d
     rope = 2 * tokens * spec.dit.head_dim
     time = 2 * per_row_time * 7 * d
-    return 4 * (stream + context + rope + time)
+    _, f, h, w = spec.latent_shape(width, height, frames)
+    latents = (3 + int(spec.per_token_timestep)) * 2 * spec.dit.in_channels * f * h * w * latent_itemsize
+    return 4 * (stream + context + rope + time) + latents
 
 
 def cache_residual_bytes(spec: ModelSpec, width: int, height: int, frames: int, method: str) -> int:
