@@ -82,7 +82,8 @@ def export_graph(graph: GraphSpec, path: Path | str, opset: int = 18, *,
     if weights is not None:
         _apply_weights(prog, weights)
     if weights is not None or not on_meta:  # after the weights: constant folding needs their values
-        optimize_model(prog.model)
+        # a graph asked for with external data (the DiT) takes LoRAs by initializer name: one per parameter
+        optimize_model(prog.model, dedupe_initializers=not external_data)
     _name_dims(prog.model, graph.contract)
     if external_data is None:
         external_data = include_weights and _initializer_bytes(prog) > EXTERNAL_DATA_BYTES
@@ -344,6 +345,8 @@ def weight_refs(path: Path | str, prefix: str = "model.") -> dict[str, WeightRef
             initializer=init.name, transposed=len(init.dims) == 2 and init.name in matmul_b,
             offset=int(info.get("offset", 0)), length=int(info["length"]), dtype=dtype, shape=tuple(init.dims))
     return out
+
+
 def export_vae_encoder(vae: nn.Module, first_path: Path | str, step_path: Path | str, spec: ModelSpec,
                        opset: int = 18, *, include_weights: bool = True,
                        external_data: bool | None = None) -> tuple[Contract, Contract]:

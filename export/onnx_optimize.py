@@ -26,10 +26,15 @@ def cheap_rules() -> list[Any]:
     return [r for r in rewriter._DEFAULT_REWRITE_RULES if r._target_pattern.has_single_output_node]
 
 
-def optimize_model(model: ir.Model, num_iterations: int = 2) -> None:
+def optimize_model(model: ir.Model, num_iterations: int = 2, dedupe_initializers: bool = True) -> None:
     """In place: inline, fold constants + rewrite (to a fixed point, at most `num_iterations`), drop
     unused nodes/functions/opsets, lift constants, dedupe initializers, CSE, name fixes, ONNX fusions
-    (the pass list of onnxscript.optimizer.optimize_ir with `cheap_rules()`)."""
+    (the pass list of onnxscript.optimizer.optimize_ir with `cheap_rules()`).
+
+    dedupe_initializers=False keeps one initializer per model parameter even where two hold the same
+    values (DeduplicateInitializersPass would give both modules one shared tensor): a LoRA merged by
+    initializer name must change one module's weight, not every module whose weights happened to be
+    equal (the bundled model's zero, frozen text-path biases were ten modules on one initializer)."""
     loop = ir.passes.PassManager(
         [_constant_folding.FoldConstantsPass(
             shape_inference=True, input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
@@ -42,7 +47,8 @@ def optimize_model(model: ir.Model, num_iterations: int = 2) -> None:
     passes = ir.passes.Sequential(
         common_passes.InlinePass(), loop, common_passes.RemoveUnusedNodesPass(),
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        common_passes.LiftSubgraphInitializersToMainGraphPass(), common_passes.DeduplicateInitializersPass(),
+        common_passes.LiftSubgraphInitializersToMainGraphPass(),
+        *([common_passes.DeduplicateInitializersPass()] if dedupe_initializers else []),
         common_passes.CommonSubexpressionEliminationPass(), common_passes.OutputFixPass(),
         common_passes.NameFixPass())
     passes(model)

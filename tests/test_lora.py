@@ -441,3 +441,32 @@ def test_i2v_loras_match_diffusers_on_the_image_branch(wan21_i2v_dit, tmp_path):
     figures.append(f"T2V LoRA {value:.1f} dB")
     assert value >= MIN_SNR_DB
     print("I2V LoRAs vs diffusers (DiT output):", ", ".join(figures))
+
+
+def test_equal_parameters_keep_their_own_initializers(tmp_path):
+    """A LoRA is merged by initializer name, so the DiT export keeps one initializer per parameter even
+    where two parameters hold the same values (onnxscript's DeduplicateInitializersPass would give them
+    one shared tensor, and a diff_b on one module would change both). Zero text-path biases, as the
+    bundled model trains them, are the case that happened."""
+    from diffusers import WanTransformer3DModel
+    from tiny import diffusers_configs
+    from dataclasses import replace
+
+    from vidrt.export.onnx_export import export_dit, weight_refs
+    from vidrt.package.registry import DiTConfig, get_variant
+
+    torch.manual_seed(0)
+    config = diffusers_configs("t2v")[0]
+    model = WanTransformer3DModel(**config)
+    spec = get_variant("wan2.1-t2v-1.3b")
+    spec = replace(spec, dit=DiTConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, in_channels=16,
+                                       out_channels=16, text_dim=64, freq_dim=32))
+    zeroed = [f"blocks.{b}.attn2.{p}.bias" for b in range(2) for p in ("to_k", "to_v")]
+    with torch.no_grad():
+        for name in zeroed:
+            model.get_parameter(name).zero_()
+    path = tmp_path / "dit.onnx"
+    export_dit(model, path, spec, external_data=True)
+    records = weight_refs(path)
+    assert set(zeroed) <= set(records), sorted(set(zeroed) - set(records))
+    assert len({records[n].initializer for n in zeroed}) == len(zeroed)  # four tensors, not one
