@@ -239,9 +239,36 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float | None:
     return None if v == float("inf") else v  # identical frames: JSON null, shown as "identical"
 
 
+def planned_rows(wl: Workload, variants: list[Variant]) -> list[dict[str, Any]]:
+    """Cache rows counted from vidrt's plan, not run: TeaCache and MagCache decide from the timesteps
+    alone (`vidrt cache plan`), so the block-stack runs of a clip are known before it (the tests check
+    that a run counts exactly its planned mask). No seconds, no diffusers side."""
+    from vidrt.pipeline import Pipeline
+    from vidrt.request import Request
+
+    pipe = Pipeline.load(wl.package, verify=False, threads=1, warn=lambda m: None)
+    rows = []
+    for v in variants:
+        c = v.clip
+        mask = "C" * c.steps if c.cache is None else pipe.cache_mask(Request(
+            prompt=c.prompt, width=c.width, height=c.height, num_frames=c.frames, steps=c.steps,
+            guidance=c.guidance, shift=c.shift, scheduler=c.scheduler, cache=c.cache))
+        rows.append({"label": v.label, "planned": True, "clip": _clip_row(c), "same_as": None,
+                     "no_reference": "not run (counted from the plan)", "load": [_load(), _load()],
+                     "sides": {"vidrt": {"block_stack_runs": mask.count("C"), "seconds_median": None,
+                                         "cache_mask": "" if c.cache is None else mask}}})
+    return rows
+
+
+def _clip_row(c: Clip) -> dict[str, Any]:
+    return {k: val for k, val in vars(c).items() if k not in ("prompt", "negative_prompt")}
+
+
 def run_axes(wl: Workload, axes: tuple[str, ...], pairs: int, threads: int | None, reference: bool,
-             cache_methods: tuple[str, ...], lora_dir: Path, log: Any, recipe_steps: int = 50) -> dict[str, Any]:
-    """Both axes of one workload: the variants, their runs (grouped), and the rows of each table."""
+             cache_methods: tuple[str, ...], lora_dir: Path, log: Any, recipe_steps: int = 50,
+             cache_timed: bool = True) -> dict[str, Any]:
+    """Both axes of one workload: the variants, their runs (grouped), and the rows of each table.
+    cache_timed False: the cache rows are counted from the plan (TeaCache/MagCache/none only), not run."""
     from vidrt.package.manifest import load_manifest
 
     manifest = load_manifest(wl.package, verify=False)
@@ -250,8 +277,13 @@ def run_axes(wl: Workload, axes: tuple[str, ...], pairs: int, threads: int | Non
     noise = np.random.default_rng(0).standard_normal(spec.latent_shape(c.width, c.height, c.frames), dtype=np.float32)
     rec = recipe_variants(wl, manifest, lora_dir, recipe_steps)
     variants = list(rec) if "recipe" in axes else []
+    planned: list[Variant] = []
     if "cache" in axes:
-        variants += cache_variants(wl, manifest, cache_methods, rec if "recipe" in axes else [])
+        cached = cache_variants(wl, manifest, cache_methods, rec if "recipe" in axes else [])
+        if cache_timed:
+            variants += cached
+        else:
+            planned = [replace(v, same_as=None) for v in cached]
     runs: dict[str, dict[str, Any]] = {}
     for group in dict.fromkeys(v.group for v in variants):
         todo = [v for v in variants if v.group == group and v.same_as is None]
@@ -261,8 +293,7 @@ def run_axes(wl: Workload, axes: tuple[str, ...], pairs: int, threads: int | Non
     rows: dict[str, list[dict[str, Any]]] = {a: [] for a in axes}
     for v in variants:
         got = runs[v.same_as or v.label]
-        row: dict[str, Any] = {"label": v.label, "clip": {k: val for k, val in vars(v.clip).items()
-                                                          if k not in ("prompt", "negative_prompt")},
+        row: dict[str, Any] = {"label": v.label, "clip": _clip_row(v.clip),
                                "no_reference": v.no_reference, "same_as": v.same_as, "load": got["load"],
                                "sides": {s: _side(got[s], got["warm"].get(s)) for s in ("vidrt", "diffusers")
                                          if got[s]}}
@@ -274,7 +305,7 @@ def run_axes(wl: Workload, axes: tuple[str, ...], pairs: int, threads: int | Non
             row["psnr_vs_diffusers_db"] = None if min(values) == float("inf") else min(values)
         rows[v.axis].append(row)
     for axis in rows:  # speed and quality against the axis's first row (50 steps + CFG; no cache)
-        if not rows[axis]:
+        if not rows[axis] or axis == "cache" and planned:
             continue
         first = rows[axis][0]
         base = runs[first["same_as"] or first["label"]]
@@ -285,6 +316,8 @@ def run_axes(wl: Workload, axes: tuple[str, ...], pairs: int, threads: int | Non
                     row["sides"][s]["speedup_vs_first"] = (first["sides"][s]["seconds_median"]
                                                            / row["sides"][s]["seconds_median"])
                     row["sides"][s]["psnr_vs_first_db"] = _psnr(got[s][-1]["frames"], base[s][-1]["frames"])
+    if planned:
+        rows["cache"] = planned_rows(wl, planned)
     return {"workload": wl.name, "note": wl.note, "pairs": pairs, "threads": threads,
             "size": f"{c.width}x{c.height}x{c.frames}", "tokens": spec.num_tokens(c.width, c.height, c.frames),
             "package": _rel(wl.package), "rows": rows}
@@ -345,10 +378,11 @@ def axis_markdown(res: dict[str, Any], axis: str) -> str:
             v = r["sides"]["vidrt"]
             same = f" (the run above: {r['same_as']})" if r["same_as"] else ""
             ref = r["no_reference"] or secs[1]
+            speedup = f"{v['speedup_vs_first']:.2f}x" if "speedup_vs_first" in v else "-"
             lines.append(f"| {r['label']}{same} | {runs[0]} / {runs[1] if not r['no_reference'] else '-'} | "
-                         f"{secs[0]} | {ref} | {_ratio(r)} | {v.get('speedup_vs_first', 1.0):.2f}x | "
+                         f"{secs[0] if not r.get('planned') else 'not timed'} | {ref} | {_ratio(r)} | {speedup} | "
                          f"{_db(r.get('psnr_vs_diffusers_db'), 'ratio_median' in r)} | "
-                         f"{_db(v.get('psnr_vs_first_db')) if r is not rows[0] else '-'} | "
+                         f"{_db(v['psnr_vs_first_db']) if 'psnr_vs_first_db' in v and r is not rows[0] else '-'} | "
                          f"`{v['cache_mask'] or '-'}` |")
     return "\n".join(lines)
 

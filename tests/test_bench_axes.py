@@ -70,6 +70,13 @@ def test_tables_count_dit_calls_and_block_stack_runs(bundled, tmp_path):
         assert rows[method]["cache_mask"] == mask
         assert rows[method]["block_stack_runs"] == mask.count("C") < steps
 
+    planned = axes.run_axes(wl, ("cache",), pairs=1, threads=1, reference=False,  # counted, not run
+                            cache_methods=("none", "magcache", "teacache"), lora_dir=tmp_path,
+                            log=lambda *a: None, cache_timed=False)["rows"]["cache"]
+    assert [(r["label"], r["sides"]["vidrt"]["block_stack_runs"]) for r in planned] == \
+        [(label, rows[label]["block_stack_runs"]) for label in ("none", "magcache", "teacache")]
+    assert all(r["sides"]["vidrt"]["seconds_median"] is None and set(r["sides"]) == {"vidrt"} for r in planned)
+
     table = axes.axis_markdown(res, "cache").splitlines()
     body = [line for line in table if line.startswith("| ") and not line.startswith("| cache")]
     assert len(body) == 3 and all(line.count("|") == table[2].count("|") for line in body)
