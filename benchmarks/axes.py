@@ -225,6 +225,8 @@ def _side(runs: list[dict[str, Any]], warm: dict[str, Any] | None) -> dict[str, 
     last = runs[-1]
     return {"runs": len(runs), "seconds_median": float(np.median(secs)), "seconds_min": min(secs),
             "seconds_max": max(secs), "seconds_all": secs, "dit_calls": last.get("dit_calls"),
+            "cpu_seconds_median": float(np.median([r["cpu_seconds"] for r in runs])) if all(
+                "cpu_seconds" in r for r in runs) else None,
             "block_stack_runs": float(np.mean([r.get("block_stack_runs", 0) for r in runs])),
             "cache_mask": last.get("cache_mask", ""), "peak_rss_bytes": max(r["peak_rss"] for r in runs),
             "step_median": float(np.median([s for r in runs for s in r["step_seconds"]] or [np.nan])),
@@ -301,6 +303,9 @@ def run_axes(wl: Workload, axes: tuple[str, ...], pairs: int, threads: int | Non
         if b:
             row["ratio_per_pair"] = [y["seconds"] / x["seconds"] for x, y in zip(a, b, strict=True)]
             row["ratio_median"] = float(np.median(row["ratio_per_pair"]))
+            if all("cpu_seconds" in x for x in a + b):
+                row["cpu_ratio_median"] = float(np.median([y["cpu_seconds"] / x["cpu_seconds"]
+                                                           for x, y in zip(a, b, strict=True)]))
             values = [report.psnr(x["frames"], y["frames"]) for x, y in zip(a, b, strict=True)]
             row["psnr_vs_diffusers_db"] = None if min(values) == float("inf") else min(values)
         rows[v.axis].append(row)
@@ -332,6 +337,12 @@ def _sec(x: float | None) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
 
+def _wall_cpu(s: dict[str, Any]) -> str:
+    """Wall seconds, and the process's CPU seconds where the run recorded them."""
+    cpu = s.get("cpu_seconds_median")
+    return _sec(s["seconds_median"]) + (f" ({_sec(cpu)} CPU)" if cpu is not None else "")
+
+
 def _db(x: float | None, present: bool = True) -> str:
     if not present:
         return "-"
@@ -357,7 +368,7 @@ def axis_markdown(res: dict[str, Any], axis: str) -> str:
                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             calls = _both(r, lambda s: str(s["dit_calls"]))
-            secs = _both(r, lambda s: _sec(s["seconds_median"]))
+            secs = _both(r, _wall_cpu)
             first = "-"
             if r["clip"]["reference_loras"] or r["clip"]["recipe"]:
                 f = _both(r, lambda s: _sec(s["first_clip_seconds"]))
@@ -374,7 +385,7 @@ def axis_markdown(res: dict[str, Any], axis: str) -> str:
                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             runs = _both(r, lambda s: f"{s['block_stack_runs']:g}")
-            secs = _both(r, lambda s: _sec(s["seconds_median"]))
+            secs = _both(r, _wall_cpu)
             v = r["sides"]["vidrt"]
             same = f" (the run above: {r['same_as']})" if r["same_as"] else ""
             ref = r["no_reference"] or secs[1]
@@ -388,4 +399,7 @@ def axis_markdown(res: dict[str, Any], axis: str) -> str:
 
 
 def _ratio(r: dict[str, Any]) -> str:
-    return f"{r['ratio_median']:.2f}x" if "ratio_median" in r else "-"
+    if "ratio_median" not in r:
+        return "-"
+    cpu = f" ({r['cpu_ratio_median']:.2f}x CPU)" if "cpu_ratio_median" in r else ""
+    return f"{r['ratio_median']:.2f}x{cpu}"

@@ -280,7 +280,11 @@ def _serve(conn: Any, side: str, target: str, threads: int | None, backend: str,
             if msg[0] == "quit":
                 return
             _, clip_d, noise = msg
+            c0 = time.process_time()
             out = obj.run(Clip(**clip_d), noise)
+            # CPU seconds of the process (all its threads): on a shared machine, where the two sides may
+            # run at different loads, the figure the other tenants disturb least
+            out["cpu_seconds"] = time.process_time() - c0
             out["torch_imported"] = "torch" in sys.modules
             out["rss_after"] = rss_bytes()  # sessions, weights, arenas as they stay between clips
             conn.send({"ok": True, **out})

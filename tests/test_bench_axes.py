@@ -60,6 +60,7 @@ def test_tables_count_dit_calls_and_block_stack_runs(bundled, tmp_path):
     assert [r["sides"]["vidrt"]["dit_calls"] for r in rec] == [6, 3, 4]  # CFG: 2 per step; CFG off and 4-step: 1
     assert all(set(r["sides"]) == {"vidrt"} and "ratio_median" not in r for r in rec)
     assert rec[2]["sides"]["vidrt"]["first_clip_seconds"] > 0  # the LoRA group's first clip is the recipe itself
+    assert all(r["sides"]["vidrt"]["cpu_seconds_median"] > 0 for r in rec)
 
     pipe = Pipeline.load(wl.package, warn=lambda m: None)
     steps = manifest.cache_table.steps
