@@ -177,6 +177,7 @@ def run_group(wl: Workload, variants: list[Variant], pairs: int, threads: int | 
     names = ["vidrt"] + (["diffusers"] if reference and any(not v.no_reference for v in variants) else [])
     out: dict[str, dict[str, Any]] = {v.label: {"vidrt": [], "diffusers": [], "warm": {}} for v in variants}
     load0 = _load()
+    loads: dict[str, list[float]] = {}
 
     def runs_on(name: str, v: Variant) -> bool:
         return not (name == "diffusers" and v.no_reference)
@@ -190,6 +191,7 @@ def run_group(wl: Workload, variants: list[Variant], pairs: int, threads: int | 
     def timed(name: str, w: Worker, v: Variant) -> str:
         r = w.run(v.clip, noise)
         out[v.label][name].append(r)
+        loads.setdefault(v.label, []).append(_load())  # 1-min load average after each timed run
         return f"{name} {r['seconds']:.2f} s"
 
     sides: dict[str, Worker] = {}
@@ -216,7 +218,7 @@ def run_group(wl: Workload, variants: list[Variant], pairs: int, threads: int | 
         for w in sides.values():
             w.close()
     for v in variants:
-        out[v.label]["load"] = [load0, _load()]
+        out[v.label]["load"] = [load0, *loads.get(v.label, []), _load()]
     return out
 
 
@@ -363,11 +365,12 @@ def axis_markdown(res: dict[str, Any], axis: str) -> str:
     if axis == "recipe":
         lines = [head, "",
                  "| recipe | DiT calls per clip | vidrt s/clip | diffusers s/clip | diffusers / vidrt "
-                 "| vidrt speed-up vs row 1 | PSNR vidrt vs diffusers "
+                 "| median step s, vidrt / diffusers | vidrt speed-up vs row 1 | PSNR vidrt vs diffusers "
                  "| first clip incl. LoRA load, vidrt / diffusers |",
-                 "|---|---|---|---|---|---|---|---|"]
+                 "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             calls = _both(r, lambda s: str(s["dit_calls"]))
+            step = _both(r, lambda s: _sec(s["step_median"]))
             secs = _both(r, _wall_cpu)
             first = "-"
             if r["clip"]["reference_loras"] or r["clip"]["recipe"]:
@@ -375,7 +378,7 @@ def axis_markdown(res: dict[str, Any], axis: str) -> str:
                 merge = _both(r, lambda s: _sec(s["lora_seconds_first_clip"]))
                 first = f"{f[0]} / {f[1]} s (LoRA {merge[0]} / {merge[1]} s)"
             lines.append(f"| {r['label']} | {calls[0]}" + (f" / {calls[1]}" if calls[1] != calls[0] else "")
-                         + f" | {secs[0]} | {secs[1]} | {_ratio(r)} | "
+                         + f" | {secs[0]} | {secs[1]} | {_ratio(r)} | {step[0]} / {step[1]} | "
                          f"{r['sides']['vidrt'].get('speedup_vs_first', 1.0):.2f}x | "
                          f"{_db(r.get('psnr_vs_diffusers_db'), 'ratio_median' in r)} | {first} |")
     else:
