@@ -12,19 +12,24 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_t2v_checkpoint(tmp_path_factory):
-    """A tiny random-weight Wan2.1 T2V checkpoint (diffusers layout), written once per test session."""
+def tiny_t2v(tmp_path_factory):
+    """tiny.DiffusersTiny (the torch modules and the folder) of a tiny random-weight Wan2.1 T2V checkpoint
+    (diffusers layout), written once per test session. Never modify its modules (deep-copy them first)."""
     from tiny import write_diffusers_checkpoint
 
-    root = tmp_path_factory.mktemp("shared-ckpt-t2v")
-    write_diffusers_checkpoint(root, "t2v")
-    return root
+    return write_diffusers_checkpoint(tmp_path_factory.mktemp("shared-ckpt-t2v"), "t2v")
+
+
+@pytest.fixture(scope="session")
+def tiny_t2v_checkpoint(tiny_t2v):
+    """The folder of that checkpoint."""
+    return tiny_t2v.root
 
 
 @pytest.fixture(scope="session")
 def tiny_t2v_package(tiny_t2v_checkpoint, tmp_path_factory):
-    """That checkpoint exported once per session (about a minute on 2 cores): share it, never modify it
-    (copy it to tmp_path first)."""
+    """That checkpoint exported once per session (about a minute on 2 cores), shared by test_export,
+    test_pipeline, test_lora, test_caching, test_errors...: never modify it (copy it to tmp_path first)."""
     from tiny import TINY_VARIANT
     from vidrt.export.package import export_package
 

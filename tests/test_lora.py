@@ -448,10 +448,10 @@ def test_equal_parameters_keep_their_own_initializers(tmp_path):
     where two parameters hold the same values (onnxscript's DeduplicateInitializersPass would give them
     one shared tensor, and a diff_b on one module would change both). Zero text-path biases, as the
     bundled model trains them, are the case that happened."""
-    from diffusers import WanTransformer3DModel
-    from tiny import diffusers_configs
     from dataclasses import replace
 
+    from diffusers import WanTransformer3DModel
+    from tiny import diffusers_configs
     from vidrt.export.onnx_export import export_dit, weight_refs
     from vidrt.package.registry import DiTConfig, get_variant
 

@@ -36,6 +36,8 @@ def tiny_package(request, tmp_path_factory):
     if kind == "ti2v":  # exported once per session (conftest), shared with test_export and test_i2v
         tiny, package, _ = request.getfixturevalue("tiny_ti2v_export")
         return kind, tiny.root, package
+    if kind == "t2v":  # the same (conftest): shared with test_export, test_lora, test_caching, ...
+        return kind, request.getfixturevalue("tiny_t2v_checkpoint"), request.getfixturevalue("tiny_t2v_package")
     root = tmp_path_factory.mktemp(f"ckpt-{kind}")
     write_diffusers_checkpoint(root, kind)
     package = export_package(root, root / "package", variant=TINY_VARIANT[kind], progress=False)
