@@ -50,11 +50,12 @@ test-all: venv browser
 	$(VENV)/bin/pytest -q
 
 # A clip from the bundled tiny model, in seconds on a CPU (PROMPT="a blue square moving up" to change it;
-# FAST=1: the 4-step distilled recipe, `--recipe fast`).
+# FAST=1: the 4-step distilled recipe, `--recipe fast`; IMAGE=docs/tiny-shapes-green-square.png: animate that
+# picture, TI2V-style: the clip starts from it and moves as the prompt says).
 # Installs the runtime only: no torch.
 PROMPT ?= a red circle moving left
 run: $(VENV)/.runtime
-	$(VIDRT) run --prompt "$(PROMPT)" $(if $(FAST),--recipe fast) -o clip.mp4 --overwrite
+	$(VIDRT) run --prompt "$(PROMPT)" $(if $(IMAGE),--image "$(IMAGE)") $(if $(FAST),--recipe fast) -o clip.mp4 --overwrite
 
 lint: venv
 	$(VENV)/bin/ruff check runtime export tests benchmarks
@@ -82,17 +83,26 @@ typecheck: venv
 		-m vidrt.cli.trt -m vidrt.export.build_engines -m vidrt.export.quantize_fp8 -m vidrt.backends.refit \
 		-m vidrt.backends.kernels -m vidrt.backends.device_ops
 
-# Retrain the embedded tiny model (export/train_tiny.py): VAE, then umT5 + DiT, then the sampling sweep.
-# Seeded and step-counted; about an hour on a busy 2-core CPU. Writes checkpoints/tiny-shapes/.
+# Retrain the embedded tiny model (checkpoints/tiny-shapes/TRAINING.md stages 1-5): VAE, then umT5 + DiT, then
+# the sampling sweep (export/train_tiny.py); the `fast` recipe's 4-step LoRA on that text-only model
+# (export/distill_tiny.py); the image-mode fine-tune and its scores (export/train_tiny_i2v.py); the LoRA
+# re-distilled from the fine-tuned model, warm-started from the first. Seeded and step-counted; about three
+# hours on a busy 2-core CPU. Writes checkpoints/tiny-shapes/.
 train-tiny: venv
 	nice -n 15 $(PY) -m vidrt.export.train_tiny --out checkpoints/tiny-shapes --stage all --seed 0
+	nice -n 15 $(PY) -m vidrt.export.distill_tiny --steps 600 --batch 16 --teacher-seeds 4 --keep-all \
+		--out checkpoints/tiny-shapes/fast_lora.safetensors
+	nice -n 15 $(PY) -m vidrt.export.train_tiny_i2v --out checkpoints/tiny-shapes --stage all --seed 0
+	nice -n 15 $(PY) -m vidrt.export.distill_tiny --steps 150 --batch 16 --teacher-seeds 2 --image-seeds 1 \
+		--init checkpoints/tiny-shapes/fast_lora.safetensors --out checkpoints/tiny-shapes/fast_lora.safetensors
 
-# Re-export the bundled default package (package data of vidrt) from its checkpoint, and its picture.
+# Re-export the bundled default package (package data of vidrt) from its checkpoint, and its pictures
+# (docs/tiny-shapes.png; the image mode: docs/tiny-shapes-i2v.png and the two start pictures docs/tiny-shapes-*-*.png).
 default-model: venv
 	rm -rf runtime/models/tiny-shapes
 	$(VIDRT) export --model checkpoints/tiny-shapes --out runtime/models/tiny-shapes
 	rm -f runtime/models/tiny-shapes/.export.lock
-	$(PY) -m vidrt.export.contact_sheet --out docs/tiny-shapes.png
+	$(PY) -m vidrt.export.contact_sheet --out docs/tiny-shapes.png --image-out docs/tiny-shapes-i2v.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -120,6 +120,16 @@ def render(spec: ClipSpec, size: int = SIZE, frames: int = NUM_FRAMES) -> np.nda
     return out
 
 
+PICTURE_RADIUS = 8.0  # px at 64x64: a centred shape this size can travel 22 px in any direction and stay inside
+
+
+def picture(colour: str, shape: str, size: int = SIZE) -> np.ndarray:
+    """uint8 [size, size, 3]: one centred shape on black, a start picture for the image mode (the evaluation
+    grid of export/train_tiny_i2v.py and the tests; docs/ ships two)."""
+    spec = ClipSpec(colour, shape, "right", PICTURE_RADIUS * size / SIZE, (size / 2, size / 2), 0.0)
+    return render(spec, size=size, frames=1)[0]
+
+
 def to_model(frames_uint8: np.ndarray) -> np.ndarray:
     """uint8 [F, H, W, 3] -> float32 [3, F, H, W] in [-1, 1] (the VAE's pixel convention)."""
     return (frames_uint8.astype(np.float32) / 127.5 - 1.0).transpose(3, 0, 1, 2).copy()
@@ -209,6 +219,6 @@ def score(results: list[tuple[tuple[str | None, str | None], tuple[str, str]]]) 
 
 __all__ = [
     "COLOURS", "SHAPES", "DIRECTIONS", "BACKGROUND", "WORDS", "NUM_FRAMES", "SIZE", "FPS",
-    "ClipSpec", "prompt_for", "grid", "random_spec", "render", "to_model", "to_uint8",
+    "ClipSpec", "prompt_for", "grid", "random_spec", "render", "picture", "to_model", "to_uint8",
     "classify_clip", "score",
 ]

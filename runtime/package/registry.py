@@ -311,6 +311,10 @@ VARIANTS: dict[str, ModelSpec] = {
         sampling=SamplingDefaults(steps=25, shift=2.0, guidance_high_noise=2.0, guidance_low_noise=2.0,
                                   frames=17, fps=8, sizes=((64, 64),), negative_prompt=""),
         source="checkpoints/tiny-shapes/TRAINING.md (sampling sweep on the 72-prompt grid)",
+        # Wan2.2 TI2V-5B's image mode, learned in stage 4 (export/train_tiny_i2v.py): the picture's latent is
+        # latent frame 0 at timestep 0 (per-token timesteps), re-imposed after every step; text-only still runs.
+        per_token_timestep=True,
+        image=ImageConditioning(mode="first_frame", resize="cover_lanczos"),
     ),
 }
 
