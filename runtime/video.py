@@ -91,7 +91,7 @@ def output_format(path: str | os.PathLike[str]) -> OutputFormat:
         return PNG
     if suffix in FORMATS:
         return FORMATS[suffix]
-    raise OutputError(f"{text}: unsupported output type {suffix!r}; use .mp4, .webm, .mkv, .mov, .gif, .png "
+    raise UsageError(f"{text}: unsupported output type {suffix!r}; use .mp4, .webm, .mkv, .mov, .gif, .png "
                       f"(one frame), or a folder path ending in '/' for PNG frames")
 
 

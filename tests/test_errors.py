@@ -333,6 +333,35 @@ def test_unwritable_output_folder(capsys, pkg, tmp_path):
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+def test_stats_json_is_refused_before_any_work(capsys, pkg, tmp_path):
+    """An existing --stats-json without --overwrite, the output's own path, a read-only folder: refused
+    before the clip is made (no video appears), exit 5 / 2."""
+    stats = tmp_path / "s.json"
+    stats.write_text("precious")
+    out = tmp_path / "a.mp4"
+    assert_error(*vidrt(capsys, *run_args(pkg, out, "--stats-json", str(stats))), 5, "--stats-json", "exists",
+                 "--overwrite")
+    assert stats.read_text() == "precious" and not out.exists()
+    assert_error(*vidrt(capsys, *run_args(pkg, out, "--stats-json", str(out))), 2, "--stats-json",
+                 "output video")
+    assert not out.exists()
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (not root?)")
+    try:
+        assert_error(*vidrt(capsys, *run_args(pkg, out, "--stats-json", str(mnt / "s.json"))), 5,
+                     "--stats-json", "Read-only")
+        assert not out.exists()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_unsupported_output_suffix_is_a_usage_error(capsys, pkg, tmp_path):
+    assert_error(*vidrt(capsys, *run_args(pkg, tmp_path / "x.avi")), 2, ".avi", ".mp4", ".webm")
+
+
 @pytest.mark.parametrize("output", ["a.mp4", "a.webm", "frames/"])
 def test_full_disk(capsys, pkg, tmp_path, output):
     """A real full disk: a 64 KiB tmpfs filled to the last byte (needs root; no monkeypatching)."""

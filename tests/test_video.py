@@ -11,7 +11,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from vidrt.errors import OutputError
+from vidrt.errors import OutputError, UsageError
 from vidrt.video import (
     VideoWriter,
     clean_stale_temps,
@@ -101,7 +101,7 @@ def test_output_format() -> None:
     assert output_format("out/").kind == "png"
     assert output_format("out").kind == "png"
     assert [output_format(f"a{s}").kind for s in (".mov", ".mkv", ".gif", ".png")] == ["mov", "mkv", "gif", "still"]
-    with pytest.raises(OutputError, match="unsupported output type"):
+    with pytest.raises(UsageError, match="unsupported output type"):
         output_format("a.avi")
 
 

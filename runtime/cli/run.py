@@ -57,6 +57,26 @@ def lora_refs(both: tuple[str, ...], high: tuple[str, ...], low: tuple[str, ...]
     return tuple(out)
 
 
+def check_stats_path(stats: Path, out_path: Path, overwrite: bool) -> None:
+    """Refuse a --stats-json path before any work: a folder, the output itself, an existing file without
+    --overwrite, a missing or unwritable folder (a read-only mount: tried by creating a file there)."""
+    if stats.is_dir():
+        raise UsageError(f"--stats-json {stats} is a folder; give a file path")
+    if stats.absolute().resolve() == out_path.absolute().resolve():
+        raise UsageError(f"--stats-json {stats} is the output video's path (-o); give the stats another name")
+    if (stats.exists() or stats.is_symlink()) and not overwrite:
+        raise OutputError(f"--stats-json {stats} exists; pass --overwrite to replace it or choose another path")
+    folder = stats.absolute().parent
+    if not folder.is_dir():
+        raise OutputError(f"--stats-json {stats}: its folder does not exist; create it or choose another path")
+    try:  # access() says nothing of a read-only mount for root; creating a file does
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{stats.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write --stats-json {stats} ({exc.strerror or exc}); "
+                          f"choose a writable folder") from None
+
+
 def parse_timesteps(value: str | None) -> tuple[float, ...] | None:
     """"1000,750,500,250" -> (1000.0, 750.0, 500.0, 250.0); range checks happen in resolve()."""
     if value is None:
@@ -152,10 +172,8 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
     check_crf(fmt, crf)  # per codec: H.264 1..51 (browser-playable), VP9 0..63
     if out_path.exists() and not overwrite:
         raise OutputError(f"{out_path} exists; pass --overwrite to replace it or choose another -o")
-    if stats_json is not None and Path(stats_json).is_dir():
-        raise UsageError(f"--stats-json {stats_json} is a folder; give a file path")
-    if stats_json is not None and not Path(stats_json).absolute().parent.is_dir():
-        raise OutputError(f"--stats-json {stats_json}: its folder does not exist; create it or choose another path")
+    if stats_json is not None:
+        check_stats_path(Path(stats_json), out_path, overwrite)
     package = model if model is not None else default_package()
     if package is None:
         raise UsageError("no --model given and this build ships no default model; pass --model PACKAGE")
