@@ -91,7 +91,9 @@ class Request:
     scheduler: str | None = None
     timesteps: tuple[float, ...] | None = None  # euler: the unshifted timestep list (1000, 750, 500, 250)
     recipe: str | None = None  # a named recipe (vidrt.package.recipes); the fields above override its own
-    loras: tuple[LoraRef, ...] = ()  # LoRAs for this clip, on top of the recipe's and the pipeline's
+    # LoRAs for this clip, on top of the recipe's and the pipeline's: LoraRef, (path, strength) or
+    # "FILE[:STRENGTH]" items, as Pipeline.load(loras=) takes them (stored as LoraRef)
+    loras: tuple[LoraRef, ...] = ()
     # image-to-video: a file path or a uint8 [H, W, 3] RGB array (vidrt.image.load_image); without
     # width/height the clip's size follows the image by the model's rule (vidrt.image.output_size)
     image: str | Path | np.ndarray | None = None
@@ -104,8 +106,10 @@ class Request:
             if not all(isinstance(t, numbers.Real) and not isinstance(t, bool) for t in self.timesteps):
                 raise UsageError(f"Request: timesteps must be numbers, got {self.timesteps!r:.60}")
             object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
-        if not all(isinstance(x, LoraRef) for x in self.loras):
-            raise UsageError("Request: loras must be LoraRef(path, strength, expert) items")
+        if not all(isinstance(x, LoraRef) for x in self.loras):  # the forms Pipeline.load(loras=) takes
+            from vidrt.lora import as_lora_refs
+
+            object.__setattr__(self, "loras", as_lora_refs(self.loras))
         if self.seed is not None and not RANDOM_SEED <= self.seed <= MAX_SEED:
             raise UsageError(f"--seed {self.seed} is out of range; use 0..{MAX_SEED}, or -1 for a random one")
 

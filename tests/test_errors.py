@@ -358,6 +358,17 @@ def test_stats_json_is_refused_before_any_work(capsys, pkg, tmp_path):
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+@pytest.mark.parametrize("arg, needle", [("{f}:abc", "not a finite number"), ("{f}:nan", "not a finite number"),
+                                         ("{f}:", "FILE[:STRENGTH]"), (":", "FILE[:STRENGTH]"),
+                                         ("{d}", "is a folder")])
+def test_bad_lora_argument(capsys, pkg, tmp_path, arg, needle):
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"x")
+    out = tmp_path / "a.mp4"
+    assert_error(*vidrt(capsys, *run_args(pkg, out, "--lora", arg.format(f=lora, d=tmp_path))), 2, "--lora", needle)
+    assert not out.exists()
+
+
 def test_unsupported_output_suffix_is_a_usage_error(capsys, pkg, tmp_path):
     assert_error(*vidrt(capsys, *run_args(pkg, tmp_path / "x.avi")), 2, ".avi", ".mp4", ".webm")
 

@@ -237,6 +237,49 @@ def test_bad_loras_refused_or_reported(t2v, tmp_path):
         Pipeline.load(pipe.package, loras=[(str(not_st), 1.0)])
 
 
+def test_damaged_loras_and_strengths_refused_before_any_work(t2v, tmp_path):
+    """Each a one-line UsageError naming the file (and key) before any merge: ranks that differ, a
+    non-scalar alpha, integer weights, NaN/Inf values, a truncated file, a folder, a NaN/Inf strength."""
+    _, pipe, _ = t2v
+    q = "diffusion_model.blocks.0.self_attn.q"
+
+    def refused(tensors: dict[str, torch.Tensor], *needles: str, name: str = "bad.safetensors") -> None:
+        path = tmp_path / name
+        save_file(tensors, str(path))
+        with pytest.raises(UsageError) as err:
+            Pipeline.load(pipe.package, loras=[(str(path), 1.0)])
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+        for needle in needles:
+            assert needle in str(err.value), str(err.value)
+
+    ok = {f"{q}.lora_down.weight": torch.ones(4, 64), f"{q}.lora_up.weight": torch.ones(64, 4)}
+    refused({f"{q}.lora_down.weight": torch.ones(4, 64), f"{q}.lora_up.weight": torch.ones(64, 8)},
+            "rank 4", "[64, 8]", "blocks.0")
+    refused({**ok, f"{q}.alpha": torch.ones(3)}, "alpha", "[3]")
+    refused({**ok, f"{q}.lora_up.weight": torch.ones(64, 4, dtype=torch.int32)}, "I32", "lora_up")
+    for bad in (float("nan"), float("inf")):
+        refused({**ok, f"{q}.lora_down.weight": torch.full((4, 64), bad)}, "NaN or Inf", "lora_down")
+    whole = tmp_path / "whole.safetensors"
+    save_file(ok, str(whole))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(whole.read_bytes()[:-100])
+    with pytest.raises(UsageError, match="truncated or damaged .*re-download it"):
+        Pipeline.load(pipe.package, loras=[(str(cut), 1.0)])
+    with pytest.raises(UsageError, match="is a folder"):
+        Pipeline.load(pipe.package, loras=[(str(tmp_path), 1.0)])
+    for strength in (float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="not a finite number"):
+            Pipeline.load(pipe.package, loras=[(str(whole), strength)])
+        with pytest.raises(UsageError, match="not a finite number"):
+            Pipeline.load(pipe.package, loras=[LoraRef(str(whole), strength)])
+    for arg in (f"{whole}:abc", f"{whole}:nan", f"{whole}:inf", f"{whole}:"):
+        with pytest.raises(UsageError, match=r"not a finite number.*FILE\[:STRENGTH\]"):
+            Pipeline.load(pipe.package, loras=[arg])
+    # Request takes the same plain forms as Pipeline.load(loras=)
+    assert Request(prompt="x", loras=(str(whole), (str(whole), 0.5))).loras == (  # type: ignore[arg-type]
+        LoraRef(str(whole), 1.0), LoraRef(str(whole), 0.5))
+
+
 @pytest.fixture(scope="module")
 def a14b(tmp_path_factory):
     from vidrt.export.package import export_package

@@ -51,6 +51,8 @@ def lora_refs(both: tuple[str, ...], high: tuple[str, ...], low: tuple[str, ...]
                                  ("--lora-low-noise", low, "dit_low")):
         for value in values:
             path, strength = parse_lora_arg(value, flag)
+            if Path(path).is_dir():
+                raise UsageError(f"{flag} {path} is a folder; give the path of a .safetensors LoRA file in it")
             if not Path(path).is_file():
                 raise UsageError(f"{flag} {path}: no such file; give the path of a .safetensors LoRA")
             out.append(LoraRef(path, strength, expert))

@@ -18,28 +18,31 @@ from pathlib import Path
 
 import numpy as np
 from vidrt.errors import PackageError, UsageError
-from vidrt.lora.merge import LoraFile, lora_deltas, merge_into, parse_lora_arg, read_lora
+from vidrt.lora.merge import LoraFile, check_strength, lora_deltas, merge_into, parse_lora_arg, read_lora
 from vidrt.package.manifest import Manifest, WeightRef, artifact_path
 from vidrt.package.recipes import LoraRef
 
-__all__ = ["SetKey", "LoraMerger", "LoraRef", "LoraFile", "read_lora", "lora_deltas", "merge_into", "parse_lora_arg",
+__all__ = ["SetKey", "LoraMerger", "LoraRef", "LoraFile", "read_lora", "lora_deltas", "merge_into", "parse_lora_arg", "check_strength",
            "base_reader", "as_lora_refs"]
 
 SetKey = tuple[tuple[str, float], ...]
 
 
 def as_lora_refs(loras: Sequence[LoraRef | tuple[str, float] | str] | None) -> tuple[LoraRef, ...]:
-    """LoraRef, (path, strength), "FILE[:STRENGTH]" -> LoraRef (every expert)."""
+    """LoraRef, (path, strength), "FILE[:STRENGTH]" -> LoraRef (every expert); a strength that is not a
+    finite number in -10..10 is refused (UsageError)."""
     out = []
     for item in loras or ():
         if isinstance(item, LoraRef):
             out.append(item)
-        elif isinstance(item, str):
-            out.append(LoraRef(*parse_lora_arg(item)))
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (str, Path)):
+        elif isinstance(item, (str, Path)):
+            out.append(LoraRef(*parse_lora_arg(str(item), "loras")))
+        elif (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (str, Path))
+              and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)):
             out.append(LoraRef(str(item[0]), float(item[1])))
         else:
             raise UsageError(f"loras: {item!r:.60} is not (path, strength); write loras=[('style.safetensors', 0.8)]")
+        check_strength(out[-1].strength, f"LoRA {out[-1].path}")
     return tuple(out)
 
 
@@ -85,6 +88,7 @@ class LoraMerger:
         expert = self.expert_of(expert)
         experts = self.manifest.model.experts
         for ref in loras:
+            check_strength(ref.strength, f"LoRA {ref.path}")
             if ref.expert is not None and ref.expert not in experts:
                 raise UsageError(f"LoRA {ref.path} is for expert {ref.expert}, this model has {', '.join(experts)}; "
                                  f"use --lora for one-denoiser models")

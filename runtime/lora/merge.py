@@ -35,6 +35,11 @@ from vidrt.package.manifest import WeightRef
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
               "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 MAX_HEADER_BYTES = 100 << 20
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+class _Truncated(Exception):
+    """A safetensors file shorter than its own header says (an interrupted download)."""
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -62,22 +67,37 @@ def read_lora(path: str | Path) -> LoraFile:
     The `safetensors` package's numpy API cannot return bf16, the dtype most published LoRAs use.
     Raises UsageError naming the file for anything that is not a readable safetensors file."""
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"--lora {path} is a folder; give the path of a .safetensors LoRA file in it")
     if not p.is_file():
         raise UsageError(f"--lora {path}: no such file; give the path of a .safetensors LoRA")
     try:
         raw = p.read_bytes()
         (n,) = struct.unpack("<Q", raw[:8])
+        if 0 < n <= MAX_HEADER_BYTES and n > len(raw) - 8 and raw[8:9] == b"{":
+            raise _Truncated(f"{len(raw)} bytes, its header alone needs {8 + n}")
         if not 0 < n <= min(MAX_HEADER_BYTES, len(raw) - 8):
             raise ValueError("bad header length")
         header = json.loads(raw[8:8 + n])
         body = memoryview(raw)[8 + n:]
         meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        ends = [info["data_offsets"][1] for info in header.values()]
+        if ends and max(ends) > len(body):
+            raise _Truncated(f"{len(raw)} bytes, its tensors need {8 + n + max(ends)}")
         tensors = {}
         for name, info in header.items():
+            if info["dtype"] not in _FLOAT_DTYPES:
+                raise UsageError(f"--lora {path}: tensor {name[:80]} is {info['dtype']}, not floating point; a "
+                                 f"LoRA's weights are F32/F16/BF16: use a LoRA file, not quantised or other data")
             dtype = _ST_DTYPES[info["dtype"]]
             start, end = info["data_offsets"]
             arr = np.frombuffer(body[start:end], dtype=np.dtype(dtype).newbyteorder("<")).reshape(info["shape"])
             tensors[name] = bf16_to_f32(arr) if info["dtype"] == "BF16" else arr.astype(np.float32)
+            if not np.isfinite(tensors[name]).all():
+                raise UsageError(f"--lora {path}: tensor {name[:80]} holds NaN or Inf values; the file is damaged "
+                                 f"(or was saved from a diverged training run): use another copy")
+    except _Truncated as exc:
+        raise UsageError(f"--lora {path} is truncated or damaged ({exc}); re-download it") from None
     except OSError as exc:
         raise UsageError(f"--lora {path} cannot be read ({exc.strerror})") from None
     except (ValueError, KeyError, TypeError, struct.error) as exc:
@@ -148,8 +168,16 @@ def _unit_deltas(lora: LoraFile, unit: str, parts: dict[str, tuple[CanonicalKey,
                              f"missing; the file is incomplete")
         (ck, a), (_, b) = parts["A"], parts["B"]
         rank = a.shape[0]
+        if b.ndim < 2 or int(np.prod(b.shape[1:])) != rank:
+            raise UsageError(f"--lora {lora.path}: {unit} has lora_down/A rank {rank} (shape {list(a.shape)}) but "
+                             f"lora_up/B shape {list(b.shape)}; the ranks must match: the file is damaged or "
+                             f"not a LoRA, use another copy")
         if "alpha" in parts:
-            scale = float(parts["alpha"][1].reshape(-1)[0]) / rank
+            alpha = parts["alpha"][1]
+            if alpha.size != 1:
+                raise UsageError(f"--lora {lora.path}: {unit}.alpha has shape {list(alpha.shape)}, not one number; "
+                                 f"the file is damaged or not a LoRA, use another copy")
+            scale = float(alpha.reshape(-1)[0]) / rank
         else:
             scale = file_scale if file_scale is not None else 1.0
         # conv LoRAs ([r, in, k...] / [out, r, 1...]) flatten to matrices
@@ -187,15 +215,27 @@ def merge_into(deltas: Mapping[str, np.ndarray], weights: Mapping[str, WeightRef
     return out
 
 
-_LORA_ARG = re.compile(r"^(?P<path>.+?)(?::(?P<strength>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?))?$")
+_STRENGTH = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def parse_lora_arg(value: str, flag: str = "--lora") -> tuple[str, float]:
-    """"FILE[:STRENGTH]" -> (FILE, strength); strength defaults to 1.0."""
-    m = _LORA_ARG.match(value)
-    if not value or m is None:
+    """"FILE[:STRENGTH]" -> (FILE, strength); strength defaults to 1.0. A value without ':' is a path; so is
+    an existing file whose name holds ':'. Otherwise the text after the last ':' must be a finite number."""
+    path, colon, tail = value.rpartition(":")
+    if not colon or (not _STRENGTH.match(tail) and Path(value).is_file()):
+        path, tail = value, ""
+    if not path:
         raise UsageError(f"{flag} {value!r} is not FILE[:STRENGTH]; write it like {flag} style.safetensors:0.8")
-    strength = float(m["strength"]) if m["strength"] is not None else 1.0
-    if not -10.0 <= strength <= 10.0:
-        raise UsageError(f"{flag} {value}: strength {strength} is out of range; use -10..10 (1.0 = as trained)")
-    return m["path"], strength
+    if colon and tail and not _STRENGTH.match(tail) or colon and not tail and path != value:
+        raise UsageError(f"{flag} {value}: strength {tail!r} is not a finite number; the form is FILE[:STRENGTH], "
+                         f"e.g. {flag} style.safetensors:0.8")
+    strength = float(tail) if tail else 1.0
+    check_strength(strength, f"{flag} {value}")
+    return path, strength
+
+
+def check_strength(strength: float, where: str) -> None:
+    """A LoRA strength must be a finite number in -10..10 (1.0 = as trained); NaN would poison the DiT."""
+    if not -10.0 <= strength <= 10.0:  # also false for NaN
+        raise UsageError(f"{where}: strength {strength} is not a finite number in -10..10; use e.g. 0.8 "
+                         f"(1.0 = as trained)")
