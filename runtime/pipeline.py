@@ -48,7 +48,7 @@ from vidrt.lora import LoraMerger, SetKey, as_lora_refs
 from vidrt.package import contracts as C
 from vidrt.package.manifest import Manifest, artifact_path, load_manifest
 from vidrt.package.recipes import LoraRef
-from vidrt.request import Request, Settings, resolve
+from vidrt.request import Request, Settings, missing_recipe_lora, resolve
 from vidrt.schedulers import Step, expert_for_timestep, make_schedule, make_solver
 from vidrt.stats import RunStats
 from vidrt.text import PromptTokenizer, check_prompt, encode_prompts
@@ -350,6 +350,9 @@ class Pipeline:
         solver = make_solver(s.scheduler, [p.step for p in plan])
         needs_uncond = any(p.cfg for p in plan)
         loras = self.loras + s.loras  # the pipeline's, then the recipe's and the request's
+        missing = missing_recipe_lora(s.recipe, spec, loras)
+        if missing is not None:  # the CLI refuses this; the API runs it (the recipe as a schedule) and warns
+            self.warn(missing)
         self._want = {expert: loras for expert in spec.experts}
         self._merge_stats = [0.0, 0]
         check_refit = getattr(self.backend, "check_refit", None)  # TensorRT: refittable plans, or one line now

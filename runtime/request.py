@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -253,12 +253,37 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
     )
 
 
+def missing_recipe_lora(recipe_name: str | None, spec: ModelSpec, loras: Sequence[LoraRef]) -> str | None:
+    """A message when the recipe has a LoRA slot the user must fill (`LoRA yours` in `vidrt info`: a
+    distillation recipe) and `loras` (everything the run applies) holds no LoRA of the user's for it."""
+    if recipe_name is None:
+        return None
+    recipe = all_recipes(spec.recipes).get(recipe_name)
+    if recipe is None:
+        return None
+    shipped = {s.file for s in recipe.loras if s.file is not None}
+    mine = [r for r in loras if r.path not in shipped]
+    for slot in recipe.loras:
+        if slot.file is None and not any(slot.expert is None or r.expert in (None, slot.expert) for r in mine):
+            flags = "--lora FILE" if slot.expert is None else \
+                f"--lora-{'high' if slot.expert == 'dit_high' else 'low'}-noise FILE"
+            return (f"--recipe {recipe.name} is made for a distillation LoRA ({slot.source}) and none was given; "
+                    f"without it its few steps make noise: pass {flags} (Wan2.2 A14B: --lora-high-noise and "
+                    f"--lora-low-noise)")
+    return None
+
+
 def _apply_recipe(request: Request, recipe: Recipe, spec: ModelSpec) -> Request:
-    """The request with the recipe's fields where the request has None. A --steps different from the
-    recipe's explicit timestep list drops the list (Lightning-style linspace for that many steps)."""
+    """The request with the recipe's fields where the request has None. The recipe's explicit timestep
+    list belongs to its sampler and its step count: a --steps different from the list's length or a
+    --sampler other than the recipe's drops the list (then --steps or the recipe's step count, spaced by
+    the sampler's own rule)."""
     timesteps = request.timesteps
-    if timesteps is None and recipe.timesteps is not None and request.steps in (None, len(recipe.timesteps)):
+    if (timesteps is None and recipe.timesteps is not None and request.steps in (None, len(recipe.timesteps))
+            and request.scheduler in (None, recipe.scheduler)):
         timesteps = recipe.timesteps
+    recipe_steps = recipe.steps if recipe.steps is not None else \
+        (len(recipe.timesteps) if recipe.timesteps is not None else None)
     shipped = tuple(LoraRef(s.file, s.strength, s.expert) for s in recipe.loras if s.file is not None)
     g_low = request.guidance_low_noise
     if g_low is None and request.guidance is None and spec.sampling.boundary is not None:
@@ -266,7 +291,7 @@ def _apply_recipe(request: Request, recipe: Recipe, spec: ModelSpec) -> Request:
     return Request(
         prompt=request.prompt, negative_prompt=request.negative_prompt, width=request.width,
         height=request.height, num_frames=request.num_frames,
-        steps=request.steps if request.steps is not None else (None if timesteps else recipe.steps),
+        steps=request.steps if request.steps is not None else (None if timesteps else recipe_steps),
         guidance=_pick(request.guidance, recipe.guidance, None),  # type: ignore[arg-type]
         guidance_low_noise=g_low, shift=_pick(request.shift, recipe.shift, None),  # type: ignore[arg-type]
         seed=request.seed, scheduler=_pick(request.scheduler, recipe.scheduler, None),  # type: ignore[arg-type]

@@ -369,6 +369,15 @@ def test_bad_lora_argument(capsys, pkg, tmp_path, arg, needle):
     assert not out.exists()
 
 
+def test_recipe_without_its_lora_is_refused(capsys, pkg, tmp_path):
+    """lightx2v-4step has a LoRA slot the user fills (`LoRA yours` in `vidrt info`): without one the
+    CLI refuses before any work (test_recipes: an explicit --sampler drops the recipe's timestep list)."""
+    out = tmp_path / "a.mp4"
+    assert_error(*vidrt(capsys, *run_args(pkg, out, "--recipe", "lightx2v-4step")), 2, "lightx2v-4step",
+                 "--lora FILE")
+    assert not out.exists()
+
+
 def test_unsupported_output_suffix_is_a_usage_error(capsys, pkg, tmp_path):
     assert_error(*vidrt(capsys, *run_args(pkg, tmp_path / "x.avi")), 2, ".avi", ".mp4", ".webm")
 

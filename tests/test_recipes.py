@@ -77,6 +77,11 @@ def test_recipe_fields_and_overrides():
     assert (s.shift, s.guidance_high_noise, s.timesteps) == (3.0, 2.0, DISTILL)
     s = resolve(Request(prompt="x", recipe="lightx2v-4step", steps=6), spec)  # linspace, 6 steps
     assert s.steps == 6 and s.timesteps is None and s.scheduler == "euler"
+    # an explicit sampler other than the recipe's drops its timestep list too (keeps its 4 steps)
+    s = resolve(Request(prompt="x", recipe="lightx2v-4step", scheduler="unipc"), spec)
+    assert (s.scheduler, s.steps, s.timesteps, s.shift) == ("unipc", 4, None, 5.0)
+    s = resolve(Request(prompt="x", recipe="lightx2v-4step", scheduler="euler"), spec)
+    assert s.timesteps == DISTILL
     assert "lightning-4step" in all_recipes()
     with pytest.raises(UsageError, match="unknown recipe 'nope'; use one of"):
         resolve(Request(prompt="x", recipe="nope"), spec)

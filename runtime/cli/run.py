@@ -151,7 +151,7 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
     from vidrt.models import default_package
     from vidrt.package.manifest import load_manifest
     from vidrt.pipeline import Pipeline, decode_plan
-    from vidrt.request import resolve
+    from vidrt.request import missing_recipe_lora, resolve
     from vidrt.text import check_prompt
     from vidrt.vae_decode import parse_bytes
     from vidrt.video import VideoWriter, check_crf, clean_stale_temps, clip_metadata, output_format
@@ -188,6 +188,9 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
     spec_only = load_manifest(package, verify=False)  # the model's limits; Pipeline.load checks the hashes
     settings = resolve(request, spec_only.model)  # also reads and checks --image and derives the size from it
     check_cache(spec_only, settings.cache)  # pieces and tables present, before any engine loads
+    missing = missing_recipe_lora(settings.recipe, spec_only.model, loras + settings.loras)
+    if missing is not None:  # a distillation recipe without its LoRA makes noise: refused, not run
+        raise UsageError(missing)
     if fmt.kind == "still" and settings.num_frames != 1:
         raise UsageError(f"-o {out_path.name}: a .png holds one frame and this clip has {settings.num_frames}; "
                          f"pass --frames 1, or a folder path ending in '/' for PNG frames")
