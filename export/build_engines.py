@@ -34,7 +34,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from vidrt.backends.cuda import CudaApi, CudaRuntime, probe
-from vidrt.backends.tensorrt import engine_dir_name, load_tensorrt, version_tuple
+from vidrt.backends.tensorrt import BUILD_ELSEWHERE, engine_dir_name, load_tensorrt, version_tuple
 from vidrt.errors import DeviceError, PackageError, UsageError
 from vidrt.package import contracts as C
 from vidrt.package.contracts import Contract, resolve_shape
@@ -306,7 +306,7 @@ def build_package(package: Path | str, options: BuildOptions, *, trt_mod: Module
         raise UsageError(f"--precision {options.precision!r}: use one of {', '.join(BUILD_PRECISIONS)}")
     manifest = load_manifest(package, verify=True)
     spec = manifest.model
-    trt = trt_mod if trt_mod is not None else load_tensorrt()
+    trt = trt_mod if trt_mod is not None else load_tensorrt(BUILD_ELSEWHERE)
     if compute_capability is None:
         gpu = probe()
         if not gpu.ok:

@@ -296,9 +296,10 @@ def choose_tile(step: Contract, lat_h: int, lat_w: int, budget_bytes: int, *, sc
     if best is None:
         small = plan_tiles(lat_h, lat_w, min(lo, lat_h), min(lo, lat_w), scale=scale, overlap=overlap)
         need = estimate_memory(step, small, activation_slots).total(same_memory)
-        raise UsageError(f"VAE memory budget {budget_bytes / 2**20:.0f} MiB is too small: the smallest tiles "
-                         f"({small.tile_shape[0]}x{small.tile_shape[1]} latent cells, overlap {overlap}) need "
-                         f"{need / 2**20:.0f} MiB; raise --vae-memory or lower the overlap")
+        have = f"{budget_bytes} bytes" if budget_bytes < 2**20 else f"{budget_bytes / 2**20:.1f} MiB"
+        raise UsageError(f"VAE memory budget {have} is too small: the smallest tiles "
+                         f"({small.tile_shape[0]}x{small.tile_shape[1]} latent cells) need "
+                         f"{need / 2**20:.1f} MiB; raise --vae-memory (e.g. 2GB) or leave it out (auto)")
     return best[1]
 
 

@@ -98,7 +98,7 @@ BAD_VALUES = [
     (["--crf", "0"], "High 4:4:4 Predictive"),
     (["--threads", "0"], "--threads"), (["--threads", "100000"], "1..256"),
     (["--vae-memory", "0"], "--vae-memory"), (["--vae-memory", "lots"], "memory size"),
-    (["--vae-memory", "1"], "too small"),
+    (["--vae-memory", "1"], "too small"), (["--vae-memory", "1KB"], "budget 1000 bytes is too small"),
     (["--scheduler", "ddim"], "unknown scheduler 'ddim'; use one of unipc, dpm++, euler"),
     (["--timesteps", "1000,x"], "--timesteps '1000,x' is not a comma-separated number list"),
     (["--recipe", "nope"], "unknown recipe 'nope'; use one of"),

@@ -94,6 +94,19 @@ def test_doctor_runs_and_says_why_not(tmp_path: Path) -> None:
     if not probe().ok:
         assert "no GPU" in res.output or "cuda-python" in res.output
         assert "tensorrt            no" in res.output
+    missing = tmp_path / "nonexistent"
+    res = CliRunner().invoke(cli, ["doctor", str(missing)])
+    assert res.exit_code == 3, res.output  # PackageError's code (docs/errors.md)
+    assert f"package       {missing}" in res.output and "backends:" in res.output
+
+
+def test_build_without_tensorrt_names_no_missing_flag(tmp_path: Path) -> None:
+    """`vidrt build` has no --backend: without TensorRT it says engines need it and `run` needs none."""
+    from vidrt.backends.tensorrt import BUILD_ELSEWHERE
+
+    with pytest.raises(DeviceError) as err:
+        load_tensorrt(BUILD_ELSEWHERE)
+    assert "--backend" not in str(err.value) and "ONNX Runtime" in str(err.value)
 
 
 # ---- dtypes -----------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ class Report:
     backends: tuple[BackendStatus, ...]
     package_lines: tuple[str, ...] = field(default_factory=tuple)
     missing: tuple[str, ...] = field(default_factory=tuple)
+    package_exit: int = 0  # the exit code of the package's problem (PackageError: 3); 0 = readable or not asked
 
     def lines(self) -> list[str]:
         g = self.gpu
@@ -113,6 +114,7 @@ def diagnose(package: Path | str | None = None) -> Report:
         backends.append(BackendStatus("tensorrt", True, f"TensorRT {trt_version} on {gpu.devices[0].name} "
                                                         f"(needs plans: vidrt build PACKAGE --precision P)"))
     package_lines: list[str] = []
+    package_exit = 0
     if package is not None:
         try:
             from vidrt.package.manifest import load_manifest
@@ -124,8 +126,9 @@ def diagnose(package: Path | str | None = None) -> Report:
                                  f"--backend auto uses {'tensorrt' if ok else 'onnxruntime'} ({why})")
         except Exception as exc:
             package_lines.append(f"package       {package}: {exc}")
+            package_exit = getattr(exc, "exit_code", 1)
     return Report(gpu, trt_version, trt_why, ort_version, providers, tuple(backends), tuple(package_lines),
-                  missing_pieces(gpu, trt_version))
+                  missing_pieces(gpu, trt_version), package_exit)
 
 
 __all__ = ["BackendStatus", "Report", "diagnose", "missing_pieces"]

@@ -73,20 +73,25 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def load_tensorrt() -> ModuleType:
-    """The real `tensorrt` module, or DeviceError saying why not."""
+RUN_ELSEWHERE = "or use --backend onnxruntime"  # what `vidrt run` can do instead
+# `vidrt build` has no --backend: it only exists to make TensorRT engines
+BUILD_ELSEWHERE = ("TensorRT is needed to build engines; without them `vidrt run` runs the package on ONNX "
+                   "Runtime, no build needed")
+
+
+def load_tensorrt(instead: str = RUN_ELSEWHERE) -> ModuleType:
+    """The real `tensorrt` module, or DeviceError saying why not and `instead` (the caller's alternative)."""
     try:
         mod = importlib.import_module("tensorrt")
     except ImportError as exc:
-        raise DeviceError(f"TensorRT is not installed ({exc}); {INSTALL_TENSORRT}, or use --backend onnxruntime"
-                          ) from None
+        raise DeviceError(f"TensorRT is not installed ({exc}); {INSTALL_TENSORRT}, {instead}") from None
     except Exception as exc:  # a wheel whose native libraries are missing fails with OSError and others
-        raise DeviceError(f"TensorRT cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); reinstall it "
-                          f"or use --backend onnxruntime") from None
+        raise DeviceError(f"TensorRT cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); reinstall it, "
+                          f"{instead}") from None
     version = getattr(mod, "__version__", None)
     if not isinstance(version, str) or not hasattr(mod, "Runtime"):
         raise DeviceError("TensorRT is not installed (`import tensorrt` finds only type stubs, no library); "
-                          f"{INSTALL_TENSORRT}, or use --backend onnxruntime")
+                          f"{INSTALL_TENSORRT}, {instead}")
     if version_tuple(version) < MIN_VERSION:
         raise DeviceError(f"TensorRT {version} is too old: vidrt needs {'.'.join(map(str, MIN_VERSION))} or newer")
     return mod
@@ -912,7 +917,7 @@ class TrtBackend:
         self.stream.close()
 
 
-__all__ = ["INSTALL_TENSORRT", "MIN_VERSION", "version_tuple", "load_tensorrt", "tensorrt_status", "engine_dir_name",
+__all__ = ["INSTALL_TENSORRT", "RUN_ELSEWHERE", "BUILD_ELSEWHERE", "MIN_VERSION", "version_tuple", "load_tensorrt", "tensorrt_status", "engine_dir_name",
            "engine_dir_precision", "rebuild_command", "select_engines", "availability", "numpy_dtype",
            "to_bf16_bits", "from_bf16_bits", "ScratchArena", "TrtEngine", "TrtBackend", "plan_source", "built_vae_tile",
            "device_index", "PLAN_READ_CHUNK", "MAX_GRAPHS", "resident_outputs", "device_inputs"]

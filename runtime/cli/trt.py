@@ -139,11 +139,15 @@ def _check_image(spec: ModelSpec, image: bool) -> None:
 @click.command("doctor")
 @click.argument("package", required=False)
 def doctor_cmd(package: str | None) -> None:
-    """What this machine can run: GPU, driver, CUDA, TensorRT, onnxruntime, backends."""
+    """What this machine can run: GPU, driver, CUDA, TensorRT, onnxruntime, backends. With PACKAGE, a
+    package that cannot be read (missing, malformed) is reported and the exit code is its error's (3)."""
     from vidrt.backends.doctor import diagnose
 
-    for line in diagnose(package).lines():
+    report = diagnose(package)
+    for line in report.lines():
         click.echo(line)
+    if report.package_exit:
+        raise SystemExit(report.package_exit)
 
 
 __all__ = ["build_cmd", "plan_cmd", "doctor_cmd"]

@@ -22,7 +22,8 @@ from vidrt.lora.merge import LoraFile, check_strength, lora_deltas, merge_into, 
 from vidrt.package.manifest import Manifest, WeightRef, artifact_path
 from vidrt.package.recipes import LoraRef
 
-__all__ = ["SetKey", "LoraMerger", "LoraRef", "LoraFile", "read_lora", "lora_deltas", "merge_into", "parse_lora_arg", "check_strength",
+__all__ = ["SetKey", "LoraMerger", "LoraRef", "LoraFile", "read_lora", "lora_deltas", "merge_into", "parse_lora_arg",
+           "check_strength",
            "base_reader", "as_lora_refs"]
 
 SetKey = tuple[tuple[str, float], ...]
