@@ -917,7 +917,8 @@ class TrtBackend:
         self.stream.close()
 
 
-__all__ = ["INSTALL_TENSORRT", "RUN_ELSEWHERE", "BUILD_ELSEWHERE", "MIN_VERSION", "version_tuple", "load_tensorrt", "tensorrt_status", "engine_dir_name",
+__all__ = ["INSTALL_TENSORRT", "RUN_ELSEWHERE", "BUILD_ELSEWHERE",
+           "MIN_VERSION", "version_tuple", "load_tensorrt", "tensorrt_status", "engine_dir_name",
            "engine_dir_precision", "rebuild_command", "select_engines", "availability", "numpy_dtype",
            "to_bf16_bits", "from_bf16_bits", "ScratchArena", "TrtEngine", "TrtBackend", "plan_source", "built_vae_tile",
            "device_index", "PLAN_READ_CHUNK", "MAX_GRAPHS", "resident_outputs", "device_inputs"]
