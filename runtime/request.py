@@ -265,11 +265,14 @@ def missing_recipe_lora(recipe_name: str | None, spec: ModelSpec, loras: Sequenc
     mine = [r for r in loras if r.path not in shipped]
     for slot in recipe.loras:
         if slot.file is None and not any(slot.expert is None or r.expert in (None, slot.expert) for r in mine):
-            flags = "--lora FILE" if slot.expert is None else \
-                f"--lora-{'high' if slot.expert == 'dit_high' else 'low'}-noise FILE"
+            if slot.expert is not None:
+                flags = f"--lora-{'high' if slot.expert == 'dit_high' else 'low'}-noise FILE"
+            elif len(spec.experts) > 1:
+                flags = "--lora-high-noise FILE and --lora-low-noise FILE (or --lora FILE for both)"
+            else:
+                flags = "--lora FILE"
             return (f"--recipe {recipe.name} is made for a distillation LoRA ({slot.source}) and none was given; "
-                    f"without it its few steps make noise: pass {flags} (Wan2.2 A14B: --lora-high-noise and "
-                    f"--lora-low-noise)")
+                    f"without it its few steps make noise: pass {flags}")
     return None
 
 
