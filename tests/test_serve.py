@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -232,6 +233,11 @@ def test_sdk_error_classes(client, served, tmp_path):
             for _ in range(8):
                 ids.append(client.videos.create(prompt="a cat", extra_body={"steps": 1000}).id)
         assert len(ids) == 5, ids
+        # ...answered from the headers: a body announced as 5000 bytes, 20 of them sent, is not waited for
+        head = (f"POST /v1/videos HTTP/1.1\r\nHost: {url.split('//')[1]}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: 5000\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
+        reply = raw_request(url, head, b'{"prompt": "a cat", ', wait=2.5)
+        assert reply.startswith(b"HTTP/1.1 429"), reply[:300]
     finally:
         for vid in ids:
             client.videos.delete(vid)
@@ -257,6 +263,62 @@ def test_json_and_multipart_take_the_same_fields(served):
         assert ra.json()["error"]["param"] == rb.json()["error"]["param"], (ra.text, rb.text)
     for r in (a, b):
         requests.delete(f"{url}/v1/videos/{r.json()['id']}", headers=auth(), timeout=30)
+
+
+def test_loras_travel_as_the_sdk_and_forms_send_them(client, served):
+    """The openai SDK sends create as multipart with a list as repeated `loras[]`; curl -F repeats `loras`;
+    JSON sends a list. All three reach the LoRA check (this server has no --lora-dir: that refusal)."""
+    url, _, _ = served
+    with pytest.raises(openai.BadRequestError, match="this server takes no LoRAs") as err:
+        client.videos.create(prompt="a cat", extra_body={"loras": ["style.safetensors:0.8", "b.safetensors"]})
+    assert err.value.body["param"] == "loras"
+    for sent in ({"files": [("prompt", (None, "a cat")), ("loras", (None, "style.safetensors"))]},
+                 {"files": [("prompt", (None, "a cat")), ("loras", (None, "a.safetensors")),
+                            ("loras", (None, "b.safetensors:0.5"))]},
+                 {"json": {"prompt": "a cat", "loras": ["style.safetensors"]}}):
+        r = requests.post(f"{url}/v1/videos", headers=auth(), timeout=30, **sent)
+        assert r.status_code == 400 and "--lora-dir" in r.json()["error"]["message"], (sent, r.text)
+    for bad in ({"seed": True}, {"steps": False}, {"guidance": True}):  # errors.md 11b: no booleans for numbers
+        r = requests.post(f"{url}/v1/videos", json={"prompt": "a cat", **bad}, headers=auth(), timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), r.text
+        assert "not true/false" in r.json()["error"]["message"]
+
+
+def test_client_gone_mid_body_is_one_log_line(served, caplog):
+    url, _, _ = served
+    host, port = url.split("//")[1].split(":")
+    head = (f"POST /v1/videos HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 5000\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
+    uvicorn_log = logging.getLogger("uvicorn.error")  # where an unhandled ASGI exception goes (not propagated)
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING"):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(head.encode() + b'{"prompt": "a ')
+                time.sleep(0.3)
+            wait_for("the disconnect to be logged", lambda: any("went away" in r.getMessage()
+                                                                for r in caplog.records), 10)
+            time.sleep(0.3)
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if r.exc_info or "Exception in ASGI" in r.getMessage()], caplog.text
+    assert get(f"{url}/health")["status"] == "ok"
+
+
+def test_start_checks_before_ray(package, served, tmp_path):
+    """--max-size off the model's grid, --out a file, --out held by another serve: refused by check_config,
+    which the CLI runs before Ray starts."""
+    from vidrt.service.server import ServeConfig, check_config
+
+    with pytest.raises(UsageError, match=r"--max-size 63x64: .* multiples of 16 pixels; use --max-size 48x64"):
+        check_config(ServeConfig(package=str(package), out_dir=str(tmp_path / "a"), max_size=(63, 64)))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="is a file; give a folder"):
+        check_config(ServeConfig(package=str(package), out_dir=str(tmp_path / "file")))
+    with pytest.raises(UsageError, match="in use by another vidrt serve"):
+        check_config(ServeConfig(package=str(package), out_dir=str(served[1])))
+    limits = check_config(ServeConfig(package=str(package), out_dir=str(tmp_path / "b"), max_size=(32, 48)))
+    assert (limits.max_pixels, limits.max_size, limits.max_frames) == (32 * 48, (32, 48), 17)
 
 
 # ---- holes -------------------------------------------------------------------------------------
@@ -579,3 +641,42 @@ def test_loras_only_by_name_from_the_operators_folder(tmp_path):
     job, _, _ = api.to_job({"prompt": "a red circle moving left", "loras": ["style.safetensors:0.5"]})
     assert [(Path(r.path), r.strength) for r in job.to_request().loras] == \
         [((tmp_path / "loras" / "style.safetensors").resolve(), 0.5)]
+
+
+def test_caps_set_the_defaults_and_lora_strengths_are_checked(tmp_path):
+    """--max-size/--max-frames under a model's defaults (1280x704, 121 frames): a request without size or
+    length gets the largest listed size that fits (or the cap) and the cap's 4k+1 length, as /v1/models
+    says; a LoRA strength that is not a number is a 400 at submit, without the server's path."""
+    from vidrt.models import default_package
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.api import ApiError, ServeLimits, VideoAPI
+
+    tiny = load_manifest(default_package(), verify=False).model
+    spec = replace(tiny, sampling=replace(tiny.sampling, sizes=((1280, 704), (704, 1280), (64, 48), (48, 64)),
+                                          frames=121))
+    for cap, frames, size, listed in (((64, 64), 5, (64, 48), ["64x48", "48x64"]),
+                                      ((64, 64), 7, (64, 48), ["64x48", "48x64"]),
+                                      ((32, 32), 121, (32, 32), [])):
+        api = VideoAPI(spec, ServeLimits(max_pixels=cap[0] * cap[1], max_frames=frames, max_steps=50, max_size=cap))
+        want = (frames - 1) // 4 * 4 + 1
+        _, s, asked = api.to_job({"prompt": "a cat"})
+        assert (s.width, s.height, s.num_frames, asked) == (*size, want, {})
+        caps = api.capabilities()
+        assert (caps["default_size"], caps["default_frames"], caps["sizes"]) == (f"{size[0]}x{size[1]}", want, listed)
+        _, s, _ = api.to_job({"prompt": "a cat", "size": "32x32", "frames": 1})
+        assert (s.width, s.height, s.num_frames) == (32, 32, 1)  # what a request names is kept
+    uncapped = VideoAPI(spec, ServeLimits(max_pixels=1280 * 704, max_frames=121, max_steps=50))
+    _, s, _ = uncapped.to_job({"prompt": "a cat"})
+    assert (s.width, s.height, s.num_frames) == (1280, 704, 121)
+
+    (tmp_path / "style.safetensors").write_bytes(b"not read here")
+    api = VideoAPI(tiny, ServeLimits(max_pixels=64 * 64, max_frames=17, max_steps=50), lora_dir=str(tmp_path))
+    for bad in ("style.safetensors:nan", "style.safetensors:abc", "style.safetensors:inf", "style.safetensors:11",
+                "dit_high=style.safetensors:x"):
+        with pytest.raises(ApiError) as info:
+            api.to_job({"prompt": "a cat", "loras": [bad]})
+        e = info.value
+        assert (e.status, e.param) == (400, "loras") and str(tmp_path) not in e.message, e.message
+        assert "\n" not in e.message and ("not a number" in e.message or "out of range" in e.message), e.message
+    job, _, _ = api.to_job({"prompt": "a cat", "loras": ["style.safetensors:-0.5"]})
+    assert [r.strength for r in job.to_request().loras] == [-0.5]

@@ -135,8 +135,10 @@ def read_token(token: str | None, token_file: str | None) -> str | None:
                                                                    "finish: 7d, 12h, 30m, or forever.")
 @click.option("--max-queue", type=int, default=1000, show_default=True, help="Queued jobs before 429.")
 @click.option("--max-steps", type=int, default=100, show_default=True, help="Largest steps a request may ask.")
-@click.option("--max-frames", type=int, help="Largest frame count (default: the model's default).")
-@click.option("--max-size", help="Largest WIDTHxHEIGHT area (default: the model's largest size).")
+@click.option("--max-frames", type=int, help="Largest frame count (default: the model's default); requests "
+                                             "without a length get the longest 4k+1 up to it.")
+@click.option("--max-size", help="Largest WIDTHxHEIGHT area, on the model's size grid (default: the model's "
+                                 "largest size); requests without a size get the largest listed size within it.")
 @click.option("--max-body", help="Largest request body; larger ones get 413 unread (default 1MB, 16MB when the "
                                  "model takes an input_reference image).")
 @click.option("--allow-host", multiple=True, help="Also answer requests whose Host header is this name "
@@ -181,10 +183,11 @@ def serve_cmd(model: str | None, address: str | None, workers: int | None, threa
     config = server.ServeConfig(package=_package(model), out_dir=str(Path(out_dir).resolve()), workers=workers,
                                 threads=threads, backend=backend, use_gpu=use_gpu, token=token, max_queue=max_queue,
                                 max_steps=max_steps, max_frames=max_frames,
-                                max_pixels=wh[0] * wh[1] if wh else None, max_body=body_cap,
+                                max_size=wh, max_body=body_cap,
                                 allowed_hosts=allow_host, cors_origins=cors_origins_checked(cors_origin),
                                 keep_seconds=keep_seconds,
                                 lora_dir=str(Path(lora_dir).resolve()) if lora_dir is not None else None)
+    server.check_config(config)  # --max-size, --out: before Ray starts (~20 s)
     started = connect_ray(address, "serve")
     try:
         service = server.Service(config, host=host, port=port)

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from vidrt.errors import UsageError
+from vidrt.lora import parse_lora_arg
 from vidrt.package.registry import ModelSpec
 from vidrt.request import MAX_FRAMES, MAX_SEED, MAX_STEPS, Settings
 from vidrt.schedulers import SOLVERS
@@ -40,6 +41,22 @@ def _number_to_text(value: Any) -> Any:
     return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
+def _no_bool(value: Any) -> Any:
+    """pydantic's lax mode reads true as 1; the Python API refuses booleans for numbers (errors.md 11b)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+def _one_or_list(value: Any) -> Any:
+    """A form sends a one-item list as a single field (`-F loras=style.safetensors`)."""
+    return [value] if isinstance(value, str) else value
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+
+
 class CreateVideoRequest(BaseModel):
     """OpenAI's create-video fields (prompt, model, seconds, size; input_reference travels beside this
     model, as a file) plus vidrt's sampling controls. The same fields as JSON or multipart/form-data."""
@@ -53,22 +70,23 @@ class CreateVideoRequest(BaseModel):
         description="Clip length; becomes the model's 4k+1 frames at its fps. Or give frames.")
     size: str | None = Field(None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$", description="WIDTHxHEIGHT, e.g. 832x480.")
     negative_prompt: str | None = Field(None, max_length=20000)
-    frames: int | None = Field(None, ge=1, le=MAX_FRAMES, description="Video frames, 4k+1 (instead of seconds).")
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    guidance: float | None = Field(None, ge=0, le=50)
-    guidance_low_noise: float | None = Field(None, ge=0, le=50,
+    frames: Int | None = Field(None, ge=1, le=MAX_FRAMES, description="Video frames, 4k+1 (instead of seconds).")
+    steps: Int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance: Float | None = Field(None, ge=0, le=50)
+    guidance_low_noise: Float | None = Field(None, ge=0, le=50,
                                              description="Two-expert models (A14B): the low-noise expert scale.")
-    shift: float | None = Field(None, gt=0, le=100)
-    seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="None or -1: a random one (kept in the file).")
+    shift: Float | None = Field(None, gt=0, le=100)
+    seed: Int | None = Field(None, ge=-1, le=MAX_SEED, description="None or -1: a random one (kept in the file).")
     scheduler: Literal[tuple(SOLVERS)] | None = None  # type: ignore[valid-type]
     recipe: str | None = Field(None, max_length=100, description="A named recipe, e.g. lightx2v-4step.")
-    loras: list[str] | None = Field(None, max_length=16, description="LoRA file names in the server's --lora-dir: "
-                                    "NAME[:STRENGTH] (A14B: dit_high=NAME[:STRENGTH], dit_low=...).")
+    loras: Annotated[list[str], BeforeValidator(_one_or_list)] | None = Field(
+        None, max_length=16, description="LoRA file names in the server's --lora-dir: NAME[:STRENGTH] (A14B: "
+        "dit_high=NAME[:STRENGTH], dit_low=...); a form repeats the field (loras or loras[]).")
     cache: str | None = Field(None, max_length=40, pattern=r"^[a-z]+(:[0-9.]+)?$",
                               description="Step caching METHOD[:THRESHOLD]: teacache, magcache, easycache, fbcache.")
     output_format: Literal["mp4", "webm"] = "mp4"
-    fps: int | None = Field(None, ge=1, le=240)
-    crf: int | None = Field(None, ge=0, le=63)
+    fps: Int | None = Field(None, ge=1, le=240)
+    crf: Int | None = Field(None, ge=0, le=63)
 
 
 class VideoError(BaseModel):
@@ -131,6 +149,7 @@ class ServeLimits:
     max_pixels: int  # width x height
     max_frames: int
     max_steps: int
+    max_size: tuple[int, int] | None = None  # --max-size as given (the default size when no listed size fits)
 
 
 def image_input(spec: ModelSpec) -> bool:
@@ -160,6 +179,23 @@ class VideoAPI:
     def frame_counts(self) -> list[int]:
         return list(range(1, self.limits.max_frames + 1, self.stride))
 
+    def default_size(self) -> tuple[int, int] | None:
+        """The size a request without one gets: the model's default when it fits the cap, else the largest
+        listed size that does, else --max-size itself (Service checks it is a valid size); None: no size
+        fits (then every request must bring a smaller one)."""
+        listed = self.spec.sampling.sizes
+        if listed[0][0] * listed[0][1] <= self.limits.max_pixels:
+            return listed[0]
+        fits = [wh for wh in listed if wh[0] * wh[1] <= self.limits.max_pixels]
+        if fits:
+            return max(fits, key=lambda wh: wh[0] * wh[1])
+        return self.limits.max_size
+
+    def default_frames(self) -> int:
+        """The model's default frame count, or the cap's largest stride*k+1 at or under it."""
+        cap = min(self.spec.sampling.frames, self.limits.max_frames)
+        return (cap - 1) // self.stride * self.stride + 1
+
     def max_seconds(self, fps: int | None = None) -> float:
         return (self.limits.max_frames - 1) / (fps or self.fps)
 
@@ -167,7 +203,8 @@ class VideoAPI:
         s = self.spec.sampling
         return {"sizes": self.sizes(), "max_pixels": self.limits.max_pixels,
                 "size_multiple": self.spec.spatial_multiple,
-                "fps": s.fps, "frames": self.frame_counts(), "default_frames": min(s.frames, self.limits.max_frames),
+                "fps": s.fps, "frames": self.frame_counts(), "default_frames": self.default_frames(),
+                "default_size": "x".join(map(str, self.default_size() or ())) or None,
                 "max_seconds": round(self.max_seconds(), 3), "steps": s.steps, "max_steps": self.limits.max_steps,
                 "guidance": s.guidance_high_noise, "guidance_low_noise": s.guidance_low_noise,
                 "experts": 1 if s.boundary is None else 2, "shift": s.shift, "scheduler": s.scheduler,
@@ -206,7 +243,14 @@ class VideoAPI:
         if body.seconds is not None:
             frames = self._frames_of(body.seconds, body.fps)
         values = body.model_dump(exclude={"model", "seconds"}, exclude_none=True)
+        if frames is None and self.spec.sampling.frames > self.limits.max_frames:
+            frames = self.default_frames()  # --max-frames under the model's default: the cap's length
         values["frames"] = frames
+        default = self.spec.sampling.sizes[0]
+        if body.size is None and default[0] * default[1] > self.limits.max_pixels:
+            size = self.default_size()  # --max-size under the model's default size (an image keeps this size)
+            if size is not None:
+                values["size"] = f"{size[0]}x{size[1]}"
         if image is not None:
             values["image"] = str(self._keep_image(image))
         if body.loras:
@@ -264,6 +308,13 @@ class VideoAPI:
         if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
             raise ApiError(400, f"loras: {value!r} must name a file of the server's LoRA folder (a bare name "
                                 f"like style.safetensors:0.8), not a path", "loras", "lora_not_found")
+        try:  # checked here, on the bare name: a refusal later would carry the server's path
+            parsed = parse_lora_arg(rest, "loras")
+        except UsageError as exc:
+            raise ApiError(400, str(exc), "loras", "lora_invalid") from None
+        if colon and (parsed[0] != name or not math.isfinite(parsed[1])):  # ":abc", ":nan" read as part of the name
+            raise ApiError(400, f"loras: {value!r}: strength {strength!r} is not a number; write it like "
+                                f"{name}:0.8 (-10..10, 1.0 = as trained)", "loras", "lora_invalid")
         path = self.lora_dir / name
         if not path.is_file():
             known = sorted(p.name for p in self.lora_dir.glob("*.safetensors"))[:20]
@@ -307,7 +358,7 @@ def validation_message(errors: Any) -> tuple[str, str | None]:
     """The first of pydantic's / FastAPI's validation errors as one line and the field it is about."""
     first: dict[str, Any] = dict(errors[0]) if errors else {}
     where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
-    msg = str(first.get("msg", "invalid request"))
+    msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":
         msg = f"unknown field; fields are {', '.join(CreateVideoRequest.model_fields)}, input_reference"
     elif first.get("type") == "missing":

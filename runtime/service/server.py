@@ -22,6 +22,7 @@ over --max-body, without reading the body. fastapi/uvicorn come with the [serve]
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -36,6 +37,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from vidrt.errors import UsageError
 from vidrt.service.api import (
     ApiError,
@@ -54,11 +56,13 @@ from vidrt.service.previews import MEDIA_TYPE as PREVIEW_MEDIA_TYPE
 from vidrt.service.scaleout import ACTIVE, Job, JobManager
 from vidrt.service.store import DB_NAME, JobStore
 
+log = logging.getLogger(__name__)
 MEDIA_TYPES = {".mp4": "video/mp4", ".webm": "video/webm"}
 MIN_PUBLIC_TOKEN = 16  # characters; shorter tokens are refused for non-loopback binds
 DEFAULT_MAX_BODY = 1 << 20  # a prompt and settings fit many times over
 IMAGE_MAX_BODY = 16 << 20  # once input_reference images are taken (image_input): a large PNG
 POLL_AFTER_MS = 500  # openai-poll-after-ms: how often the SDK's poll() asks while a job is active
+LIST_FIELDS = ("loras",)  # form fields that may repeat (`loras`, or `loras[]` as the openai SDK sends lists)
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,8 @@ class ServeConfig:
     max_queue: int = 1000
     max_steps: int = 100
     max_frames: int | None = None  # None: the model's default frame count
-    max_pixels: int | None = None  # width x height; None: the model's largest listed size
+    max_pixels: int | None = None  # width x height; None: the model's largest listed size (or max_size's area)
+    max_size: tuple[int, int] | None = None  # --max-size WIDTHxHEIGHT: sets max_pixels; the default size if none fits
     max_attempts: int = 3
     max_body: int | None = None  # bytes; None: DEFAULT_MAX_BODY, or IMAGE_MAX_BODY when the model takes an image
     allowed_hosts: tuple[str, ...] | None = ()  # () = the defaults (allowed_hosts_for); None = any Host
@@ -153,18 +158,25 @@ async def _create_fields(request: Request) -> tuple[dict[str, Any], bytes | None
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         try:
             form = await request.form(max_files=1, max_fields=64)
+        except ClientDisconnect:
+            raise
         except Exception as exc:  # python-multipart's MultiPartException and starlette's HTTPException
             raise ApiError(400, f"the form cannot be read ({getattr(exc, 'detail', None) or exc})") from None
         fields: dict[str, Any] = {}
         image = None
         for key, value in form.multi_items():
-            if key in fields:
-                raise ApiError(400, f"{key}: given twice", key)
             if key == "input_reference":
+                if image is not None:
+                    raise ApiError(400, f"{key}: given twice", key)
                 image = await value.read() if hasattr(value, "read") else str(value).encode()
                 continue
             if not isinstance(value, str):
                 raise ApiError(400, f"{key}: must be a text field, not a file", key)
+            if key in LIST_FIELDS or key.removesuffix("[]") in LIST_FIELDS:  # repeated; the SDK sends loras[]
+                fields.setdefault(key.removesuffix("[]"), []).append(value)
+                continue
+            if key in fields:
+                raise ApiError(400, f"{key}: given twice", key)
             fields[key] = value
         return fields, image
     if kind not in ("application/json", ""):
@@ -252,14 +264,22 @@ def create_app(state: State) -> FastAPI:
         return {"object": "list", "data": [{"id": api.spec.name, "object": "model", "created": int(state.started_at),
                                             "owned_by": "vidrt", "capabilities": api.capabilities()}]}
 
-    @app.post("/v1/videos", response_model=Video, responses=ERRORS, openapi_extra=_CREATE_BODY)
-    async def create_video(request: Request) -> Video:
-        fields, image = await _create_fields(request)
-        job, settings, asked = api.to_job(fields, image)
+    def check_room() -> None:
         if not any(s.alive for s in manager.slots):
             raise ApiError(503, "no worker is running; restart `vidrt serve`")
         if manager.queued() >= config.max_queue:
             raise ApiError(429, f"the queue is full ({config.max_queue} jobs); retry later", code="queue_full")
+
+    @app.post("/v1/videos", response_model=Video, responses=ERRORS, openapi_extra=_CREATE_BODY)
+    async def create_video(request: Request) -> Video:
+        check_room()  # from the headers: a body this server would refuse is never read
+        try:
+            fields, image = await _create_fields(request)
+        except ClientDisconnect:
+            log.warning("POST /v1/videos: the client went away before its body arrived")
+            return Response(status_code=499)  # type: ignore[return-value]  # nobody is left to read it
+        job, settings, asked = api.to_job(fields, image)
+        check_room()  # again: the queue may have filled while the body arrived
         return api.video(manager.submit(job, settings, api=asked))
 
     @app.get("/v1/videos", response_model=VideoList, responses=ERRORS)
@@ -325,6 +345,43 @@ def create_app(state: State) -> FastAPI:
 # ---- starting and stopping ---------------------------------------------------------------------
 
 
+def check_config(config: ServeConfig, spec: Any = None) -> ServeLimits:
+    """What can be refused before Ray or a worker starts (the CLI calls this first): --max-size on the
+    model's size grid, --max-frames at least 1, --out a folder this server can have. -> the limits."""
+    if spec is None:
+        from vidrt.package.manifest import load_manifest
+
+        spec = load_manifest(config.package, verify=False).model
+    if config.max_size is not None:
+        m, (w, h) = spec.spatial_multiple, config.max_size
+        if w < m or h < m or w % m or h % m:
+            fix = f"{max(m, w // m * m)}x{max(m, h // m * m)}"
+            raise UsageError(f"--max-size {w}x{h}: {spec.name} makes sizes in multiples of {m} pixels; use "
+                             f"--max-size {fix}")
+    if config.max_frames is not None and config.max_frames < 1:
+        raise UsageError(f"--max-frames {config.max_frames} must be at least 1")
+    out = Path(config.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the clips and the job table")
+    if out.is_dir():
+        open_store(out).close()  # another serve holding the folder is refused now, not after Ray starts
+    max_pixels = config.max_pixels or (config.max_size[0] * config.max_size[1] if config.max_size else None)
+    return ServeLimits(max_pixels=max_pixels or max(w * h for w, h in spec.sampling.sizes),
+                       max_frames=config.max_frames or spec.sampling.frames, max_steps=config.max_steps,
+                       max_size=config.max_size)
+
+
+def open_store(out: Path) -> JobStore:
+    """--out's job table, the folder created if needed; UsageError if it is a file or another serve's."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the clips and the job table")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out {out} ({exc.strerror})") from None
+    return JobStore(out / DB_NAME)
+
+
 class Service:
     """One `vidrt serve`: the job table opened (and locked), the app built. run() blocks (the CLI);
     start_in_thread() / stop() are for tests. Ray must already be connected (scaleout.connect_ray)."""
@@ -335,14 +392,9 @@ class Service:
 
         check_bind(host, config.token)
         spec = load_manifest(config.package, verify=False).model
-        limits = ServeLimits(max_pixels=config.max_pixels or max(w * h for w, h in spec.sampling.sizes),
-                             max_frames=config.max_frames or spec.sampling.frames, max_steps=config.max_steps)
+        limits = check_config(config, spec)
         out = Path(config.out_dir)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create --out {out} ({exc.strerror})") from None
-        store = JobStore(out / DB_NAME)
+        store = open_store(out)
         manager = JobManager(config.package, out, workers=config.workers, threads=config.threads,
                              backend=config.backend, use_gpu=config.use_gpu, max_attempts=config.max_attempts,
                              store=store, keep_seconds=config.keep_seconds, previews=True)
