@@ -45,6 +45,7 @@ from vidrt.service.previews import SUFFIX as PREVIEW_SUFFIX
 from vidrt.service.previews import VARIANTS, make_previews
 
 ACTIVE = ("queued", "in_progress")
+IDLE_CHECK_SECONDS = 5.0  # an idle worker is asked who it is this often (its pid shows a restart by Ray)
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # a local Ray's shared memory: finished clips pass through it
 
 
@@ -570,7 +571,8 @@ class JobManager:
         if self._wake is not None:
             self._wake.set()
 
-    async def _take(self) -> Job:
+    async def _take(self) -> Job | None:
+        """The next queued job; None after IDLE_CHECK_SECONDS without one (the caller checks its worker)."""
         assert self._wake is not None
         while True:
             while self._pending:
@@ -578,7 +580,10 @@ class JobManager:
                 if job.status == "queued":
                     return job
             self._wake.clear()
-            await self._wake.wait()
+            try:
+                await asyncio.wait_for(self._wake.wait(), IDLE_CHECK_SECONDS)
+            except asyncio.TimeoutError:
+                return None
 
     async def _dispatch(self, slot: Slot) -> None:
         import ray
@@ -598,6 +603,11 @@ class JobManager:
             return
         while True:
             job = await self._take()
+            if job is None:  # idle: a worker that died between jobs is noticed here, not by the next job
+                if await self._check_idle(slot, ray):
+                    continue
+                slot.alive = False
+                return
             if not await self._run(slot, job, ray):
                 slot.alive = False
                 if not any(s.alive for s in self.slots):
@@ -676,6 +686,21 @@ class JobManager:
         else:
             self._finish(job, "failed", f"the worker died {job.attempts} times running this job "
                                         f"(last: {_one_line(exc)[:160]})", "worker_died")
+
+    async def _check_idle(self, slot: Slot, ray: Any) -> bool:
+        """Ask an idle worker who it is: a new pid means Ray restarted it (max_restarts) since we last
+        asked, and one that cannot answer is waited for like a worker that died mid-job. False: gone."""
+        try:
+            info = await asyncio.wait_for(_await(slot.actor.info.remote()), self.start_timeout)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.WorkerCrashedError):
+            slot.deaths += 1
+            return await self._wait_restart(slot)
+        except Exception:
+            return False
+        if info.get("pid") != slot.info.get("pid"):
+            slot.deaths += 1
+        slot.info = info
+        return True
 
     async def _wait_restart(self, slot: Slot) -> bool:
         """Ray restarts a dead worker (max_restarts); wait until it has loaded the model again."""
