@@ -57,25 +57,8 @@ def random_pairs(seed: int, transformer, alpha: float | None) -> dict[tuple[int,
 
 
 def write_lora(path, pairs, fmt: str, extra: dict[str, torch.Tensor] | None = None):
-    """The same tensors under one key format of fast_paths.md A.2."""
-    diff_of = dict(LINEARS)
-    sd = {}
-    for (b, orig), part in pairs.items():
-        kohya = f"blocks_{b}_{orig.replace('.', '_')}"
-        stem, down, up = {
-            "peft": (f"transformer.blocks.{b}.{diff_of[orig]}", "lora_A.weight", "lora_B.weight"),
-            "original": (f"diffusion_model.blocks.{b}.{orig}", "lora_down.weight", "lora_up.weight"),
-            "mixed": (f"diffusion_model.blocks.{b}.{orig}", "lora_A.weight", "lora_B.weight"),
-            "kohya": (f"lora_unet_{kohya}", "lora_down.weight", "lora_up.weight"),
-            "videox": (f"lora_unet__{kohya}", "lora_down.weight", "lora_up.weight"),
-            "diffsynth": (f"blocks.{b}.{orig}", "lora_A.default.weight", "lora_B.default.weight"),
-        }[fmt]
-        sd[f"{stem}.{down}"], sd[f"{stem}.{up}"] = part["A"], part["B"]
-        if "alpha" in part:
-            sd[f"{stem}.alpha"] = part["alpha"]
-    sd.update(extra or {})
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    return path
+    """The same tensors under one key format of fast_paths.md A.2 (block modules: write_any_lora)."""
+    return write_any_lora(path, pairs, fmt, extra)
 
 
 def distill_scheduler():

@@ -285,7 +285,14 @@ def test_9_build_runs_on_the_chosen_device_and_labels_its_capability(tmp_path: P
 # 10. VAE graphs at opset 18 --------------------------------------------------------------------------------
 
 
-def test_10_vae_is_exported_at_opset_18_when_the_package_asks_23(tmp_path: Path, monkeypatch: Any) -> None:
+# The encoder has the decoder's mid-block attention: at opset 23 TensorRT would get one 384/1024-wide
+# IAttention head; it is exported at opset 18 like the decoder.
+@pytest.mark.parametrize("variant,export_fn,stage_name,component", [
+    ("wan2.1-t2v-1.3b", "export_vae_decoder", "vae", C.VAE_STEP),
+    ("wan2.2-i2v-a14b", "export_vae_encoder", "vae_encoder", C.VAE_ENCODE_STEP)])
+def test_10_vae_is_exported_at_opset_18_when_the_package_asks_23(tmp_path: Path, monkeypatch: Any, variant: str,
+                                                                   export_fn: str, stage_name: str,
+                                                                   component: str) -> None:
     import vidrt.export.package as pkg
 
     seen: list[int] = []
@@ -297,11 +304,11 @@ def test_10_vae_is_exported_at_opset_18_when_the_package_asks_23(tmp_path: Path,
         c = C.Contract(inputs=(), outputs=())
         return c, c
 
-    monkeypatch.setattr(pkg, "export_vae_decoder", fake_export)
-    ckpt = SimpleNamespace(spec=VARIANTS["wan2.1-t2v-1.3b"], vae=lambda: None)
-    stage = next(s for s in pkg._stages(ckpt, tmp_path, 23, "bf16") if s.name == "vae")  # type: ignore[arg-type]
+    monkeypatch.setattr(pkg, export_fn, fake_export)
+    ckpt = SimpleNamespace(spec=VARIANTS[variant], vae=lambda: None)
+    stage = next(s for s in pkg._stages(ckpt, tmp_path, 23, "bf16") if s.name == stage_name)  # type: ignore[arg-type]
     result = stage.run()
-    assert seen == [18] and result.components[C.VAE_STEP].opset == 18
+    assert seen == [18] and result.components[component].opset == 18
 
 
 # 11. TF32 off -------------------------------------------------------------------------------------------------

@@ -243,29 +243,6 @@ def test_gpu_stats_put_the_encoders_in_the_image_stage(tmp_path: Path) -> None:
     backend.close()
 
 
-def test_vae_encoder_is_exported_at_the_vae_opset(tmp_path: Path, monkeypatch: Any) -> None:
-    """The encoder has the decoder's mid-block attention: at opset 23 TensorRT would get one 384/1024-wide
-    IAttention head (test_trt_defects.py::test_10); it is exported at opset 18 like the decoder."""
-    from types import SimpleNamespace
-
-    import vidrt.export.package as pkg
-
-    seen: list[int] = []
-
-    def fake_export(vae: Any, first: Path, step: Path, spec: Any, opset: int, **kw: Any) -> Any:
-        seen.append(opset)
-        Path(first).write_bytes(b"x")
-        Path(step).write_bytes(b"x")
-        c = C.Contract(inputs=(), outputs=())
-        return c, c
-
-    monkeypatch.setattr(pkg, "export_vae_encoder", fake_export)
-    ckpt = SimpleNamespace(spec=VARIANTS["wan2.2-i2v-a14b"], vae=lambda: None)
-    stage = next(s for s in pkg._stages(ckpt, tmp_path, 23, "bf16") if s.name == "vae_encoder")  # type: ignore[arg-type]
-    result = stage.run()
-    assert seen == [18] and result.components[C.VAE_ENCODE_STEP].opset == 18
-
-
 # ---- device tensors between engines: TensorOps on the device (vidrt.backends.device_ops) ------------------
 
 
