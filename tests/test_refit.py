@@ -477,11 +477,9 @@ def test_tensorrt_pipeline_with_loras_makes_onnxruntimes_clips() -> None:
     assert package is not None
     manifest = load_manifest(package)
     spec = manifest.model
-    _, f, h, w = spec.latent_shape(64, 64, 17)
-    ranges = {"batch": (1, 2), "seq": (1, spec.text.text_len), "tokens": (spec.num_tokens(64, 64, 17),) * 2,
-              "frames": (f, f), "height": (h, h), "width": (w, w), "lat_h": (h, h), "lat_w": (w, w),
-              "out_h": (64, 64), "out_w": (64, 64)}
-    plans = _refittable_ort_plans(package, manifest, ranges)
+    from test_trt_device import bundled_ranges
+
+    plans = _refittable_ort_plans(package, manifest, bundled_ranges(spec))
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -368,6 +368,14 @@ def _bind_dims(specs: tuple[Any, ...], shapes: dict[str, tuple[int, ...]]) -> di
     return sizes
 
 
+def bundled_ranges(spec: Any) -> dict[str, tuple[int, int]]:
+    """Every named dimension of the bundled model's 64x64x17 clip, batch 1-2: the fake plans' profile."""
+    _, f, h, w = spec.latent_shape(64, 64, 17)
+    return {"batch": (1, 2), "seq": (1, spec.text.text_len), "tokens": (spec.num_tokens(64, 64, 17),) * 2,
+            "frames": (f, f), "height": (h, h), "width": (w, w), "lat_h": (h, h), "lat_w": (w, w),
+            "out_h": (64, 64), "out_w": (64, 64)}
+
+
 def _ort_backed_plans(package: Path, manifest: Manifest, ranges: dict[str, tuple[int, int]]) -> dict[bytes, FakePlan]:
     """A fake plan per component that runs the component's own ONNX graph in ONNX Runtime: the TensorRT
     backend's whole machinery (buffers, addresses, device tensors, streams, the kernels between pieces)
@@ -408,11 +416,7 @@ def trt_tiny(tmp_path_factory: Any) -> Any:
     assert package is not None
     manifest = load_manifest(package)
     spec = manifest.model
-    cf, f, h, w = spec.latent_shape(64, 64, 17)
-    ranges = {"batch": (1, 2), "seq": (1, spec.text.text_len), "tokens": (spec.num_tokens(64, 64, 17),) * 2,
-              "frames": (f, f), "height": (h, h), "width": (w, w), "lat_h": (h, h), "lat_w": (w, w),
-              "out_h": (64, 64), "out_w": (64, 64)}
-    plans = _ort_backed_plans(package, manifest, ranges)
+    plans = _ort_backed_plans(package, manifest, bundled_ranges(spec))
     root = tmp_path_factory.mktemp("plans")
     entries = tuple(dataclasses.replace(e, profiles=((64, 64, 1),) if e.component in (C.VAE_FIRST, C.VAE_STEP)
                                         else ()) for e in _entries(root, "10.13.0.35", "8.9", "fp32",
