@@ -183,6 +183,11 @@ def test_interrupt_at_any_moment(run_package, tiny_t2v_checkpoint, tmp_path, com
             assert _before_vidrt_code(rc, err), f"{command} at {delay} s: rc {rc}: {err}"
             outcomes["during interpreter start-up"] += 1
         left = sorted(p.name for p in folder.iterdir() if p.name not in before)
+        if command == "run" and "clip.mp4" in left:  # the signal came after the clip's atomic rename, while
+            # the process was ending: a whole clip (never a partial one) and the exit says `interrupted`
+            assert _complete(folder / "clip.mp4"), f"run at {delay} s left a partial clip.mp4"
+            left.remove("clip.mp4")
+            outcomes["clip in place, then interrupted"] += 1
         assert all(name in ("pkg", "batch", "served") for name in left), f"{command} at {delay} s left {left}"
         for sub in left:  # an output folder may have been created, but holds nothing half-written
             stray = [p.name for p in (folder / sub).rglob("*") if p.name not in (".export.lock", "vidrt-jobs.sqlite")
