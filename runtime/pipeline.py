@@ -5,7 +5,8 @@
     result.save("cat.mp4")                                  # frames: uint8 [F, H, W, 3]
 
     0. memory   on a GPU backend, the residency plan (`vidrt plan`'s code) for this clip: CFG batch,
-                VAE tile, which engines are released after their stage; refused if it cannot fit
+                VAE tile, which engines are released after their stage; refused if it cannot fit.
+                On ONNX Runtime (CPU), the host memory of one DiT call: CFG batch 2 or 1, or refused
     1. plan     every step's timestep, sigma, expert, guidance and whether it needs CFG, built up front
     2. text     umT5 embeddings of the prompt (and the negative prompt when a step needs CFG),
                 zero-padded to 512 rows
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from vidrt.backends import open_backend
 from vidrt.backends.base import Backend, BackendOptions, Engine
-from vidrt.backends.residency import ResidencyPlan, plan_for_package
+from vidrt.backends.residency import ResidencyPlan, ort_dit_host_bytes, plan_for_package
 from vidrt.caching import (
     PIECES_NEEDED,
     CachePolicy,
@@ -52,7 +53,7 @@ from vidrt.request import Request, Settings, missing_recipe_lora, resolve
 from vidrt.schedulers import Step, expert_for_timestep, make_schedule, make_solver
 from vidrt.stats import RunStats
 from vidrt.text import PromptTokenizer, check_prompt, encode_prompts
-from vidrt.vae_decode import TilePlan, auto_budget_bytes, choose_tile, iter_decode
+from vidrt.vae_decode import TilePlan, auto_budget_bytes, available_memory_bytes, choose_tile, iter_decode
 from vidrt.video import VideoWriter, clip_metadata, to_uint8
 
 # (stage, done, total): "denoise" counts steps, "decode" counts video frames.
@@ -322,7 +323,7 @@ class Pipeline:
 
         # 0. memory
         memory = self.memory_plan(s)
-        cfg_batch = self.cfg_batch or (memory.cfg_batch if memory else 2)
+        cfg_batch = self.cfg_batch or (memory.cfg_batch if memory else self.host_cfg_batch(s))
         # On a planned backend (TensorRT) the tile is the plan's: the one the VAE engines were built for.
         tiles = memory.vae_tile if memory else decode_plan(self.manifest, s, vae_memory_bytes)
         if memory and vae_memory_bytes is not None:
@@ -497,6 +498,23 @@ class Pipeline:
                               f"and {budget / 2**30:.1f} GiB are free; lower --size or --frames (see `vidrt plan "
                               f"{self.package} --size {s.width}x{s.height} --frames {s.num_frames}`)")
         return plan
+
+    def host_cfg_batch(self, s: Settings) -> int:
+        """ONNX Runtime on the CPU: the CFG batch whose DiT call fits the available host memory (2, else two
+        batch-1 calls); a clip whose batch-1 call cannot fit is refused here, before anything runs (the
+        exported attention materialises heads x tokens² scores: residency.ort_dit_host_bytes). Other
+        backends without a memory plan (onnxruntime-cuda): 2."""
+        if self.backend.name != "onnxruntime":
+            return 2
+        available = available_memory_bytes()
+        for batch in (2, 1):
+            if ort_dit_host_bytes(self.manifest.model, s.width, s.height, s.num_frames, batch) <= available:
+                return batch
+        need = ort_dit_host_bytes(self.manifest.model, s.width, s.height, s.num_frames, 1)
+        tokens = self.manifest.model.num_tokens(s.width, s.height, s.num_frames)
+        raise DeviceError(f"{s.width}x{s.height}x{s.num_frames} needs about {need / 2**30:.1f} GiB of host memory "
+                          f"on ONNX Runtime (the DiT's attention over {tokens} tokens) and {available / 2**30:.1f} GiB "
+                          f"are available; lower --size or --frames, or run on a GPU (--backend tensorrt)")
 
     def conditioning(self, request: Request, s: Settings) -> TextOnly:
         """Stage 2b: the conditioning policy of this request (vidrt.conditioning). With an image: load and

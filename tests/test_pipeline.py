@@ -18,6 +18,7 @@ import wan_ref
 from tiny import TINY_VARIANT, write_diffusers_checkpoint
 from vidrt.export.package import export_package
 from vidrt.pipeline import Pipeline
+from vidrt.package.registry import get_variant
 from vidrt.request import Request, resolve
 
 PROMPT = "a red cat walks on the beach"
@@ -254,3 +255,53 @@ def test_dit_pieces_make_the_same_clip(tiny_package):
     assert psnr(whole.frames, pieces.frames) >= 70.0, psnr(whole.frames, pieces.frames)
     skipping = pipe.run(replace(req, cache="fbcache:10"))  # skips all but the first step of each expert
     assert skipping.stats.cache.block_stack_runs == (2 if kind == "a14b" else 1)
+
+
+def test_cpu_host_memory_decides_cfg_batch_or_refuses(monkeypatch):
+    """ONNX Runtime (CPU): the run's DiT call must fit the available host memory. Between the batch-1
+    and batch-2 estimates the run makes CFG as two batch-1 calls (same clip); below the batch-1 estimate
+    it is refused before anything runs, with the figures and the fix (the 1.3B default size on a 24 GiB
+    machine was OOM-killed without a word before this check)."""
+    import vidrt.pipeline as pipeline_mod
+    from vidrt.backends.residency import ort_dit_host_bytes
+    from vidrt.errors import DeviceError
+    from vidrt.models import default_package
+
+    pipe = Pipeline.load(default_package(), threads=1)
+    req = Request(prompt="a red circle moving left", steps=2, seed=5)
+    s = resolve(req, pipe.manifest.model)
+    one, two = (ort_dit_host_bytes(pipe.manifest.model, s.width, s.height, s.num_frames, b) for b in (1, 2))
+    assert 0 < one < two
+    batches: list[int] = []
+    inner_engine = pipe.engine
+
+    def recording_engine(name):
+        engine = inner_engine(name)
+        if not name.startswith("dit"):
+            return engine
+
+        class Recorded:
+            contract = engine.contract
+
+            def run(self, feeds):
+                batches.append(next(iter(feeds.values())).shape[0])
+                return engine.run(feeds)
+
+            def __getattr__(self, attr):
+                return getattr(engine, attr)
+
+        return Recorded()
+
+    reference = pipe.run(req).frames
+    monkeypatch.setattr(pipe, "engine", recording_engine)
+    monkeypatch.setattr(pipeline_mod, "available_memory_bytes", lambda: (one + two) // 2)
+    tight = pipe.run(req).frames
+    assert batches and set(batches) == {1}, batches
+    assert np.array_equal(reference, tight)
+    monkeypatch.setattr(pipeline_mod, "available_memory_bytes", lambda: one - 1)
+    batches.clear()
+    with pytest.raises(DeviceError, match=r"host memory.*lower --size or --frames"):
+        pipe.run(req)
+    assert not batches, "refused before any DiT call"
+    big = get_variant("wan2.1-t2v-1.3b")  # the official default size needs ~120 GiB at batch 1 on the CPU
+    assert ort_dit_host_bytes(big, 832, 480, 81, 1) > 100 * 2**30

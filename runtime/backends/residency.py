@@ -234,6 +234,23 @@ def dit_activation_bytes(spec: ModelSpec, tokens: int, batch: int, precision: st
     return batch * (tokens * per_token + context) + DIT_WORKSPACE_BYTES
 
 
+# Copies of the [batch, heads, L, L] fp32 attention scores alive at once when ONNX Runtime's CPU provider
+# runs the exported DiT (MatMul -> Softmax -> MatMul: no fused attention, the scores are materialised).
+# Measured as the peak-RSS growth of one call over one copy: 2.34x and 2.18x on the bundled model at
+# 512x512x17 and 768x768x17 (5120 and 11520 tokens, batch 2).
+ORT_SCORE_COPIES = 2.5
+
+
+def ort_dit_host_bytes(spec: ModelSpec, width: int, height: int, frames: int, batch: int) -> int:
+    """Host memory one DiT call on ONNX Runtime's CPU provider needs beyond its weights, in bytes:
+    ORT_SCORE_COPIES x batch x heads x L² x 4 B of attention scores (L = tokens) plus the per-token fp32
+    activations of dit_activation_bytes. Wan2.1-1.3B at 832x480x81 (32760 tokens, 12 heads): ~120 GiB
+    at batch 1, which is why such clips need a GPU; at 64x64x5 (32 tokens), ~17 MiB."""
+    tokens = spec.num_tokens(width, height, frames)
+    scores = ORT_SCORE_COPIES * batch * spec.dit.num_heads * tokens * tokens * 4
+    return int(scores) + dit_activation_bytes(spec, tokens, batch, "fp32") - DIT_WORKSPACE_BYTES
+
+
 def text_activation_bytes(cfg: TextConfig, batch: int, seq: int, precision: str) -> int:
     """umT5 at `seq` tokens: per token 8d + a(4d + 3 d_ff) (fp32 residual, q/k/v/o, gated FFN), plus the
     unfused attention scores with the relative-position bias: heads x seq² x 4 bytes, twice (scores, softmax)."""
@@ -747,6 +764,6 @@ def plan_for_package(package: Path, manifest: Manifest, width: int, height: int,
 __all__ = ["cache_residual_bytes", "pieces_tensor_bytes", "PIECE_METHODS",
            "DiTParams", "dit_params", "dit_param_count", "text_param_count", "VAE_DECODER_PARAMS",
            "VAE_CACHE_SLOTS", "vae_step_contract", "dit_weight_bytes", "text_weight_bytes", "tensor_bytes",
-           "io_bytes", "dit_activation_bytes", "text_activation_bytes", "EngineReport", "load_reports", "Item",
+           "io_bytes", "dit_activation_bytes", "ort_dit_host_bytes", "ORT_SCORE_COPIES", "text_activation_bytes", "EngineReport", "load_reports", "Item",
            "Stage", "ResidencyPlan", "make_plan", "plan_for_package", "RESERVE_BYTES", "DEFAULT_FP8_SCOPE",
            "HOST_BASE_BYTES", "TEXT_DEVICES"]
