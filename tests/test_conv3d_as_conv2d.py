@@ -18,9 +18,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from vidrt.export.onnx_optimize import conv3d_as_conv2d
 
-# max |difference| allowed, relative to max |output|: float32 sums in another order measure 1e-7 to 4e-7 here
-# (2e-6 absolute on the tiny VAE's outputs of ~5); a swapped tap or a lost bias is ~0.1 and up
-REL_TOL = 5e-6
+# max |difference| allowed, relative to max |output|: float32 sums in another order measure 1e-7 to 4e-7
+# on one conv and 2e-6 through the tiny Wan2.1 VAE's whole step graph; two taps of one conv swapped
+# measure 0.88 there, one bias dropped 0.14
+REL_TOL = 2e-5
 # what the rewrite may emit: each is in onnx-tensorrt's supported-operator list (docs/operators.md)
 TENSORRT_PARSER_OPS = {"Add", "Concat", "Conv", "Pad", "Reshape", "Shape", "Slice", "Squeeze", "Transpose", "Unsqueeze"}
 
