@@ -92,7 +92,10 @@ train-tiny: venv
 	nice -n 15 $(PY) -m vidrt.export.train_tiny --out checkpoints/tiny-shapes --stage all --seed 0
 	nice -n 15 $(PY) -m vidrt.export.distill_tiny --steps 600 --batch 16 --teacher-seeds 4 --keep-all \
 		--out checkpoints/tiny-shapes/fast_lora.safetensors
-	nice -n 15 $(PY) -m vidrt.export.train_tiny_i2v --out checkpoints/tiny-shapes --stage all --seed 0
+	rm -rf build/tiny-stage2 && mkdir -p build/tiny-stage2 \
+		&& cp -r checkpoints/tiny-shapes/transformer checkpoints/tiny-shapes/text_encoder build/tiny-stage2/
+	nice -n 15 $(PY) -m vidrt.export.train_tiny_i2v --out checkpoints/tiny-shapes --stage all --seed 0 \
+		--blend-with build/tiny-stage2
 	nice -n 15 $(PY) -m vidrt.export.distill_tiny --steps 150 --batch 16 --teacher-seeds 2 --image-seeds 1 \
 		--init checkpoints/tiny-shapes/fast_lora.safetensors --out checkpoints/tiny-shapes/fast_lora.safetensors
 
