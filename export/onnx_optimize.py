@@ -81,6 +81,11 @@ def optimize_model(model: ir.Model, num_iterations: int = 2, dedupe_initializers
 # it pads Co up to the block.)
 # Measured whole graphs (benchmarks/conv3d_as_conv2d.py): the gain is in the convs with >= 16 channels;
 # the bundled decoder spends most of its time in 8-channel convs at 64x64, which gain little.
+# Memory: the rewritten graphs hold more activations at once (the frames transposed, each tap's slice,
+# the NCHWc outputs padded to 16 channels): the bundled decoder step at 256x256 px, ORT arena off, peak
+# RSS of one call 92 -> 145 MiB with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=131072; 137
+# -> 363 MiB without it: more, smaller intermediates fragment the heap). vae_decode.ACTIVATION_SLOTS
+# (48) was measured on the Conv3d graphs and undercounts these on ONNX Runtime CPU.
 #
 # TensorRT reads the same files. Every op the rewrite emits (Transpose, Squeeze, Unsqueeze with constant
 # axes, Slice, Reshape, Shape, Concat, Pad, Conv, Add) is in onnx-tensorrt's supported-operator list
@@ -195,6 +200,16 @@ def _replace_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, bias: ir.Value 
         frames, axis = op("Transpose", [src], perm=[0, 2, 1, 3, 4]), 1
         batch_shape = op("Concat", [const("minus_one", [-1]), op("Shape", [frames], start=2)], axis=0)
     time_axis = const("time_axis", [axis])
+    # The Conv2d/Add outputs' shapes, with the Conv3d output's symbolic H/W names: ORT's NCHWc transformer
+    # fuses an Add into the Conv2d before it (its `Sum` input: the accumulation in place, no separate
+    # Add pass over memory) only where it can show both addends have the same shape, and ONNX shape
+    # inference leaves a Conv's symbolic H/W unnamed (onnxruntime core/optimizer/nchwc_transformer.cc,
+    # TransformBinary).
+    old_shape = node.outputs[0].shape
+    shape4 = None
+    if old_shape is not None and t_out is not None and (t_out == 1 or batch1):
+        n4 = old_shape[0] if t_out == 1 else t_out
+        shape4 = ir.Shape([n4, old_shape[1], old_shape[3], old_shape[4]])
     conv_attrs = dict(kernel_shape=list(w.shape[3:]), strides=strides[1:], dilations=dilations[1:],
                       pads=[pads[1], pads[2], pads[4], pads[5]], group=1)
     total = first_piece = None
@@ -207,6 +222,8 @@ def _replace_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, bias: ir.Value 
         weight = const(f"weight_tap{k}", np.ascontiguousarray(w[:, :, k]), w.dtype)
         y = op("Conv", [x4, weight, *([bias] if bias is not None and i == 0 else [])], **conv_attrs)
         total = y if total is None else op("Add", [total, y])
+        y.shape = total.shape = shape4
+        y.type = total.type = node.outputs[0].type
     assert total is not None and first_piece is not None
     if t_out == 1:
         out = op("Unsqueeze", [total, time_axis])

@@ -54,6 +54,9 @@ BLEND_FRACTION = 0.5
 # step's peak intermediate memory is tens of slots. Measured with the arena off (tests/test_vae_decode
 # prints it): 42-47 slots for the tiny Wan2.1 decoder, 29 for the tiny Wan2.2 one. 48 errs on the
 # high side. A TensorRT backend (implicit-GEMM convs + a workspace) should pass its own figure.
+# Those figures are of the Conv3d graphs: packages exported with the Conv3ds as Conv2ds (the default
+# since vidrt.export.onnx_optimize.conv3d_as_conv2d) hold ~1.6x the activations on ONNX Runtime CPU
+# (bundled decoder step at 256x256 px: 92 -> 145 MiB peak), so on that path 48 undercounts.
 ACTIVATION_SLOTS = 48.0
 
 
