@@ -53,7 +53,14 @@ from vidrt.request import Request, Settings, missing_recipe_lora, resolve
 from vidrt.schedulers import Step, expert_for_timestep, make_schedule, make_solver
 from vidrt.stats import RunStats
 from vidrt.text import PromptTokenizer, check_prompt, encode_prompts
-from vidrt.vae_decode import TilePlan, auto_budget_bytes, available_memory_bytes, choose_tile, iter_decode
+from vidrt.vae_decode import (
+    ORT_ACTIVATION_SLOTS,
+    TilePlan,
+    auto_budget_bytes,
+    available_memory_bytes,
+    choose_tile,
+    iter_decode,
+)
 from vidrt.video import VideoWriter, clip_metadata, to_uint8
 
 # (stage, done, total): "denoise" counts steps, "decode" counts video frames.
@@ -137,7 +144,8 @@ def decode_plan(manifest: Manifest, s: Settings, vae_memory_bytes: int | None) -
     """The VAE tile plan for these settings; a budget too small fails here, before any inference."""
     _, _, lat_h, lat_w = manifest.model.latent_shape(s.width, s.height, s.num_frames)
     return choose_tile(manifest.components[C.VAE_STEP].contract, lat_h, lat_w,
-                       vae_memory_bytes or auto_budget_bytes(), scale=manifest.model.vae.stride[1])
+                       vae_memory_bytes or auto_budget_bytes(), scale=manifest.model.vae.stride[1],
+                       activation_slots=ORT_ACTIVATION_SLOTS)  # no memory plan: ONNX Runtime's figure
 
 
 class Pipeline:

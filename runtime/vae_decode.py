@@ -58,6 +58,12 @@ BLEND_FRACTION = 0.5
 # since vidrt.export.onnx_optimize.conv3d_as_conv2d) hold ~1.6x the activations on ONNX Runtime CPU
 # (bundled decoder step at 256x256 px: 92 -> 145 MiB peak), so on that path 48 undercounts.
 ACTIVATION_SLOTS = 48.0
+# ONNX Runtime CPU on the Conv2d-tap graphs (what `vidrt export` writes since conv3d_as_conv2d): every
+# tap's Conv2d output is a whole activation, and the NCHWc layout pads 8 channels to 16. Measured by
+# tests/test_vae_decode.py::test_peak_memory_tiled_vs_untiled (tiny Wan2.1 decoder, arena off), 3 latent
+# frames: 138 / 559 / 898 MiB untiled at 128 / 256 / 384 px, where 48 slots estimated 67 / 268 / 603:
+# ~115 slots at the worst point (256 px). The CPU decode plan (Pipeline's decode_plan) uses this figure.
+ORT_ACTIVATION_SLOTS = 125.0
 
 
 class Engine(Protocol):

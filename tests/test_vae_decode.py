@@ -352,7 +352,7 @@ _MEASURE = textwrap.dedent("""
     for chunk in vd.iter_decode(lat, first, step, plan, mean=spec.vae.latents_mean, std=spec.vae.latents_std):
         pass
     peak = status("VmHWM")
-    est = vd.estimate_memory(cs, plan)
+    est = vd.estimate_memory(cs, plan, activation_slots=vd.ORT_ACTIVATION_SLOTS)  # what the CPU plan uses
     print(json.dumps({"tiles": plan.count, "measured": peak - base, "estimated": est.total(True)}))
 """)
 
