@@ -105,6 +105,7 @@ default-model: venv
 	rm -rf runtime/models/tiny-shapes
 	$(VIDRT) export --model checkpoints/tiny-shapes --out runtime/models/tiny-shapes
 	rm -f runtime/models/tiny-shapes/.export.lock
+	$(VIDRT) cache calibrate runtime/models/tiny-shapes --threads 1  # MagCache/TeaCache tables (a re-export has none)
 	$(PY) -m vidrt.export.contact_sheet --out docs/tiny-shapes.png --image-out docs/tiny-shapes-i2v.png
 
 clean:

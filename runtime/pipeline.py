@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -143,9 +144,19 @@ def _check_finite(stage: str, x: np.ndarray, precision: str, reduced_hint: str,
 def decode_plan(manifest: Manifest, s: Settings, vae_memory_bytes: int | None) -> TilePlan:
     """The VAE tile plan for these settings; a budget too small fails here, before any inference."""
     _, _, lat_h, lat_w = manifest.model.latent_shape(s.width, s.height, s.num_frames)
-    return choose_tile(manifest.components[C.VAE_STEP].contract, lat_h, lat_w,
-                       vae_memory_bytes or auto_budget_bytes(), scale=manifest.model.vae.stride[1],
-                       activation_slots=ORT_ACTIVATION_SLOTS)  # no memory plan: ONNX Runtime's figure
+    budget = vae_memory_bytes or auto_budget_bytes()
+    try:
+        return choose_tile(manifest.components[C.VAE_STEP].contract, lat_h, lat_w, budget,
+                           scale=manifest.model.vae.stride[1],
+                           activation_slots=ORT_ACTIVATION_SLOTS)  # no memory plan: ONNX Runtime's figure
+    except UsageError as err:
+        if vae_memory_bytes:  # the user's budget: the message names --vae-memory
+            raise
+        need = re.search(r"need ([\d.]+) MiB", str(err))
+        needs = f"the smallest tiles need {float(need[1]) / 1024:.1f} GiB and " if need else ""
+        raise UsageError(f"a {s.width}x{s.height} frame is too large to VAE-decode in this machine's memory: "
+                         f"{needs}the automatic budget (half the available RAM) is {budget / 2**30:.1f} GiB; "
+                         f"lower --size") from None
 
 
 class Pipeline:

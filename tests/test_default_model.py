@@ -138,3 +138,14 @@ def test_image_mode_grid(bundled):
     assert min(psnrs) >= FIRST_FRAME_PSNR_DB
     assert min(exact) >= ROUND_TRIP_PSNR_DB
     assert s["both"] >= IMAGE_TARGET
+
+
+def test_bundled_package_ships_its_step_cache_tables(bundled):
+    """The README's step-caching figures run on the bundled model as shipped: a re-export drops the
+    MagCache/TeaCache tables, so `make default-model` recalibrates; without them `--cache magcache`
+    is refused (a tester found the shipped package without them)."""
+    table = bundled.manifest.cache_table
+    assert table is not None and table.mag_ratios and table.teacache_e
+    for method in ("magcache", "teacache:0.1"):
+        res = bundled.run(Request(prompt="a red circle moving left", seed=1, cache=method))
+        assert 0 < res.stats.cache.block_stack_skips < 25, (method, res.stats.cache)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,9 @@ class OrtEngine:
         self.name = name
         self.contract = contract
         so = ort.SessionOptions()
-        so.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+        # fatal only: ORT's warnings about unused initialisers are noise here, and its error log of a failed
+        # run (a multi-line red allocator trace) would precede vidrt's own one-line error for the same thing
+        so.log_severity_level = 4
         if options.threads is not None:
             so.intra_op_num_threads = options.threads
             so.inter_op_num_threads = 1
@@ -91,6 +94,10 @@ class OrtEngine:
                               f"--vae-memory") from None
         except Exception as exc:  # ORT's own types (InvalidArgument: shapes/dtypes, RuntimeException: memory)
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            wanted = re.search(r"Failed to allocate memory for requested buffer of size (\d+)", str(exc))
+            if wanted:
+                raise DeviceError(f"{self.name}: onnxruntime ran out of host memory (a {int(wanted[1]) / 2**30:.1f} GiB "
+                                  f"buffer); lower --size or --frames") from None
             if "INVALID_ARGUMENT" in first:
                 raise PackageError(f"{self.name} does not accept the inputs its manifest describes ({first}); "
                                    f"re-export the package") from None

@@ -237,14 +237,17 @@ def dit_activation_bytes(spec: ModelSpec, tokens: int, batch: int, precision: st
 # Copies of the [batch, heads, L, L] fp32 attention scores alive at once when ONNX Runtime's CPU provider
 # runs the exported DiT (MatMul -> Softmax -> MatMul: no fused attention, the scores are materialised).
 # Measured as the peak-RSS growth of one call over one copy: 2.34x and 2.18x on the bundled model at
-# 512x512x17 and 768x768x17 (5120 and 11520 tokens, batch 2).
-ORT_SCORE_COPIES = 2.5
+# 512x512x17 and 768x768x17 (5120 and 11520 tokens, batch 2); but a batch-1 call at 1024x1024x17 (20480
+# tokens, one copy 6.25 GiB) reached 19.3 GiB RSS before the kernel killed it (3.1 copies): ORT's BFC
+# arena grows in doubling chunks, so the peak is lumpy. 4 copies keeps that case out; the cost of erring
+# high is only two batch-1 CFG calls, or a refusal, where a run might just have fit.
+ORT_SCORE_COPIES = 4.0
 
 
 def ort_dit_host_bytes(spec: ModelSpec, width: int, height: int, frames: int, batch: int) -> int:
     """Host memory one DiT call on ONNX Runtime's CPU provider needs beyond its weights, in bytes:
     ORT_SCORE_COPIES x batch x heads x L² x 4 B of attention scores (L = tokens) plus the per-token fp32
-    activations of dit_activation_bytes. Wan2.1-1.3B at 832x480x81 (32760 tokens, 12 heads): ~120 GiB
+    activations of dit_activation_bytes. Wan2.1-1.3B at 832x480x81 (32760 tokens, 12 heads): ~200 GiB
     at batch 1, which is why such clips need a GPU; at 64x64x5 (32 tokens), ~17 MiB."""
     tokens = spec.num_tokens(width, height, frames)
     scores = ORT_SCORE_COPIES * batch * spec.dit.num_heads * tokens * tokens * 4
