@@ -51,6 +51,7 @@ from vidrt.export.onnx_export import (
     weight_refs,
 )
 from vidrt.export.package_extras import bake_loras, package_recipes
+from vidrt.lora.merge import read_lora
 from vidrt.package.contracts import (
     DIT_PIECES,
     IMAGE_ENCODER,
@@ -129,6 +130,8 @@ def export_package(model_dir: Path | str, out: Path | str | None = None, variant
     check_opset(opset)
     ckpt = open_checkpoint(model_dir, variant)
     ckpt.check_weights()  # every weight, before any file is written
+    for ref in loras:  # a missing or damaged LoRA (NaN/Inf, truncated, not safetensors) too, not after the export
+        read_lora(ref.path)
     out = Path(out) if out is not None else Path("engines") / ckpt.spec.name
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the package")

@@ -187,6 +187,34 @@ def test_batch_bad_line_names_it(package, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_batch_damaged_lora_is_refused_before_any_work(package, tmp_path, capsys, monkeypatch):
+    """A line's LoRA is read as `vidrt run --lora` reads it before Ray starts (exit 2, the line named); clips
+    that still fail while running exit 4 (runtime) with a hint that does not promise a retry fixes them."""
+    from safetensors.numpy import save_file
+
+    q = "diffusion_model.blocks.0.self_attn.q"
+    nan = tmp_path / "nan.safetensors"
+    save_file({f"{q}.lora_down.weight": np.full((4, 64), np.nan, np.float32),
+               f"{q}.lora_up.weight": np.ones((64, 4), np.float32)}, str(nan))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a cat"}) + "\n" + json.dumps({"prompt": "a dog", "loras": [str(nan)]}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err, err
+    assert f"jobs.jsonl line 2: loras {nan}: tensor {q}.lora_down.weight holds NaN or Inf" in err, err
+    assert not (tmp_path / "out").exists()
+
+    import vidrt.service.batch
+
+    monkeypatch.setattr(vidrt.service.batch, "run_batch", lambda *a, **k: {"clips": 2, "failed": [{"line": 1}]})
+    jobs.write_text(json.dumps({"prompt": "a cat"}) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 4 and "1 of 2 clips failed" in err and "finished clips are skipped" in err, err
+
+
 def test_batch_runs_and_resumes(package, local_ray, tmp_path):
     from vidrt.service.batch import run_batch
 

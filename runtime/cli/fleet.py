@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from vidrt.errors import UsageError, VidrtError
+from vidrt.errors import DeviceError, UsageError
 
 _common = [
     click.option("--model", "-m", "model", help="Model package folder, at the same path on every node "
@@ -79,8 +79,10 @@ def batch_cmd(jobs_file: str, out_dir: str, model: str | None, address: str | No
                         backend=backend, use_gpu=use_gpu, quiet=quiet,
                         echo=lambda s: click.echo(s, err=True))
     if summary["failed"]:
-        raise VidrtError(f"{len(summary['failed'])} of {summary['clips']} clips failed (listed above); run the same "
-                         f"command again to retry only those")
+        # exit 4 (runtime, errors.md): the lines were checked before any work, so what is left failed while
+        # running; a transient failure (a worker that died twice) goes away when run again, others need a fix
+        raise DeviceError(f"{len(summary['failed'])} of {summary['clips']} clips failed (listed above); fix what "
+                          f"they name and run the same command again: finished clips are skipped")
 
 
 def parse_duration(text: str | None, flag: str) -> float | None:

@@ -61,16 +61,18 @@ class LoraFile:
     metadata: dict[str, str]
 
 
-def read_lora(path: str | Path) -> LoraFile:
+def read_lora(path: str | Path, label: str | None = None) -> LoraFile:
     """Read a .safetensors LoRA without torch (the format: 8-byte little-endian header length, JSON header
     {name: {dtype, shape, data_offsets}, __metadata__}, then the raw little-endian tensor bytes).
     The `safetensors` package's numpy API cannot return bf16, the dtype most published LoRAs use.
-    Raises UsageError naming the file for anything that is not a readable safetensors file."""
+    Raises UsageError naming the file for anything that is not a readable safetensors file; `label` is how
+    the messages name it (default "--lora PATH"; a batch line or a server request names it its own way)."""
     p = Path(path)
+    label = label or f"--lora {path}"
     if p.is_dir():
-        raise UsageError(f"--lora {path} is a folder; give the path of a .safetensors LoRA file in it")
+        raise UsageError(f"{label} is a folder; give the path of a .safetensors LoRA file in it")
     if not p.is_file():
-        raise UsageError(f"--lora {path}: no such file; give the path of a .safetensors LoRA")
+        raise UsageError(f"{label}: no such file; give the path of a .safetensors LoRA")
     try:
         raw = p.read_bytes()
         (n,) = struct.unpack("<Q", raw[:8])
@@ -87,21 +89,21 @@ def read_lora(path: str | Path) -> LoraFile:
         tensors = {}
         for name, info in header.items():
             if info["dtype"] not in _FLOAT_DTYPES:
-                raise UsageError(f"--lora {path}: tensor {name[:80]} is {info['dtype']}, not floating point; a "
+                raise UsageError(f"{label}: tensor {name[:80]} is {info['dtype']}, not floating point; a "
                                  f"LoRA's weights are F32/F16/BF16: use a LoRA file, not quantised or other data")
             dtype = _ST_DTYPES[info["dtype"]]
             start, end = info["data_offsets"]
             arr = np.frombuffer(body[start:end], dtype=np.dtype(dtype).newbyteorder("<")).reshape(info["shape"])
             tensors[name] = bf16_to_f32(arr) if info["dtype"] == "BF16" else arr.astype(np.float32)
             if not np.isfinite(tensors[name]).all():
-                raise UsageError(f"--lora {path}: tensor {name[:80]} holds NaN or Inf values; the file is damaged "
+                raise UsageError(f"{label}: tensor {name[:80]} holds NaN or Inf values; the file is damaged "
                                  f"(or was saved from a diverged training run): use another copy")
     except _Truncated as exc:
-        raise UsageError(f"--lora {path} is truncated or damaged ({exc}); re-download it") from None
+        raise UsageError(f"{label} is truncated or damaged ({exc}); re-download it") from None
     except OSError as exc:
-        raise UsageError(f"--lora {path} cannot be read ({exc.strerror})") from None
+        raise UsageError(f"{label} cannot be read ({exc.strerror})") from None
     except (ValueError, KeyError, TypeError, struct.error) as exc:
-        raise UsageError(f"--lora {path} is not a safetensors LoRA file ({str(exc)[:80]}); "
+        raise UsageError(f"{label} is not a safetensors LoRA file ({str(exc)[:80]}); "
                          f"convert it to .safetensors") from None
     return LoraFile(str(path), tensors, meta)
 

@@ -62,11 +62,13 @@ def read_jobs(path: str | os.PathLike[str], spec: ModelSpec, package: str | os.P
     lines: list[BatchLine] = []
     seen: dict[Path, int] = {}
     errors: list[str] = []
+    checked: dict[str, str | None] = {}  # LoRA path -> its refusal (each file read once)
     for number, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
         try:
             line = _read_line(raw, number, f"{p.name} line {number}", spec, package, out_dir)
+            _check_loras(line, f"{p.name} line {number}", checked)
         except UsageError as exc:
             errors.append(str(exc))
             continue
@@ -104,6 +106,23 @@ def _read_line(raw: str, number: int, where: str, spec: ModelSpec, package: str 
     except UsageError as exc:
         raise UsageError(f"{where}: {exc}") from None
     return BatchLine(number, job, settings, out_dir / (_output_name(name, job, where) + job.suffix), name is not None)
+
+
+def _check_loras(line: BatchLine, where: str, checked: dict[str, str | None]) -> None:
+    """Every LoRA file of a line read as `vidrt run --lora` reads it (missing, not safetensors, truncated,
+    NaN/Inf values) before any work: a damaged file would fail its clips on the workers, every run."""
+    from vidrt.lora.merge import read_lora
+    from vidrt.service.jobs import lora_ref
+
+    for ref in (lora_ref(x) for x in line.job.loras or ()):  # the request's own (not a recipe's shipped ones)
+        if ref.path not in checked:
+            try:
+                read_lora(ref.path, f"loras {ref.path}")
+                checked[ref.path] = None
+            except UsageError as exc:
+                checked[ref.path] = str(exc)
+        if checked[ref.path] is not None:
+            raise UsageError(f"{where}: {checked[ref.path]}")
 
 
 def is_done(line: BatchLine) -> bool:
