@@ -316,6 +316,25 @@ def test_export_lora_bakes_the_same_weights(t2v, tmp_path):
     assert psnr(at_load, ours(pipe, noise)) < 40.0
 
 
+def test_export_refuses_a_damaged_lora_before_any_work(tiny_t2v_checkpoint, tmp_path, capsys):
+    """`vidrt export --lora` reads the LoRA before exporting (it used to fail only when baking, after the
+    encoders): exit 2, one line naming the file, nothing written."""
+    from vidrt.cli.app import main
+
+    q = "diffusion_model.blocks.0.self_attn.q"
+    nan = tmp_path / "nan.safetensors"
+    save_file({f"{q}.lora_down.weight": torch.full((4, 64), float("nan")),
+               f"{q}.lora_up.weight": torch.ones(64, 4)}, str(nan))
+    out = tmp_path / "pkg"
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--model", str(tiny_t2v_checkpoint), "--variant", TINY_VARIANT["t2v"], "--out", str(out),
+              "--lora", str(nan)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err, err
+    assert f"--lora {nan}: tensor {q}.lora_down.weight holds NaN or Inf" in err, err
+    assert not out.exists()
+
+
 # ---- image-to-video DiTs (issue 16 item 3) ------------------------------------------------------
 
 # Wan2.1 I2V/FLF2V image branch (fast_paths.md A.1): per block, and the CLIP-token MLP (global)
