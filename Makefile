@@ -86,8 +86,9 @@ typecheck: venv
 # Retrain the embedded tiny model (checkpoints/tiny-shapes/TRAINING.md stages 1-5): VAE, then umT5 + DiT, then
 # the sampling sweep (export/train_tiny.py); the `fast` recipe's 4-step LoRA on that text-only model
 # (export/distill_tiny.py); the image-mode fine-tune and its scores (export/train_tiny_i2v.py); the LoRA
-# re-distilled from the fine-tuned model, warm-started from the first. Seeded and step-counted; about three
-# hours on a busy 2-core CPU. Writes checkpoints/tiny-shapes/.
+# re-distilled from the fine-tuned model, warm-started from the first, then trained on the teacher's trajectory
+# segments (stage 6: 720 teacher clips with every state, two runs of 300 + 250 steps). Seeded and step-counted;
+# about four hours on a busy 2-core CPU. Writes checkpoints/tiny-shapes/.
 train-tiny: venv
 	nice -n 15 $(PY) -m vidrt.export.train_tiny --out checkpoints/tiny-shapes --stage all --seed 0
 	nice -n 15 $(PY) -m vidrt.export.distill_tiny --steps 600 --batch 16 --teacher-seeds 4 --keep-all \
@@ -98,6 +99,13 @@ train-tiny: venv
 		--blend-with build/tiny-stage2
 	nice -n 15 $(PY) -m vidrt.export.distill_tiny --steps 150 --batch 16 --teacher-seeds 2 --image-seeds 1 \
 		--init checkpoints/tiny-shapes/fast_lora.safetensors --out checkpoints/tiny-shapes/fast_lora.safetensors
+	nice -n 15 $(PY) -m vidrt.export.distill_tiny --bank-only --teacher-seeds 2000-2004 --bank build/fast-bank1.npz \
+		--out build/fast-bank1.safetensors
+	nice -n 15 $(PY) -m vidrt.export.distill_tiny --bank-only --teacher-seeds 2005-2008 --image-seeds 2100-2100 \
+		--bank build/fast-bank2.npz --out build/fast-bank2.safetensors
+	for run in 1 2; do nice -n 15 $(PY) -m vidrt.export.distill_tiny --objective segment --teacher-steps 0,9,15,20 \
+		--steps $$((run == 1 ? 300 : 250)) --batch 16 --lr 1e-3 --bank build/fast-bank1.npz --bank build/fast-bank2.npz \
+		--init checkpoints/tiny-shapes/fast_lora.safetensors --out checkpoints/tiny-shapes/fast_lora.safetensors; done
 
 # Re-export the bundled default package (package data of vidrt) from its checkpoint, and its pictures
 # (docs/tiny-shapes.png; the image mode: docs/tiny-shapes-i2v.png and the two start pictures docs/tiny-shapes-*-*.png).

@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     log_path = args.out.with_suffix(".log.jsonl")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    log_path.unlink(missing_ok=True)
+    if args.init is None or args.init.resolve() != args.out.resolve():  # continuing a LoRA in place: its log goes on
+        log_path.unlink(missing_ok=True)
     t_start = time.time()
 
     def log(**rec: object) -> None:
