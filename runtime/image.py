@@ -148,9 +148,10 @@ def output_size(width: int, height: int, rule: str, max_area: int, multiple: int
             w, h = 0, 0
     else:
         raise ValueError(f"unknown resize rule {rule!r}")
-    if min(w, h) < multiple:
-        raise UsageError(f"a {width}x{height} image is too narrow for this model's area ({w}x{h}); crop it "
-                         f"closer to the output's aspect or give --size WxH")
+    if min(w, h) < multiple:  # one side would floor below one latent cell (TI2V: the official code divides by 0)
+        side = "narrow" if width < height else "wide" if width > height else "small"
+        raise UsageError(f"a {width}x{height} image is too {side} for this model's output area of {max_area} pixels "
+                         f"(one side would be under {multiple} px); crop it closer to a square or give --size WxH")
     return w, h
 
 

@@ -385,6 +385,8 @@ class Pipeline:
         # 2. text: [2, 512, d_model], row 0 = prompt, row 1 = negative prompt; [1, ...] when no step needs CFG
         with stats.stage("text"):
             self._warn_unknown_words(s.prompt)
+            if not needs_uncond and request.negative_prompt:  # asked for, but no step runs the uncond pass
+                self.warn("the negative prompt has no effect: no step uses classifier-free guidance (guidance 1)")
             prompts = [s.prompt, s.negative_prompt] if needs_uncond else [s.prompt]
             context = self.embeddings.get(prompts) if self.embeddings else None
             if context is None:

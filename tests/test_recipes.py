@@ -133,3 +133,18 @@ def test_cfg_free_run_equals_diffusers_and_halves_dit_calls(tiny_t2v_checkpoint,
           f"vidrt {free.stats.dit_calls}, diffusers {len(calls)}, vidrt with CFG {cfg.stats.dit_calls}")
     assert len(calls) == free.stats.dit_calls
     assert value >= 75.0  # measured 87.4 dB; near it, so a wrong guidance or timestep list fails
+
+
+def test_negative_prompt_without_cfg_warns_once():
+    """guidance 1 makes no unconditional pass, so a negative prompt the user gave does nothing: say so
+    (a tester's `--negative-prompt blurry --guidance 1` was silently ignored); with CFG, no warning."""
+    from vidrt.pipeline import Pipeline
+    from vidrt.request import Request
+
+    said: list[str] = []
+    pipe = Pipeline.load(threads=1, warn=said.append)
+    pipe.run(Request(prompt="a red circle moving left", negative_prompt="blurry", guidance=1.0, steps=2, seed=1))
+    assert [m for m in said if "negative prompt" in m] == [said[-1]] and len(said) == 1, said
+    said.clear()
+    pipe.run(Request(prompt="a red circle moving left", negative_prompt="blurry", guidance=2.0, steps=2, seed=1))
+    assert not said, said

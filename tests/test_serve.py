@@ -200,7 +200,7 @@ def test_cancel_keeps_the_record(client, served):
     v = client.videos.retrieve(vid)
     assert v.status == "failed" and v.error.code == "cancelled", v
     wait_for(f"{vid}'s worker to stop", lambda: worker_of(url, vid) is None, 60)
-    with pytest.raises(openai.ConflictError):
+    with pytest.raises(openai.ConflictError, match="has no content"):  # not "exists once ... completed"
         client.videos.download_content(vid)
     assert not list(out.glob(f"{vid}.mp4"))
     client.videos.delete(vid)
@@ -213,7 +213,7 @@ def test_sdk_error_classes(client, served, tmp_path):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong-token-0123456789", max_retries=0).videos.list()
     for kwargs, needle in (({"size": "720x1280"}, "vidrt-tiny-shapes here makes 64x64"),
-                           ({"seconds": "12"}, "seconds 12 is 97 frames over this server's limit"),
+                           ({"seconds": "12"}, "seconds 12 is 97 frames, over this server's limit of 17 frames"),
                            ({"model": "sora-2"}, "model 'sora-2' is not served here; this server runs "
                                                  "'vidrt-tiny-shapes'"),
                            ({"extra_body": {"frames": 10}}, "is not 4k+1"),

@@ -213,7 +213,7 @@ class VideoAPI:
 
     def _can(self) -> str:
         return (f"{self.spec.name} here makes {' or '.join(self.sizes()) or 'no listed size'} (other multiples of "
-                f"{self.spec.spatial_multiple} up to {self.limits.max_pixels} pixels), up to "
+                f"{self.spec.spatial_multiple} with an area up to {self.limits.max_pixels} pixels), up to "
                 f"{self.limits.max_frames} frames at {self.fps} fps ({self.max_seconds():g} s)")
 
     # -- requests ----------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ class VideoAPI:
         if settings.num_frames > self.limits.max_frames:
             asked = f"seconds {body.seconds} is {settings.num_frames} frames" if body.seconds else \
                 f"{settings.num_frames} frames is"
-            raise ApiError(400, f"{asked} over this server's limit; {self._can()}",
+            raise ApiError(400, f"{asked}, over this server's limit of {self.limits.max_frames} frames; {self._can()}",
                            "seconds" if body.seconds else "frames", "length_unsupported")
         if settings.steps > self.limits.max_steps:
             raise ApiError(400, f"{settings.steps} steps is over this server's limit of {self.limits.max_steps}",

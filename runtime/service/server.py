@@ -308,6 +308,9 @@ def create_app(state: State) -> FastAPI:
     async def video_content(video_id: str = PathParam(max_length=200),
                             variant: Literal["video", "thumbnail", "spritesheet"] = "video") -> FileResponse:
         job = job_of(video_id)
+        if job.status in ("failed", "cancelled"):
+            raise ApiError(409, f"video {video_id} is {job.status}: it has no content; create a new video",
+                           code=job.status)
         if job.status != "completed":
             raise ApiError(409, f"video {video_id} is {job.status} ({int(job.percent)}%); its content exists once "
                                 f"GET /v1/videos/{video_id} says completed", code=job.status)
