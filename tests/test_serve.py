@@ -618,6 +618,16 @@ def test_restore_rules_without_ray(package, tmp_path):
     again.store.close()
 
 
+def _lora_file(path: Path, value: float = 1.0) -> Path:
+    """A tiny LoRA for block 0's self-attention q (value: every lora_down entry; NaN makes a damaged file)."""
+    from safetensors.numpy import save_file
+
+    q = "diffusion_model.blocks.0.self_attn.q"
+    save_file({f"{q}.lora_down.weight": np.full((4, 64), value, np.float32),
+               f"{q}.lora_up.weight": np.ones((64, 4), np.float32)}, str(path))
+    return path
+
+
 def test_loras_only_by_name_from_the_operators_folder(tmp_path):
     """A client may not make the server open a file of its choosing: LoRAs are bare names inside the
     operator's --lora-dir, and without one the server takes none."""
@@ -628,7 +638,9 @@ def test_loras_only_by_name_from_the_operators_folder(tmp_path):
     spec = load_manifest(default_package(), verify=False).model
     limits = ServeLimits(max_pixels=64 * 64, max_frames=17, max_steps=50)
     (tmp_path / "loras").mkdir()
-    (tmp_path / "loras" / "style.safetensors").write_bytes(b"not read here")
+    _lora_file(tmp_path / "loras" / "style.safetensors")
+    _lora_file(tmp_path / "loras" / "nan.safetensors", float("nan"))
+    (tmp_path / "loras" / "junk.safetensors").write_bytes(b"not a safetensors file")
     (tmp_path / "secret.safetensors").write_bytes(b"x")
 
     def refusal(api: VideoAPI, loras: list[str]) -> ApiError:
@@ -643,6 +655,14 @@ def test_loras_only_by_name_from_the_operators_folder(tmp_path):
     for bad in ("../secret.safetensors", str(tmp_path / "secret.safetensors"), "..", ".hidden"):
         assert "not a path" in refusal(api, [bad]).message
     assert "style.safetensors" in refusal(api, ["missing.safetensors"]).message  # names what there is
+    # a damaged file is read at create time and named as the client named it: no server path, no CLI flag
+    for bad, needle in (("nan.safetensors:0.5", "holds NaN or Inf"), ("junk.safetensors", "not a safetensors")):
+        message = refusal(api, [bad]).message
+        assert message.startswith("loras: 'nan.safetensors'" if "nan" in bad else "loras: 'junk.safetensors'")
+        assert needle in message and str(tmp_path) not in message and "--lora" not in message, message
+    # a failure on the worker (keys/shapes are checked there) reads the same way
+    worker = f"--lora {(tmp_path / 'loras').resolve()}/style.safetensors: key x has the wrong shape"
+    assert api.client_text(worker) == "loras: style.safetensors: key x has the wrong shape"
     job, _, _ = api.to_job({"prompt": "a red circle moving left", "loras": ["style.safetensors:0.5"]})
     assert [(Path(r.path), r.strength) for r in job.to_request().loras] == \
         [((tmp_path / "loras" / "style.safetensors").resolve(), 0.5)]
@@ -674,7 +694,7 @@ def test_caps_set_the_defaults_and_lora_strengths_are_checked(tmp_path):
     _, s, _ = uncapped.to_job({"prompt": "a cat"})
     assert (s.width, s.height, s.num_frames) == (1280, 704, 121)
 
-    (tmp_path / "style.safetensors").write_bytes(b"not read here")
+    _lora_file(tmp_path / "style.safetensors")
     api = VideoAPI(tiny, ServeLimits(max_pixels=64 * 64, max_frames=17, max_steps=50), lora_dir=str(tmp_path))
     for bad in ("style.safetensors:nan", "style.safetensors:abc", "style.safetensors:inf", "style.safetensors:11",
                 "dit_high=style.safetensors:x"):

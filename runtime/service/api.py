@@ -16,13 +16,14 @@ one line naming the field and what this server can do instead.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from vidrt.errors import UsageError
-from vidrt.lora import parse_lora_arg
+from vidrt.lora import parse_lora_arg, read_lora
 from vidrt.package.registry import ModelSpec
 from vidrt.request import MAX_FRAMES, MAX_SEED, MAX_STEPS, Settings
 from vidrt.schedulers import SOLVERS
@@ -166,6 +167,7 @@ class VideoAPI:
         self.spec = spec
         self.image_dir = Path(image_dir) if image_dir is not None else None
         self.lora_dir = Path(lora_dir).resolve() if lora_dir is not None else None
+        self._lora_checked: dict[tuple[str, int, int], str | None] = {}  # (name, mtime_ns, size) -> refusal
         self.limits = limits
         self.names = {spec.name} | ({Path(package).name} if package else set())
         self.fps = spec.sampling.fps
@@ -320,7 +322,31 @@ class VideoAPI:
             known = sorted(p.name for p in self.lora_dir.glob("*.safetensors"))[:20]
             raise ApiError(400, f"loras: {name!r} is not in this server's LoRA folder; it has "
                                 f"{', '.join(known) or 'no .safetensors files'}", "loras", "lora_not_found")
+        self._check_lora_file(name, path)
         return f"{expert}={path}{colon}{strength}" if expert else f"{path}{colon}{strength}"
+
+    def _check_lora_file(self, name: str, path: Path) -> None:
+        """Read the file as `vidrt run --lora` does (not safetensors, truncated, NaN/Inf values) at create
+        time, named as the client named it; each version of a file (mtime, size) is read once."""
+        st = path.stat()
+        key = (name, st.st_mtime_ns, st.st_size)
+        if key not in self._lora_checked:
+            try:
+                read_lora(path, f"loras: {name!r}")
+                self._lora_checked[key] = None
+            except UsageError as exc:
+                self._lora_checked[key] = str(exc)
+        refusal = self._lora_checked[key]
+        if refusal is not None:
+            raise ApiError(400, refusal, "loras", "lora_invalid")
+
+    def client_text(self, message: str) -> str:
+        """A worker's error as a client may see it: a LoRA by the name the client sent, not the server's
+        path, and no CLI flag (`--lora /srv/loras/x.safetensors: ...` -> `loras: x.safetensors: ...`)."""
+        if self.lora_dir is not None:
+            message = message.replace("--lora-high-noise ", "loras: ").replace("--lora-low-noise ", "loras: ")
+            message = message.replace("--lora ", "loras: ").replace(f"{self.lora_dir}{os.sep}", "")
+        return message
 
     def _frames_of(self, seconds: str, fps: int | None) -> int:
         value = float(seconds)
@@ -338,7 +364,8 @@ class VideoAPI:
         s = job.settings
         fps = job.request.fps or self.fps
         event = job.event if job.status == "in_progress" else None
-        error = VideoError(code=job.error_code or job.status, message=job.error) if job.error else None
+        error = VideoError(code=job.error_code or job.status, message=self.client_text(job.error)) if job.error \
+            else None
         status = job.status
         if status == "cancelled":
             status, error = "failed", VideoError(code="cancelled", message="the job was cancelled")
