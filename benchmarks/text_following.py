@@ -4,7 +4,7 @@ fine-tune must not cost text-only following). Each package runs every grid promp
 and the pixel judge (`shapes_data.classify_clip`) reads colour and direction back; the share of clips
 with both right is printed per package, on the same seeds.
 
-    nice -n 10 python -m benchmarks.text_following --package before=PKG --package after=PKG \
+    nice -n 10 python -m benchmarks.text_following --package before=PKG --package after=PKG[@RECIPE] \
         --seeds 6000,6001,6002,6003 [--threads 1] [--out benchmarks/results/text-following.json]
 
 Choose the seeds before looking at any result, and never the grid test's (1000, 1001), the held-out
@@ -22,19 +22,20 @@ from vidrt.pipeline import Pipeline
 from vidrt.request import Request
 
 
-def grid_score(package: str, seeds: list[int], threads: int | None) -> dict[str, float]:
+def grid_score(package: str, seeds: list[int], threads: int | None, recipe: str | None = None) -> dict[str, float]:
     pipe = Pipeline.load(package, threads=threads)
     results = []
     for seed in seeds:
         for colour, shape, direction in grid():
-            clip = pipe.run(Request(prompt=prompt_for(colour, shape, direction), seed=seed)).frames
+            clip = pipe.run(Request(prompt=prompt_for(colour, shape, direction), seed=seed, recipe=recipe)).frames
             results.append((classify_clip(clip), (colour, direction)))
     return score(results)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--package", action="append", required=True, help="NAME=PACKAGE_FOLDER (repeatable)")
+    ap.add_argument("--package", action="append", required=True,
+                    help="NAME=PACKAGE_FOLDER[@RECIPE] (repeatable; RECIPE e.g. fast: the package's named recipe)")
     ap.add_argument("--seeds", required=True, help="comma-separated noise seeds, e.g. 6000,6001")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     out: dict[str, object] = {"seeds": seeds}
     for item in args.package:
         name, _, package = item.partition("=")
-        out[name] = grid_score(package, seeds, args.threads)
+        package, _, recipe = package.partition("@")
+        out[name] = grid_score(package, seeds, args.threads, recipe or None)
         print(f"{name}: {out[name]}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(out, indent=1) + "\n")
