@@ -182,43 +182,11 @@ def seed_list(spec: str, first: int) -> list[int]:
     return [first + i for i in range(int(spec))]
 
 
-@torch.no_grad()
 def teacher_sample(dit, t5, tok, prompts: list[str], seeds: list[int], steps: int, shift: float, guidance: float,
                    images: torch.Tensor | None = None, negative: str = "", chunk: int = 72) -> np.ndarray:
     """train_tiny_i2v.sample (the runtime's loop: numpy noise per seed, official UniPC, CFG, image mode), keeping
     every state: [N, steps + 1, z, f, h, w], the state entering step k at [:, k] and the final sample at [:, -1]."""
-    from vidrt.schedulers import make_schedule, make_solver
-
-    first = (LATENT[2] // 2) * (LATENT[3] // 2)
-    proc = tt.PadCompressedCrossAttn()
-    full_procs = tt.set_cross_attn(dit, proc)
-    outs = []
-    for i in range(0, len(prompts), chunk):
-        ps, ss = prompts[i:i + chunk], seeds[i:i + chunk]
-        ids, mask = tt.token_ids(tok, ps + [negative] * len(ps), tt.CTX_ROWS)
-        ctx = tt.encode_text(t5, ids, mask)
-        proc.bias = tt.pad_bias(mask)
-        x = noise_for(ss)
-        z = None if images is None else images[i:i + chunk].numpy()
-        if z is not None:
-            x[:, :, :1] = z
-        schedule = make_schedule("unipc", steps, shift)
-        solver = make_solver("unipc", schedule)
-        kept = [x]
-        for st in schedule:
-            t = torch.full((2 * len(ps), LATENT[1] * first), float(st.timestep))
-            if z is not None:
-                t[:, :first] = 0.0
-            xt = torch.from_numpy(x)
-            v = dit(hidden_states=torch.cat([xt, xt]), timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
-            vc, vu = v.chunk(2)
-            x = solver.step((vu + guidance * (vc - vu)).numpy(), x)
-            if z is not None:
-                x[:, :, :1] = z
-            kept.append(x)
-        outs.append(np.stack(kept, 1))
-    tt.set_cross_attn(dit, full_procs)
-    return np.concatenate(outs)
+    return ti.sample(dit, t5, tok, prompts, seeds, steps, shift, guidance, images, negative, chunk, keep_states=True)
 
 
 def teacher_sigmas(steps: int, shift: float) -> np.ndarray:

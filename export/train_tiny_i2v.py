@@ -159,9 +159,12 @@ def encode_pictures(vae, mean, std, pictures: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(dit, t5, tok, prompts: list[str], seeds: list[int], steps: int, shift: float, guidance: float,
-           images: torch.Tensor | None = None, negative: str = "", chunk: int = 72) -> np.ndarray:
+           images: torch.Tensor | None = None, negative: str = "", chunk: int = 72,
+           keep_states: bool = False) -> np.ndarray:
     """tt.sample_latents plus TI2V image mode (images: [N, z, 1, h, w] or None): frame 0 of the initial
-    latents is the image latent, its tokens get timestep 0, and it is re-imposed after every step."""
+    latents is the image latent, its tokens get timestep 0, and it is re-imposed after every step.
+    Returns the final latents [N, z, f, h, w], or with keep_states every state [N, steps + 1, z, f, h, w]
+    (the state entering step k at [:, k], the final sample at [:, -1]; the distillation's teacher)."""
     from vidrt.schedulers import make_schedule, make_solver
 
     lat = (tt.DIT_CONFIG["in_channels"], (sd.NUM_FRAMES - 1) // 4 + 1, sd.SIZE // 8, sd.SIZE // 8)
@@ -181,6 +184,7 @@ def sample(dit, t5, tok, prompts: list[str], seeds: list[int], steps: int, shift
             x[:, :, :1] = z
         schedule = make_schedule("unipc", steps, shift)
         solver = make_solver("unipc", schedule)
+        kept = [x]
         for st in schedule:
             t = torch.full((2 * len(ps), tokens), float(st.timestep))
             if z is not None:
@@ -191,7 +195,9 @@ def sample(dit, t5, tok, prompts: list[str], seeds: list[int], steps: int, shift
             x = solver.step((vu + guidance * (vc - vu)).numpy(), x)
             if z is not None:
                 x[:, :, :1] = z
-        outs.append(x)
+            if keep_states:
+                kept.append(x)
+        outs.append(np.stack(kept, 1) if keep_states else x)
     tt.set_cross_attn(dit, full_procs)
     return np.concatenate(outs)
 
