@@ -9,6 +9,7 @@ attached afterwards (reference/feasibility.md §2.2).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -41,6 +42,10 @@ from vidrt.export.components import (
 from vidrt.export.onnx_optimize import conv3d_as_conv2d, optimize_model
 from vidrt.package.contracts import Contract
 from vidrt.package.manifest import WeightRef
+
+# torch.onnx's op registry warns once per torchvision op ("torchvision is not installed. Skipping
+# torchvision::nms", six lines on every `vidrt export`): vidrt exports no torchvision op, so they are noise.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 from vidrt.package.registry import ModelSpec
 
 # Above this many bytes of weights the graph is saved with external data (protobuf caps a file at

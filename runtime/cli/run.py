@@ -232,5 +232,6 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
             raise OutputError(f"cannot write --stats-json {stats_json} ({exc.strerror})") from None
     if not quiet:
         click.echo(stats.table(), err=True)
-        click.echo(f"wrote {label} ({settings.num_frames} frames, {settings.width}x{settings.height}, "
+        frames_word = "frame" if settings.num_frames == 1 else "frames"
+        click.echo(f"wrote {label} ({settings.num_frames} {frames_word}, {settings.width}x{settings.height}, "
                    f"{fps_out} fps, seed {settings.seed})", err=True)
