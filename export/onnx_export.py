@@ -42,11 +42,11 @@ from vidrt.export.components import (
 from vidrt.export.onnx_optimize import conv3d_as_conv2d, optimize_model
 from vidrt.package.contracts import Contract
 from vidrt.package.manifest import WeightRef
+from vidrt.package.registry import ModelSpec
 
 # torch.onnx's op registry warns once per torchvision op ("torchvision is not installed. Skipping
 # torchvision::nms", six lines on every `vidrt export`): vidrt exports no torchvision op, so they are noise.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-from vidrt.package.registry import ModelSpec
 
 # Above this many bytes of weights the graph is saved with external data (protobuf caps a file at
 # 2 GiB; torch itself switches at 1.5 GiB, so stay at its threshold to keep the two in agreement).
