@@ -17,8 +17,8 @@ import torch
 import wan_ref
 from tiny import TINY_VARIANT, write_diffusers_checkpoint
 from vidrt.export.package import export_package
-from vidrt.pipeline import Pipeline
 from vidrt.package.registry import get_variant
+from vidrt.pipeline import Pipeline
 from vidrt.request import Request, resolve
 
 PROMPT = "a red cat walks on the beach"

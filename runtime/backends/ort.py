@@ -96,8 +96,9 @@ class OrtEngine:
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             wanted = re.search(r"Failed to allocate memory for requested buffer of size (\d+)", str(exc))
             if wanted:
-                raise DeviceError(f"{self.name}: onnxruntime ran out of host memory (a {int(wanted[1]) / 2**30:.1f} GiB "
-                                  f"buffer); lower --size or --frames") from None
+                gib = int(wanted[1]) / 2**30
+                raise DeviceError(f"{self.name}: onnxruntime ran out of host memory (a {gib:.1f} GiB buffer); "
+                                  f"lower --size or --frames") from None
             if "INVALID_ARGUMENT" in first:
                 raise PackageError(f"{self.name} does not accept the inputs its manifest describes ({first}); "
                                    f"re-export the package") from None

@@ -767,6 +767,7 @@ def plan_for_package(package: Path, manifest: Manifest, width: int, height: int,
 __all__ = ["cache_residual_bytes", "pieces_tensor_bytes", "PIECE_METHODS",
            "DiTParams", "dit_params", "dit_param_count", "text_param_count", "VAE_DECODER_PARAMS",
            "VAE_CACHE_SLOTS", "vae_step_contract", "dit_weight_bytes", "text_weight_bytes", "tensor_bytes",
-           "io_bytes", "dit_activation_bytes", "ort_dit_host_bytes", "ORT_SCORE_COPIES", "text_activation_bytes", "EngineReport", "load_reports", "Item",
+           "io_bytes", "dit_activation_bytes", "ort_dit_host_bytes", "ORT_SCORE_COPIES", "text_activation_bytes",
+           "EngineReport", "load_reports", "Item",
            "Stage", "ResidencyPlan", "make_plan", "plan_for_package", "RESERVE_BYTES", "DEFAULT_FP8_SCOPE",
            "HOST_BASE_BYTES", "TEXT_DEVICES"]
