@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -144,19 +143,12 @@ def _check_finite(stage: str, x: np.ndarray, precision: str, reduced_hint: str,
 def decode_plan(manifest: Manifest, s: Settings, vae_memory_bytes: int | None) -> TilePlan:
     """The VAE tile plan for these settings; a budget too small fails here, before any inference."""
     _, _, lat_h, lat_w = manifest.model.latent_shape(s.width, s.height, s.num_frames)
-    budget = vae_memory_bytes or auto_budget_bytes()
-    try:
-        return choose_tile(manifest.components[C.VAE_STEP].contract, lat_h, lat_w, budget,
-                           scale=manifest.model.vae.stride[1],
-                           activation_slots=ORT_ACTIVATION_SLOTS)  # no memory plan: ONNX Runtime's figure
-    except UsageError as err:
-        if vae_memory_bytes:  # the user's budget: the message names --vae-memory
-            raise
-        need = re.search(r"need ([\d.]+) MiB", str(err))
-        needs = f"the smallest tiles need {float(need[1]) / 1024:.1f} GiB and " if need else ""
-        raise UsageError(f"a {s.width}x{s.height} frame is too large to VAE-decode in this machine's memory: "
-                         f"{needs}the automatic budget (half the available RAM) is {budget / 2**30:.1f} GiB; "
-                         f"lower --size") from None
+    # no memory plan: ONNX Runtime's activation figure; without --vae-memory the fix is a smaller frame
+    auto = {} if vae_memory_bytes else {"budget_name": "the automatic VAE memory budget (half the available RAM)",
+                                        "fix": "lower --size"}
+    return choose_tile(manifest.components[C.VAE_STEP].contract, lat_h, lat_w,
+                       vae_memory_bytes or auto_budget_bytes(), scale=manifest.model.vae.stride[1],
+                       activation_slots=ORT_ACTIVATION_SLOTS, **auto)
 
 
 class Pipeline:
@@ -528,12 +520,12 @@ class Pipeline:
         if self.backend.name != "onnxruntime":
             return 2
         available = available_memory_bytes()
+        need = {b: ort_dit_host_bytes(self.manifest.model, s.width, s.height, s.num_frames, b) for b in (2, 1)}
         for batch in (2, 1):
-            if ort_dit_host_bytes(self.manifest.model, s.width, s.height, s.num_frames, batch) <= available:
+            if need[batch] <= available:
                 return batch
-        need = ort_dit_host_bytes(self.manifest.model, s.width, s.height, s.num_frames, 1)
         tokens = self.manifest.model.num_tokens(s.width, s.height, s.num_frames)
-        raise DeviceError(f"{s.width}x{s.height}x{s.num_frames} needs about {need / 2**30:.1f} GiB of host memory "
+        raise DeviceError(f"{s.width}x{s.height}x{s.num_frames} needs about {need[1] / 2**30:.1f} GiB of host memory "
                           f"on ONNX Runtime (the DiT's attention over {tokens} tokens) and {available / 2**30:.1f} GiB "
                           f"are available; lower --size or --frames, or run on a GPU (--backend tensorrt)")
 

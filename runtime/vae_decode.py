@@ -275,8 +275,10 @@ def _axis_count(length: int, tile: int, overlap: int) -> int:
 
 def choose_tile(step: Contract, lat_h: int, lat_w: int, budget_bytes: int, *, scale: int,
                 overlap: int = DEFAULT_OVERLAP, same_memory: bool = True,
-                activation_slots: float = ACTIVATION_SLOTS) -> TilePlan:
-    """The cheapest tile plan whose memory fits `budget_bytes`.
+                activation_slots: float = ACTIVATION_SLOTS, budget_name: str = "VAE memory budget",
+                fix: str = "raise --vae-memory (e.g. 2GB) or leave it out (auto)") -> TilePlan:
+    """The cheapest tile plan whose memory fits `budget_bytes`; UsageError naming `budget_name` and
+    `fix` when even the smallest tiles do not fit.
 
     Untiled when the whole frame fits. Otherwise, among every tile shape (th, tw) with both sides
     >= 2 * overlap (or the full frame extent) that fits, pick the one that decodes the fewest cells
@@ -306,9 +308,9 @@ def choose_tile(step: Contract, lat_h: int, lat_w: int, budget_bytes: int, *, sc
         small = plan_tiles(lat_h, lat_w, min(lo, lat_h), min(lo, lat_w), scale=scale, overlap=overlap)
         need = estimate_memory(step, small, activation_slots).total(same_memory)
         have = f"{budget_bytes} bytes" if budget_bytes < 2**20 else f"{budget_bytes / 2**20:.1f} MiB"
-        raise UsageError(f"VAE memory budget {have} is too small: the smallest tiles "
+        raise UsageError(f"{budget_name} {have} is too small: the smallest tiles "
                          f"({small.tile_shape[0]}x{small.tile_shape[1]} latent cells) need "
-                         f"{need / 2**20:.1f} MiB; raise --vae-memory (e.g. 2GB) or leave it out (auto)")
+                         f"{need / 2**20:.1f} MiB; {fix}")
     return best[1]
 
 
