@@ -7,7 +7,9 @@ Teacher: the bundled model as shipped, sampled as the runtime samples it (sampli
 official UniPC, 25 steps, CFG at its guidance and shift; `train_tiny_i2v.sample`), from seeded
 noise, for every grid prompt x `--teacher-seeds` seeds (seeds 2000.., not the grid test's 1000/1001),
 and in TI2V image mode x `--image-seeds` seeds (2100..; the picture is frame 0 of a random clip of the
-prompt; frame 0 re-imposed after every step, its tokens at timestep 0). Only the samples the pixel
+prompt; frame 0 re-imposed after every step, its tokens at timestep 0); or with one seed per clip
+(`--clip-seeds` 100000.., `--image-clip-seeds` 200000..: clip i gets seed A + i and grid prompt i mod 72, so
+every clip starts from its own noise tensor; per-seed groups give 72 clips the same one). Only the samples the pixel
 judge reads as right are kept (`--keep-all` keeps every one): the student should not learn the
 teacher's misses.
 Student: the same DiT with rank-r LoRA pairs on every block Linear (self/cross-attention q, k, v, o and
@@ -119,6 +121,23 @@ def object_cells(clips: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+# The teacher's seed groups: (name, image mode, one noise seed per clip). Per-seed groups give every grid prompt
+# the same seed (the runtime draws the noise from the seed alone, so 72 clips share one noise tensor); per-clip
+# groups give clip i its own seed (start + i) and grid prompt i mod 72, so the student sees as many noise tensors
+# as clips.
+SEED_GROUPS = {"seeds": (False, False), "image_seeds": (True, False),
+               "clip_seeds": (False, True), "image_clip_seeds": (True, True)}
+
+
+def grid_cases(seeds: list[int], per_clip: bool) -> list[tuple[int, str, str, str]]:
+    """(seed, colour, shape, direction) per clip: every grid prompt x every seed, or (per_clip) seed i with grid
+    prompt i mod 72."""
+    grid = sd.grid()
+    if per_clip:
+        return [(s, *grid[i % len(grid)]) for i, s in enumerate(seeds)]
+    return [(s, c, sh, d) for s in seeds for c, sh, d in grid]
+
+
 @dataclass
 class TeacherBank:
     """What the student learns from: per example the noise, the teacher's final latents, the prompt, and (image
@@ -140,23 +159,25 @@ class TeacherBank:
         return TeacherBank(**{f: getattr(self, f)[keep] for f in self.FIELDS},
                            prompts=[p for p, k in zip(self.prompts, keep, strict=True) if k])
 
-    def save(self, path: Path, fingerprint: str, seeds: list[int], image_seeds: list[int]) -> None:
+    def save(self, path: Path, fingerprint: str, groups: dict[str, list[int]]) -> None:
+        """groups: which seeds made it, by SEED_GROUPS name."""
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, fingerprint=fingerprint, seeds=np.asarray(seeds, np.int64),
-                 image_seeds=np.asarray(image_seeds, np.int64), prompts=np.asarray(self.prompts),
+        np.savez(tmp, fingerprint=fingerprint, prompts=np.asarray(self.prompts),
+                 **{g: np.asarray(groups.get(g, []), np.int64) for g in SEED_GROUPS},
                  **{f: getattr(self, f) for f in self.FIELDS})
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path, fingerprint: str) -> tuple[TeacherBank, list[int], list[int]] | None:
-        """(bank, seeds, image seeds), or None when the file is missing or was made by another teacher."""
+    def load(cls, path: Path, fingerprint: str) -> tuple[TeacherBank, dict[str, list[int]]] | None:
+        """(bank, its seeds by SEED_GROUPS name), or None when the file is missing or was made by another teacher.
+        Banks written before the per-clip groups existed read as having none of them."""
         if not path.exists():
             return None
         z = np.load(path)
         if str(z["fingerprint"]) != fingerprint:
             return None
         bank = cls(prompts=[str(p) for p in z["prompts"]], **{f: z[f] for f in cls.FIELDS})
-        return bank, [int(s) for s in z["seeds"]], [int(s) for s in z["image_seeds"]]
+        return bank, {g: [int(s) for s in z[g]] if g in z else [] for g in SEED_GROUPS}
 
     @classmethod
     def concat(cls, parts: list[TeacherBank]) -> TeacherBank:
@@ -197,18 +218,19 @@ def teacher_sigmas(steps: int, shift: float) -> np.ndarray:
     return np.asarray([st.sigma for st in plan] + [0.0])
 
 
-def teacher_bank(vae, mean, std, dit, t5, tok, defaults: dict, seeds: list[int], image_seeds: list[int]
-                 ) -> TeacherBank:
-    """The teacher's samples for every grid prompt x `seeds` (text only) and x `image_seeds` (image mode: the
-    picture is frame 0 of a random clip of that prompt, so its position suits the motion); and which of them the
-    pixel judge reads as right (colour of the prompt / picture, direction of the prompt)."""
+def teacher_bank(vae, mean, std, dit, t5, tok, defaults: dict, groups: dict[str, list[int]]) -> TeacherBank:
+    """The teacher's samples for each seed group (SEED_GROUPS: text only or image mode, every grid prompt x each
+    seed or one seed per clip; image mode: the picture is frame 0 of a random clip of that prompt, so its
+    position suits the motion); and which of them the pixel judge reads as right (colour of the prompt /
+    picture, direction of the prompt)."""
     args = (defaults["steps"], defaults["shift"], defaults["guidance_scale"])
     neg = defaults.get("negative_prompt", "")
     parts = []
-    for group, with_image in ((seeds, False), (image_seeds, True)):
+    for name, (with_image, per_clip) in SEED_GROUPS.items():
+        group = groups.get(name, [])
         if not group:
             continue
-        cases = [(s, c, sh, d) for s in group for c, sh, d in sd.grid()]
+        cases = grid_cases(group, per_clip)
         prompts = [sd.prompt_for(c, sh, d) for _, c, sh, d in cases]
         seed_list = [s for s, *_ in cases]
         images = np.zeros((len(cases), LATENT[0], 1, *LATENT[2:]), np.float32)
@@ -296,6 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timesteps", default=",".join(f"{t:g}" for t in TIMESTEPS), help="the student's timesteps")
     ap.add_argument("--teacher-seeds", default="6", help="text-only teacher seeds per grid prompt: N (2000..) or A-B")
     ap.add_argument("--image-seeds", default="0", help="image-mode teacher seeds per grid prompt: N (2100..) or A-B")
+    ap.add_argument("--clip-seeds", default="0", help="text-only teacher clips with one seed each (clip i: seed "
+                    "A + i, grid prompt i mod 72): N (100000..) or A-B")
+    ap.add_argument("--image-clip-seeds", default="0", help="the same in image mode: N (200000..) or A-B")
     ap.add_argument("--bank", type=Path, action="append", default=[],
                     help="cache of the teacher's samples (.npz; reused when the model, sampling defaults and seeds are "
                     "the same); repeated: banks made beforehand, learned from together")
@@ -365,7 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps == 0:
         check(0)
         return
-    seeds, image_seeds = seed_list(args.teacher_seeds, 2000), seed_list(args.image_seeds, 2100)
+    groups = {"seeds": seed_list(args.teacher_seeds, 2000), "image_seeds": seed_list(args.image_seeds, 2100),
+              "clip_seeds": seed_list(args.clip_seeds, 100000),
+              "image_clip_seeds": seed_list(args.image_clip_seeds, 200000)}
     fp = fingerprint(args.model, defaults)
     if len(args.bank) > 1:  # banks made beforehand (e.g. in parallel, --bank-only): all from this teacher
         loaded = [TeacherBank.load(b, fp) for b in args.bank]
@@ -373,26 +400,28 @@ def main(argv: list[str] | None = None) -> None:
             bad = [str(b) for b, x in zip(args.bank, loaded, strict=True) if x is None]
             raise SystemExit(f"--bank: missing or made by another teacher: {', '.join(bad)}")
         bank = TeacherBank.concat([b[0] for b in loaded])
-        seeds, image_seeds = [s for b in loaded for s in b[1]], [s for b in loaded for s in b[2]]
+        groups = {g: [s for b in loaded for s in b[1][g]] for g in SEED_GROUPS}
     else:
         got = TeacherBank.load(args.bank[0], fp) if args.bank else None
         bank = None
-        if got is not None and (got[1], got[2]) == (seeds, image_seeds):
+        if got is not None and got[1] == groups:
             bank = got[0]
         if bank is None:
             with torch.no_grad():
                 for m in modules.values():  # the teacher is the base: LoRA off while it samples
                     m.scale_saved, m.scale = m.scale, 0.0
-                bank = teacher_bank(vae, mean, std, dit, t5, tok, defaults, seeds, image_seeds)
+                bank = teacher_bank(vae, mean, std, dit, t5, tok, defaults, groups)
                 for m in modules.values():
                     m.scale = m.scale_saved
             if args.bank:
-                bank.save(args.bank[0], fp, seeds, image_seeds)
+                bank.save(args.bank[0], fp, groups)
+    seeds, image_seeds = groups["seeds"], groups["image_seeds"]
+    ranges = {g: f"{v[0]}-{v[-1]} ({len(v)})" for g, v in groups.items() if v and g.endswith("clip_seeds")}
     if args.bank_only:
-        log(stage="bank", samples=len(bank.prompts), seeds=seeds, image_seeds=image_seeds)
+        log(stage="bank", samples=len(bank.prompts), seeds=seeds, image_seeds=image_seeds, **ranges)
         return
     right = bank.right
-    log(stage="teacher", samples=len(bank.prompts), seeds=seeds, image_seeds=image_seeds,
+    log(stage="teacher", samples=len(bank.prompts), seeds=seeds, image_seeds=image_seeds, **ranges,
         image_samples=int(bank.image.sum()), judged_right=int(right.sum()),
         judged_right_image=int(right[bank.image].sum()), defaults=defaults)
     if not args.keep_all:  # learn only where the teacher is right: its misses would be distilled too
