@@ -131,7 +131,7 @@ def export_package(model_dir: Path | str, out: Path | str | None = None, variant
     ckpt = open_checkpoint(model_dir, variant)
     ckpt.check_weights()  # every weight, before any file is written
     for ref in loras:  # a missing or damaged LoRA (NaN/Inf, truncated, not safetensors) too, not after the export
-        read_lora(ref.path)
+        read_lora(ref.path, ref.label)
     out = Path(out) if out is not None else Path("engines") / ckpt.spec.name
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the package")

@@ -64,7 +64,7 @@ def bake_loras(out: Path, components: Mapping[str, Component], expert: str, lora
         return {}
     assert comp.artifact.data_file is not None
     data = out / comp.artifact.data_file
-    deltas = lora_deltas([(read_lora(r.path), r.strength) for r in refs], comp.weights, warn)  # type: ignore[arg-type]
+    deltas = lora_deltas([(read_lora(r.path, r.label), r.strength) for r in refs], comp.weights, warn)  # type: ignore[arg-type]
     merged = merge_into(deltas, comp.weights, base_reader(data, comp.weights))
     by_name = {ref.initializer: ref for ref in comp.weights.values()}
     with open(data, "r+b") as f:

@@ -65,8 +65,10 @@ def served(package, local_ray, tmp_path_factory):
     from vidrt.service.server import ServeConfig, Service
 
     out = tmp_path_factory.mktemp("served")
+    loras = tmp_path_factory.mktemp("loras")
+    _lora_file(loras / "other-size.safetensors", rank_input=32)  # readable, but for a wider model than this
     config = ServeConfig(package=str(package), out_dir=str(out), workers=2, threads=1, token=TOKEN, max_queue=3,
-                         max_steps=1000, max_body=64 * 1024)
+                         max_steps=1000, max_body=64 * 1024, lora_dir=str(loras))
     service = Service(config, host="127.0.0.1", port=free_port())
     url = service.start_in_thread()
     yield url, out, service
@@ -272,9 +274,10 @@ def test_json_and_multipart_take_the_same_fields(served):
 
 def test_loras_travel_as_the_sdk_and_forms_send_them(client, served):
     """The openai SDK sends create as multipart with a list as repeated `loras[]`; curl -F repeats `loras`;
-    JSON sends a list. All three reach the LoRA check (this server has no --lora-dir: that refusal)."""
+    JSON sends a list. All three reach the LoRA check (names this server's --lora-dir lacks: that refusal)."""
     url, _, _ = served
-    with pytest.raises(openai.BadRequestError, match="this server takes no LoRAs") as err:
+    with pytest.raises(openai.BadRequestError, match="'style.safetensors' is not in this server's LoRA folder; "
+                                                     "it has other-size.safetensors") as err:
         client.videos.create(prompt="a cat", extra_body={"loras": ["style.safetensors:0.8", "b.safetensors"]})
     assert err.value.body["param"] == "loras"
     for sent in ({"files": [("prompt", (None, "a cat")), ("loras", (None, "style.safetensors"))]},
@@ -282,11 +285,24 @@ def test_loras_travel_as_the_sdk_and_forms_send_them(client, served):
                             ("loras", (None, "b.safetensors:0.5"))]},
                  {"json": {"prompt": "a cat", "loras": ["style.safetensors"]}}):
         r = requests.post(f"{url}/v1/videos", headers=auth(), timeout=30, **sent)
-        assert r.status_code == 400 and "--lora-dir" in r.json()["error"]["message"], (sent, r.text)
+        assert r.status_code == 400 and "not in this server's LoRA folder" in r.json()["error"]["message"], \
+            (sent, r.text)
     for bad in ({"seed": True}, {"steps": False}, {"guidance": True}):  # errors.md 11b: no booleans for numbers
         r = requests.post(f"{url}/v1/videos", json={"prompt": "a cat", **bad}, headers=auth(), timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), r.text
         assert "not true/false" in r.json()["error"]["message"]
+
+
+def test_a_workers_lora_error_names_the_lora_as_the_client_sent_it(client, served):
+    """Create only reads a LoRA file; its fit to the DiT is checked on the worker. That failure reaches the
+    client naming the LoRA as the client sent it: no server path, no `vidrt run` flag."""
+    lora_dir = str(served[2].state.api.lora_dir)
+    video = client.videos.create(prompt="a cat", extra_body={"loras": ["other-size.safetensors:0.5"], **QUICK})
+    done = wait_for(f"{video.id} to fail", lambda: (v := client.videos.retrieve(video.id)).status == "failed" and v)
+    message = done.error.message
+    assert message.startswith("loras: 'other-size.safetensors' does not fit this model: "), message
+    assert lora_dir not in message and "--lora" not in message, message
+    client.videos.delete(video.id)
 
 
 def test_client_gone_mid_body_is_one_log_line(served, caplog):
@@ -618,12 +634,13 @@ def test_restore_rules_without_ray(package, tmp_path):
     again.store.close()
 
 
-def _lora_file(path: Path, value: float = 1.0) -> Path:
-    """A tiny LoRA for block 0's self-attention q (value: every lora_down entry; NaN makes a damaged file)."""
+def _lora_file(path: Path, value: float = 1.0, rank_input: int = 64) -> Path:
+    """A tiny LoRA for block 0's self-attention q (value: every lora_down entry; NaN makes a damaged file;
+    rank_input: lora_down's input width, 64 = the bundled model's; another width is a LoRA that does not fit)."""
     from safetensors.numpy import save_file
 
     q = "diffusion_model.blocks.0.self_attn.q"
-    save_file({f"{q}.lora_down.weight": np.full((4, 64), value, np.float32),
+    save_file({f"{q}.lora_down.weight": np.full((4, rank_input), value, np.float32),
                f"{q}.lora_up.weight": np.ones((64, 4), np.float32)}, str(path))
     return path
 
@@ -660,9 +677,6 @@ def test_loras_only_by_name_from_the_operators_folder(tmp_path):
         message = refusal(api, [bad]).message
         assert message.startswith("loras: 'nan.safetensors'" if "nan" in bad else "loras: 'junk.safetensors'")
         assert needle in message and str(tmp_path) not in message and "--lora" not in message, message
-    # a failure on the worker (keys/shapes are checked there) reads the same way
-    worker = f"--lora {(tmp_path / 'loras').resolve()}/style.safetensors: key x has the wrong shape"
-    assert api.client_text(worker) == "loras: style.safetensors: key x has the wrong shape"
     job, _, _ = api.to_job({"prompt": "a red circle moving left", "loras": ["style.safetensors:0.5"]})
     assert [(Path(r.path), r.strength) for r in job.to_request().loras] == \
         [((tmp_path / "loras" / "style.safetensors").resolve(), 0.5)]

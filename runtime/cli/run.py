@@ -55,7 +55,7 @@ def lora_refs(both: tuple[str, ...], high: tuple[str, ...], low: tuple[str, ...]
                 raise UsageError(f"{flag} {path} is a folder; give the path of a .safetensors LoRA file in it")
             if not Path(path).is_file():
                 raise UsageError(f"{flag} {path}: no such file; give the path of a .safetensors LoRA")
-            out.append(LoraRef(path, strength, expert))
+            out.append(LoraRef(path, strength, expert, label=f"{flag} {path}"))
     return tuple(out)
 
 

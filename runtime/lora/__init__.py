@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def as_lora_refs(loras: Sequence[LoraRef | tuple[str, float] | str] | None) -> t
             out.append(LoraRef(str(item[0]), float(item[1])))
         else:
             raise UsageError(f"loras: {item!r:.60} is not (path, strength); write loras=[('style.safetensors', 0.8)]")
-        check_strength(out[-1].strength, f"LoRA {out[-1].path}")
+        check_strength(out[-1].strength, out[-1].named)
     return tuple(out)
 
 
@@ -89,30 +90,37 @@ class LoraMerger:
         expert = self.expert_of(expert)
         experts = self.manifest.model.experts
         for ref in loras:
-            check_strength(ref.strength, f"LoRA {ref.path}")
+            check_strength(ref.strength, ref.named)
             if ref.expert is not None and ref.expert not in experts:
-                raise UsageError(f"LoRA {ref.path} is for expert {ref.expert}, this model has {', '.join(experts)}; "
-                                 f"use --lora for one-denoiser models")
+                raise UsageError(f"{ref.named} is for expert {ref.expert}, this model has {', '.join(experts)}; "
+                                 f"give it for every expert on one-denoiser models")
         return tuple(r for r in loras if r.expert in (None, expert) and r.strength != 0.0)
 
     def key(self, expert: str, loras: Sequence[LoraRef]) -> SetKey:
         return tuple((self._resolve(r.path), float(r.strength)) for r in self.for_expert(expert, loras))
 
+    def _files_of(self, expert: str, loras: Sequence[LoraRef]) -> tuple[SetKey, list[tuple[LoraFile, float]]]:
+        """The set key and its files, each named in messages as its LoraRef's caller named it."""
+        refs = self.for_expert(expert, loras)
+        key = tuple((self._resolve(r.path), float(r.strength)) for r in refs)
+        return key, [(self._read(path, ref.label), strength) for (path, strength), ref in zip(key, refs, strict=True)]
+
     def check(self, expert: str, loras: Sequence[LoraRef]) -> None:
         """Read every file that applies to `expert` and check its keys and shapes against the DiT (no merge)."""
-        key = self.key(expert, loras)
+        key, files = self._files_of(expert, loras)
         if key:
-            lora_deltas([(self._read(path), strength) for path, strength in key], self.weights(expert), self.warn)
+            lora_deltas(files, self.weights(expert), self.warn)
 
     def _resolve(self, path: str) -> str:
         """A file the package ships (a recipe's LoRA) by its package-relative name, else a user path."""
         shipped = {a.file for a in self.manifest.loras}
         return str(artifact_path(self.package, path)) if path in shipped else str(Path(path).expanduser().resolve())
 
-    def _read(self, path: str) -> LoraFile:
+    def _read(self, path: str, label: str | None = None) -> LoraFile:
+        """The file, read once per path; `label` (LoraRef.label) names it in this call's messages."""
         if path not in self._files:
-            self._files[path] = read_lora(path)
-        return self._files[path]
+            self._files[path] = read_lora(path, label)
+        return replace(self._files[path], label=label or f"LoRA {path}")
 
     def weights(self, expert: str) -> dict[str, WeightRef]:
         comp = self.manifest.components[expert]
@@ -143,14 +151,13 @@ class LoraMerger:
         holds (its manifest `weights`; ONNX Runtime refuses one the graph lacks), merged exactly as for
         the whole graph. A piece no LoRA key touches gets an empty dict. Raises PackageError for pieces
         cut before vidrt recorded their weights."""
-        key = self.key(expert, loras)
+        key, files = self._files_of(expert, loras)
         if not key:
             return key, {}
         t0 = time.perf_counter()
         whole = self.expert_of(expert)
         weights = self.weights(whole)
         own = weights if whole == expert else self._piece_weights(expert)
-        files = [(self._read(path), strength) for path, strength in key]
         deltas = lora_deltas(files, weights, self.warn, only=None if own is weights else set(own))
         merged = merge_into(deltas, own, self.base(whole))
         self.last_seconds = time.perf_counter() - t0

@@ -59,6 +59,11 @@ class LoraFile:
     path: str
     tensors: dict[str, np.ndarray]
     metadata: dict[str, str]
+    label: str = ""  # how messages name the file (read_lora's `label`)
+
+    @property
+    def named(self) -> str:
+        return self.label or f"LoRA {self.path}"
 
 
 def read_lora(path: str | Path, label: str | None = None) -> LoraFile:
@@ -66,9 +71,11 @@ def read_lora(path: str | Path, label: str | None = None) -> LoraFile:
     {name: {dtype, shape, data_offsets}, __metadata__}, then the raw little-endian tensor bytes).
     The `safetensors` package's numpy API cannot return bf16, the dtype most published LoRAs use.
     Raises UsageError naming the file for anything that is not a readable safetensors file; `label` is how
-    the messages name it (default "--lora PATH"; a batch line or a server request names it its own way)."""
+    the messages name it (default "LoRA PATH"; `vidrt run` says "--lora PATH", a batch line or a server
+    request names it its own way: LoraRef.label). The label is kept in LoraFile.label for the checks
+    against the model (lora_deltas)."""
     p = Path(path)
-    label = label or f"--lora {path}"
+    label = label or f"LoRA {path}"
     if p.is_dir():
         raise UsageError(f"{label} is a folder; give the path of a .safetensors LoRA file in it")
     if not p.is_file():
@@ -105,7 +112,7 @@ def read_lora(path: str | Path, label: str | None = None) -> LoraFile:
     except (ValueError, KeyError, TypeError, struct.error) as exc:
         raise UsageError(f"{label} is not a safetensors LoRA file ({str(exc)[:80]}); "
                          f"convert it to .safetensors") from None
-    return LoraFile(str(path), tensors, meta)
+    return LoraFile(str(path), tensors, meta, label)
 
 
 def _file_alpha_scale(lora: LoraFile) -> float | None:
@@ -146,7 +153,7 @@ def lora_deltas(loras: Sequence[tuple[LoraFile, float]], weights: Mapping[str, W
                     groups[ck.module if ck.kind in ("A", "B", "alpha") else ck.param][ck.kind] = (ck, value)
         if not matched:
             example = next(iter(lora.tensors), "(none)")
-            raise UsageError(f"--lora {lora.path} is not a LoRA for this {architecture}: none of its "
+            raise UsageError(f"{lora.named} is not a LoRA for this {architecture}: none of its "
                              f"{len(lora.tensors)} keys names one of its modules (e.g. {example[:80]}); "
                              f"use a LoRA made for this model")
         skipped = unknown + elsewhere
@@ -166,18 +173,18 @@ def _unit_deltas(lora: LoraFile, unit: str, parts: dict[str, tuple[CanonicalKey,
     out = []
     if "A" in parts or "B" in parts:
         if not ("A" in parts and "B" in parts):
-            raise UsageError(f"--lora {lora.path}: {unit} has lora_{'up/B' if 'A' in parts else 'down/A'} "
+            raise UsageError(f"{lora.named}: {unit} has lora_{'up/B' if 'A' in parts else 'down/A'} "
                              f"missing; the file is incomplete")
         (ck, a), (_, b) = parts["A"], parts["B"]
         rank = a.shape[0]
         if b.ndim < 2 or int(np.prod(b.shape[1:])) != rank:
-            raise UsageError(f"--lora {lora.path}: {unit} has lora_down/A rank {rank} (shape {list(a.shape)}) but "
+            raise UsageError(f"{lora.named}: {unit} has lora_down/A rank {rank} (shape {list(a.shape)}) but "
                              f"lora_up/B shape {list(b.shape)}; the ranks must match: the file is damaged or "
                              f"not a LoRA, use another copy")
         if "alpha" in parts:
             alpha = parts["alpha"][1]
             if alpha.size != 1:
-                raise UsageError(f"--lora {lora.path}: {unit}.alpha has shape {list(alpha.shape)}, not one number; "
+                raise UsageError(f"{lora.named}: {unit}.alpha has shape {list(alpha.shape)}, not one number; "
                                  f"the file is damaged or not a LoRA, use another copy")
             scale = float(alpha.reshape(-1)[0]) / rank
         else:
@@ -196,7 +203,7 @@ def _shaped(lora: LoraFile, param: str, delta: np.ndarray, weights: Mapping[str,
     ref = weights[param]
     want = tuple(ref.shape[::-1]) if ref.transposed else tuple(ref.shape)  # the parameter's torch shape
     if delta.size != int(np.prod(want)):
-        raise UsageError(f"--lora {lora.path} does not fit this model: {param} needs {list(want)}, the LoRA gives "
+        raise UsageError(f"{lora.named} does not fit this model: {param} needs {list(want)}, the LoRA gives "
                          f"{list(delta.shape)} (a LoRA for another model size); use one made for this model")
     return np.asarray(delta, dtype=np.float32).reshape(want)
 

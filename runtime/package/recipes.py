@@ -12,7 +12,7 @@ manifest (`recipes`, e.g. the bundled model's `fast`, whose LoRA is a file of th
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vidrt.errors import UsageError
 
@@ -32,11 +32,19 @@ class LoraSlot:
 @dataclass(frozen=True)
 class LoraRef:
     """A LoRA to apply: a file (safetensors, any key format of fast_paths.md A.2), its strength, and on
-    two-expert models the expert it is for ("dit_high" / "dit_low"; None = every expert)."""
+    two-expert models the expert it is for ("dit_high" / "dit_low"; None = every expert). `label`: how
+    error messages name it, as its caller gave it ("--lora PATH" on the command line, "loras: 'NAME'" for
+    a client of `vidrt serve`, which must not see the server's paths); None: "LoRA PATH". Not part of
+    equality: two refs to the same file and strength are the same LoRA."""
 
     path: str
     strength: float = 1.0
     expert: str | None = None
+    label: str | None = field(default=None, compare=False)
+
+    @property
+    def named(self) -> str:
+        return self.label or f"LoRA {self.path}"
 
 
 @dataclass(frozen=True)

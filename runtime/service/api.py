@@ -16,7 +16,6 @@ one line naming the field and what this server can do instead.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -340,14 +339,6 @@ class VideoAPI:
         if refusal is not None:
             raise ApiError(400, refusal, "loras", "lora_invalid")
 
-    def client_text(self, message: str) -> str:
-        """A worker's error as a client may see it: a LoRA by the name the client sent, not the server's
-        path, and no CLI flag (`--lora /srv/loras/x.safetensors: ...` -> `loras: x.safetensors: ...`)."""
-        if self.lora_dir is not None:
-            message = message.replace("--lora-high-noise ", "loras: ").replace("--lora-low-noise ", "loras: ")
-            message = message.replace("--lora ", "loras: ").replace(f"{self.lora_dir}{os.sep}", "")
-        return message
-
     def _frames_of(self, seconds: str, fps: int | None) -> int:
         value = float(seconds)
         rate = fps or self.fps
@@ -364,7 +355,7 @@ class VideoAPI:
         s = job.settings
         fps = job.request.fps or self.fps
         event = job.event if job.status == "in_progress" else None
-        error = VideoError(code=job.error_code or job.status, message=self.client_text(job.error)) if job.error \
+        error = VideoError(code=job.error_code or job.status, message=job.error) if job.error \
             else None
         status = job.status
         if status == "cancelled":

@@ -108,13 +108,15 @@ class JobRequest:
         """This job with a concrete seed (a random one drawn now if seed is None or -1)."""
         return replace(self, seed=self.to_request().seeded().seed)
 
-    def to_request(self) -> Request:
+    def to_request(self, lora_label: Callable[[str], str] | None = None) -> Request:
+        """lora_label(path) -> how messages name that LoRA file (LoraRef.label); None: "LoRA PATH"."""
         wh = self.size_px()
         return Request(prompt=self.prompt, negative_prompt=self.negative_prompt, width=wh[0] if wh else None,
                        height=wh[1] if wh else None, num_frames=self.frames, steps=self.steps,
                        guidance=self.guidance, guidance_low_noise=self.guidance_low_noise, shift=self.shift,
                        seed=self.seed, scheduler=self.scheduler, recipe=self.recipe,
-                       loras=tuple(lora_ref(x) for x in self.loras or ()), image=self.image, cache=self.cache)
+                       loras=tuple(lora_ref(x, lora_label) for x in self.loras or ()), image=self.image,
+                       cache=self.cache)
 
     def settings(self, spec: ModelSpec) -> Settings:
         """Resolve against the model (defaults, ranges, multiples); also checks fps and CRF."""
@@ -142,12 +144,14 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def lora_ref(value: str) -> LoraRef:
-    """"FILE[:STRENGTH]", or "EXPERT=FILE[:STRENGTH]" for one expert of A14B (dit_high / dit_low)."""
+def lora_ref(value: str, label: Callable[[str], str] | None = None) -> LoraRef:
+    """"FILE[:STRENGTH]", or "EXPERT=FILE[:STRENGTH]" for one expert of A14B (dit_high / dit_low).
+    label(FILE): how messages name the file (LoraRef.label)."""
     expert, sep, rest = value.partition("=")
-    if sep and expert in ("dit_high", "dit_low"):
-        return LoraRef(*parse_lora_arg(rest, "loras"), expert=expert)
-    return LoraRef(*parse_lora_arg(value, "loras"))
+    if not (sep and expert in ("dit_high", "dit_low")):
+        expert, rest = None, value
+    path, strength = parse_lora_arg(rest, "loras")
+    return LoraRef(path, strength, expert=expert, label=label(path) if label else None)
 
 
 def _check_type(name: str, value: Any, where: str) -> Any:
@@ -230,9 +234,11 @@ class JobResult:
 def execute_job(pipe: Any, job: JobRequest, output: str | os.PathLike[str], *,
                 on_event: Callable[[ProgressEvent], None] | None = None,
                 should_stop: Callable[[], bool] | None = None, overwrite: bool = False,
-                vae_memory_bytes: int | None = None, keep_text_encoder: bool = True) -> JobResult:
+                vae_memory_bytes: int | None = None, keep_text_encoder: bool = True,
+                lora_label: Callable[[str], str] | None = None) -> JobResult:
     """Run one job on a loaded Pipeline and publish its file atomically. Raises UsageError for a
-    request the model cannot run, Cancelled when should_stop() turns true (nothing is written)."""
+    request the model cannot run, Cancelled when should_stop() turns true (nothing is written).
+    lora_label(path): how the job's LoRA files are named in its error messages (JobRequest.to_request)."""
     from vidrt.video import VideoWriter
 
     spec = pipe.manifest.model
@@ -243,7 +249,7 @@ def execute_job(pipe: Any, job: JobRequest, output: str | os.PathLike[str], *,
     tracker.check()
     with VideoWriter(output, fps=fps, crf=job.crf, metadata=clip_metadata(settings, spec.name),
                      overwrite=overwrite) as writer:
-        result = pipe.run(job.to_request(), on_frames=writer.write, progress=tracker,
+        result = pipe.run(job.to_request(lora_label), on_frames=writer.write, progress=tracker,
                           vae_memory_bytes=vae_memory_bytes, keep_text_encoder=keep_text_encoder)
         tracker.check()  # last chance before the file is published
     tracker.emit(ProgressEvent("done", 1, 1, 100.0, time.monotonic() - tracker.t0, 0.0))

@@ -97,9 +97,13 @@ def _one_line(exc: BaseException) -> str:
 class Worker:
     """A model package loaded once; one job at a time (the JobManager never sends two)."""
 
-    def __init__(self, package: str, backend: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, package: str, backend: str = "auto", threads: int | None = None,
+                 lora_dir: str | None = None) -> None:
+        """lora_dir: `vidrt serve --lora-dir`, the folder a client's LoRA names were resolved in: its files
+        are named in error messages as the client sent them (loras: 'NAME'), never by the server's path."""
         from vidrt.pipeline import Pipeline
 
+        self.lora_dir = Path(lora_dir).resolve() if lora_dir is not None else None
         self.warnings: list[str] = []
         self.load_error: str | None = None
         try:
@@ -133,6 +137,14 @@ class Worker:
         with self._lock:
             self._stop.add(job_id)
 
+    def lora_label(self, path: str) -> str:
+        """How a job's LoRA is named in its errors: by the job's own field (`loras`, as a jobs.jsonl line or a
+        client wrote it), a file of the server's LoRA folder by its bare name."""
+        p = Path(path)
+        if self.lora_dir is not None and p.parent == self.lora_dir:
+            return f"loras: {p.name!r}"
+        return f"loras {path}"
+
     def _on_event(self, event: ProgressEvent) -> None:
         with self._lock:
             self._event = event
@@ -146,7 +158,7 @@ class Worker:
             self._current, self._event = job_id, None
         try:
             result = execute_job(self.pipe, request, out, on_event=self._on_event, overwrite=True,
-                                 should_stop=lambda: job_id in self._stop)
+                                 should_stop=lambda: job_id in self._stop, lora_label=self.lora_label)
             files = _read_output(out)
             images = make_previews(out) if previews and out.is_file() else {}
         except Cancelled:
@@ -321,8 +333,9 @@ class JobManager:
                  workers: int | None = None, threads: int | None = None, backend: str = "auto",
                  use_gpu: bool | None = None, max_attempts: int = 3, poll_seconds: float = 0.25,
                  start_timeout: float = 600.0, store: Any = None, keep_seconds: float | None = None,
-                 previews: bool = False) -> None:
+                 previews: bool = False, lora_dir: str | None = None) -> None:
         """store: a JobStore (store.py) to persist the job table in, or None (batch: in memory only).
+        lora_dir: the server's LoRA folder (Worker: its files are named by bare name in job errors).
         keep_seconds: finished jobs and their files are removed this long after they finished (None: never).
         previews: completed clips also get a thumbnail and a sprite sheet (previews.py)."""
         self.package = str(Path(package).resolve())
@@ -337,6 +350,7 @@ class JobManager:
         self.store = store
         self.keep_seconds = keep_seconds
         self.previews = previews
+        self.lora_dir = lora_dir
         self.restore_report: dict[str, int] = {}
         self._seq = 0
         self.jobs: dict[str, Job] = {}
@@ -388,7 +402,7 @@ class JobManager:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         threads = self.threads if self.threads is not None else (None if "num_gpus" in resources else 1)
         cls = ray.remote(Worker).options(max_restarts=-1, max_task_retries=0, max_concurrency=4, **resources)
-        self.slots = [Slot(i, cls.remote(self.package, self.backend, threads)) for i in range(count)]
+        self.slots = [Slot(i, cls.remote(self.package, self.backend, threads, self.lora_dir)) for i in range(count)]
 
     async def start(self) -> None:
         """Create the actors if needed and start one dispatch loop per worker. Returns once a worker

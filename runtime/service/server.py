@@ -400,7 +400,8 @@ class Service:
         store = open_store(out)
         manager = JobManager(config.package, out, workers=config.workers, threads=config.threads,
                              backend=config.backend, use_gpu=config.use_gpu, max_attempts=config.max_attempts,
-                             store=store, keep_seconds=config.keep_seconds, previews=True)
+                             store=store, keep_seconds=config.keep_seconds, previews=True,
+                             lora_dir=config.lora_dir)
         self.restored = manager.restore()
         api = VideoAPI(spec, limits, config.package, out / "inputs",  # input_reference images kept here
                        lora_dir=config.lora_dir)
