@@ -93,6 +93,8 @@ class Result:
     stats     per-stage seconds (`stats.table()`, `stats.to_dict()`)
     fps       the model's frame rate (frames per second); `save` writes at this rate unless told otherwise
     model     the model's name (manifest), written into the file's metadata
+    loras     the pipeline's own LoRAs (Pipeline.load(loras=)); with settings.loras (the recipe's and the
+              request's) every LoRA the clip was made with, named in the file's metadata
     """
 
     frames: np.ndarray | None
@@ -100,6 +102,7 @@ class Result:
     stats: RunStats
     fps: int = 16
     model: str = ""
+    loras: tuple[LoraRef, ...] = ()
 
     def save(self, path: str | Path, *, fps: int | None = None, crf: int | None = None,
              overwrite: bool = False) -> Path:
@@ -110,8 +113,8 @@ class Result:
         if self.frames is None:
             raise UsageError("this result holds no frames: they were streamed to on_frames; "
                              "run without on_frames to keep them")
-        with VideoWriter(path, fps=fps or self.fps, crf=crf, metadata=clip_metadata(self.settings, self.model),
-                         overwrite=overwrite) as writer:
+        metadata = clip_metadata(self.settings, self.model, self.loras)
+        with VideoWriter(path, fps=fps or self.fps, crf=crf, metadata=metadata, overwrite=overwrite) as writer:
             writer.write(self.frames)
         return writer.path
 
@@ -475,7 +478,7 @@ class Pipeline:
         video = np.concatenate(frames) if frames else None
         if gpu_stats is not None:
             stats.gpu = {**gpu_stats(), **({"planned_peak_bytes": memory.peak} if memory else {})}
-        return Result(frames=video, settings=s, stats=stats, fps=spec.sampling.fps, model=spec.name)
+        return Result(frames=video, settings=s, stats=stats, fps=spec.sampling.fps, model=spec.name, loras=self.loras)
 
     def cache_mask(self, request: Request) -> str:
         """The TeaCache / MagCache plan of a run, before it: "C" = the block stack runs, "s" = its cached

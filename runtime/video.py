@@ -13,9 +13,14 @@ onto the output only when complete, so a crash or Ctrl-C never leaves a half-wri
 damages an existing one. `clean_stale_temps` removes the temps of processes that died anyway
 (SIGKILL, power loss).
 
-The prompt, seed and settings go into the file: a JSON object in the container's `comment` tag
-(mp4 and webm; the prompt also as `title`, which players show), or `metadata.json` beside the
-frames of a PNG folder. `read_metadata` reads either back.
+The prompt, seed, settings, recipe and LoRAs (file name and strength) go into the file: a JSON object
+in the container's `comment` tag (mp4, webm, mkv, mov; the prompt also as `title`, which players show),
+in a GIF Comment Extension (GIF89a section 24; FFmpeg's GIF muxer writes none, so it is inserted after
+the global colour table, as ASCII JSON), in an iTXt chunk of a .png still, or in `metadata.json` beside
+the frames of a PNG folder. `read_metadata` reads each back.
+
+A GIF stores each frame's delay in centiseconds (GIF89a section 23), so 8 fps (125 ms) is written as
+130 ms (FFmpeg rounds up) and plays at ~7.7 fps; 16 fps as 60 or 70 ms. That is the format's limit.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ import numpy as np
 from vidrt.errors import OutputError, UsageError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from vidrt.package.recipes import LoraRef
     from vidrt.request import Settings
 
 SIDECAR = "metadata.json"  # in a PNG folder
@@ -119,13 +127,23 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((frames.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def clip_metadata(settings: Settings, model_name: str) -> dict[str, str]:
-    """What goes into the file (same for run, batch and serve, so their files are identical)."""
+def clip_metadata(settings: Settings, model_name: str, loras: Sequence[LoraRef] = ()) -> dict[str, Any]:
+    """What goes into the file (same for run, batch and serve, so their files are identical).
+    loras: the pipeline's own LoRAs (Pipeline.load(loras=), `vidrt run --lora`), applied before the
+    settings' (recipe's, then request's). A recipe adds "recipe": NAME; LoRAs add "loras": a list of
+    "FILE:STRENGTH" (A14B one expert: "dit_high=FILE:STRENGTH"), the file by its name only: a server's
+    or user's folders stay out of the file."""
     s = settings
-    return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": str(s.seed), "model": model_name,
-            "steps": str(s.steps), "shift": str(s.shift), "guidance": f"{s.guidance_high_noise}/{s.guidance_low_noise}",
-            "scheduler": s.scheduler, "size": f"{s.width}x{s.height}", "frames": str(s.num_frames),
-            "software": "vidrt"}
+    meta: dict[str, Any] = {
+        "prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": str(s.seed), "model": model_name,
+        "steps": str(s.steps), "shift": str(s.shift), "guidance": f"{s.guidance_high_noise}/{s.guidance_low_noise}",
+        "scheduler": s.scheduler, "size": f"{s.width}x{s.height}", "frames": str(s.num_frames), "software": "vidrt"}
+    if s.recipe is not None:
+        meta["recipe"] = s.recipe
+    applied = [*loras, *s.loras]
+    if applied:
+        meta["loras"] = [f"{r.expert + '=' if r.expert else ''}{Path(r.path).name}:{r.strength:g}" for r in applied]
+    return meta
 
 
 def temp_path(final: Path, pid: int | None = None, old: bool = False) -> Path:
@@ -350,6 +368,8 @@ class VideoWriter:
                 self._container = None
                 self._file.close()
                 self._file = None
+                if self.format.kind == "gif":
+                    _add_gif_comment(self.temp, json.dumps(self.metadata, ensure_ascii=True, sort_keys=True))
             self._publish()
         except (OSError, av.FFmpegError) as exc:
             self.abort()
@@ -450,6 +470,19 @@ def _gif_palette_graph(width: int, height: int, fps: Fraction) -> tuple[Any, Any
     return graph, source, sink
 
 
+def _add_gif_comment(path: Path, text: str) -> None:
+    """Insert a Comment Extension (GIF89a section 24: 0x21 0xFE, sub-blocks of at most 255 bytes, a 0
+    terminator) after the header, the logical screen descriptor and the global colour table, where
+    readers (Pillow: Image.info["comment"]) find it before the first frame. `text`: 7-bit ASCII, as
+    the spec asks."""
+    data = path.read_bytes()
+    packed = data[10]  # logical screen descriptor: width, height (2 bytes each), then this
+    at = 13 + (3 << ((packed & 0x07) + 1) if packed & 0x80 else 0)
+    raw = text.encode("ascii")
+    blocks = b"".join(bytes([len(raw[i:i + 255])]) + raw[i:i + 255] for i in range(0, len(raw), 255))
+    path.write_bytes(data[:at] + b"\x21\xfe" + blocks + b"\x00" + data[at:])
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
@@ -496,6 +529,12 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         return dict(json.loads(sidecar.read_text(encoding="utf-8")).get("metadata", {}))
     if p.suffix.lower() == ".png":
         tags = _png_text(p.read_bytes())
+    elif p.suffix.lower() == ".gif":
+        from PIL import Image
+
+        with Image.open(p) as image:
+            comment = image.info.get("comment", b"{}")
+        tags = {"comment": comment.decode("ascii", "replace") if isinstance(comment, bytes) else str(comment)}
     else:
         with av.open(str(p)) as container:
             tags = {k.lower(): v for k, v in container.metadata.items()}

@@ -38,6 +38,30 @@ def test_pipeline_load_runs_the_bundled_model_and_saves_a_playable_file(tmp_path
         result.save(path)  # nothing is replaced without overwrite=True
 
 
+def test_saved_files_name_the_recipe_and_the_loras_without_their_folders(tmp_path):
+    """Result.save records the recipe and every LoRA of the clip (the pipeline's, then the request's) by
+    file name and strength; a GIF keeps the same metadata as an mp4."""
+    from safetensors.numpy import save_file
+    from vidrt import Pipeline, Request
+    from vidrt.models import default_package
+    from vidrt.package.manifest import load_manifest
+    from vidrt.video import read_metadata
+
+    q = "diffusion_model.blocks.0.self_attn.q"  # a rank-4 LoRA for the bundled model's first block
+    dim = load_manifest(default_package(), verify=False).model.dit.dim
+    for name in ("style.safetensors", "detail.safetensors"):
+        save_file({f"{q}.lora_down.weight": np.full((4, dim), 0.01, np.float32),
+                   f"{q}.lora_up.weight": np.ones((dim, 4), np.float32)}, str(tmp_path / name))
+    pipe = Pipeline.load(loras=[(str(tmp_path / "style.safetensors"), 0.5)], warn=lambda _: None)
+    result = pipe.run(Request(prompt="a red circle moving left", width=64, height=64, num_frames=5, seed=3,
+                              recipe="lightx2v-4step", loras=((str(tmp_path / "detail.safetensors"), 0.25),)))
+    for name in ("clip.mp4", "clip.gif"):
+        meta = read_metadata(result.save(tmp_path / name))
+        assert meta["recipe"] == "lightx2v-4step" and meta["steps"] == "4", meta
+        assert meta["loras"] == ["style.safetensors:0.5", "detail.safetensors:0.25"], meta
+        assert str(tmp_path) not in json.dumps(meta)
+
+
 def test_call_keywords_match_a_request_and_streaming_keeps_no_frames():
     from vidrt import Pipeline, Request
     from vidrt.errors import UsageError

@@ -636,7 +636,8 @@ def test_restore_rules_without_ray(package, tmp_path):
 
 def _lora_file(path: Path, value: float = 1.0, rank_input: int = 64) -> Path:
     """A tiny LoRA for block 0's self-attention q (value: every lora_down entry; NaN makes a damaged file;
-    rank_input: lora_down's input width, 64 = the bundled model's; another width is a LoRA that does not fit)."""
+    rank_input: lora_down's input width; these files are only read at create time, except other-size.safetensors:
+    32 wide, narrower than the bundled DiT (`vidrt info`), so the worker's merge refuses it)."""
     from safetensors.numpy import save_file
 
     q = "diffusion_model.blocks.0.self_attn.q"

@@ -263,15 +263,21 @@ def test_crf_ranges_are_per_codec_and_h264_stays_browser_playable(tmp_path):
         assert c.streams.video[0].profile == "High"  # not High 4:4:4 Predictive, which browsers refuse
 
 
-def test_gif_is_palette_optimised(tmp_path):
+def test_gif_is_palette_optimised_and_keeps_its_metadata(tmp_path):
+    from PIL import Image
+
     clip = smooth_clip(6)
-    path = write_video(tmp_path / "a.gif", [clip[:3], clip[3:]], fps=8)
-    with av.open(str(path)) as c:
+    path = write_video(tmp_path / "a.gif", [clip[:3], clip[3:]], fps=8, metadata=META)
+    with av.open(str(path)) as c:  # FFmpeg still decodes every frame past the inserted comment
         decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
     assert decoded.shape == clip.shape
     # a per-clip palette (palettegen) keeps smooth gradients close; the fixed 256-colour one would not
     assert psnr(decoded, clip) > 30, psnr(decoded, clip)
     assert path.read_bytes()[:6] == b"GIF89a"
+    # the settings in a GIF Comment Extension (FFmpeg's muxer writes none), as ASCII JSON, read back whole
+    assert read_metadata(path) == META
+    with Image.open(path) as image:
+        assert json.loads(image.info["comment"]) == META and image.n_frames == 6
 
 
 def test_png_still_is_one_frame(tmp_path):

@@ -210,7 +210,7 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
 
     pipe = Pipeline.load(package, backend=backend, device=f"cuda:{device}", threads=threads, warn=warn,
                          embedding_cache=embedding_cache, loras=loras)
-    metadata = clip_metadata(settings, pipe.manifest.model.name)  # same metadata as batch and serve write
+    metadata = clip_metadata(settings, pipe.manifest.model.name, loras)  # same metadata as batch and serve write
     progress = _Progress(quiet)
     fps_out = fps or pipe.manifest.model.sampling.fps
     try:

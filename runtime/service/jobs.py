@@ -247,7 +247,7 @@ def execute_job(pipe: Any, job: JobRequest, output: str | os.PathLike[str], *,
     fps = job.fps or spec.sampling.fps
     tracker = ProgressTracker(on_event, should_stop)
     tracker.check()
-    with VideoWriter(output, fps=fps, crf=job.crf, metadata=clip_metadata(settings, spec.name),
+    with VideoWriter(output, fps=fps, crf=job.crf, metadata=clip_metadata(settings, spec.name, pipe.loras),
                      overwrite=overwrite) as writer:
         result = pipe.run(job.to_request(lora_label), on_frames=writer.write, progress=tracker,
                           vae_memory_bytes=vae_memory_bytes, keep_text_encoder=keep_text_encoder)
