@@ -332,6 +332,12 @@ class Pipeline:
         stats.seconds["load"] = self.load_seconds
         report = progress or (lambda stage, done, total: None)
         latent_shape = spec.latent_shape(s.width, s.height, s.num_frames)  # [C, F, h, w]
+        if noise is not None:  # the caller's latents, checked before any work (not as a NaN out of the DiT)
+            if tuple(noise.shape) != latent_shape:
+                raise UsageError(f"noise has shape {tuple(noise.shape)}, this request needs {latent_shape}")
+            if not np.isfinite(noise).all():
+                raise UsageError("noise holds NaN or Inf values; pass finite float32 latents (standard normal), "
+                                 "or leave noise out for the seed's")
         stats.num_tokens = spec.num_tokens(s.width, s.height, s.num_frames)
         precision = {name: comp.precision for name, comp in self.manifest.components.items()}
 
@@ -413,8 +419,6 @@ class Pipeline:
         if noise is None:
             latents = np.random.default_rng(s.seed).standard_normal(latent_shape, dtype=np.float32)
         else:
-            if tuple(noise.shape) != latent_shape:
-                raise UsageError(f"noise has shape {tuple(noise.shape)}, this request needs {latent_shape}")
             latents = np.asarray(noise, dtype=np.float32).copy()
         latents = cond.initial(latents)
 

@@ -62,6 +62,24 @@ def test_saved_files_name_the_recipe_and_the_loras_without_their_folders(tmp_pat
         assert str(tmp_path) not in json.dumps(meta)
 
 
+def test_non_finite_noise_is_refused_up_front():
+    """Caller latents with NaN/Inf are the caller's mistake: one UsageError naming `noise` before any stage
+    runs, not a DeviceError about the DiT after the text encoder and the first step."""
+    from vidrt import Pipeline
+    from vidrt.errors import UsageError
+
+    pipe = Pipeline.load()
+    shape = pipe.manifest.model.latent_shape(64, 64, 5)
+    events: list[tuple[str, int, int]] = []
+    for bad in (np.nan, np.inf):
+        noise = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        noise[0, 0, 0, 0] = bad
+        with pytest.raises(UsageError, match=r"^noise holds NaN or Inf values"):
+            pipe("a red circle moving left", size="64x64", num_frames=5, steps=2, noise=noise,
+                 progress=lambda *e: events.append(e))
+    assert events == []
+
+
 def test_call_keywords_match_a_request_and_streaming_keeps_no_frames():
     from vidrt import Pipeline, Request
     from vidrt.errors import UsageError
