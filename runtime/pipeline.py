@@ -93,8 +93,8 @@ class Result:
     stats     per-stage seconds (`stats.table()`, `stats.to_dict()`)
     fps       the model's frame rate (frames per second); `save` writes at this rate unless told otherwise
     model     the model's name (manifest), written into the file's metadata
-    loras     the pipeline's own LoRAs (Pipeline.load(loras=)); with settings.loras (the recipe's and the
-              request's) every LoRA the clip was made with, named in the file's metadata
+    Every LoRA the clip was made with (the pipeline's, the recipe's, the request's) is in settings.loras,
+    named in the file's metadata.
     """
 
     frames: np.ndarray | None
@@ -102,7 +102,6 @@ class Result:
     stats: RunStats
     fps: int = 16
     model: str = ""
-    loras: tuple[LoraRef, ...] = ()
 
     def save(self, path: str | Path, *, fps: int | None = None, crf: int | None = None,
              overwrite: bool = False) -> Path:
@@ -113,7 +112,7 @@ class Result:
         if self.frames is None:
             raise UsageError("this result holds no frames: they were streamed to on_frames; "
                              "run without on_frames to keep them")
-        metadata = clip_metadata(self.settings, self.model, self.loras)
+        metadata = clip_metadata(self.settings, self.model)
         with VideoWriter(path, fps=fps or self.fps, crf=crf, metadata=metadata, overwrite=overwrite) as writer:
             writer.write(self.frames)
         return writer.path
@@ -327,7 +326,7 @@ class Pipeline:
         replaces the one `request.cache` names (`vidrt cache calibrate` passes a recording one)."""
         spec = self.manifest.model
         check_prompt(request.prompt)
-        s = resolve(request, spec)
+        s = resolve(request, spec, loras=self.loras)  # s.loras: the pipeline's, the recipe's, the request's
         stats = RunStats(backend=self.backend.name)
         stats.seconds["load"] = self.load_seconds
         report = progress or (lambda stage, done, total: None)
@@ -370,7 +369,7 @@ class Pipeline:
         plan = plan_steps(self.manifest, s)
         solver = make_solver(s.scheduler, [p.step for p in plan])
         needs_uncond = any(p.cfg for p in plan)
-        loras = self.loras + s.loras  # the pipeline's, then the recipe's and the request's
+        loras = s.loras  # the pipeline's, then the recipe's and the request's
         missing = missing_recipe_lora(s.recipe, spec, loras)
         if missing is not None:  # the CLI refuses this; the API runs it (the recipe as a schedule) and warns
             self.warn(missing)
@@ -482,7 +481,7 @@ class Pipeline:
         video = np.concatenate(frames) if frames else None
         if gpu_stats is not None:
             stats.gpu = {**gpu_stats(), **({"planned_peak_bytes": memory.peak} if memory else {})}
-        return Result(frames=video, settings=s, stats=stats, fps=spec.sampling.fps, model=spec.name, loras=self.loras)
+        return Result(frames=video, settings=s, stats=stats, fps=spec.sampling.fps, model=spec.name)
 
     def cache_mask(self, request: Request) -> str:
         """The TeaCache / MagCache plan of a run, before it: "C" = the block stack runs, "s" = its cached

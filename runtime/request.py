@@ -139,7 +139,9 @@ class Settings:
     scheduler: str
     timesteps: tuple[float, ...] | None = None
     recipe: str | None = None
-    loras: tuple[LoraRef, ...] = ()  # the recipe's shipped LoRAs (package-relative) then the request's
+    # every LoRA the clip is made with: the pipeline's (Pipeline.load(loras=), `vidrt run --lora`), the
+    # recipe's shipped ones (package-relative), then the request's; each with its strength and expert
+    loras: tuple[LoraRef, ...] = ()
     image: str | None = None  # the conditioning image: its path, or "array WxH"; None = text-to-video
     last_image: str | None = None
     cache: str = "none"  # "none" or METHOD[:THRESHOLD], checked
@@ -159,10 +161,12 @@ def _pick(given: object, recipe_value: object, default: object) -> object:
     return given if given is not None else recipe_value if recipe_value is not None else default
 
 
-def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | None = None) -> Settings:
+def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | None = None,
+            loras: Sequence[LoraRef] = ()) -> Settings:
     """Fill defaults from the recipe (if named), then the model, and refuse values that cannot work,
     naming the nearest valid ones. recipes: name -> Recipe (default: the built-in ones and the model's
-    own, `spec.recipes`)."""
+    own, `spec.recipes`). loras: the pipeline's own LoRAs (Pipeline.load(loras=), `vidrt run --lora`),
+    applied before the recipe's and the request's: Settings.loras lists all of them, in that order."""
     d = spec.sampling
     request = request.seeded()
     assert request.seed is not None
@@ -249,7 +253,7 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
         guidance_high_noise=g_high_final, guidance_low_noise=g_low_final,
         shift=shift, seed=request.seed, scheduler=scheduler,
         timesteps=tuple(float(t) for t in timesteps) if timesteps is not None else None,
-        recipe=request.recipe, loras=request.loras, image=image, last_image=last_image, cache=str(cache),
+        recipe=request.recipe, loras=tuple(loras) + request.loras, image=image, last_image=last_image, cache=str(cache),
     )
 
 

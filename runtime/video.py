@@ -43,9 +43,6 @@ import numpy as np
 from vidrt.errors import OutputError, UsageError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from vidrt.package.recipes import LoraRef
     from vidrt.request import Settings
 
 SIDECAR = "metadata.json"  # in a PNG folder
@@ -127,12 +124,11 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((frames.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def clip_metadata(settings: Settings, model_name: str, loras: Sequence[LoraRef] = ()) -> dict[str, Any]:
+def clip_metadata(settings: Settings, model_name: str) -> dict[str, Any]:
     """What goes into the file (same for run, batch and serve, so their files are identical).
-    loras: the pipeline's own LoRAs (Pipeline.load(loras=), `vidrt run --lora`), applied before the
-    settings' (recipe's, then request's). A recipe adds "recipe": NAME; LoRAs add "loras": a list of
-    "FILE:STRENGTH" (A14B one expert: "dit_high=FILE:STRENGTH"), the file by its name only: a server's
-    or user's folders stay out of the file."""
+    A recipe adds "recipe": NAME; LoRAs (settings.loras: every LoRA applied, the pipeline's, the
+    recipe's, then the request's) add "loras": a list of "FILE:STRENGTH" (A14B one expert:
+    "dit_high=FILE:STRENGTH"), the file by its name only: a server's or user's folders stay out of the file."""
     s = settings
     meta: dict[str, Any] = {
         "prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": str(s.seed), "model": model_name,
@@ -140,9 +136,8 @@ def clip_metadata(settings: Settings, model_name: str, loras: Sequence[LoraRef] 
         "scheduler": s.scheduler, "size": f"{s.width}x{s.height}", "frames": str(s.num_frames), "software": "vidrt"}
     if s.recipe is not None:
         meta["recipe"] = s.recipe
-    applied = [*loras, *s.loras]
-    if applied:
-        meta["loras"] = [f"{r.expert + '=' if r.expert else ''}{Path(r.path).name}:{r.strength:g}" for r in applied]
+    if s.loras:
+        meta["loras"] = [f"{r.expert + '=' if r.expert else ''}{Path(r.path).name}:{r.strength:g}" for r in s.loras]
     return meta
 
 

@@ -186,9 +186,10 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
                       last_image=last_image, cache=cache).seeded()  # one seed for the run, metadata, --stats-json
     loras = lora_refs(lora, lora_high_noise, lora_low_noise)
     spec_only = load_manifest(package, verify=False)  # the model's limits; Pipeline.load checks the hashes
-    settings = resolve(request, spec_only.model)  # also reads and checks --image and derives the size from it
+    # also reads and checks --image and derives the size from it; settings.loras: --lora's, the recipe's
+    settings = resolve(request, spec_only.model, loras=loras)
     check_cache(spec_only, settings.cache)  # pieces and tables present, before any engine loads
-    missing = missing_recipe_lora(settings.recipe, spec_only.model, loras + settings.loras)
+    missing = missing_recipe_lora(settings.recipe, spec_only.model, settings.loras)
     if missing is not None:  # a distillation recipe without its LoRA makes noise: refused, not run
         raise UsageError(missing)
     if fmt.kind == "still" and settings.num_frames != 1:
@@ -210,7 +211,7 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
 
     pipe = Pipeline.load(package, backend=backend, device=f"cuda:{device}", threads=threads, warn=warn,
                          embedding_cache=embedding_cache, loras=loras)
-    metadata = clip_metadata(settings, pipe.manifest.model.name, loras)  # same metadata as batch and serve write
+    metadata = clip_metadata(settings, pipe.manifest.model.name)  # same metadata as batch and serve write
     progress = _Progress(quiet)
     fps_out = fps or pipe.manifest.model.sampling.fps
     try:

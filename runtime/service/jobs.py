@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -118,12 +118,13 @@ class JobRequest:
                        loras=tuple(lora_ref(x, lora_label) for x in self.loras or ()), image=self.image,
                        cache=self.cache)
 
-    def settings(self, spec: ModelSpec) -> Settings:
-        """Resolve against the model (defaults, ranges, multiples); also checks fps and CRF."""
+    def settings(self, spec: ModelSpec, loras: Sequence[LoraRef] = ()) -> Settings:
+        """Resolve against the model (defaults, ranges, multiples); also checks fps and CRF. loras: the
+        worker pipeline's own LoRAs (Pipeline.loras), listed first in Settings.loras as the run applies them."""
         if self.fps is not None and not 1 <= self.fps <= 240:
             raise UsageError(f"fps {self.fps} is out of range; use 1..240")
         check_crf(output_format(f"clip{self.suffix}" if self.suffix else "frames/"), self.crf, "crf")
-        return resolve(self.to_request(), spec)
+        return resolve(self.to_request(), spec, loras=loras)
 
     @property
     def suffix(self) -> str:
@@ -243,11 +244,11 @@ def execute_job(pipe: Any, job: JobRequest, output: str | os.PathLike[str], *,
 
     spec = pipe.manifest.model
     job = job.seeded()  # the metadata written below and the run use the same seed
-    settings = job.settings(spec)
+    settings = job.settings(spec, pipe.loras)  # every LoRA the run applies, the worker's own first
     fps = job.fps or spec.sampling.fps
     tracker = ProgressTracker(on_event, should_stop)
     tracker.check()
-    with VideoWriter(output, fps=fps, crf=job.crf, metadata=clip_metadata(settings, spec.name, pipe.loras),
+    with VideoWriter(output, fps=fps, crf=job.crf, metadata=clip_metadata(settings, spec.name),
                      overwrite=overwrite) as writer:
         result = pipe.run(job.to_request(lora_label), on_frames=writer.write, progress=tracker,
                           vae_memory_bytes=vae_memory_bytes, keep_text_encoder=keep_text_encoder)
