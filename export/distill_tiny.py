@@ -275,11 +275,13 @@ def student_sample(dit, proc, ctx, bias, noise: torch.Tensor, z: torch.Tensor, i
 
 
 @torch.no_grad()
-def evaluate_student(dit, t5, tok, vae, mean, std, seeds: list[int], sched, chunk: int = 72) -> dict:
-    """The `fast` recipe in torch on all 72 grid prompts x `seeds` (text only), judged from the decoded pixels."""
+def evaluate_student(dit, t5, tok, vae, mean, std, seeds: list[int], sched, chunk: int = 72,
+                     per_clip: bool = False) -> dict:
+    """The `fast` recipe in torch on all 72 grid prompts x `seeds` (text only), or (per_clip) seed i with grid
+    prompt i mod 72 (grid_cases), judged from the decoded pixels."""
     proc = tt.PadCompressedCrossAttn()
     old = tt.set_cross_attn(dit, proc)
-    cases = [(s, c, sh, d) for s in seeds for c, sh, d in sd.grid()]
+    cases = grid_cases(seeds, per_clip)
     results = []
     for i in range(0, len(cases), chunk):
         part = cases[i:i + chunk]
@@ -336,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
                     "state at sigma_i+1 (needs --teacher-steps); both: their mean")
     ap.add_argument("--init", type=Path, default=None, help="start from this LoRA file (same rank) instead of zero")
     ap.add_argument("--eval-seeds", default="", help="judge the student on the 72 prompts x these seeds")
+    ap.add_argument("--eval-clip-seeds", default="", help="A-B: also judge it on one clip per seed (seed A + i, "
+                    "grid prompt i mod 72): many noise tensors; --eval-seeds gives 72 clips one")
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -369,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--objective segment/both needs --teacher-steps")
     sched = student_schedule(times, args.shift)
     eval_seeds = [int(s) for s in args.eval_seeds.split(",") if s]
+    eval_clip_seeds = seed_list(args.eval_clip_seeds, 900000) if args.eval_clip_seeds else []
     log(stage="args", **{k: str(v) for k, v in vars(args).items()}, schedule=sched, student_timesteps=times)
     dit, t5, tok = tt.load_dit_t5(args.model)
     vae, mean, std = tt.load_vae(args.model)
@@ -385,6 +390,11 @@ def main(argv: list[str] | None = None) -> None:
             te = time.time()
             log(stage="eval", step=step, seeds=eval_seeds, score=evaluate_student(dit, t5, tok, vae, mean, std,
                                                                                  eval_seeds, sched),
+                s=round(time.time() - te, 1))
+        if eval_clip_seeds:
+            te = time.time()
+            log(stage="eval", step=step, clip_seeds=f"{eval_clip_seeds[0]}-{eval_clip_seeds[-1]}",
+                score=evaluate_student(dit, t5, tok, vae, mean, std, eval_clip_seeds, sched, per_clip=True),
                 s=round(time.time() - te, 1))
 
     if args.steps == 0:
@@ -416,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.bank:
                 bank.save(args.bank[0], fp, groups)
     seeds, image_seeds = groups["seeds"], groups["image_seeds"]
-    ranges = {g: f"{v[0]}-{v[-1]} ({len(v)})" for g, v in groups.items() if v and g.endswith("clip_seeds")}
+    ranges = {g: f"{min(v)}-{max(v)} ({len(v)})" for g, v in groups.items() if v and g.endswith("clip_seeds")}
     if args.bank_only:
         log(stage="bank", samples=len(bank.prompts), seeds=seeds, image_seeds=image_seeds, **ranges)
         return
