@@ -178,7 +178,13 @@ def test_batch_bad_line_names_it(package, tmp_path, capsys):
                          ('{"prompt": "a", "steps": 0}\n{"prompt": "b"}\nnope\n{"prompt": "c", "size": "65x64"}\n',
                           "3 bad lines: jobs.jsonl line 1: --steps 0 is out of range; use 1..1000; jobs.jsonl line 3: "
                           "not JSON (Expecting value at column 1); jobs.jsonl line 4: width 65 is not a multiple of "
-                          "16")):
+                          "16"),
+                         # a malformed LoRA strength or size is named with its line like any other field
+                         ('{"prompt": "a"}\n{"prompt": "b", "loras": ["x.safetensors:abc"]}\n'
+                          '{"prompt": "c", "size": "big"}\n',
+                          "2 bad lines: jobs.jsonl line 2: loras x.safetensors:abc: strength 'abc' is not a finite "
+                          "number; the form is FILE[:STRENGTH], e.g. loras style.safetensors:0.8; jobs.jsonl line 3: "
+                          "size 'big' is not WIDTHxHEIGHT")):
         jobs.write_text(text)
         with pytest.raises(SystemExit) as exit_:
             main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])
@@ -203,6 +209,25 @@ def test_batch_damaged_lora_is_refused_before_any_work(package, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "\n" not in err, err
     assert f"jobs.jsonl line 2: loras {nan}: tensor {q}.lora_down.weight holds NaN or Inf" in err, err
+    assert not (tmp_path / "out").exists()
+    # readable files that do not fit the DiT: another architecture's keys, another model size's shapes
+    # (LoraMerger's key/shape check from the header, before Ray starts: exit 2, each line named)
+    sdxl, wide = tmp_path / "sdxl.safetensors", tmp_path / "wide.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": np.ones((4, 320), np.float32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": np.ones((320, 4), np.float32)},
+              str(sdxl))
+    save_file({f"{q}.lora_down.weight": np.ones((4, 7), np.float32),
+               f"{q}.lora_up.weight": np.ones((7, 4), np.float32)}, str(wide))
+    jobs.write_text("\n".join(json.dumps(x) for x in (
+        {"prompt": "a cat"}, {"prompt": "a dog", "loras": [str(sdxl)]},
+        {"prompt": "a cow", "loras": [f"{wide}:0.5"]}, {"prompt": "a hen", "loras": [f"{wide}:0"]})))
+    with pytest.raises(SystemExit) as exit_:
+        main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err and err.startswith("error: 3 bad lines: "), err
+    assert f"jobs.jsonl line 2: loras {sdxl} is not a LoRA for this Wan DiT" in err, err
+    assert f"jobs.jsonl line 3: loras {wide} does not fit this model: blocks.0.attn1.to_q.weight needs" in err, err
+    assert f"jobs.jsonl line 4: loras {wide} does not fit" in err, err
     assert not (tmp_path / "out").exists()
 
     import vidrt.service.batch

@@ -19,11 +19,20 @@ from pathlib import Path
 
 import numpy as np
 from vidrt.errors import PackageError, UsageError
-from vidrt.lora.merge import LoraFile, check_strength, lora_deltas, merge_into, parse_lora_arg, read_lora
+from vidrt.lora.merge import (
+    LoraFile,
+    check_strength,
+    lora_deltas,
+    merge_into,
+    parse_lora_arg,
+    read_lora,
+    read_lora_header,
+)
 from vidrt.package.manifest import Manifest, WeightRef, artifact_path
 from vidrt.package.recipes import LoraRef
 
-__all__ = ["SetKey", "LoraMerger", "LoraRef", "LoraFile", "read_lora", "lora_deltas", "merge_into", "parse_lora_arg",
+__all__ = ["SetKey", "LoraMerger", "LoraRef", "LoraFile", "read_lora", "read_lora_header", "lora_deltas",
+           "merge_into", "parse_lora_arg",
            "check_strength",
            "base_reader", "as_lora_refs"]
 
@@ -106,10 +115,19 @@ class LoraMerger:
         return key, [(self._read(path, ref.label), strength) for (path, strength), ref in zip(key, refs, strict=True)]
 
     def check(self, expert: str, loras: Sequence[LoraRef]) -> None:
-        """Read every file that applies to `expert` and check its keys and shapes against the DiT (no merge)."""
+        """Read every file that applies to `expert` and check its keys and shapes against the DiT (no merge,
+        no product computed: lora_deltas(dry=True))."""
         key, files = self._files_of(expert, loras)
         if key:
-            lora_deltas(files, self.weights(expert), self.warn)
+            lora_deltas(files, self.weights(expert), self.warn, dry=True)
+
+    def check_header(self, expert: str, ref: LoraRef) -> None:
+        """One file's keys and shapes against `expert`'s DiT from its safetensors header alone (the tensor
+        bytes are not read: read_lora_header): what a server checks before it queues a job."""
+        if self.for_expert(expert, (ref,)):
+            path = self._resolve(ref.path)
+            lora_deltas([(read_lora_header(path, ref.label), ref.strength)], self.weights(expert), self.warn,
+                        dry=True)
 
     def _resolve(self, path: str) -> str:
         """A file the package ships (a recipe's LoRA) by its package-relative name, else a user path."""

@@ -115,6 +115,48 @@ def read_lora(path: str | Path, label: str | None = None) -> LoraFile:
     return LoraFile(str(path), tensors, meta, label)
 
 
+def read_lora_header(path: str | Path, label: str | None = None) -> LoraFile:
+    """A .safetensors LoRA's keys and shapes from its header alone (the tensor bytes are not read): each
+    tensor a read-only zero-strided float32 array of its shape, enough for lora_deltas(..., dry=True) to
+    check the file against a model. Refuses (UsageError, named by `label`) what read_lora refuses from the
+    header: not safetensors, truncated, non-float tensors. NaN/Inf values need read_lora."""
+    p = Path(path)
+    label = label or f"LoRA {path}"
+    if p.is_dir():
+        raise UsageError(f"{label} is a folder; give the path of a .safetensors LoRA file in it")
+    if not p.is_file():
+        raise UsageError(f"{label}: no such file; give the path of a .safetensors LoRA")
+    try:
+        size = p.stat().st_size
+        with p.open("rb") as f:
+            head = f.read(8)
+            (n,) = struct.unpack("<Q", head)
+            if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+                if 0 < n <= MAX_HEADER_BYTES and f.read(1) == b"{":
+                    raise _Truncated(f"{size} bytes, its header alone needs {8 + n}")
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+        meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        ends = [info["data_offsets"][1] for info in header.values()]
+        if ends and 8 + n + max(ends) > size:
+            raise _Truncated(f"{size} bytes, its tensors need {8 + n + max(ends)}")
+        zero = np.zeros((), np.float32)
+        tensors = {}
+        for name, info in header.items():
+            if info["dtype"] not in _FLOAT_DTYPES:
+                raise UsageError(f"{label}: tensor {name[:80]} is {info['dtype']}, not floating point; a "
+                                 f"LoRA's weights are F32/F16/BF16: use a LoRA file, not quantised or other data")
+            tensors[name] = np.broadcast_to(zero, tuple(int(d) for d in info["shape"]))
+    except _Truncated as exc:
+        raise UsageError(f"{label} is truncated or damaged ({exc}); re-download it") from None
+    except OSError as exc:
+        raise UsageError(f"{label} cannot be read ({exc.strerror})") from None
+    except (ValueError, KeyError, TypeError, struct.error) as exc:
+        raise UsageError(f"{label} is not a safetensors LoRA file ({str(exc)[:80]}); "
+                         f"convert it to .safetensors") from None
+    return LoraFile(str(path), tensors, meta, label)
+
+
 def _file_alpha_scale(lora: LoraFile) -> float | None:
     """PEFT's file-wide lora_alpha / r from `lora_adapter_metadata` (diffusers lora_base.py), if given."""
     raw = lora.metadata.get("lora_adapter_metadata")
@@ -129,7 +171,7 @@ def _file_alpha_scale(lora: LoraFile) -> float | None:
 
 def lora_deltas(loras: Sequence[tuple[LoraFile, float]], weights: Mapping[str, WeightRef],
                 warn: Callable[[str], None], architecture: str = "Wan DiT",
-                only: Collection[str] | None = None) -> dict[str, np.ndarray]:
+                only: Collection[str] | None = None, dry: bool = False) -> dict[str, np.ndarray]:
     """diffusers parameter -> summed float32 delta, in the parameter's own (torch) layout and shape.
 
     Keys naming no module of this graph are reported once per file, by name (warn); a file none of whose
@@ -163,13 +205,14 @@ def lora_deltas(loras: Sequence[tuple[LoraFile, float]], weights: Mapping[str, W
                  f"skipped: {shown}{' ...' if len(skipped) > 4 else ''}")
         file_scale = _file_alpha_scale(lora)
         for unit, parts in groups.items():
-            for param, delta in _unit_deltas(lora, unit, parts, file_scale, weights):
+            for param, delta in _unit_deltas(lora, unit, parts, file_scale, weights, dry):
                 total[param] = total[param] + strength * delta if param in total else strength * delta
     return total
 
 
 def _unit_deltas(lora: LoraFile, unit: str, parts: dict[str, tuple[CanonicalKey, np.ndarray]],
-                 file_scale: float | None, weights: Mapping[str, WeightRef]) -> list[tuple[str, np.ndarray]]:
+                 file_scale: float | None, weights: Mapping[str, WeightRef],
+                 dry: bool = False) -> list[tuple[str, np.ndarray]]:
     out = []
     if "A" in parts or "B" in parts:
         if not ("A" in parts and "B" in parts):
@@ -189,22 +232,34 @@ def _unit_deltas(lora: LoraFile, unit: str, parts: dict[str, tuple[CanonicalKey,
             scale = float(alpha.reshape(-1)[0]) / rank
         else:
             scale = file_scale if file_scale is not None else 1.0
-        # conv LoRAs ([r, in, k...] / [out, r, 1...]) flatten to matrices
-        delta = b.reshape(b.shape[0], -1) @ a.reshape(rank, -1)
-        out.append((ck.param, np.float32(scale) * _shaped(lora, ck.param, delta, weights)))
+        if dry:  # the product's shape, [out, prod(in, k...)], is all a check needs
+            _fits(lora, ck.param, b.shape[0] * int(np.prod(a.shape[1:])), (b.shape[0], *a.shape[1:]), weights)
+        else:  # conv LoRAs ([r, in, k...] / [out, r, 1...]) flatten to matrices
+            delta = b.reshape(b.shape[0], -1) @ a.reshape(rank, -1)
+            out.append((ck.param, np.float32(scale) * _shaped(lora, ck.param, delta, weights)))
     for kind in ("diff", "diff_b"):
         if kind in parts:
             ck, d = parts[kind]
-            out.append((ck.param, _shaped(lora, ck.param, d, weights)))
+            if dry:
+                _fits(lora, ck.param, d.size, d.shape, weights)
+            else:
+                out.append((ck.param, _shaped(lora, ck.param, d, weights)))
     return out
 
 
-def _shaped(lora: LoraFile, param: str, delta: np.ndarray, weights: Mapping[str, WeightRef]) -> np.ndarray:
+def _fits(lora: LoraFile, param: str, size: int, shape: tuple[int, ...],
+          weights: Mapping[str, WeightRef]) -> tuple[int, ...]:
+    """The parameter's torch shape, if a delta of `size` elements (`shape`, for the message) fits it."""
     ref = weights[param]
-    want = tuple(ref.shape[::-1]) if ref.transposed else tuple(ref.shape)  # the parameter's torch shape
-    if delta.size != int(np.prod(want)):
+    want = tuple(ref.shape[::-1]) if ref.transposed else tuple(ref.shape)
+    if size != int(np.prod(want)):
         raise UsageError(f"{lora.named} does not fit this model: {param} needs {list(want)}, the LoRA gives "
-                         f"{list(delta.shape)} (a LoRA for another model size); use one made for this model")
+                         f"{list(shape)} (a LoRA for another model size); use one made for this model")
+    return want
+
+
+def _shaped(lora: LoraFile, param: str, delta: np.ndarray, weights: Mapping[str, WeightRef]) -> np.ndarray:
+    want = _fits(lora, param, delta.size, delta.shape, weights)
     return np.asarray(delta, dtype=np.float32).reshape(want)
 
 

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,13 @@ class BatchLine:
 
 
 def read_jobs(path: str | os.PathLike[str], spec: ModelSpec, package: str | os.PathLike[str],
-              out_dir: Path) -> list[BatchLine]:
+              out_dir: Path, warn: Callable[[str], None] = lambda s: None) -> list[BatchLine]:
+    """Every line read and checked against the model (settings, LoRA files against the DiT's keys and
+    shapes), before any work; UsageError naming every bad line. warn: LoRA keys that match nothing."""
+    from vidrt.lora import LoraMerger
+    from vidrt.package.manifest import load_manifest
+
+    merger = LoraMerger(Path(package), load_manifest(package, verify=False), warn)
     p = Path(path)
     try:
         text = p.read_bytes().decode("utf-8")
@@ -62,15 +68,16 @@ def read_jobs(path: str | os.PathLike[str], spec: ModelSpec, package: str | os.P
     lines: list[BatchLine] = []
     seen: dict[Path, int] = {}
     errors: list[str] = []
-    checked: dict[str, str | None] = {}  # LoRA path -> its refusal (each file read once)
+    checked: dict[tuple[str, str | None], str | None] = {}  # (LoRA path, expert) -> its refusal (read once)
     for number, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
+        where = f"{p.name} line {number}"
         try:
-            line = _read_line(raw, number, f"{p.name} line {number}", spec, package, out_dir)
-            _check_loras(line, f"{p.name} line {number}", checked)
-        except UsageError as exc:
-            errors.append(str(exc))
+            line = _read_line(raw, number, where, spec, package, out_dir)
+            _check_loras(line, where, checked, merger)
+        except UsageError as exc:  # every message names its line, whatever check raised it
+            errors.append(str(exc) if str(exc).startswith(f"{where}:") else f"{where}: {exc}")
             continue
         if line.output in seen:
             errors.append(f"{p.name} line {number}: writes {line.output.name}, like line {seen[line.output]}; give "
@@ -108,21 +115,27 @@ def _read_line(raw: str, number: int, where: str, spec: ModelSpec, package: str 
     return BatchLine(number, job, settings, out_dir / (_output_name(name, job, where) + job.suffix), name is not None)
 
 
-def _check_loras(line: BatchLine, where: str, checked: dict[str, str | None]) -> None:
+def _check_loras(line: BatchLine, where: str, checked: dict[tuple[str, str | None], str | None],
+                 merger: Any) -> None:
     """Every LoRA file of a line read as `vidrt run --lora` reads it (missing, not safetensors, truncated,
-    NaN/Inf values) before any work: a damaged file would fail its clips on the workers, every run."""
-    from vidrt.lora.merge import read_lora
+    NaN/Inf values) and its keys and shapes checked against the DiT of every expert it applies to
+    (LoraMerger.check: another architecture, another model size), before any work: a bad file would
+    fail its clips on the workers, every run."""
+    from vidrt.lora import read_lora
     from vidrt.service.jobs import lora_ref
 
-    for ref in (lora_ref(x) for x in line.job.loras or ()):  # the request's own (not a recipe's shipped ones)
-        if ref.path not in checked:
+    for ref in (lora_ref(x, lambda p: f"loras {p}") for x in line.job.loras or ()):  # the request's own
+        key = (ref.path, ref.expert)
+        if key not in checked:
             try:
-                read_lora(ref.path, f"loras {ref.path}")
-                checked[ref.path] = None
+                read_lora(ref.path, ref.label)  # the values (NaN/Inf); not kept: a batch may name many files
+                for expert in merger.manifest.model.experts:
+                    merger.check_header(expert, replace(ref, strength=1.0))  # a 0-strength LoRA is checked too
+                checked[key] = None
             except UsageError as exc:
-                checked[ref.path] = str(exc)
-        if checked[ref.path] is not None:
-            raise UsageError(f"{where}: {checked[ref.path]}")
+                checked[key] = str(exc)
+        if checked[key] is not None:
+            raise UsageError(f"{where}: {checked[key]}")
 
 
 def is_done(line: BatchLine) -> bool:
@@ -169,7 +182,7 @@ def run_batch(jobs_file: str, out_dir: str, package: str | os.PathLike[str], *, 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder")
-    lines = read_jobs(jobs_file, spec, package, out)
+    lines = read_jobs(jobs_file, spec, package, out, warn=lambda s: echo(f"warning: {s}"))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

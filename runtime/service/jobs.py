@@ -88,7 +88,10 @@ class JobRequest:
             raise UsageError(f"{where}: output_format {values['output_format']!r} is not one of "
                              f"{', '.join(FORMATS)}")
         job = cls(**values)
-        job.size_px()  # malformed sizes fail here, with the field named
+        try:
+            job.size_px()  # malformed sizes fail here, with the field named
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc}") from None
         return job
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,7 +165,10 @@ def _check_type(name: str, value: Any, where: str) -> Any:
             raise UsageError(f"{where}: loras must be a list of \"FILE[:STRENGTH]\" strings, "
                              f"got {json.dumps(value)[:40]}")
         for v in value:
-            lora_ref(v)  # malformed entries fail here, with the field named
+            try:
+                lora_ref(v)  # malformed entries fail here, with the field named
+            except UsageError as exc:
+                raise UsageError(f"{where}: {exc}") from None
         return tuple(value)
     if isinstance(value, bool) or not isinstance(value, kinds):
         want = "a string" if kinds == (str,) else "an integer" if kinds == (int,) else "a number"
