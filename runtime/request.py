@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -257,9 +258,12 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
     )
 
 
-def missing_recipe_lora(recipe_name: str | None, spec: ModelSpec, loras: Sequence[LoraRef]) -> str | None:
+def missing_recipe_lora(recipe_name: str | None, spec: ModelSpec, loras: Sequence[LoraRef],
+                        job: bool = False) -> str | None:
     """A message when the recipe has a LoRA slot the user must fill (`LoRA yours` in `vidrt info`: a
-    distillation recipe) and `loras` (everything the run applies) holds no LoRA of the user's for it."""
+    distillation recipe) and `loras` (everything the run applies) holds no LoRA of the user's for it.
+    job: worded for a job's fields (a `vidrt batch` line, a `vidrt serve` request: "recipe", "loras")
+    instead of `vidrt run`'s flags."""
     if recipe_name is None:
         return None
     recipe = all_recipes(spec.recipes).get(recipe_name)
@@ -269,6 +273,13 @@ def missing_recipe_lora(recipe_name: str | None, spec: ModelSpec, loras: Sequenc
     mine = [r for r in loras if r.path not in shipped]
     for slot in recipe.loras:
         if slot.file is None and not any(slot.expert is None or r.expert in (None, slot.expert) for r in mine):
+            if job:
+                source = re.sub(r" \(--[a-z-]+\)", "", slot.source)  # the CLI flags a source names
+                example = f'"{slot.expert}=FILE.safetensors"' if slot.expert else '"FILE.safetensors"'
+                both = ' (one file for both experts, or "dit_high=FILE" and "dit_low=FILE")' \
+                    if slot.expert is None and len(spec.experts) > 1 else ""
+                return (f"recipe {recipe.name} is made for a distillation LoRA ({source}) and none was given; "
+                        f"without it its few steps make noise: add it to loras, e.g. \"loras\": [{example}]{both}")
             if slot.expert is not None:
                 flags = f"--lora-{'high' if slot.expert == 'dit_high' else 'low'}-noise FILE"
             elif len(spec.experts) > 1:

@@ -180,6 +180,9 @@ def test_batch_bad_line_names_it(package, tmp_path, capsys):
                           "not JSON (Expecting value at column 1); jobs.jsonl line 4: width 65 is not a multiple of "
                           "16"),
                          # a malformed LoRA strength or size is named with its line like any other field
+                         # a recipe made for the user's own LoRA, without one: refused as `vidrt run` refuses it
+                         ('{"prompt": "a", "recipe": "lightx2v-4step"}\n',
+                          "jobs.jsonl line 1: recipe lightx2v-4step is made for a distillation LoRA"),
                          ('{"prompt": "a"}\n{"prompt": "b", "loras": ["x.safetensors:abc"]}\n'
                           '{"prompt": "c", "size": "big"}\n',
                           "2 bad lines: jobs.jsonl line 2: loras x.safetensors:abc: strength 'abc' is not a finite "

@@ -28,7 +28,7 @@ from vidrt.errors import Cancelled, UsageError
 from vidrt.lora.merge import parse_lora_arg
 from vidrt.package.recipes import LoraRef
 from vidrt.package.registry import ModelSpec
-from vidrt.request import Request, Settings, resolve
+from vidrt.request import Request, Settings, missing_recipe_lora, resolve
 from vidrt.video import (
     check_crf,
     clip_metadata,  # noqa: F401  (re-exported: the job contract writes the same metadata)
@@ -127,7 +127,11 @@ class JobRequest:
         if self.fps is not None and not 1 <= self.fps <= 240:
             raise UsageError(f"fps {self.fps} is out of range; use 1..240")
         check_crf(output_format(f"clip{self.suffix}" if self.suffix else "frames/"), self.crf, "crf")
-        return resolve(self.to_request(), spec, loras=loras)
+        settings = resolve(self.to_request(), spec, loras=loras)
+        missing = missing_recipe_lora(settings.recipe, spec, settings.loras, job=True)
+        if missing is not None:  # as `vidrt run` refuses it: a distillation recipe without its LoRA makes noise
+            raise UsageError(missing)
+        return settings
 
     @property
     def suffix(self) -> str:
