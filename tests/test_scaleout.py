@@ -243,6 +243,39 @@ def test_batch_damaged_lora_is_refused_before_any_work(package, tmp_path, capsys
     assert exit_.value.code == 4 and "1 of 2 clips failed" in err and "finished clips are skipped" in err, err
 
 
+def test_batch_resume_follows_a_lora_files_contents(package, tmp_path):
+    """A clip made with a LoRA is done only while that file holds what it held: rewrite the file under the
+    same name and the line is made again (its request key holds the file's sha256), named or not."""
+    from safetensors.numpy import save_file
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.batch import is_done, read_jobs
+
+    manifest = load_manifest(package, verify=False)
+    width = manifest.components["dit"].weights["blocks.0.attn1.to_q.weight"].shape[0]
+    q = "diffusion_model.blocks.0.self_attn.q"
+    lora = tmp_path / "style.safetensors"
+
+    def write_lora(value: float) -> None:
+        save_file({f"{q}.lora_down.weight": np.full((4, width), value, np.float32),
+                   f"{q}.lora_up.weight": np.ones((width, 4), np.float32)}, str(lora))
+
+    write_lora(0.1)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a cat", "loras": [f"{lora}:0.5"]}) + "\n" +
+                    json.dumps({"prompt": "a dog", "loras": [str(lora)], "output": "dog"}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = read_jobs(jobs, manifest.model, package, out)
+    for line in lines:  # as a finished run leaves them: the clip and (named) its stats with the request key
+        line.output.write_bytes(b"a clip")
+        line.stats_path.write_text(json.dumps({"request_key": line.job.key()}))
+    assert all(is_done(b) for b in read_jobs(jobs, manifest.model, package, out))
+    write_lora(0.2)  # same name, same size, other contents
+    again = read_jobs(jobs, manifest.model, package, out)
+    assert [is_done(b) for b in again] == [False, False]
+    assert again[0].output != lines[0].output and again[1].output == lines[1].output
+
+
 def test_batch_runs_and_resumes(package, local_ray, tmp_path):
     from vidrt.service.batch import run_batch
 

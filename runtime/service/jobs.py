@@ -138,9 +138,33 @@ class JobRequest:
         return FORMATS[self.output_format]
 
     def key(self) -> str:
-        """A stable name for this request's clip (same request -> same key): resumable batch outputs."""
-        record = {k: v for k, v in asdict(self).items() if k != "model"}
+        """A stable name for this request's clip (same request -> same key): resumable batch outputs. A LoRA
+        is its file's contents, not only its name: a changed file (same path) is another request."""
+        record: dict[str, Any] = {k: v for k, v in asdict(self).items() if k != "model"}
+        if self.loras:  # only then: the keys of jobs without LoRAs stay what they were
+            record["lora_sha256"] = [file_sha256(lora_ref(x).path) for x in self.loras]
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> sha256: each version hashed once
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str | None:
+    """A file's sha256 (hex), remembered per path, size and modification time; None if it cannot be read
+    (the job's own checks name that)."""
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _DIGESTS:
+            digest = hashlib.sha256()
+            with p.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            _DIGESTS[key] = digest.hexdigest()
+    except OSError:
+        return None
+    return _DIGESTS[key]
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
