@@ -340,6 +340,11 @@ def test_start_checks_before_ray(package, served, tmp_path):
         check_config(ServeConfig(package=str(package), out_dir=str(served[1])))
     limits = check_config(ServeConfig(package=str(package), out_dir=str(tmp_path / "b"), max_size=(32, 48)))
     assert (limits.max_pixels, limits.max_size, limits.max_frames) == (32 * 48, (32, 48), 17)
+    # --max-steps under the model's default (25) would refuse every request without steps: refused at start
+    with pytest.raises(UsageError, match=r"^--max-steps 3 is under vidrt-tiny-shapes's default of 25 steps, .*use "
+                                         r"--max-steps 25 or more"):
+        check_config(ServeConfig(package=str(package), out_dir=str(tmp_path / "c"), max_steps=3))
+    assert check_config(ServeConfig(package=str(package), out_dir=str(tmp_path / "c"), max_steps=25)).max_steps == 25
 
 
 # ---- holes -------------------------------------------------------------------------------------

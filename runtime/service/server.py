@@ -350,7 +350,8 @@ def create_app(state: State) -> FastAPI:
 
 def check_config(config: ServeConfig, spec: Any = None) -> ServeLimits:
     """What can be refused before Ray or a worker starts (the CLI calls this first): --max-size on the
-    model's size grid, --max-frames at least 1, --out a folder this server can have. -> the limits."""
+    model's size grid, --max-frames at least 1, --max-steps at least the model's default steps, --out a
+    folder this server can have. -> the limits."""
     if spec is None:
         from vidrt.package.manifest import load_manifest
 
@@ -363,6 +364,10 @@ def check_config(config: ServeConfig, spec: Any = None) -> ServeLimits:
                              f"--max-size {fix}")
     if config.max_frames is not None and config.max_frames < 1:
         raise UsageError(f"--max-frames {config.max_frames} must be at least 1")
+    if config.max_steps < spec.sampling.steps:  # unlike size and length, a step count is not lowered quietly
+        raise UsageError(f"--max-steps {config.max_steps} is under {spec.name}'s default of {spec.sampling.steps} "
+                         f"steps, so every request that names no steps would be refused; use --max-steps "
+                         f"{spec.sampling.steps} or more (requests may still ask for fewer)")
     out = Path(config.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the clips and the job table")
