@@ -293,16 +293,55 @@ def test_loras_travel_as_the_sdk_and_forms_send_them(client, served):
         assert "not true/false" in r.json()["error"]["message"]
 
 
-def test_a_workers_lora_error_names_the_lora_as_the_client_sent_it(client, served):
-    """Create only reads a LoRA file; its fit to the DiT is checked on the worker. That failure reaches the
-    client naming the LoRA as the client sent it: no server path, no `vidrt run` flag."""
-    lora_dir = str(served[2].state.api.lora_dir)
-    video = client.videos.create(prompt="a cat", extra_body={"loras": ["other-size.safetensors:0.5"], **QUICK})
-    done = wait_for(f"{video.id} to fail", lambda: (v := client.videos.retrieve(video.id)).status == "failed" and v)
-    message = done.error.message
-    assert message.startswith("loras: 'other-size.safetensors' does not fit this model: "), message
-    assert lora_dir not in message and "--lora" not in message, message
-    client.videos.delete(video.id)
+def test_lora_fit_recipe_and_fields_are_checked_at_create(client, served):
+    """Before anything is queued: a LoRA that does not fit the DiT (checked from its header against the
+    model's keys and shapes), a name that is not a .safetensors file of --lora-dir, a recipe made for the
+    client's own LoRA sent without one, strict JSON numbers, unknown repeated form fields. Every refusal
+    names the API's fields (no `vidrt run` flag, no server path); /v1/models lists recipes and LoRAs."""
+    url, _, service = served
+    lora_dir = service.state.api.lora_dir
+    (lora_dir / "readme.txt").write_text("not a LoRA")
+    before = len(client.videos.list().data)
+    for body, param, needle in (
+            ({"loras": ["other-size.safetensors:0.5"]}, "loras",
+             "loras: 'other-size.safetensors' does not fit this model: "),
+            ({"loras": ["readme.txt"]}, "loras", "loras: 'readme.txt' is not in this server's LoRA folder; it has "
+                                                 "other-size.safetensors"),
+            ({"recipe": "lightx2v-4step"}, "recipe", "recipe lightx2v-4step is made for a distillation LoRA"),
+            ({"guidance": 1, "cache": "teacache"}, "cache", "; leave cache out")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.videos.create(prompt="a cat", extra_body={**body, **QUICK})
+        message = err.value.body["message"]
+        assert err.value.body["param"] == param and needle in message, err.value.body
+        assert str(lora_dir) not in message and "--" not in message and "\n" not in message, message
+    assert len(client.videos.list().data) == before  # nothing was queued
+    for sent, param, needle in (({"json": {"prompt": "a cat", "steps": "4"}}, "steps", 'steps: must be an integer, '
+                                                                                        'got "4"'),
+                                ({"json": {"prompt": "a cat", "frames": 81}}, "frames", "frames 81 is over this "
+                                                                                        "server's limit of 17"),
+                                ({"json": {"prompt": "a cat", "frames": 18}}, "frames", "frames 18 is not 4k+1; "
+                                                                                        "use 17; "),
+                                ({"json": {"prompt": "a cat", "crf": 0}}, "crf", "crf 0 is lossless H.264"),
+                                ({"json": {"prompt": "a cat", "size": "64 x 64"}}, "size",
+                                 'size: "64 x 64" is not WIDTHxHEIGHT; write it like 832x480'),
+                                ({"json": {"prompt": "a cat", "size": "6400x64"}}, "size", "(size WxH)"),
+                                ({"data": '{"prompt": "a cat", "guidance": NaN}'}, "guidance",
+                                 "guidance: must be a finite number"),
+                                ({"files": [("prompt", (None, "a cat")), ("timesteps[]", (None, "1000")),
+                                            ("timesteps[]", (None, "500"))]}, "timesteps[]", "unknown field")):
+        r = requests.post(f"{url}/v1/videos", headers=auth({"content-type": "application/json"} if "data" in sent
+                                                             else None), timeout=30, **sent)
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == param and needle in error["message"], (sent, r.text)
+        assert "--" not in error["message"], error
+        if param == "crf":
+            assert "pixels" not in error["message"], error  # no size note on a CRF refusal
+    model = client.models.list().data[0]  # the SDK parses the extra fields
+    caps = model.model_extra["capabilities"]
+    assert caps["loras"] == ["other-size.safetensors"], caps["loras"]
+    by_name = {r["name"]: r for r in caps["recipes"]}
+    assert {k: by_name["lightx2v-4step"][k] for k in ("steps", "guidance", "needs_lora", "scheduler")} == \
+        {"steps": 4, "guidance": 1.0, "needs_lora": True, "scheduler": "euler"}, by_name
 
 
 def test_client_gone_mid_body_is_one_log_line(served, caplog):
@@ -478,7 +517,12 @@ def test_restart_keeps_finished_and_runs_queued(package, local_ray, tmp_path):
     from vidrt.service.store import DB_FILES
 
     out = tmp_path / "out"
-    config = ServeConfig(package=str(package), out_dir=str(out), workers=1, threads=1, max_steps=1000)
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    _fitting_lora(loras / "gone.safetensors", package)
+    _fitting_lora(loras / "swapped.safetensors", package)
+    config = ServeConfig(package=str(package), out_dir=str(out), workers=1, threads=1, max_steps=1000,
+                         lora_dir=str(loras))
     first_server = Service(config, port=free_port())
     client = openai.OpenAI(base_url=f"{first_server.start_in_thread()}/v1", api_key="-", max_retries=0)
     done = client.videos.create_and_poll(prompt="a red circle moving left", poll_interval_ms=100, extra_body=QUICK)
@@ -486,6 +530,9 @@ def test_restart_keeps_finished_and_runs_queued(package, local_ray, tmp_path):
     running = client.videos.create(prompt="a blue square moving up", extra_body={"steps": 300, "seed": 2})
     wait_for(f"{running.id} to run", lambda: client.videos.retrieve(running.id).status == "in_progress", 60, 0.05)
     queued = [client.videos.create(prompt=f"a green circle {i}", extra_body=QUICK).id for i in range(2)]
+    # queued with LoRAs that fit; before the restart one file is removed, the other replaced by one that does not fit
+    lora_jobs = [client.videos.create(prompt="a cat", extra_body={**QUICK, "loras": [f"{name}.safetensors:0.5"]}).id
+                 for name in ("gone", "swapped")]
     with pytest.raises(UsageError, match="is in use by another vidrt serve"):
         Service(config, port=free_port())  # one writer: the job table is locked
     pids = [w["pid"] for w in first_server.state.manager.workers()]
@@ -495,11 +542,13 @@ def test_restart_keeps_finished_and_runs_queued(package, local_ray, tmp_path):
     left = [p for pid in pids for p in Path(tempfile.gettempdir()).glob(f"vidrt-worker-{pid}-*")]
     assert pids and not left, f"scratch folders left by stopped workers: {left}"
 
+    (loras / "gone.safetensors").unlink()
+    _lora_file(loras / "swapped.safetensors", rank_input=32)
     (out / "video_orphan.mp4").write_bytes(b"left by a job deleted while a server stopped")
     (out / f".{queued[0]}.mp4.vidrt-999999999.tmp").write_bytes(b"half a clip of a dead process")
     origin = "http://app.example"
     second_server = Service(replace(config, cors_origins=(origin,)), port=free_port())
-    assert second_server.restored == {"completed": 1, "queued": 2, "requeued": 1, "failed": 0, "orphans": 1}
+    assert second_server.restored == {"completed": 1, "queued": 4, "requeued": 1, "failed": 0, "orphans": 1}
     client = openai.OpenAI(base_url=f"{second_server.start_in_thread()}/v1", api_key="-", max_retries=0)
     try:
         assert client.videos.download_content(done.id).content == clip  # finished: still served
@@ -509,7 +558,13 @@ def test_restart_keeps_finished_and_runs_queued(package, local_ray, tmp_path):
                          and v, 120)
             assert v.status == "completed", v
             assert decode(client.videos.download_content(vid).content).shape == (17, 64, 64, 3)
-        assert [v.id for v in client.videos.list()] == [*queued[::-1], running.id, done.id]
+        for vid, code, needle in zip(lora_jobs, ("lora_not_found", "invalid_request"),
+                                     ("loras: 'gone.safetensors' is no longer in this server's LoRA folder",
+                                      "loras: 'swapped.safetensors' does not fit this model"), strict=True):
+            v = wait_for(f"{vid} to fail", lambda vid=vid: (v := client.videos.retrieve(vid)).status == "failed" and v)
+            assert v.error.code == code and v.error.message.startswith(needle), v.error  # API codes, no class names
+            assert "give the path" not in v.error.message and str(loras) not in v.error.message, v.error
+        assert [v.id for v in client.videos.list()] == [*lora_jobs[::-1], *queued[::-1], running.id, done.id]
         # CORS when asked (--cors-origin): that origin only
         url = str(client.base_url).rstrip("/")
         pre = requests.options(f"{url}/videos", headers={"origin": origin, "access-control-request-method": "POST",
@@ -570,9 +625,17 @@ def test_web_page_submits_a_job_and_plays_the_clip(served, tmp_path):
             page.wait_for_function("() => document.getElementById('model').textContent === 'vidrt-tiny-shapes'")
             assert page.locator("#size option").all_inner_texts() == ["64 × 64"]
             assert "2.13 s · 17 frames" in page.locator("#frames option").all_inner_texts()
+            # /v1/models' recipes and --lora-dir's LoRA names fill the pickers
+            recipes = page.locator("#recipe option").all_inner_texts()
+            assert "lightx2v-4step · 4 steps · needs your LoRA" in recipes, recipes
+            assert page.locator("#loras option").all_inner_texts() == ["other-size.safetensors"]
             page.fill("#prompt", "a red circle moving left")
+            fast = "fast · 4 steps" in recipes  # the bundled model's own recipe (its LoRA ships with it)
+            if fast:
+                page.select_option("#recipe", "fast")
             page.click("summary")
-            page.fill("#steps", "6")
+            if not fast:
+                page.fill("#steps", "6")
             page.fill("#seed", "3")
             page.click("#submit")
             page.wait_for_selector("#message:has-text('queued video_')")
@@ -588,6 +651,9 @@ def test_web_page_submits_a_job_and_plays_the_clip(served, tmp_path):
                 page.screenshot(path=shot, full_page=True)
             served_frames = decode(requests.get(f"{url}/v1/videos/{vid}/content", headers=auth(), timeout=30).content)
             assert served_frames.shape == (17, 64, 64, 3)
+            settings = json.loads((out / f"{vid}.json").read_text())["settings"]  # the clip's stats JSON
+            assert (settings["recipe"], settings["steps"], settings["scheduler"]) == \
+                (("fast", 4, "euler") if fast else (None, 6, "unipc")), settings
             card.locator("button.delete").click()
             card.wait_for(state="detached")
             assert requests.get(f"{url}/v1/videos/{vid}", headers=auth(), timeout=30).status_code == 404
@@ -639,7 +705,15 @@ def test_restore_rules_without_ray(package, tmp_path):
     again.store.close()
 
 
-def _lora_file(path: Path, value: float = 1.0, rank_input: int = 64) -> Path:
+def _fitting_lora(path: Path, package: Path) -> Path:
+    """A LoRA for block 0's self-attention q that fits this package's DiT (its recorded weight shape)."""
+    from vidrt.package.manifest import load_manifest
+
+    width = load_manifest(package, verify=False).components["dit"].weights["blocks.0.attn1.to_q.weight"].shape[0]
+    return _lora_file(path, rank_input=width, rank_output=width)
+
+
+def _lora_file(path: Path, value: float = 1.0, rank_input: int = 64, rank_output: int = 64) -> Path:
     """A tiny LoRA for block 0's self-attention q (value: every lora_down entry; NaN makes a damaged file;
     rank_input: lora_down's input width; these files are only read at create time, except other-size.safetensors:
     32 wide, narrower than the bundled DiT (`vidrt info`), so the worker's merge refuses it)."""
@@ -647,7 +721,7 @@ def _lora_file(path: Path, value: float = 1.0, rank_input: int = 64) -> Path:
 
     q = "diffusion_model.blocks.0.self_attn.q"
     save_file({f"{q}.lora_down.weight": np.full((4, rank_input), value, np.float32),
-               f"{q}.lora_up.weight": np.ones((64, 4), np.float32)}, str(path))
+               f"{q}.lora_up.weight": np.ones((rank_output, 4), np.float32)}, str(path))
     return path
 
 

@@ -15,7 +15,9 @@ one line naming the field and what this server can do instead.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -166,7 +168,10 @@ class VideoAPI:
         self.spec = spec
         self.image_dir = Path(image_dir) if image_dir is not None else None
         self.lora_dir = Path(lora_dir).resolve() if lora_dir is not None else None
-        self._lora_checked: dict[tuple[str, int, int], str | None] = {}  # (name, mtime_ns, size) -> refusal
+        # (name, expert, mtime_ns, size) -> refusal: each version of a file is checked once
+        self._lora_checked: dict[tuple[str, str, int, int], str | None] = {}
+        self.package = package
+        self._merger: Any = None  # vidrt.lora.LoraMerger of the package, made on the first LoRA
         self.limits = limits
         self.names = {spec.name} | ({Path(package).name} if package else set())
         self.fps = spec.sampling.fps
@@ -210,7 +215,18 @@ class VideoAPI:
                 "guidance": s.guidance_high_noise, "guidance_low_noise": s.guidance_low_noise,
                 "experts": 1 if s.boundary is None else 2, "shift": s.shift, "scheduler": s.scheduler,
                 "schedulers": list(SOLVERS), "output_formats": ["mp4", "webm"], "image_input": image_input(self.spec),
-                "negative_prompt": s.negative_prompt}
+                "negative_prompt": s.negative_prompt, "recipes": self.recipes(), "loras": self.lora_names()}
+
+    def recipes(self) -> list[dict[str, Any]]:
+        """The recipes a request may name (`recipe`): the built-in ones and the package's own. needs_lora: it
+        is made for a distillation LoRA the client must send in `loras` (without one it is refused)."""
+        from vidrt.package.recipes import all_recipes
+
+        return [{"name": r.name, "description": r.description, "scheduler": r.scheduler,
+                 "steps": r.steps if r.steps is not None else len(r.timesteps or ()) or self.spec.sampling.steps,
+                 "guidance": r.guidance if r.guidance is not None else self.spec.sampling.guidance_high_noise,
+                 "needs_lora": any(slot.file is None for slot in r.loras)}
+                for r in all_recipes(self.spec.recipes).values() if r.expert_ok(self.spec.experts)]
 
     def _can(self) -> str:
         return (f"{self.spec.name} here makes {' or '.join(self.sizes()) or 'no listed size'} (other multiples of "
@@ -219,16 +235,19 @@ class VideoAPI:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def parse(self, fields: dict[str, Any]) -> CreateVideoRequest:
+    def parse(self, fields: dict[str, Any], form: bool = False) -> CreateVideoRequest:
+        """JSON is typed strictly ("steps": "4" is refused: numbers are numbers); a form's fields are all
+        text, so there "4" is read as the number it names."""
         try:
-            return CreateVideoRequest.model_validate(fields)
+            return CreateVideoRequest.model_validate(fields, strict=not form)
         except ValidationError as exc:
             raise ApiError(400, *validation_message(exc.errors())) from None
 
-    def to_job(self, fields: dict[str, Any], image: bytes | None = None) -> tuple[JobRequest, Settings, dict[str, Any]]:
+    def to_job(self, fields: dict[str, Any], image: bytes | None = None,
+               form: bool = False) -> tuple[JobRequest, Settings, dict[str, Any]]:
         """A create request (JSON or form fields, image = input_reference's bytes) -> the job, its settings,
         and what the client asked for as it asked (echoed in the Video object)."""
-        body = self.parse(fields)
+        body = self.parse(fields, form)
         if image is not None and not image_input(self.spec):
             raise ApiError(400, f"input_reference: {self.spec.name} makes video from text only (no image-to-video); "
                                 f"send the request without input_reference", "input_reference", "image_unsupported")
@@ -247,6 +266,12 @@ class VideoAPI:
         if frames is None and self.spec.sampling.frames > self.limits.max_frames:
             frames = self.default_frames()  # --max-frames under the model's default: the cap's length
         values["frames"] = frames
+        if frames is not None and 1 <= frames <= MAX_FRAMES and (frames - 1) % self.stride:
+            lo = (frames - 1) // self.stride * self.stride + 1  # the nearest valid lengths this server makes
+            near = [str(n) for n in (lo, lo + self.stride) if n <= self.limits.max_frames] or \
+                [str((self.limits.max_frames - 1) // self.stride * self.stride + 1)]
+            raise ApiError(400, f"frames {frames} is not {self.stride}k+1; use {' or '.join(near)}; {self._can()}",
+                           "frames", "length_unsupported")
         default = self.spec.sampling.sizes[0]
         if body.size is None and default[0] * default[1] > self.limits.max_pixels:
             size = self.default_size()  # --max-size under the model's default size (an image keeps this size)
@@ -264,21 +289,23 @@ class VideoAPI:
                 # vidrt.image's one-line refusals (unreadable, CMYK, 16-bit, animated...), without the server's path
                 raise ApiError(400, str(exc).replace(f"--image {values['image']}", "input_reference"),
                                "input_reference", "image_invalid") from None
-            param = next((f for f in ("size", "frames", "steps", "width", "height", "guidance", "shift", "scheduler")
-                          if f in str(exc)), None)
-            raise ApiError(400, f"{exc}; {self._can()}" if param in ("size", "width", "height", "frames") else str(exc),
-                           "size" if param in ("width", "height") else param) from None
+            message, param = api_text(str(exc))
+            raise ApiError(400, f"{message}; {self._can()}" if param in ("size", "frames") else message, param,
+                           "invalid_value") from None
         if settings.width * settings.height > self.limits.max_pixels:
             raise ApiError(400, f"size {settings.width}x{settings.height} is over this server's limit; {self._can()}",
                            "size", "size_unsupported")
         if settings.num_frames > self.limits.max_frames:
-            asked = f"seconds {body.seconds} is {settings.num_frames} frames" if body.seconds else \
-                f"{settings.num_frames} frames is"
-            raise ApiError(400, f"{asked}, over this server's limit of {self.limits.max_frames} frames; {self._can()}",
+            asked = f"seconds {body.seconds} is {settings.num_frames} frames," if body.seconds else \
+                f"frames {settings.num_frames} is"
+            raise ApiError(400, f"{asked} over this server's limit of {self.limits.max_frames} frames; {self._can()}",
                            "seconds" if body.seconds else "frames", "length_unsupported")
         if settings.steps > self.limits.max_steps:
-            raise ApiError(400, f"{settings.steps} steps is over this server's limit of {self.limits.max_steps}",
-                           "steps")
+            what = f"steps {settings.steps} is" if body.steps is not None else \
+                f"recipe {body.recipe} runs {settings.steps} steps," if body.recipe else \
+                f"the default of {settings.steps} steps is"
+            raise ApiError(400, f"{what} over this server's limit of {self.limits.max_steps} steps; send steps "
+                                f"{self.limits.max_steps} or fewer", "steps", "steps_unsupported")
         asked = {k: v for k, v in (("seconds", body.seconds), ("size", body.size)) if v is not None}
         return job, settings, asked
 
@@ -317,27 +344,51 @@ class VideoAPI:
             raise ApiError(400, f"loras: {value!r}: strength {strength!r} is not a number; write it like "
                                 f"{name}:0.8 (-10..10, 1.0 = as trained)", "loras", "lora_invalid")
         path = self.lora_dir / name
-        if not path.is_file():
-            known = sorted(p.name for p in self.lora_dir.glob("*.safetensors"))[:20]
+        if not name.lower().endswith(".safetensors") or not path.is_file():  # nothing else there is opened
             raise ApiError(400, f"loras: {name!r} is not in this server's LoRA folder; it has "
-                                f"{', '.join(known) or 'no .safetensors files'}", "loras", "lora_not_found")
-        self._check_lora_file(name, path)
+                                f"{', '.join(self.lora_names()[:20]) or 'no .safetensors files'}", "loras",
+                           "lora_not_found")
+        self._check_lora_file(name, path, expert or None)
         return f"{expert}={path}{colon}{strength}" if expert else f"{path}{colon}{strength}"
 
-    def _check_lora_file(self, name: str, path: Path) -> None:
-        """Read the file as `vidrt run --lora` does (not safetensors, truncated, NaN/Inf values) at create
-        time, named as the client named it; each version of a file (mtime, size) is read once."""
+    def lora_names(self) -> list[str]:
+        """The LoRA files a request may name: the *.safetensors files of --lora-dir, by name."""
+        if self.lora_dir is None:
+            return []
+        return sorted(p.name for p in self.lora_dir.glob("*.safetensors") if p.is_file() and not p.name.startswith("."))
+
+    def _check_lora_file(self, name: str, path: Path, expert: str | None = None) -> None:
+        """At create time, named as the client named it: the file's keys and shapes against the DiT of every
+        expert it applies to, from its header alone (another architecture, another size: LoraMerger.check_header),
+        then its values as `vidrt run --lora` reads them (truncated, NaN/Inf), only once the header passed.
+        Each version of a file (mtime, size) is checked once per expert choice."""
+        from vidrt.lora import LoraRef
+
         st = path.stat()
-        key = (name, st.st_mtime_ns, st.st_size)
+        key = (name, expert or "", st.st_mtime_ns, st.st_size)
         if key not in self._lora_checked:
+            label = f"loras: {name!r}"
             try:
-                read_lora(path, f"loras: {name!r}")
+                merger = self._lora_merger()
+                if merger is not None:
+                    for each in merger.manifest.model.experts:
+                        merger.check_header(each, LoraRef(str(path), 1.0, expert, label=label))
+                read_lora(path, label)
                 self._lora_checked[key] = None
             except UsageError as exc:
                 self._lora_checked[key] = str(exc)
         refusal = self._lora_checked[key]
         if refusal is not None:
             raise ApiError(400, refusal, "loras", "lora_invalid")
+
+    def _lora_merger(self) -> Any:
+        """The package's LoraMerger (its DiT weight layout), for the key/shape check; None without a package."""
+        if self._merger is None and self.package is not None:
+            from vidrt.lora import LoraMerger
+            from vidrt.package.manifest import load_manifest
+
+            self._merger = LoraMerger(Path(self.package), load_manifest(self.package, verify=False), lambda s: None)
+        return self._merger
 
     def _frames_of(self, seconds: str, fps: int | None) -> int:
         value = float(seconds)
@@ -372,13 +423,75 @@ class VideoAPI:
                      attempts=job.attempts, stats=job.result.get("stats") if job.result else None)
 
 
+# `vidrt run`'s flags as the API's fields: the checks shared with the CLI (vidrt.request) name flags
+_FLAG_FIELDS = {"steps": "steps", "size": "size", "frames": "frames", "guidance": "guidance",
+                "guidance-low-noise": "guidance_low_noise", "shift": "shift", "seed": "seed", "sampler": "scheduler",
+                "scheduler": "scheduler", "cache": "cache", "recipe": "recipe", "fps": "fps", "crf": "crf",
+                "negative-prompt": "negative_prompt", "lora": "loras", "prompt": "prompt"}
+_FLAG = re.compile(r"(drop |)--(" + "|".join(sorted(_FLAG_FIELDS, key=len, reverse=True)) + r")\b")
+_FIELD = re.compile(r"\b(" + "|".join(sorted({*_FLAG_FIELDS.values(), "width", "height"}, key=len, reverse=True))
+                    + r")\b")
+
+
+def api_text(message: str) -> tuple[str, str | None]:
+    """A refusal of the checks shared with `vidrt run` (vidrt.request) in the API's own terms: its flags
+    become the request's field names ("drop --cache" -> "leave cache out"), and the field named first
+    is the error's param (width/height: size). -> (message, param)."""
+    text = _FLAG.sub(lambda m: f"leave {_FLAG_FIELDS[m[2]]} out" if m[1] else _FLAG_FIELDS[m[2]], message)
+    text = text.replace(" (`vidrt info` lists them)", " (GET /v1/models lists them)")
+    first = _FIELD.search(text)
+    param = None if first is None else "size" if first[1] in ("width", "height") else first[1]
+    return text, param
+
+
 def validation_message(errors: Any) -> tuple[str, str | None]:
-    """The first of pydantic's / FastAPI's validation errors as one line and the field it is about."""
+    """The first of pydantic's / FastAPI's validation errors as one line, in plain words, and the field it is
+    about."""
     first: dict[str, Any] = dict(errors[0]) if errors else {}
     where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
+    kind, value = first.get("type", ""), first.get("input")
+    shown = json.dumps(value)[:40] if isinstance(value, (str, int, float, bool)) or value is None else "that"
     msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    if first.get("type") == "extra_forbidden":
+    spec = CreateVideoRequest.model_fields.get(where)
+    if kind == "extra_forbidden":
         msg = f"unknown field; fields are {', '.join(CreateVideoRequest.model_fields)}, input_reference"
-    elif first.get("type") == "missing":
+    elif kind == "missing":
         msg = "missing; it is required"
+    elif isinstance(value, float) and not math.isfinite(value):
+        msg = f"must be a finite number, got {value}"
+    elif kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than") and spec is not None:
+        msg = f"{shown} is out of range; use {_range_text(spec)}"
+    elif kind in ("int_type", "int_parsing", "int_from_float"):
+        msg = f"must be an integer, got {shown}"
+    elif kind in ("float_type", "float_parsing"):
+        msg = f"must be a number, got {shown}"
+    elif kind in ("string_type", "literal_error") and value is not None and not isinstance(value, str):
+        msg = f"must be a string, got {shown}"
+    elif kind == "string_pattern_mismatch":
+        msg = _PATTERN_HINT.get(where, f"{shown} is not valid")
+        msg = msg.format(shown=shown)
+    elif kind == "string_too_short" and where == "prompt":
+        return "prompt is empty; describe the clip", "prompt"
+    elif kind == "literal_error":
+        msg = f"{shown} is not one of {first.get('ctx', {}).get('expected', '')}"
     return (f"{where}: {msg}" if where else msg), (where or None)
+
+
+_PATTERN_HINT = {"size": "{shown} is not WIDTHxHEIGHT; write it like 832x480",
+                 "seconds": "{shown} is not a length in seconds; write it like 4 or 2.5",
+                 "cache": "{shown} is not METHOD[:THRESHOLD]; write it like teacache or teacache:0.1"}
+
+
+def _range_text(spec: Any) -> str:
+    """A field's bounds (its annotated_types Ge/Gt/Le metadata) as "1..1000" or "more than 0, up to 100"."""
+    lo = next((("", m.ge) for m in spec.metadata if getattr(m, "ge", None) is not None),
+              next((("more than ", m.gt) for m in spec.metadata if getattr(m, "gt", None) is not None), None))
+    hi = next((m.le for m in spec.metadata if getattr(m, "le", None) is not None), None)
+    if lo is not None and not lo[0] and hi is not None:
+        return f"{_num(lo[1])}..{_num(hi)}"
+    parts = [f"{lo[0] or 'at least '}{_num(lo[1])}" if lo else "", f"up to {_num(hi)}" if hi is not None else ""]
+    return ", ".join(p for p in parts if p)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"

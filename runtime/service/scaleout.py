@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vidrt.errors import Cancelled, PackageError, UsageError, VidrtError
+from vidrt.errors import Cancelled, DeviceError, OutputError, PackageError, UsageError, VidrtError
 from vidrt.request import Settings
-from vidrt.service.jobs import JobRequest, ProgressEvent, execute_job
+from vidrt.service.jobs import JobRequest, ProgressEvent, execute_job, lora_ref
 from vidrt.service.previews import SUFFIX as PREVIEW_SUFFIX
 from vidrt.service.previews import VARIANTS, make_previews
 
@@ -145,6 +145,16 @@ class Worker:
             return f"loras: {p.name!r}"
         return f"loras {path}"
 
+    def _missing_lora(self, request: JobRequest) -> str | None:
+        """A file of the server's LoRA folder the job names that is gone (removed after the job was queued,
+        e.g. across a restart): said in the client's terms, not read_lora's "give the path"."""
+        for value in request.loras or ():
+            p = Path(lora_ref(value).path)
+            if self.lora_dir is not None and p.parent == self.lora_dir and not p.is_file():
+                return (f"loras: {p.name!r} is no longer in this server's LoRA folder (removed after the job was "
+                        f"queued); create the video again with a LoRA it has (GET /v1/models lists them)")
+        return None
+
     def _on_event(self, event: ProgressEvent) -> None:
         with self._lock:
             self._event = event
@@ -153,6 +163,9 @@ class Worker:
         """-> {"status": "completed", "files": {relative name: bytes}, "previews": {variant: JPEG bytes},
         "result": {...}} | cancelled | failed. previews: also a thumbnail and a sprite sheet (previews.py)."""
         request = JobRequest.from_dict(job)
+        gone = self._missing_lora(request)
+        if gone is not None:
+            return {"status": "failed", "error": gone, "code": "lora_not_found"}
         out = self.scratch / f"{job_id}{request.suffix}"
         with self._lock:
             self._current, self._event = job_id, None
@@ -164,9 +177,9 @@ class Worker:
         except Cancelled:
             return {"status": "cancelled"}
         except VidrtError as exc:
-            return {"status": "failed", "error": str(exc), "code": type(exc).__name__}
+            return {"status": "failed", "error": str(exc), "code": error_code(exc)}
         except Exception as exc:  # ONNX Runtime / numpy failures: a failed job, not a dead worker
-            return {"status": "failed", "error": f"{type(exc).__name__}: {_one_line(exc)}", "code": "internal"}
+            return {"status": "failed", "error": f"{type(exc).__name__}: {_one_line(exc)}", "code": "internal_error"}
         finally:
             with self._lock:
                 self._current = None
@@ -176,6 +189,15 @@ class Worker:
         record = result.to_dict()
         record.pop("output")
         return {"status": "completed", "files": files, "previews": images, "result": record}
+
+
+# error.code of a failed job (the API's snake_case codes, docs/scale-out.md), never a Python class name
+ERROR_CODES: dict[type[VidrtError], str] = {UsageError: "invalid_request", PackageError: "model_error",
+                                            DeviceError: "device_error", OutputError: "output_error"}
+
+
+def error_code(exc: VidrtError) -> str:
+    return next((code for kind, code in ERROR_CODES.items() if isinstance(exc, kind)), "internal_error")
 
 
 SCRATCH_PREFIX = "vidrt-worker-"
@@ -664,7 +686,7 @@ class JobManager:
                 self._worker_died(job, exc)
                 return await self._wait_restart(slot)
             except Exception as exc:  # e.g. the reply could not be unpickled
-                self._finish(job, "failed", _one_line(_cause(exc)), "internal")
+                self._finish(job, "failed", _one_line(_cause(exc)), "internal_error")
                 return True
             if job.cancel_requested:
                 self._finish(job, "cancelled")
@@ -672,7 +694,7 @@ class JobManager:
                 try:
                     await asyncio.to_thread(self._publish, job, reply, slot)
                 except OSError as exc:
-                    self._finish(job, "failed", f"cannot write {job.output}: {exc.strerror or exc}", "output")
+                    self._finish(job, "failed", f"cannot write {job.output}: {exc.strerror or exc}", "output_error")
                 else:
                     slot.completed += 1
                     self._finish(job, "completed")

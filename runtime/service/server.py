@@ -152,8 +152,9 @@ def _page() -> str:
     return resources.files("vidrt.service").joinpath("web/index.html").read_text(encoding="utf-8")
 
 
-async def _create_fields(request: Request) -> tuple[dict[str, Any], bytes | None]:
-    """The create request's fields, from JSON or a form, and input_reference's bytes if one was sent."""
+async def _create_fields(request: Request) -> tuple[dict[str, Any], bytes | None, bool]:
+    """The create request's fields, from JSON or a form, input_reference's bytes if one was sent, and
+    whether it was a form (whose fields are all text)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         try:
@@ -170,6 +171,8 @@ async def _create_fields(request: Request) -> tuple[dict[str, Any], bytes | None
                     raise ApiError(400, f"{key}: given twice", key)
                 image = await value.read() if hasattr(value, "read") else str(value).encode()
                 continue
+            if key.removesuffix("[]") not in CreateVideoRequest.model_fields:  # before "given twice"
+                raise ApiError(400, *validation_message([{"type": "extra_forbidden", "loc": (key,)}]))
             if not isinstance(value, str):
                 raise ApiError(400, f"{key}: must be a text field, not a file", key)
             if key in LIST_FIELDS or key.removesuffix("[]") in LIST_FIELDS:  # repeated; the SDK sends loras[]
@@ -178,7 +181,7 @@ async def _create_fields(request: Request) -> tuple[dict[str, Any], bytes | None
             if key in fields:
                 raise ApiError(400, f"{key}: given twice", key)
             fields[key] = value
-        return fields, image
+        return fields, image, True
     if kind not in ("application/json", ""):
         raise ApiError(400, f"content-type {kind} is not accepted; send application/json or multipart/form-data")
     try:
@@ -188,7 +191,7 @@ async def _create_fields(request: Request) -> tuple[dict[str, Any], bytes | None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object like {\"prompt\": \"a cat\"}")
     image = data.pop("input_reference", None)
-    return data, (repr(image).encode() if image is not None else None)
+    return data, (repr(image).encode() if image is not None else None), False
 
 
 _CREATE_BODY = {"requestBody": {"required": True, "content": {
@@ -274,11 +277,11 @@ def create_app(state: State) -> FastAPI:
     async def create_video(request: Request) -> Video:
         check_room()  # from the headers: a body this server would refuse is never read
         try:
-            fields, image = await _create_fields(request)
+            fields, image, form = await _create_fields(request)
         except ClientDisconnect:
             log.warning("POST /v1/videos: the client went away before its body arrived")
             return Response(status_code=499)  # type: ignore[return-value]  # nobody is left to read it
-        job, settings, asked = api.to_job(fields, image)
+        job, settings, asked = api.to_job(fields, image, form)
         check_room()  # again: the queue may have filled while the body arrived
         return api.video(manager.submit(job, settings, api=asked))
 
