@@ -406,7 +406,7 @@ class VideoAPI:
         s = job.settings
         fps = job.request.fps or self.fps
         event = job.event if job.status == "in_progress" else None
-        error = VideoError(code=job.error_code or job.status, message=job.error) if job.error \
+        error = VideoError(code=job.error_code or job.status, message=api_text(job.error)[0]) if job.error \
             else None
         status = job.status
         if status == "cancelled":
@@ -459,8 +459,10 @@ def validation_message(errors: Any) -> tuple[str, str | None]:
         msg = "missing; it is required"
     elif isinstance(value, float) and not math.isfinite(value):
         msg = f"must be a finite number, got {value}"
-    elif kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than") and spec is not None:
-        msg = f"{shown} is out of range; use {_range_text(spec)}"
+    elif kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        bound = {"greater_than_equal": "at least ", "less_than_equal": "at most ", "greater_than": "more than ",
+                 "less_than": "less than "}[kind] + _num(next(iter(first.get("ctx", {}).values()), 0))
+        msg = f"{shown} is out of range; use {_range_text(spec) if spec is not None else bound}"
     elif kind in ("int_type", "int_parsing", "int_from_float"):
         msg = f"must be an integer, got {shown}"
     elif kind in ("float_type", "float_parsing"):
