@@ -799,3 +799,26 @@ def test_caps_set_the_defaults_and_lora_strengths_are_checked(tmp_path):
         assert "\n" not in e.message and "strength" in e.message and bad.rsplit(":", 1)[1] in e.message, e.message
     job, _, _ = api.to_job({"prompt": "a cat", "loras": ["style.safetensors:-0.5"]})
     assert [r.strength for r in job.to_request().loras] == [-0.5]
+
+
+def test_lora_fit_check_on_a_package_without_its_weight_layout(tmp_path):
+    """A package exported before vidrt recorded the DiT's weight layout takes no LoRAs: a 400 naming loras,
+    without the server's package path (was a 500 once create began checking keys and shapes)."""
+    from vidrt.lora import LoraMerger
+    from vidrt.models import default_package
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.api import ApiError, ServeLimits, VideoAPI
+
+    package = default_package()
+    manifest = load_manifest(package, verify=False)
+    old = replace(manifest, components={**manifest.components, "dit": replace(manifest.components["dit"], weights={})})
+    (tmp_path / "loras").mkdir()
+    _fitting_lora(tmp_path / "loras" / "style.safetensors", package)
+    api = VideoAPI(manifest.model, ServeLimits(max_pixels=64 * 64, max_frames=17, max_steps=50), str(package),
+                   lora_dir=str(tmp_path / "loras"))
+    api.to_job({"prompt": "a cat", "loras": ["style.safetensors"]})  # fits the real layout
+    api._merger, api._lora_checked = LoraMerger(package, old, lambda s: None), {}
+    with pytest.raises(ApiError) as err:
+        api.to_job({"prompt": "a cat", "loras": ["style.safetensors"]})
+    assert (err.value.status, err.value.param, err.value.code) == (400, "loras", "loras_unsupported")
+    assert str(package) not in err.value.message, err.value.message

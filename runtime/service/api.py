@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
-from vidrt.errors import UsageError
+from vidrt.errors import PackageError, UsageError
 from vidrt.lora import parse_lora_arg, read_lora
 from vidrt.package.registry import ModelSpec
 from vidrt.request import MAX_FRAMES, MAX_SEED, MAX_STEPS, Settings
@@ -377,6 +377,9 @@ class VideoAPI:
                 self._lora_checked[key] = None
             except UsageError as exc:
                 self._lora_checked[key] = str(exc)
+            except PackageError:  # a package exported before vidrt recorded its DiT layout (no server path here)
+                raise ApiError(400, "loras: this server's model package predates LoRA support, so it takes no "
+                                    "LoRAs; send the request without loras", "loras", "loras_unsupported") from None
         refusal = self._lora_checked[key]
         if refusal is not None:
             raise ApiError(400, refusal, "loras", "lora_invalid")
