@@ -129,6 +129,10 @@ class Checkpoint:
         part = self._expert(expert)
         return stored(part.weights, dict(part.names))
 
+    def transformer_shapes(self, expert: str) -> dict[str, tuple[int, ...]]:
+        """diffusers key names -> shapes, from the files' headers alone (no tensor is read)."""
+        return {k: tuple(v.shape) for k, v in self._expert(expert).file_shapes().items()}
+
     def transformer_config(self, expert: str) -> dict:
         return dict(self._expert(expert).config)
 

@@ -50,8 +50,7 @@ from vidrt.export.onnx_export import (
     text_encoder_precision,
     weight_refs,
 )
-from vidrt.export.package_extras import bake_loras, package_recipes
-from vidrt.lora.merge import read_lora
+from vidrt.export.package_extras import bake_loras, baked_records, check_loras, package_recipes
 from vidrt.package.contracts import (
     DIT_PIECES,
     IMAGE_ENCODER,
@@ -130,8 +129,7 @@ def export_package(model_dir: Path | str, out: Path | str | None = None, variant
     check_opset(opset)
     ckpt = open_checkpoint(model_dir, variant)
     ckpt.check_weights()  # every weight, before any file is written
-    for ref in loras:  # a missing or damaged LoRA (NaN/Inf, truncated, not safetensors) too, not after the export
-        read_lora(ref.path, ref.label)
+    check_loras(ckpt, loras)  # a missing, damaged or mismatched LoRA too (keys, shapes), not after the encoders
     out = Path(out) if out is not None else Path("engines") / ckpt.spec.name
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the package")
@@ -193,7 +191,8 @@ def _export_locked(ckpt: Checkpoint, out: Path, opset: int, precision: str, prog
     recipes, lora_files = package_recipes(model_dir, out) if model_dir is not None else ((), ())
     write_manifest(out, Manifest(schema_version=SCHEMA_VERSION, model=replace(ckpt.spec, recipes=recipes),
                                  tokenizer=tokenizer, loras=lora_files, components=components,
-                                 vidrt_version=vidrt.__version__, export_inputs=inputs,
+                                 baked_loras=baked_records(loras, ckpt.spec.experts), vidrt_version=vidrt.__version__,
+                                 export_inputs=inputs,
                                  vocabulary=closed_vocabulary((out / TOKENIZER_FILE).read_text("utf-8"))))
 
 

@@ -13,12 +13,17 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vidrt.errors import PackageError
+from vidrt.errors import PackageError, UsageError
 from vidrt.lora import LoraRef, base_reader, lora_deltas, merge_into, read_lora
-from vidrt.package.manifest import Artifact, Component, make_artifact
+from vidrt.lora.merge import culprit_of
+from vidrt.package.manifest import Artifact, BakedLora, Component, WeightRef, make_artifact, sha256_file
 from vidrt.package.recipes import Recipe
 from vidrt.package.registry import from_dict
+
+if TYPE_CHECKING:
+    from vidrt.export.checkpoints import Checkpoint
 
 RECIPES_FILE = "recipes.json"
 
@@ -64,8 +69,9 @@ def bake_loras(out: Path, components: Mapping[str, Component], expert: str, lora
         return {}
     assert comp.artifact.data_file is not None
     data = out / comp.artifact.data_file
-    deltas = lora_deltas([(read_lora(r.path, r.label), r.strength) for r in refs], comp.weights, warn)  # type: ignore[arg-type]
-    merged = merge_into(deltas, comp.weights, base_reader(data, comp.weights))
+    files = [(read_lora(r.path, r.label), r.strength) for r in refs]
+    deltas = lora_deltas(files, comp.weights, warn)  # type: ignore[arg-type]
+    merged = merge_into(deltas, comp.weights, base_reader(data, comp.weights), culprit_of(files, comp.weights))
     by_name = {ref.initializer: ref for ref in comp.weights.values()}
     with open(data, "r+b") as f:
         for name, array in merged.items():
@@ -73,3 +79,29 @@ def bake_loras(out: Path, components: Mapping[str, Component], expert: str, lora
             f.write(array.tobytes())
     return {c.name: replace(c, artifact=make_artifact(out, c.artifact.file, c.artifact.data_file))
             for c in components.values() if c.artifact.data_file == comp.artifact.data_file}
+
+
+def baked_records(loras: Sequence[LoraRef], experts: Sequence[str]) -> tuple[BakedLora, ...]:
+    """The manifest's record of the LoRAs `bake_loras` merged (file name, sha256, size, strength, expert):
+    `vidrt info` shows them and the runtime never merges the same file into the same expert again."""
+    return tuple(BakedLora(Path(r.path).name, sha256_file(Path(r.path)), Path(r.path).stat().st_size,
+                           float(r.strength), r.expert) for r in loras
+                 if r.strength != 0.0 and r.expert in (None, *experts))
+
+
+def check_loras(ckpt: Checkpoint, loras: Sequence[LoraRef]) -> None:
+    """Every LoRA to bake, read and checked against the checkpoint's DiT (keys, ranks, shapes: from the
+    safetensors headers, no tensor of the checkpoint read, no delta computed) before any export stage, so a
+    LoRA for another architecture or size is a one-line UsageError in seconds, not after the text encoder."""
+    experts = ckpt.spec.experts
+    for ref in loras:
+        if ref.expert is not None and ref.expert not in experts:
+            raise UsageError(f"{ref.named} is for expert {ref.expert}, this model has {', '.join(experts)}; "
+                             f"use --lora for one-denoiser models")
+        lora = read_lora(ref.path, ref.label)  # missing, damaged (NaN/Inf, truncated, not safetensors)
+        for expert in experts:
+            if ref.expert in (None, expert):
+                shapes = ckpt.transformer_shapes(expert)
+                layout = {k: WeightRef(k, False, 0, 0, "float32", shape) for k, shape in shapes.items()}
+                # keys that match nothing are reported once, when the LoRA is baked
+                lora_deltas([(lora, ref.strength)], layout, lambda _: None, dry=True)

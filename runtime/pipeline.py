@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -211,11 +211,18 @@ class Pipeline:
         pipe = cls(package, manifest, BackendOptions(backend=backend, device=device, threads=threads), warn)
         if embedding_cache is not None:  # a repeated prompt then skips the text encoder
             pipe.embeddings = EmbeddingCache(embedding_cache, package_key(manifest))
-        pipe.loras = as_lora_refs(loras)
+        pipe.loras = pipe.applied_loras(as_lora_refs(loras))  # a file given twice refused, a baked one dropped
         for expert in manifest.model.experts:  # refuse a bad file or key set now, not mid-run
             pipe._merger.check(expert, pipe.loras)
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
+
+    def applied_loras(self, loras: Sequence[LoraRef]) -> tuple[LoraRef, ...]:
+        """The LoRAs a run with `loras` (the pipeline's, the recipe's, the request's) merges: a file baked
+        into the package is not merged again, the recipe's own file given again by the user is merged once
+        at the user's strength (each with a one-line warning), any other file given twice is refused
+        (UsageError). What Result.settings.loras, --stats-json and the file's metadata list."""
+        return self._merger.applied(loras)
 
     def engine(self, name: str) -> Engine:
         """Open a component once, on first use; a DiT (or one of its step-caching pieces, whose LoRA set
@@ -327,6 +334,7 @@ class Pipeline:
         spec = self.manifest.model
         check_prompt(request.prompt)
         s = resolve(request, spec, loras=self.loras)  # s.loras: the pipeline's, the recipe's, the request's
+        s = replace(s, loras=self.applied_loras(s.loras))  # ... each file merged once, none baked in twice
         stats = RunStats(backend=self.backend.name)
         stats.seconds["load"] = self.load_seconds
         report = progress or (lambda stage, done, total: None)
@@ -438,9 +446,14 @@ class Pipeline:
                 if i == last_step[p.expert] and p.expert in released:
                     self.release(p.expert)  # A14B: the high-noise expert goes at the boundary
                     dits.pop(p.expert, None)  # with its step-invariant embeddings (device memory on TensorRT)
+                merged_in = self._merger.for_expert(p.expert, loras)
+                blame = ("the LoRA(s) merged into it are the likely cause: " + ", ".join(
+                    f"{r.named} (strength {r.strength:g})" for r in merged_in) +
+                    "; lower the strength or use another file" if merged_in else "")
                 _check_finite(f"denoiser ({p.expert}, step {i + 1}/{len(plan)})", velocity, precision[p.expert],
-                              "the DiT overflows in fp16: use bf16 or fp32 engines",
-                              "--guidance/--shift may be extreme or the weights corrupt; lower them or re-export")
+                              blame or "the DiT overflows in fp16: use bf16 or fp32 engines",
+                              blame or "--guidance/--shift may be extreme or the weights corrupt; lower them or "
+                                       "re-export")
                 latents = cond.after_step(solver.step(velocity, latents))
                 stats.denoise_step_seconds.append(time.perf_counter() - t0)
                 report("denoise", i + 1, len(plan))

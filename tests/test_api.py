@@ -49,8 +49,8 @@ def test_saved_files_name_the_recipe_and_the_loras_without_their_folders(tmp_pat
 
     q = "diffusion_model.blocks.0.self_attn.q"  # a rank-4 LoRA for the bundled model's first block
     dim = load_manifest(default_package(), verify=False).model.dit.dim
-    for name in ("style.safetensors", "detail.safetensors"):
-        save_file({f"{q}.lora_down.weight": np.full((4, dim), 0.01, np.float32),
+    for name, value in (("style.safetensors", 0.01), ("detail.safetensors", 0.02)):  # two files, not one twice
+        save_file({f"{q}.lora_down.weight": np.full((4, dim), value, np.float32),
                    f"{q}.lora_up.weight": np.ones((dim, 4), np.float32)}, str(tmp_path / name))
     pipe = Pipeline.load(loras=[(str(tmp_path / "style.safetensors"), 0.5)], warn=lambda _: None)
     result = pipe.run(Request(prompt="a red circle moving left", width=64, height=64, num_frames=5, seed=3,

@@ -54,3 +54,122 @@ def test_run_records_every_lora_it_applies(bundled, tmp_path, capsys):
     result = pipe.run(Request(prompt="a red circle moving left", width=32, height=32, num_frames=1, steps=1,
                               seed=3))
     assert [(Path(r.path).name, r.strength) for r in result.settings.loras] == [("style.safetensors", 0.5)]
+
+
+def test_a_baked_lora_is_recorded_and_never_merged_again(bundled, tmp_path, capsys):
+    """A package with the recipe's LoRA baked in (what `vidrt export --lora` writes: bake_loras +
+    baked_records) says so in `vidrt info`; `--recipe fast` on it does not add the LoRA a second time
+    (one-line note) and makes the bundled model's `--recipe fast` clip exactly."""
+    import shutil
+    from dataclasses import replace
+
+    from vidrt import Pipeline, Request
+    from vidrt.cli import main
+    from vidrt.export.package_extras import bake_loras, baked_records
+    from vidrt.package.manifest import load_manifest, write_manifest
+    from vidrt.package.recipes import LoraRef
+
+    package, manifest = bundled
+    baked = tmp_path / "baked"
+    shutil.copytree(package, baked)
+    fast = LoraRef(str(baked / "fast_lora.safetensors"), 1.0)
+    changed = bake_loras(baked, manifest.components, "dit", [fast])
+    write_manifest(baked, replace(manifest, components={**manifest.components, **changed},
+                                  baked_loras=baked_records([fast], manifest.model.experts)))
+    assert load_manifest(baked).baked_loras[0].file == "fast_lora.safetensors"
+    main(["info", str(baked)])
+    shown = capsys.readouterr().out
+    assert "baked LoRA   fast_lora.safetensors x1, sha256 " in shown, shown
+
+    request = Request(prompt="a red circle moving left", width=32, height=32, num_frames=1, seed=3, recipe="fast")
+    notes: list[str] = []
+    twice = Pipeline.load(baked, warn=notes.append).run(request)
+    assert len(notes) == 1 and "already baked into this package" in notes[0], notes
+    assert twice.settings.loras == () and twice.stats.lora_merge_bytes == 0
+    once = Pipeline.load(package, warn=lambda _: None).run(request)
+    assert np.array_equal(twice.frames, once.frames)
+
+
+def test_the_same_lora_file_given_twice_is_merged_once_or_refused(bundled, tmp_path, capsys):
+    """`--recipe fast --lora .../fast_lora.safetensors:0.5`: merged once at the user's strength, one line
+    says so (the records list it once); the same file twice by the user is refused, naming both."""
+    import shutil
+
+    from vidrt import Pipeline
+    from vidrt.errors import UsageError
+
+    package, manifest = bundled
+    copy = shutil.copy(package / "fast_lora.safetensors", tmp_path / "mine.safetensors")  # same bytes, other name
+    stats = tmp_path / "s.json"
+    code, err = vidrt(capsys, "run", "-p", "a red circle moving left", "--seed", "3", "--recipe", "fast",
+                      "--lora", f"{copy}:0.5", "--stats-json", stats, "-o", tmp_path / "c.mp4",
+                      "--size", "32x32", "--frames", "1")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(notes) == 1 and "is the recipe's own LoRA fast_lora.safetensors; merged once, at strength 0.5" \
+        in notes[0], err
+    recorded = json.loads(stats.read_text())["settings"]["loras"]
+    assert [(r["path"], r["strength"]) for r in recorded] == [(str(copy), 0.5)]
+
+    style = small_lora(tmp_path / "style.safetensors", manifest.model.dit.dim)
+    with pytest.raises(UsageError, match=r"is the same file as .*style.safetensors.*give it once"):
+        Pipeline.load(package, loras=[(str(style), 0.5), (str(shutil.copy(style, tmp_path / "b.safetensors")), 1)])
+
+
+def test_a_lora_that_blows_up_the_dit_is_named(bundled, tmp_path, capsys, monkeypatch):
+    """lora_up x 1e30 (the user's huge.safetensors): refused at the merge in one line naming the file and
+    its strength (exit 2, no clip), not a NaN blamed on --guidance/--shift after step 1; and when NaN/Inf
+    does come out of a DiT with LoRAs merged, the message names them as the likely cause."""
+    from vidrt import Pipeline, Request
+    from vidrt.errors import DeviceError
+    from vidrt.lora import merge
+
+    package, manifest = bundled
+    from safetensors.numpy import load_file
+
+    huge = tmp_path / "huge.safetensors"
+    save_file({k: v * np.float32(1e30) if "lora_up" in k else v
+               for k, v in load_file(str(package / "fast_lora.safetensors")).items()}, str(huge))
+    out = tmp_path / "c.mp4"
+    code, err = vidrt(capsys, "run", "-p", "a red circle moving left", "--recipe", "fast", "--lora", f"{huge}:1",
+                      "-o", out, *TINY)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert f"--lora {huge} (strength 1) would make the DiT weight blocks.0.attn2.to_k.weight change by up" \
+        in lines[0] and "lower the strength, or use another file" in lines[0], err
+    assert not out.exists()
+
+    monkeypatch.setattr(merge, "MAX_DELTA_RATIO", float("inf"))  # past the merge's guard: the DiT's NaN
+    pipe = Pipeline.load(package, loras=[(str(huge), 2.0)], warn=lambda _: None)
+    with pytest.raises(DeviceError) as caught:
+        pipe.run(Request(prompt="a red circle moving left", width=32, height=32, num_frames=1, recipe="fast"))
+    text = str(caught.value)
+    assert "the denoiser (dit, step 1/4) produced NaN/Inf" in text and "--guidance" not in text, text
+    assert f"LoRA {huge} (strength 2), LoRA fast_lora.safetensors (strength 1); lower the strength" in text, text
+
+
+def test_export_refuses_a_mismatched_lora_before_any_stage(tiny_t2v_checkpoint, tmp_path, capsys, monkeypatch):
+    """`vidrt export --lora` checks keys and shapes against the checkpoint's DiT (safetensors headers) before
+    exporting anything: another size, another architecture, a per-expert LoRA on a one-denoiser model."""
+    import vidrt.export.package as export_package_module
+    from tiny import TINY_VARIANT
+
+    def too_late(*_a, **_k):
+        raise AssertionError("an export stage ran before the LoRA was checked")
+
+    monkeypatch.setattr(export_package_module, "export_text_encoder", too_late)
+    monkeypatch.setattr(export_package_module, "export_dit", too_late)
+    wide, sd15 = tmp_path / "wide.safetensors", tmp_path / "sd15.safetensors"
+    small_lora(wide, 1536)  # a 1.3B-wide LoRA on the 64-wide tiny model
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": np.zeros((4, 8), np.float32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": np.zeros((8, 4), np.float32)},
+              str(sd15))
+    out = tmp_path / "pkg"
+    for flag, lora, needle in (("--lora", wide, "does not fit this model: blocks.0.attn1.to_q.weight needs [64, 64]"),
+                               ("--lora", sd15, "is not a LoRA for this Wan DiT"),
+                               ("--lora-high-noise", wide, "is for expert dit_high, this model has dit")):
+        code, err = vidrt(capsys, "export", "--model", tiny_t2v_checkpoint, "--variant", TINY_VARIANT["t2v"],
+                          "--out", out, flag, lora)
+        assert code == 2 and needle in err and f"{flag} {lora}" in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+

@@ -144,6 +144,9 @@ def info(package: str | None) -> None:
     for name, comp in m.components.items():
         mb = comp.artifact.size_bytes + (comp.artifact.data_size_bytes or 0)
         click.echo(f"  {name:<17}{comp.precision}, opset {comp.opset}, {mb / 1e6:.1f} MB")
+    for baked in m.baked_loras:  # `vidrt export --lora`: in the DiT weights already, never merged again
+        expert = f" ({baked.expert} only)" if baked.expert else ""
+        click.echo(f"  baked LoRA   {baked.file} x{baked.strength:g}{expert}, sha256 {baked.sha256[:12]}")
     click.echo(f"  negative     {d.negative_prompt or '(none)'}")
     if m.vocabulary:
         click.echo(f"  knows        {' '.join(m.vocabulary)}")

@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +211,7 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
 
     pipe = Pipeline.load(package, backend=backend, device=f"cuda:{device}", threads=threads, warn=warn,
                          embedding_cache=embedding_cache, loras=loras)
+    settings = replace(settings, loras=pipe.applied_loras(settings.loras))  # each file once, none baked twice
     metadata = clip_metadata(settings, pipe.manifest.model.name)  # same metadata as batch and serve write
     progress = _Progress(quiet)
     fps_out = fps or pipe.manifest.model.sampling.fps

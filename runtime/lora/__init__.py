@@ -22,13 +22,14 @@ from vidrt.errors import PackageError, UsageError
 from vidrt.lora.merge import (
     LoraFile,
     check_strength,
+    culprit_of,
     lora_deltas,
     merge_into,
     parse_lora_arg,
     read_lora,
     read_lora_header,
 )
-from vidrt.package.manifest import Manifest, WeightRef, artifact_path
+from vidrt.package.manifest import Manifest, WeightRef, artifact_path, sha256_file
 from vidrt.package.recipes import LoraRef
 
 __all__ = ["SetKey", "LoraMerger", "LoraRef", "LoraFile", "read_lora", "read_lora_header", "lora_deltas",
@@ -57,6 +58,11 @@ def as_lora_refs(loras: Sequence[LoraRef | tuple[str, float] | str] | None) -> t
     return tuple(out)
 
 
+def _overlap(a: str | None, b: str | None) -> bool:
+    """Do two LoRAs' experts meet (None = every expert)?"""
+    return a is None or b is None or a == b
+
+
 def base_reader(data_file: Path, weights: dict[str, WeightRef]) -> Callable[[str], np.ndarray]:
     """initializer name -> its stored base array, memory-mapped from the external-data file (read-only)."""
     by_name = {ref.initializer: ref for ref in weights.values()}
@@ -79,6 +85,7 @@ class LoraMerger:
         self._warn_to = warn
         self._warned: set[str] = set()
         self._files: dict[str, LoraFile] = {}
+        self._hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
         self.last_seconds = 0.0  # time of the last merge that was not cached
         self.last_bytes = 0  # bytes of merged tensors it produced
 
@@ -88,6 +95,63 @@ class LoraMerger:
         if message not in self._warned:
             self._warned.add(message)
             self._warn_to(message)
+
+    def applied(self, loras: Sequence[LoraRef]) -> tuple[LoraRef, ...]:
+        """The LoRAs a run merges, from those it asks for (the pipeline's, the recipe's, the request's), each
+        file identified by its sha256 (hashed only when its size matches another's):
+        - a file baked into the package (`vidrt export --lora`, manifest `baked_loras`) for the same expert
+          is not merged again: one line says so (its weights are in the package already);
+        - the recipe's own LoRA file given again (`--recipe fast --lora .../fast_lora.safetensors:0.5`) is
+          merged once, at the strength the user gave (a flag overrides the recipe's field): one line says so;
+        - any other file given twice for the same expert is refused (UsageError): give it once."""
+        shipped = {a.file for a in self.manifest.loras}
+        refs = list(loras)
+        sizes = [self._size(r.path) for r in refs]
+        keep: list[int] = []
+        for i, ref in enumerate(refs):
+            if sizes[i] is None or ref.strength == 0.0:  # unreadable: read_lora names the problem later
+                keep.append(i)
+                continue
+            baked = next((b for b in self.manifest.baked_loras if b.size_bytes == sizes[i]
+                          and _overlap(b.expert, ref.expert) and b.sha256 == self._sha256(ref.path)), None)
+            if baked is not None:
+                self.warn(f"{ref.named} (strength {ref.strength:g}) is already baked into this package at strength "
+                          f"{baked.strength:g} (`vidrt export --lora`, see `vidrt info`); not merged again")
+                continue
+            twin = next((j for j in keep if sizes[j] == sizes[i] and _overlap(refs[j].expert, ref.expert)
+                         and self._sha256(refs[j].path) == self._sha256(ref.path)), None)
+            if twin is None:
+                keep.append(i)
+                continue
+            first = refs[twin]
+            if first.path in shipped or ref.path in shipped:  # the recipe's file, given again by the user
+                mine, recipe = (ref, first) if first.path in shipped else (first, ref)
+                self.warn(f"{mine.named} is the recipe's own LoRA {Path(recipe.path).name}; merged once, at "
+                          f"strength {mine.strength:g} (not {recipe.strength:g} + {mine.strength:g})")
+                if mine is ref:
+                    keep[keep.index(twin)] = i
+                continue
+            raise UsageError(f"{ref.named} is the same file as {first.named}; a LoRA given twice would be merged "
+                             f"twice: give it once, with the strength you want")
+        return tuple(refs[i] for i in keep)
+
+    def _size(self, path: str) -> int | None:
+        try:
+            return Path(self._resolve(path)).stat().st_size
+        except OSError:
+            return None
+
+    def _sha256(self, path: str) -> str:
+        """A file's sha256, the package's own from the manifest, others hashed once per (path, size, mtime)."""
+        for art in self.manifest.loras:
+            if art.file == path:
+                return art.sha256
+        resolved = Path(self._resolve(path))
+        st = resolved.stat()
+        key = (str(resolved), st.st_size, st.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = sha256_file(resolved)
+        return self._hashes[key]
 
     def expert_of(self, name: str) -> str:
         """The DiT expert a component belongs to: `name` itself, or a step-caching piece's expert
@@ -112,7 +176,7 @@ class LoraMerger:
         """The set key and its files, each named in messages as its LoraRef's caller named it."""
         refs = self.for_expert(expert, loras)
         key = tuple((self._resolve(r.path), float(r.strength)) for r in refs)
-        return key, [(self._read(path, ref.label), strength) for (path, strength), ref in zip(key, refs, strict=True)]
+        return key, [(self._read(path, ref.named), strength) for (path, strength), ref in zip(key, refs, strict=True)]
 
     def check(self, expert: str, loras: Sequence[LoraRef]) -> None:
         """Read every file that applies to `expert` and check its keys and shapes against the DiT (no merge,
@@ -177,7 +241,7 @@ class LoraMerger:
         weights = self.weights(whole)
         own = weights if whole == expert else self._piece_weights(expert)
         deltas = lora_deltas(files, weights, self.warn, only=None if own is weights else set(own))
-        merged = merge_into(deltas, own, self.base(whole))
+        merged = merge_into(deltas, own, self.base(whole), culprit_of(files, weights))
         self.last_seconds = time.perf_counter() - t0
         self.last_bytes = sum(a.nbytes for a in merged.values())
         return key, merged

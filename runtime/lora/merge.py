@@ -177,7 +177,9 @@ def lora_deltas(loras: Sequence[tuple[LoraFile, float]], weights: Mapping[str, W
     Keys naming no module of this graph are reported once per file, by name (warn); a file none of whose
     keys names a module of this graph, or whose shapes do not fit it, is refused (UsageError).
     only: compute the deltas of these parameters alone (one step-caching piece of the graph); keys of
-    the graph's other parameters are neither computed nor reported."""
+    the graph's other parameters are neither computed nor reported.
+    dry: the same checks (keys, ranks, shapes against `weights`' shapes) without computing any delta (no
+    product, no memory): returns {}. Only WeightRef.shape and .transposed are read."""
     total: dict[str, np.ndarray] = {}
     for lora, strength in loras:
         groups: dict[str, dict[str, tuple[CanonicalKey, np.ndarray]]] = defaultdict(dict)
@@ -263,20 +265,50 @@ def _shaped(lora: LoraFile, param: str, delta: np.ndarray, weights: Mapping[str,
     return np.asarray(delta, dtype=np.float32).reshape(want)
 
 
+# A LoRA that moves a weight by more than this many times the weight's own largest value (at least 1.0) is
+# damaged (a lora_up scaled by 1e30) or far too strong: real LoRAs' deltas stay within the weights' scale.
+# Such a DiT makes NaN/Inf at the first step; refused at the merge, naming the file.
+MAX_DELTA_RATIO = 1e4
+
+
 def merge_into(deltas: Mapping[str, np.ndarray], weights: Mapping[str, WeightRef],
-               base: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
+               base: Callable[[str], np.ndarray], culprit: Callable[[str], str] | None = None) -> dict[str, np.ndarray]:
     """ONNX initializer name -> W0 + delta, in the initializer's stored layout (transposed Linear weights
-    transposed back) and dtype (bf16 as uint16 bits). `base(initializer)` returns the stored base array."""
+    transposed back) and dtype (bf16 as uint16 bits). `base(initializer)` returns the stored base array.
+    A merged weight that is not finite in its dtype, or a delta over MAX_DELTA_RATIO x the weight's scale,
+    raises UsageError naming `culprit(param)` (the LoRA files and strengths that touch it, culprit_of)."""
     out = {}
     for param, delta in deltas.items():
         ref = weights[param]
         w0 = base(ref.initializer)
         d = delta.T if ref.transposed else delta
-        if ref.dtype == "bfloat16":
-            out[ref.initializer] = f32_to_bf16(bf16_to_f32(w0) + d.reshape(w0.shape))
-        else:
-            out[ref.initializer] = (w0.astype(np.float32) + d.reshape(w0.shape)).astype(w0.dtype)
+        w0_f32 = bf16_to_f32(w0) if ref.dtype == "bfloat16" else w0.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below and refused in one line
+            merged = w0_f32 + d.reshape(w0.shape)
+            out[ref.initializer] = f32_to_bf16(merged) if ref.dtype == "bfloat16" else merged.astype(w0.dtype)
+        stored = bf16_to_f32(out[ref.initializer]) if ref.dtype == "bfloat16" else out[ref.initializer]
+        peak = float(np.abs(d).max()) if d.size else 0.0
+        scale = max(float(np.abs(w0_f32).max()) if w0.size else 0.0, 1.0)
+        if not np.isfinite(stored).all() or peak > MAX_DELTA_RATIO * scale:
+            who = culprit(param) if culprit is not None else "the LoRA"
+            what = (f"non-finite in {ref.dtype}" if not np.isfinite(stored).all()
+                    else f"change by up to {peak:.3g}, {peak / scale:.3g}x its scale")
+            raise UsageError(f"{who} would make the DiT weight {param} {what}; the DiT would produce NaN/Inf: "
+                             f"lower the strength, or use another file (this one may be damaged)")
     return out
+
+
+def culprit_of(loras: Sequence[tuple[LoraFile, float]], weights: Mapping[str, WeightRef]) -> Callable[[str], str]:
+    """param -> the LoRA file (as its messages name it) and strength whose own delta of that parameter is
+    the largest (non-finite counts as largest): the one to lower or replace."""
+    def culprit(param: str) -> str:
+        def peak(item: tuple[LoraFile, float]) -> float:
+            with np.errstate(over="ignore", invalid="ignore"):
+                d = lora_deltas([item], weights, lambda _: None, only={param}).get(param)
+                return 0.0 if d is None else float(np.nan_to_num(np.abs(d), nan=np.inf).max(initial=0.0))
+        f, s = max(loras, key=peak)
+        return f"{f.named} (strength {s:g})"
+    return culprit
 
 
 _STRENGTH = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")

@@ -112,6 +112,19 @@ class CacheTable:
 
 
 @dataclass(frozen=True)
+class BakedLora:
+    """A LoRA merged into the DiT weights at export (`vidrt export --lora`): the file by its name (no
+    folder), its sha256 and size in bytes, the strength it was baked at, and its expert (None = every
+    expert). The runtime merges no file with this sha256 into that expert again (vidrt.lora)."""
+
+    file: str
+    sha256: str
+    size_bytes: int
+    strength: float
+    expert: str | None = None
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     model: ModelSpec
@@ -123,6 +136,7 @@ class Manifest:
     engines: tuple[Engine, ...] = ()
     loras: tuple[Artifact, ...] = ()  # LoRA files the package ships (its recipes, model.recipes, name them)
     cache_table: CacheTable | None = None  # `vidrt cache calibrate`; None: published tables only
+    baked_loras: tuple[BakedLora, ...] = ()  # `vidrt export --lora`; absent in older manifests: none
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -317,6 +331,9 @@ def check_manifest(m: Manifest) -> None:
         _check(all(slot.file is None or slot.file in shipped for slot in r.loras),
                f"recipe {r.name!r} names a LoRA file the package does not list in `loras`")
         _check(r.expert_ok(spec.experts), f"recipe {r.name!r} names an expert the model does not have")
+    for baked in m.baked_loras:
+        _check(bool(_SHA256.fullmatch(baked.sha256)) and baked.size_bytes >= 0 and math.isfinite(baked.strength)
+               and (baked.expert is None or baked.expert in spec.experts), f"bad baked_loras record {baked.file!r}")
     for engine in m.engines:
         _check_artifact(engine.artifact)
         _check(engine.component in m.components, f"engine for unknown component {engine.component!r}")

@@ -279,6 +279,7 @@ def execute_job(pipe: Any, job: JobRequest, output: str | os.PathLike[str], *,
     spec = pipe.manifest.model
     job = job.seeded()  # the metadata written below and the run use the same seed
     settings = job.settings(spec, pipe.loras)  # every LoRA the run applies, the worker's own first
+    settings = replace(settings, loras=pipe.applied_loras(settings.loras))  # each file once, none baked twice
     fps = job.fps or spec.sampling.fps
     tracker = ProgressTracker(on_event, should_stop)
     tracker.check()
