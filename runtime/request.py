@@ -219,6 +219,8 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
         raise UsageError(f"--frames {frames} is not {ft}k+1; use {lo} or {lo + ft}")
     timesteps = request.timesteps
     steps = request.steps if request.steps is not None else len(timesteps) if timesteps else d.steps
+    if request.steps is None and timesteps and not len(timesteps) <= MAX_STEPS:  # the list sets the step count
+        raise UsageError(f"--timesteps has {len(timesteps)} values; give 1..{MAX_STEPS} (one per step)")
     if not 1 <= steps <= MAX_STEPS:
         raise UsageError(f"--steps {steps} is out of range; use 1..{MAX_STEPS}")
     shift = request.shift if request.shift is not None else d.shift

@@ -270,7 +270,8 @@ class VideoWriter:
                     self._container.metadata["title"] = prompt
         except (OSError, av.FFmpegError) as exc:
             self._discard()
-            raise OutputError(f"cannot write {self.path}: {_reason(exc)}") from None
+            raise OutputError(f"cannot write {self.path}: {_reason(exc)}; write it to a folder of a normal, "
+                              f"writable file system instead (e.g. ./{self.path.name})") from None
 
     def _start_stream(self, width: int, height: int) -> None:
         if self.format.kind in ("png", "still"):

@@ -173,3 +173,21 @@ def test_export_refuses_a_mismatched_lora_before_any_stage(tiny_t2v_checkpoint, 
         assert code == 2 and needle in err and f"{flag} {lora}" in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
 
+
+def test_cli_messages_say_what_is_wrong(bundled, tmp_path, capsys):
+    """An empty LoRA file, a LoRA with no tensors, 1001 --timesteps without --steps, an output on a file
+    system that takes no files: one line each, naming the real problem (and the fix)."""
+    from cli_helpers import assert_error
+
+    empty, no_tensors = tmp_path / "empty.safetensors", tmp_path / "none.safetensors"
+    empty.write_bytes(b"")
+    save_file({}, str(no_tensors))
+    run = ["run", "-p", "a red circle moving left", "-o", tmp_path / "c.mp4", *TINY]
+    assert_error(*vidrt(capsys, *run, "--lora", empty), 2, f"--lora {empty} is empty (0 bytes", "re-download it")
+    assert_error(*vidrt(capsys, *run, "--lora", no_tensors), 2, f"--lora {no_tensors} holds no tensors")
+    many = ",".join(str(1000 - i * 0.5) for i in range(1001))
+    assert_error(*vidrt(capsys, *run, "--sampler", "euler", "--timesteps", many), 2,
+                 "--timesteps has 1001 values; give 1..")
+    if Path("/proc").is_dir():  # procfs: the folder exists and looks writable, but takes no new files
+        assert_error(*vidrt(capsys, "run", "-p", "a red circle moving left", "-o", "/proc/o.mp4", *TINY), 5,
+                     "cannot write /proc/o.mp4", "write it to a folder of a normal, writable file system")

@@ -82,6 +82,10 @@ def read_lora(path: str | Path, label: str | None = None) -> LoraFile:
         raise UsageError(f"{label}: no such file; give the path of a .safetensors LoRA")
     try:
         raw = p.read_bytes()
+        if not raw:
+            raise UsageError(f"{label} is empty (0 bytes: an interrupted download or copy); re-download it")
+        if len(raw) < 8:  # not even the header's length
+            raise _Truncated(f"{len(raw)} bytes, the header's length alone needs 8")
         (n,) = struct.unpack("<Q", raw[:8])
         if 0 < n <= MAX_HEADER_BYTES and n > len(raw) - 8 and raw[8:9] == b"{":
             raise _Truncated(f"{len(raw)} bytes, its header alone needs {8 + n}")
@@ -105,6 +109,9 @@ def read_lora(path: str | Path, label: str | None = None) -> LoraFile:
             if not np.isfinite(tensors[name]).all():
                 raise UsageError(f"{label}: tensor {name[:80]} holds NaN or Inf values; the file is damaged "
                                  f"(or was saved from a diverged training run): use another copy")
+        if not tensors:
+            raise UsageError(f"{label} holds no tensors (a safetensors file with an empty header); it is not a "
+                             f"LoRA: use the LoRA file itself")
     except _Truncated as exc:
         raise UsageError(f"{label} is truncated or damaged ({exc}); re-download it") from None
     except OSError as exc:
