@@ -137,6 +137,10 @@ def read_lora_header(path: str | Path, label: str | None = None) -> LoraFile:
         size = p.stat().st_size
         with p.open("rb") as f:
             head = f.read(8)
+            if not head:
+                raise UsageError(f"{label} is empty (0 bytes: an interrupted download or copy); re-download it")
+            if len(head) < 8:
+                raise _Truncated(f"{size} bytes, the header's length alone needs 8")
             (n,) = struct.unpack("<Q", head)
             if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
                 if 0 < n <= MAX_HEADER_BYTES and f.read(1) == b"{":
@@ -154,6 +158,9 @@ def read_lora_header(path: str | Path, label: str | None = None) -> LoraFile:
                 raise UsageError(f"{label}: tensor {name[:80]} is {info['dtype']}, not floating point; a "
                                  f"LoRA's weights are F32/F16/BF16: use a LoRA file, not quantised or other data")
             tensors[name] = np.broadcast_to(zero, tuple(int(d) for d in info["shape"]))
+        if not tensors:
+            raise UsageError(f"{label} holds no tensors (a safetensors file with an empty header); it is not a "
+                             f"LoRA: use the LoRA file itself")
     except _Truncated as exc:
         raise UsageError(f"{label} is truncated or damaged ({exc}); re-download it") from None
     except OSError as exc:
