@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from vidrt.caching import CacheStats, ExpertDiT
-from vidrt.errors import UsageError
+from vidrt.errors import UsageError, arg
 from vidrt.package import contracts as C
 from vidrt.package.manifest import CacheTable, load_manifest, write_manifest
 from vidrt.request import Request
@@ -84,7 +84,7 @@ def calibrate(package: str | Path, prompts: list[str], seeds: list[int], steps: 
     from vidrt.pipeline import Pipeline
 
     if not prompts or not seeds:
-        raise UsageError("vidrt cache calibrate needs at least one --prompt and one --seed")
+        raise UsageError(f"calibration needs at least one prompt and one seed ({arg('prompts')}, {arg('seeds')})")
     manifest = load_manifest(package, verify=False)
     needs_pieces(manifest, "magcache")
     pipe = Pipeline.load(package, backend=backend, threads=threads, warn=lambda msg: None)

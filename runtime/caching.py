@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from vidrt import cache_tables as T
 from vidrt.backends.base import HOST_OPS, Engine, TensorOps
-from vidrt.errors import UsageError
+from vidrt.errors import UsageError, arg
 from vidrt.package import contracts as C
 from vidrt.package.manifest import Manifest
 
@@ -55,7 +55,7 @@ def parse_cache(text: str | None) -> CacheChoice:
         return CacheChoice()
     method, _, thresh = text.strip().lower().partition(":")
     if method not in METHODS:
-        raise UsageError(f"--cache {text!r}: unknown method; use one of {', '.join(METHODS)} "
+        raise UsageError(f"{arg('cache')} {text!r}: unknown method; use one of {', '.join(METHODS)} "
                          f"(optionally METHOD:THRESHOLD, e.g. magcache:0.12)")
     if not thresh:
         return CacheChoice(method)
@@ -64,7 +64,7 @@ def parse_cache(text: str | None) -> CacheChoice:
     except ValueError:
         value = -1.0
     if not 0.0 <= value <= 10.0 or method == "none":
-        raise UsageError(f"--cache {text!r}: the threshold must be a number in 0..10 after a method, "
+        raise UsageError(f"{arg('cache')} {text!r}: the threshold must be a number in 0..10 after a method, "
                          f"e.g. {method if method != 'none' else 'magcache'}:0.12")
     return CacheChoice(method, value)
 
@@ -370,7 +370,7 @@ def needs_pieces(manifest: Manifest, method: str) -> None:
         return
     missing = [e for e in manifest.model.experts if C.dit_piece(e, C.BLOCK0) not in manifest.components]
     if missing:
-        raise UsageError(f"--cache {method} needs the DiT cut into pieces and this package has none; "
+        raise UsageError(f"{arg('cache', method)} needs the DiT cut into pieces and this package has none; "
                          f"re-export it with this vidrt (`vidrt export`) or add them with `vidrt cache split PACKAGE`")
 
 
@@ -403,7 +403,7 @@ def teacache_coefficients(manifest: Manifest) -> tuple[tuple[float, ...], bool]:
         return published["e0"], True
     if "e" in published:
         return published["e"], False
-    raise UsageError(f"--cache teacache: no TeaCache coefficients for {manifest.model.name}; "
+    raise UsageError(f"{arg('cache', 'teacache')}: no TeaCache coefficients for {manifest.model.name}; "
                      f"calibrate this package first (`vidrt cache calibrate PACKAGE`)")
 
 
@@ -412,7 +412,7 @@ def magcache_table(manifest: Manifest) -> tuple[float, ...]:
         return manifest.cache_table.mag_ratios
     if manifest.model.name in T.MAGCACHE_RATIOS:
         return T.MAGCACHE_RATIOS[manifest.model.name]
-    raise UsageError(f"--cache magcache: no MagCache ratios for {manifest.model.name}; "
+    raise UsageError(f"{arg('cache', 'magcache')}: no MagCache ratios for {manifest.model.name}; "
                      f"calibrate this package first (`vidrt cache calibrate PACKAGE`)")
 
 

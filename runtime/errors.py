@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+
 
 class VidrtError(Exception):
     """Base class. `str(err)` is the whole one-line message: what is wrong and how to fix it."""
@@ -37,3 +42,56 @@ class Cancelled(VidrtError):
     """A job stopped on request (between denoising steps or decoded frames); nothing was written."""
 
     exit_code = 130
+
+
+# ---- how messages name the caller's arguments -------------------------------------------------------
+# The library's messages name an argument with arg("num_frames"): a Python caller reads the keyword it
+# used (`num_frames`, `overwrite=True`); a front end installs its own names for the length of a call
+# (spelled_as): `vidrt` its flags (vidrt.cli.app.CLI_FLAGS: `--frames`, `--overwrite`), the job API its
+# JSON fields. One table per front end; no message is rewritten after it is raised.
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """A front end's names for the library's keyword arguments. `names`: keyword -> name where it is not
+    the default; the default is `--kebab-case` when `flags`, else the keyword itself. Values follow a
+    flag after a space (`--frames 17`, a True value: the bare flag); in Python they follow `=` (repr)."""
+
+    names: Mapping[str, str]
+    flags: bool = True
+
+
+_SPELLING: ContextVar[Spelling | None] = ContextVar("vidrt_spelling", default=None)
+
+# Arguments a Python caller writes in another shape than `name=value` (LoRAs are a list of refs).
+PYTHON_FORMS = {
+    "lora": "loras=[({v!r}, 1.0)]",
+    "lora_high_noise": "loras=[LoraRef({v!r}, expert='dit_high')]",
+    "lora_low_noise": "loras=[LoraRef({v!r}, expert='dit_low')]",
+}
+
+
+def arg(name: str, value: object = None) -> str:
+    """Keyword argument `name` (of Pipeline.load / __call__, Request, VideoWriter) as the caller writes it:
+    `name` or `name=value!r` from Python (PYTHON_FORMS where it differs); under spelled_as(s): s's name for
+    it, then the value (double-quoted when it holds a space)."""
+    spelling = _SPELLING.get()
+    if spelling is None:
+        if value is None:
+            return "loras" if name in PYTHON_FORMS else name
+        return PYTHON_FORMS.get(name, f"{name}={{v!r}}").format(v=value)
+    own = spelling.names.get(name, "--" + name.replace("_", "-") if spelling.flags else name)
+    if value is None or value is True:
+        return own
+    text = str(value)
+    return f'{own} "{text}"' if " " in text else f"{own} {text}"
+
+
+@contextlib.contextmanager
+def spelled_as(spelling: Spelling) -> Iterator[None]:
+    """Messages raised inside name arguments as `spelling` does (this thread / asyncio task only)."""
+    token = _SPELLING.set(spelling)
+    try:
+        yield
+    finally:
+        _SPELLING.reset(token)

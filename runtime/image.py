@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from vidrt.errors import UsageError
+from vidrt.errors import UsageError, arg
 
 RESIZE_RULES = ("area_bicubic", "cover_lanczos")
 MIN_SIDE_PX = 16  # below this there is nothing to condition on (a 1x1 image is a mistake)
@@ -39,11 +39,13 @@ def _describe(source: object) -> str:
     return f"image {source}" if isinstance(source, (str, Path)) else "the image array"
 
 
-def load_image(source: str | Path | np.ndarray, flag: str = "--image") -> np.ndarray:
+def load_image(source: str | Path | np.ndarray, flag: str | None = None) -> np.ndarray:
     """A path (any format Pillow reads: PNG, JPEG, WebP, BMP, TIFF, GIF...) or a uint8 [H, W, 3] array
     -> uint8 [H, W, 3] RGB, EXIF orientation applied. Raises UsageError, one line naming `flag` and the
     fix, for: a missing/unreadable file, a size outside MIN_SIDE_PX..MAX_SIDE_PX or over MAX_PIXELS,
-    CMYK, 16-bit or float samples, an animated image, an array of the wrong shape or dtype."""
+    CMYK, 16-bit or float samples, an animated image, an array of the wrong shape or dtype. `flag`: how
+    messages name the source (default: the caller's spelling of `image`, vidrt.errors.arg)."""
+    flag = flag or arg("image")
     if isinstance(source, np.ndarray):
         return _check_array(source, flag)
     if not isinstance(source, (str, Path)):
@@ -150,8 +152,9 @@ def output_size(width: int, height: int, rule: str, max_area: int, multiple: int
         raise ValueError(f"unknown resize rule {rule!r}")
     if min(w, h) < multiple:  # one side would floor below one latent cell (TI2V: the official code divides by 0)
         side = "narrow" if width < height else "wide" if width > height else "small"
-        raise UsageError(f"a {width}x{height} image is too {side} for this model's output area of {max_area} pixels "
-                         f"(one side would be under {multiple} px); crop it closer to a square or give --size WxH")
+        raise UsageError(f"a {width}x{height} image is too {side} for this model's output area of {max_area} "
+                         f"pixels (one side would be under {multiple} px); crop it closer to a square or give "
+                         f"{arg('size', 'WxH')}")
     return w, h
 
 

@@ -44,7 +44,7 @@ from vidrt.caching import (
 )
 from vidrt.conditioning import Concat, FirstFrame, TextOnly, frame_mask
 from vidrt.embedding_cache import EmbeddingCache, package_key
-from vidrt.errors import DeviceError, PackageError, UsageError
+from vidrt.errors import DeviceError, PackageError, UsageError, arg
 from vidrt.lora import LoraMerger, SetKey, as_lora_refs
 from vidrt.package import contracts as C
 from vidrt.package.manifest import Manifest, artifact_path, load_manifest
@@ -147,7 +147,7 @@ def decode_plan(manifest: Manifest, s: Settings, vae_memory_bytes: int | None) -
     _, _, lat_h, lat_w = manifest.model.latent_shape(s.width, s.height, s.num_frames)
     # no memory plan: ONNX Runtime's activation figure; without --vae-memory the fix is a smaller frame
     auto = {} if vae_memory_bytes else {"budget_name": "the automatic VAE memory budget (half the available RAM)",
-                                        "fix": "lower --size"}
+                                        "fix": f"lower {arg('size')}"}
     return choose_tile(manifest.components[C.VAE_STEP].contract, lat_h, lat_w,
                        vae_memory_bytes or auto_budget_bytes(), scale=manifest.model.vae.stride[1],
                        activation_slots=ORT_ACTIVATION_SLOTS, **auto)
@@ -354,7 +354,7 @@ class Pipeline:
         # On a planned backend (TensorRT) the tile is the plan's: the one the VAE engines were built for.
         tiles = memory.vae_tile if memory else decode_plan(self.manifest, s, vae_memory_bytes)
         if memory and vae_memory_bytes is not None:
-            self.warn("--vae-memory does not apply on TensorRT: the VAE tile is the one its engines were built "
+            self.warn(f"{arg('vae_memory')} does not apply on TensorRT: the VAE tile is the one its engines were built "
                       "for (vidrt build --vae-tile)")
         released = {name for stage in memory.stages for name in stage.release} if memory else set()
         if memory:
@@ -452,8 +452,8 @@ class Pipeline:
                     "; lower the strength or use another file" if merged_in else "")
                 _check_finite(f"denoiser ({p.expert}, step {i + 1}/{len(plan)})", velocity, precision[p.expert],
                               blame or "the DiT overflows in fp16: use bf16 or fp32 engines",
-                              blame or "--guidance/--shift may be extreme or the weights corrupt; lower them or "
-                                       "re-export")
+                              blame or f"{arg('guidance')}/{arg('shift')} may be extreme or the weights corrupt; "
+                                       "lower them or re-export")
                 latents = cond.after_step(solver.step(velocity, latents))
                 stats.denoise_step_seconds.append(time.perf_counter() - t0)
                 report("denoise", i + 1, len(plan))
@@ -503,7 +503,7 @@ class Pipeline:
         s = resolve(request, self.manifest.model)
         choice = check_cache(self.manifest, s.cache)
         if choice.method not in ("teacache", "magcache"):
-            raise UsageError(f"--cache {choice}: only teacache and magcache decide before the run; "
+            raise UsageError(f"{arg('cache', choice)}: only teacache and magcache decide before the run; "
                              f"fbcache and easycache decide per step")
         plan = plan_steps(self.manifest, s)
         spec = self.manifest.model
@@ -527,8 +527,8 @@ class Pipeline:
                                 cache=s.cache)
         if not plan.fits:
             raise DeviceError(f"{s.width}x{s.height}x{s.num_frames} needs {plan.peak / 2**30:.1f} GiB of GPU memory "
-                              f"and {budget / 2**30:.1f} GiB are free; lower --size or --frames (see `vidrt plan "
-                              f"{self.package} --size {s.width}x{s.height} --frames {s.num_frames}`)")
+                              f"and {budget / 2**30:.1f} GiB are free; lower {arg('size')} or {arg('num_frames')} "
+                              f"(see `vidrt plan {self.package} --size {s.width}x{s.height} --frames {s.num_frames}`)")
         return plan
 
     def host_cfg_batch(self, s: Settings) -> int:
@@ -546,7 +546,8 @@ class Pipeline:
         tokens = self.manifest.model.num_tokens(s.width, s.height, s.num_frames)
         raise DeviceError(f"{s.width}x{s.height}x{s.num_frames} needs about {need[1] / 2**30:.1f} GiB of host memory "
                           f"on ONNX Runtime (the DiT's attention over {tokens} tokens) and {available / 2**30:.1f} GiB "
-                          f"are available; lower --size or --frames, or run on a GPU (--backend tensorrt)")
+                          f"are available; lower {arg('size')} or {arg('num_frames')}, or run on a GPU "
+                          f"({arg('backend', 'tensorrt')})")
 
     def conditioning(self, request: Request, s: Settings) -> TextOnly:
         """Stage 2b: the conditioning policy of this request (vidrt.conditioning). With an image: load and
@@ -562,7 +563,7 @@ class Pipeline:
 
         if C.VAE_ENCODE_FIRST not in self.manifest.components:
             raise PackageError(f"{self.package} has no VAE encoder graphs (exported before vidrt took images); "
-                               f"re-export it with `vidrt export` to use --image")
+                               f"re-export it with `vidrt export` to use {arg('image')}")
         rule = spec.image.resize
         first_px = preprocess(load_image(request.image), s.width, s.height, rule)  # [3, H, W] in [-1, 1]
         first, step = self.engine(C.VAE_ENCODE_FIRST), self.engine(C.VAE_ENCODE_STEP)
@@ -575,7 +576,7 @@ class Pipeline:
             video = np.zeros((3, s.num_frames, s.height, s.width), dtype=np.float32)  # grey = 0 in [-1, 1]
             video[:, 0] = first_px
             if request.last_image is not None:
-                video[:, -1] = preprocess(load_image(request.last_image, "--last-image"), s.width, s.height, rule)
+                video[:, -1] = preprocess(load_image(request.last_image, arg("last_image")), s.width, s.height, rule)
             z = encode(video, first, step, **norm)
             _check_finite("VAE encoder", z, "fp32", "the VAE must run in fp32: re-export it")
             _, _, h, w = z.shape
@@ -646,7 +647,8 @@ class Pipeline:
         graph (same initializer names; each piece gets the tensors it holds: Pipeline.engine)."""
         choice = parse_cache(s.cache)
         if type(cond) is not TextOnly:
-            raise UsageError(f"--cache {choice} is not available for image-to-video yet; drop --cache")
+            raise UsageError(f"{arg('cache', choice)} is not available for image-to-video yet; "
+                             f"leave {arg('cache')} out")
         shape_only = np.zeros(latent_shape, np.float32)
         dits = self._expert_dits(plan, context, cfg_batch)
         return build_policy(choice, self.manifest, [p.expert for p in plan],

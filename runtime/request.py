@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from vidrt.caching import parse_cache
-from vidrt.errors import UsageError
+from vidrt.errors import UsageError, arg
 from vidrt.package.recipes import LoraRef, Recipe, all_recipes, find_recipe
 from vidrt.package.registry import ModelSpec
 from vidrt.schedulers import SOLVERS
@@ -45,13 +45,6 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "cache": (str,),
 }
 _KIND = {str: "a string", numbers.Integral: "an integer", numbers.Real: "a number"}
-_FLAG = {"width": "--size", "height": "--size", "num_frames": "--frames"}  # the `vidrt run` flag of a field
-
-
-def _flag(name: str) -> str:
-    return _FLAG.get(name, "--" + name.replace("_", "-"))
-
-
 def check_field_types(obj: Any, table: dict[str, tuple[type, ...]], where: str) -> None:
     """Check (and normalise: numpy scalars -> int/float) a frozen dataclass's fields against `table`.
     Raises UsageError `<where>: <field> must be <kind>, got <value> (<type>)`."""
@@ -68,7 +61,7 @@ def check_field_types(obj: Any, table: dict[str, tuple[type, ...]], where: str) 
             object.__setattr__(obj, f.name, int(value))
         elif kinds == (numbers.Real,):
             if not math.isfinite(value):
-                raise UsageError(f"{where}: {f.name} ({_flag(f.name)}) must be a finite number, got {value}")
+                raise UsageError(f"{where}: {arg(f.name)} must be a finite number, got {value}")
             object.__setattr__(obj, f.name, float(value))
 
 
@@ -112,7 +105,7 @@ class Request:
 
             object.__setattr__(self, "loras", as_lora_refs(self.loras))
         if self.seed is not None and not RANDOM_SEED <= self.seed <= MAX_SEED:
-            raise UsageError(f"--seed {self.seed} is out of range; use 0..{MAX_SEED}, or -1 for a random one")
+            raise UsageError(f"{arg('seed', self.seed)} is out of range; use 0..{MAX_SEED}, or -1 for a random one")
 
     def seeded(self) -> Request:
         """This request with a concrete seed: a random one drawn now if seed is None or -1. Callers that
@@ -178,7 +171,8 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
     prompt = clean_prompt(request.prompt)
     check_prompt(prompt)  # "&nbsp;" is not empty, but the model would receive nothing
     if (request.width is None) != (request.height is None):
-        raise UsageError("give both width and height (--size WxH), or neither for the model's default size")
+        raise UsageError(f"give both width and height ({arg('size', 'WxH')}), or neither for the model's default "
+                         f"size")
     width, height = (request.width, request.height) if request.width is not None else d.sizes[0]
     image = last_image = None
     if request.image is not None or request.last_image is not None:
@@ -186,52 +180,52 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
 
         cond = spec.image
         if cond is None:
-            raise UsageError(f"{spec.name} is a text-to-video model and takes no --image; use an image-to-video "
+            raise UsageError(f"{spec.name} is a text-to-video model and takes no {arg('image')}; use an image-to-video "
                              f"package (Wan2.2 TI2V-5B, Wan2.2 I2V-A14B, Wan2.1 I2V/FLF2V)")
         if request.image is None:
-            raise UsageError("--last-image needs --image (the first frame)")
+            raise UsageError(f"{arg('last_image')} needs {arg('image')} (the first frame)")
         if request.last_image is not None and not cond.last_image:
-            raise UsageError(f"{spec.name} takes no --last-image; first-and-last-frame needs Wan2.1 FLF2V")
+            raise UsageError(f"{spec.name} takes no {arg('last_image')}; first-and-last-frame needs Wan2.1 FLF2V")
         if cond.last_image and request.last_image is None:
-            raise UsageError(f"{spec.name} makes a clip between two frames: pass --last-image END.png too")
+            raise UsageError(f"{spec.name} makes a clip between two frames: pass {arg('last_image', 'END.png')} too")
         pixels = load_image(request.image)
         image = _describe_image(request.image, pixels)
         if request.last_image is not None:
-            last_image = _describe_image(request.last_image, load_image(request.last_image, "--last-image"))
+            last_image = _describe_image(request.last_image, load_image(request.last_image, arg("last_image")))
         if request.width is None:  # the official rule: the image's aspect in the default size's area
             area = d.sizes[0][0] * d.sizes[0][1]
             width, height = output_size(pixels.shape[1], pixels.shape[0], cond.resize, area, spec.spatial_multiple)
     elif spec.image is not None and spec.image.required:
-        raise UsageError(f"{spec.name} is an image-to-video model: pass --image START.png")
+        raise UsageError(f"{spec.name} is an image-to-video model: pass {arg('image', 'START.png')}")
     m = spec.spatial_multiple
     for name, v in (("width", width), ("height", height)):
         if not m <= v <= MAX_SIDE_PX:
-            raise UsageError(f"{name} {v} is out of range; use {m}..{MAX_SIDE_PX} pixels (--size WxH)")
+            raise UsageError(f"{name} {v} is out of range; use {m}..{MAX_SIDE_PX} pixels ({arg('size', 'WxH')})")
         if v % m:
             raise UsageError(f"{name} {v} is not a multiple of {m} (VAE stride x patch); "
                              f"use {_nearest_multiple(v, m)}")
     frames = request.num_frames if request.num_frames is not None else d.frames
     ft = spec.vae.stride[0]
     if not 1 <= frames <= MAX_FRAMES:
-        raise UsageError(f"--frames {frames} is out of range; use 1..{MAX_FRAMES} ({ft}k+1)")
+        raise UsageError(f"{arg('num_frames', frames)} is out of range; use 1..{MAX_FRAMES} ({ft}k+1)")
     if (frames - 1) % ft:
         lo = (frames - 1) // ft * ft + 1
-        raise UsageError(f"--frames {frames} is not {ft}k+1; use {lo} or {lo + ft}")
+        raise UsageError(f"{arg('num_frames', frames)} is not {ft}k+1; use {lo} or {lo + ft}")
     timesteps = request.timesteps
     steps = request.steps if request.steps is not None else len(timesteps) if timesteps else d.steps
     if request.steps is None and timesteps and not len(timesteps) <= MAX_STEPS:  # the list sets the step count
         raise UsageError(f"--timesteps has {len(timesteps)} values; give 1..{MAX_STEPS} (one per step)")
     if not 1 <= steps <= MAX_STEPS:
-        raise UsageError(f"--steps {steps} is out of range; use 1..{MAX_STEPS}")
+        raise UsageError(f"{arg('steps', steps)} is out of range; use 1..{MAX_STEPS}")
     shift = request.shift if request.shift is not None else d.shift
     if not (0.0 < shift <= 100.0):
-        raise UsageError(f"--shift {shift} is out of range; use a value in (0, 100], e.g. {d.shift}")
-    for flag, g in (("--guidance", request.guidance), ("--guidance-low-noise", request.guidance_low_noise)):
+        raise UsageError(f"{arg('shift', shift)} is out of range; use a value in (0, 100], e.g. {d.shift}")
+    for name, g in (("guidance", request.guidance), ("guidance_low_noise", request.guidance_low_noise)):
         if g is not None and not (0.0 <= g <= 50.0):
-            raise UsageError(f"{flag} {g} is out of range; use 0..50, e.g. {d.guidance_low_noise}")
+            raise UsageError(f"{arg(name, g)} is out of range; use 0..50, e.g. {d.guidance_low_noise}")
     if request.guidance_low_noise is not None and d.boundary is None:
-        raise UsageError(f"--guidance-low-noise is for two-expert models (Wan2.2 A14B); {spec.name} has one "
-                         f"denoiser: use --guidance")
+        raise UsageError(f"{arg('guidance_low_noise')} is for two-expert models (Wan2.2 A14B); {spec.name} has "
+                         f"one denoiser: use {arg('guidance')}")
     scheduler = request.scheduler or ("euler" if timesteps else d.scheduler)
     if scheduler not in SOLVERS:
         raise UsageError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SOLVERS)}")
@@ -246,9 +240,9 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
     cache = parse_cache(request.cache)
     if cache.method != "none" and abs(g_high_final - 1.0) <= 1e-6 and abs(g_low_final - 1.0) <= 1e-6:
         # LightX2V refuses feature caching for step/CFG-distilled runs (fast_paths.md B.1, C.6)
-        why = f"the {request.recipe} recipe is distilled" if request.recipe else "--guidance 1 turns CFG off"
-        raise UsageError(f"--cache {cache} is for guided, undistilled runs and {why} (caching is refused there, "
-                         f"as LightX2V does); drop --cache")
+        why = f"the {request.recipe} recipe is distilled" if request.recipe else f"{arg('guidance', 1)} turns CFG off"
+        raise UsageError(f"{arg('cache', cache)} is for guided, undistilled runs and {why} (caching is refused "
+                         f"there, as LightX2V does); leave {arg('cache')} out")
     return Settings(
         prompt=prompt,
         negative_prompt=clean_prompt(d.negative_prompt if request.negative_prompt is None else request.negative_prompt),
@@ -283,12 +277,13 @@ def missing_recipe_lora(recipe_name: str | None, spec: ModelSpec, loras: Sequenc
                 return (f"recipe {recipe.name} is made for a distillation LoRA ({source}) and none was given; "
                         f"without it its few steps make noise: add it to loras, e.g. \"loras\": [{example}]{both}")
             if slot.expert is not None:
-                flags = f"--lora-{'high' if slot.expert == 'dit_high' else 'low'}-noise FILE"
+                flags = arg(f"lora_{'high' if slot.expert == 'dit_high' else 'low'}_noise", "FILE")
             elif len(spec.experts) > 1:
-                flags = "--lora-high-noise FILE and --lora-low-noise FILE (or --lora FILE for both)"
+                flags = (f"{arg('lora_high_noise', 'FILE')} and {arg('lora_low_noise', 'FILE')} "
+                         f"(or {arg('lora', 'FILE')} for both)")
             else:
-                flags = "--lora FILE"
-            return (f"--recipe {recipe.name} is made for a distillation LoRA ({slot.source}) and none was given; "
+                flags = arg("lora", "FILE")
+            return (f"{arg('recipe', recipe.name)} is made for a distillation LoRA ({slot.source}) and none was given; "
                     f"without it its few steps make noise: pass {flags}")
     return None
 
@@ -321,13 +316,14 @@ def _apply_recipe(request: Request, recipe: Recipe, spec: ModelSpec) -> Request:
 
 def _check_timesteps(timesteps: tuple[float, ...], steps: int, scheduler: str, n_train: int) -> None:
     if scheduler != "euler":
-        raise UsageError(f"--timesteps is for --sampler euler, not {scheduler}; add --sampler euler")
+        raise UsageError(f"{arg('timesteps')} is for {arg('scheduler', 'euler')}, not {scheduler}; "
+                         f"add {arg('scheduler', 'euler')}")
     if len(timesteps) != steps:
-        raise UsageError(f"--timesteps has {len(timesteps)} values but --steps is {steps}; give one timestep "
-                         f"per step or leave --steps out")
+        raise UsageError(f"{arg('timesteps')} has {len(timesteps)} values but {arg('steps')} is {steps}; give "
+                         f"one timestep per step or leave {arg('steps')} out")
     ok = all(math.isfinite(t) and 0 < t <= n_train for t in timesteps) and \
         all(a > b for a, b in zip(timesteps, timesteps[1:], strict=False))
     if not ok:
-        raise UsageError(f"--timesteps {','.join(f'{t:g}' for t in timesteps)} must decrease strictly within "
+        raise UsageError(f"{arg('timesteps')} {','.join(f'{t:g}' for t in timesteps)} must decrease strictly within "
                          f"(0, {n_train}], e.g. 1000,750,500,250")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import ftfy  # tiny, pure Python: the official cleaner fixes mojibake with it, so do we
 import numpy as np
 from vidrt.backends.base import Engine
-from vidrt.errors import PackageError, UsageError
+from vidrt.errors import PackageError, UsageError, arg
 from vidrt.package.contracts import ATTENTION_MASK, INPUT_IDS, TEXT_HIDDEN
 
 
@@ -89,4 +89,4 @@ def encode_prompts(encoder: Engine, tokenizer: PromptTokenizer, prompts: list[st
 
 def check_prompt(prompt: str, what: str = "prompt") -> None:
     if not prompt or not prompt.strip():
-        raise UsageError(f"the {what} is empty; pass some words, e.g. --prompt \"a red circle moving left\"")
+        raise UsageError(f"the {what} is empty; pass some words, e.g. {arg('prompt', 'a red circle moving left')}")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from vidrt.errors import UsageError
+from vidrt.errors import UsageError, arg
 from vidrt.package.contracts import VAE_FRAMES, VAE_LATENT, Contract, cache_in, cache_out, resolve_shape
 
 # Default tile overlap in latent cells. The decoder's theoretical spatial receptive field is about
@@ -276,9 +276,9 @@ def _axis_count(length: int, tile: int, overlap: int) -> int:
 def choose_tile(step: Contract, lat_h: int, lat_w: int, budget_bytes: int, *, scale: int,
                 overlap: int = DEFAULT_OVERLAP, same_memory: bool = True,
                 activation_slots: float = ACTIVATION_SLOTS, budget_name: str = "VAE memory budget",
-                fix: str = "raise --vae-memory (e.g. 2GB) or leave it out (auto)") -> TilePlan:
+                fix: str | None = None) -> TilePlan:
     """The cheapest tile plan whose memory fits `budget_bytes`; UsageError naming `budget_name` and
-    `fix` when even the smallest tiles do not fit.
+    `fix` when even the smallest tiles do not fit (default: raise `vae_memory`, as the caller spells it).
 
     Untiled when the whole frame fits. Otherwise, among every tile shape (th, tw) with both sides
     >= 2 * overlap (or the full frame extent) that fits, pick the one that decodes the fewest cells
@@ -305,6 +305,7 @@ def choose_tile(step: Contract, lat_h: int, lat_w: int, budget_bytes: int, *, sc
             if estimate_memory(step, plan, activation_slots).total(same_memory) <= budget_bytes:
                 best = (key, plan)
     if best is None:
+        fix = fix or f"raise {arg('vae_memory')} (e.g. 2GB) or leave it out (auto)"
         small = plan_tiles(lat_h, lat_w, min(lo, lat_h), min(lo, lat_w), scale=scale, overlap=overlap)
         need = estimate_memory(step, small, activation_slots).total(same_memory)
         have = f"{budget_bytes} bytes" if budget_bytes < 2**20 else f"{budget_bytes / 2**20:.1f} MiB"

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
-from vidrt.errors import OutputError, UsageError
+from vidrt.errors import OutputError, UsageError, arg
 
 if TYPE_CHECKING:
     from vidrt.request import Settings
@@ -100,10 +100,12 @@ def output_format(path: str | os.PathLike[str]) -> OutputFormat:
                       f"(one frame), or a folder path ending in '/' for PNG frames")
 
 
-def check_crf(fmt: OutputFormat, crf: int | None, flag: str = "--crf") -> None:
-    """Refuse a CRF this codec cannot take, or one that would make the file unplayable in browsers."""
+def check_crf(fmt: OutputFormat, crf: int | None, flag: str | None = None) -> None:
+    """Refuse a CRF this codec cannot take, or one that would make the file unplayable in browsers.
+    flag: how messages name it (default: the caller's spelling of `crf`, vidrt.errors.arg)."""
     if crf is None:
         return
+    flag = flag or arg("crf")
     if fmt.crf_range is None:
         raise UsageError(f"{flag} sets the quality of video files (.mp4, .webm, .mkv, .mov); a {fmt.kind} "
                          f"output has none: leave {flag} out")
@@ -207,7 +209,7 @@ class VideoWriter:
     def __init__(self, path: str | os.PathLike[str], *, fps: float | Fraction, crf: int | None = None,
                  metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
         self.format = output_format(path)
-        check_crf(self.format, crf, "crf")
+        check_crf(self.format, crf)
         self.path = Path(os.fspath(path).rstrip("/" + os.sep) or ".").absolute()
         self.fps = Fraction(fps).limit_denominator(1001)
         if self.fps <= 0:
@@ -236,7 +238,7 @@ class VideoWriter:
         p = self.path
         if p.exists() or p.is_symlink():
             if not self.overwrite:
-                raise OutputError(f"{p} already exists; choose another path or pass --overwrite")
+                raise OutputError(f"{p} already exists; choose another path or pass {arg('overwrite', True)}")
             if self.format.kind == "png":
                 if not p.is_dir() or not _is_vidrt_frame_folder(p):
                     raise OutputError(f"{p} exists and is not a vidrt PNG frame folder; refusing to replace it")
@@ -318,7 +320,7 @@ class VideoWriter:
                 if self.format.kind == "still":
                     if self.frames_written:
                         raise OutputError(f"{self.path}: a .png holds one frame and this clip has more; "
-                                          f"pass --frames 1, or a folder path ending in '/' for PNG frames")
+                                          f"pass {arg('num_frames', 1)}, or a folder path ending in '/' for PNG frames")
                     self._file.write(_with_png_text(b"".join(bytes(p) for p in self._png.encode(vf)),
                                                     "comment", self._meta_json))
                 elif self._png is not None:

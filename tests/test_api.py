@@ -80,6 +80,36 @@ def test_non_finite_noise_is_refused_up_front():
     assert events == []
 
 
+def test_messages_name_the_argument_as_the_caller_wrote_it(tmp_path, capsys):
+    """The library names arguments by their Python keywords (overwrite=True, num_frames, the LoRA list);
+    under `vidrt` the same refusals name its flags (CLI_FLAGS, installed for the length of a command), and
+    every flag that table names exists."""
+    import click
+    from cli_helpers import assert_error, vidrt
+    from vidrt.cli.app import CLI_FLAGS, cli
+    from vidrt.errors import OutputError, UsageError, arg
+    from vidrt.models import default_package
+    from vidrt.package.manifest import load_manifest
+    from vidrt.request import Request, missing_recipe_lora, resolve
+    from vidrt.video import write_video
+
+    clip = [np.zeros((1, 16, 16, 3), np.uint8)]
+    path = write_video(tmp_path / "a.mp4", clip, fps=8)
+    with pytest.raises(OutputError, match=r"already exists; choose another path or pass overwrite=True$"):
+        write_video(path, clip, fps=8)
+    spec = load_manifest(default_package(), verify=False).model
+    with pytest.raises(UsageError, match=r"^num_frames=18 is not 4k\+1; use 17 or 21$"):
+        resolve(Request(prompt="a cat", num_frames=18), spec)
+    assert missing_recipe_lora("lightx2v-4step", spec, ()).endswith("pass loras=[('FILE', 1.0)]")
+    assert_error(*vidrt(capsys, "run", "-p", "a cat", "--frames", "18", "-o", tmp_path / "b.mp4"), 2,
+                 "--frames 18 is not 4k+1")
+    assert arg("num_frames") == "num_frames"  # the command's spelling ended with it
+    options = {o for c in cli.commands.values() for p in c.params if isinstance(p, click.Option) for o in p.opts}
+    options |= {o for g in cli.commands.values() if isinstance(g, click.Group) for c in g.commands.values()
+                for p in c.params if isinstance(p, click.Option) for o in p.opts}
+    assert set(CLI_FLAGS.names.values()) <= options, set(CLI_FLAGS.names.values()) - options
+
+
 def test_call_keywords_match_a_request_and_streaming_keeps_no_frames():
     from vidrt import Pipeline, Request
     from vidrt.errors import UsageError
@@ -120,7 +150,7 @@ def test_guidance_per_expert():
     assert scales(single, guidance=6.0) == (6.0, 6.0)
     with pytest.raises(UsageError, match="two-expert"):
         scales(single, guidance_low_noise=3.0)
-    with pytest.raises(UsageError, match="--guidance-low-noise 60"):
+    with pytest.raises(UsageError, match="guidance_low_noise=60.0 is out of range"):
         scales(a14b, guidance_low_noise=60.0)
 
 

@@ -119,7 +119,7 @@ def test_i2v_a14b_matches_diffusers(i2v_a14b):
     value = psnr(ours, ref)
     print(f"i2v-a14b: PSNR vidrt vs diffusers WanImageToVideoPipeline = {value:.1f} dB")
     assert value >= 70.0
-    with pytest.raises(UsageError, match="image-to-video model: pass --image"):
+    with pytest.raises(UsageError, match="image-to-video model: pass image='START.png'"):
         pipe("a cat", steps=1)
 
 
@@ -171,7 +171,7 @@ def test_wan21_i2v_and_flf2v_match_diffusers(wan21):
 
 def test_text_only_model_refuses_an_image(tiny_t2v_package):
     pipe = Pipeline.load(tiny_t2v_package)
-    with pytest.raises(UsageError, match="text-to-video model and takes no --image"):
+    with pytest.raises(UsageError, match="text-to-video model and takes no image;"):
         pipe("a cat", image=_picture(64, 64), steps=1)
 
 

@@ -300,7 +300,8 @@ def test_cpu_host_memory_decides_cfg_batch_or_refuses(monkeypatch):
     assert np.array_equal(reference, tight)
     monkeypatch.setattr(pipeline_mod, "available_memory_bytes", lambda: one - 1)
     batches.clear()
-    with pytest.raises(DeviceError, match=r"host memory.*lower --size or --frames"):
+    with pytest.raises(DeviceError, match=r"host memory.*lower size or num_frames, or run on a GPU "
+                                          r"\(backend='tensorrt'\)"):
         pipe.run(req)
     assert not batches, "refused before any DiT call"
     big = get_variant("wan2.1-t2v-1.3b")  # the official default size needs ~195 GiB at batch 1 on the CPU

@@ -85,7 +85,7 @@ def test_recipe_fields_and_overrides():
     assert "lightning-4step" in all_recipes()
     with pytest.raises(UsageError, match="unknown recipe 'nope'; use one of"):
         resolve(Request(prompt="x", recipe="nope"), spec)
-    with pytest.raises(UsageError, match="--sampler euler"):
+    with pytest.raises(UsageError, match="timesteps is for scheduler='euler', not unipc; add scheduler='euler'"):
         resolve(Request(prompt="x", scheduler="unipc", timesteps=DISTILL), spec)
     with pytest.raises(UsageError, match="decrease strictly"):
         resolve(Request(prompt="x", timesteps=(500.0, 750.0)), spec)

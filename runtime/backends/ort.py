@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 from vidrt.backends.base import HOST_OPS, BackendOptions, HostOps
-from vidrt.errors import DeviceError, PackageError
+from vidrt.errors import DeviceError, PackageError, arg
 from vidrt.package.contracts import Contract
 
 
@@ -20,8 +20,8 @@ def _providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
     available = ort.get_available_providers()
     if device == "cuda" or device.startswith("cuda:"):  # cuda:N = GPU N
         if "CUDAExecutionProvider" not in available:
-            raise DeviceError("onnxruntime has no CUDA provider here; install onnxruntime-gpu (in place of "
-                              "onnxruntime) or run on the CPU with --backend onnxruntime")
+            raise DeviceError(f"onnxruntime has no CUDA provider here; install onnxruntime-gpu (in place of "
+                              f"onnxruntime) or run on the CPU with {arg('backend', 'onnxruntime')}")
         index = device.partition(":")[2] or "0"
         if index != "0":  # GPU N: ONNX Runtime's CUDA provider option device_id
             return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
@@ -81,7 +81,7 @@ class OrtEngine:
         except TypeError:
             raise PackageError(f"{path.name}: onnxruntime cannot feed the input dtypes "
                                f"{sorted({t.dtype for t in contract.inputs})} of its contract; "
-                               f"use --backend tensorrt or re-export in fp32") from None
+                               f"use {arg('backend', 'tensorrt')} or re-export in fp32") from None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
@@ -90,20 +90,20 @@ class OrtEngine:
         try:
             outs = self._session.run(list(self.contract.output_names), cast)
         except MemoryError:
-            raise DeviceError(f"{self.name}: out of memory in onnxruntime; lower --size/--frames or "
-                              f"--vae-memory") from None
+            raise DeviceError(f"{self.name}: out of memory in onnxruntime; lower {arg('size')}/{arg('num_frames')} "
+                              f"or {arg('vae_memory')}") from None
         except Exception as exc:  # ORT's own types (InvalidArgument: shapes/dtypes, RuntimeException: memory)
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             wanted = re.search(r"Failed to allocate memory for requested buffer of size (\d+)", str(exc))
             if wanted:
                 gib = int(wanted[1]) / 2**30
                 raise DeviceError(f"{self.name}: onnxruntime ran out of host memory (a {gib:.1f} GiB buffer); "
-                                  f"lower --size or --frames") from None
+                                  f"lower {arg('size')} or {arg('num_frames')}") from None
             if "INVALID_ARGUMENT" in first:
                 raise PackageError(f"{self.name} does not accept the inputs its manifest describes ({first}); "
                                    f"re-export the package") from None
-            raise DeviceError(f"{self.name} failed in onnxruntime ({first}); if memory ran out, lower --size, "
-                              f"--frames or --vae-memory") from None
+            raise DeviceError(f"{self.name} failed in onnxruntime ({first}); if memory ran out, lower "
+                              f"{arg('size')}, {arg('num_frames')} or {arg('vae_memory')}") from None
         return dict(zip(self.contract.output_names, outs, strict=True))
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vidrt.errors import UsageError
+from vidrt.errors import UsageError, arg
 from vidrt.package import contracts as C
 from vidrt.package.contracts import Contract, TensorSpec, resolve_shape
 from vidrt.package.manifest import Manifest
@@ -438,7 +438,7 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
                            decode_order=decode_order, image=image, cache=cache)
         return on_cpu if on_cpu.fits else plan
     if text_device not in TEXT_DEVICES:
-        raise UsageError(f"--text-encoder {text_device!r}: use gpu or cpu")
+        raise UsageError(f"{arg('text_device')} {text_device!r}: use gpu or cpu")
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     m = spec.spatial_multiple

@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-from vidrt.errors import DeviceError, UsageError, VidrtError
+from vidrt.errors import DeviceError, Spelling, UsageError, VidrtError, spelled_as
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+# The library names its arguments by their Python keywords (vidrt.errors.arg); under `vidrt` they are
+# these flags (a keyword not listed is --kebab-case: overwrite -> --overwrite, vae_memory -> --vae-memory).
+CLI_FLAGS = Spelling({"num_frames": "--frames", "width": "--size", "height": "--size", "scheduler": "--sampler",
+                      "text_device": "--text-encoder", "prompts": "--prompt", "seeds": "--seed"})
 EXIT_INTERNAL = 1  # an unexpected exception: a vidrt bug (the user-error classes are 2..5)
 
 
@@ -54,6 +58,7 @@ def parse_size(value: str | None) -> tuple[int, int] | None:
 def cli(ctx: click.Context, debug: bool) -> None:
     """Wan2.1 / Wan2.2 video generation through compiled engines."""
     ctx.obj = {"debug": debug}
+    ctx.with_resource(spelled_as(CLI_FLAGS))  # messages of this command name flags; undone when it ends
     if ctx.invoked_subcommand is None:  # bare `vidrt`: the help, as `vidrt --help` prints it
         click.echo(ctx.get_help())
 

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from vidrt.errors import PackageError, UsageError
+from vidrt.errors import PackageError, UsageError, arg
 from vidrt.lora.merge import (
     LoraFile,
     check_strength,
@@ -219,7 +219,7 @@ class LoraMerger:
         if not comp.weights:
             raise PackageError(f"{self.package}: its step-caching pieces were cut before vidrt recorded their "
                                f"weights, so LoRAs cannot be merged into them; re-cut them with `vidrt cache "
-                               f"split {self.package}`, or run without --cache")
+                               f"split {self.package}`, or run without {arg('cache')}")
         return comp.weights
 
     def base(self, expert: str) -> Callable[[str], np.ndarray]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from vidrt.errors import UsageError
+from vidrt.errors import UsageError, arg
 from vidrt.lora.keys import CanonicalKey, canonical_key
 from vidrt.package.manifest import WeightRef
 
@@ -328,9 +328,11 @@ def culprit_of(loras: Sequence[tuple[LoraFile, float]], weights: Mapping[str, We
 _STRENGTH = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
-def parse_lora_arg(value: str, flag: str = "--lora") -> tuple[str, float]:
+def parse_lora_arg(value: str, flag: str | None = None) -> tuple[str, float]:
     """"FILE[:STRENGTH]" -> (FILE, strength); strength defaults to 1.0. A value without ':' is a path; so is
-    an existing file whose name holds ':'. Otherwise the text after the last ':' must be a finite number."""
+    an existing file whose name holds ':'. Otherwise the text after the last ':' must be a finite number.
+    flag: how messages name the value (default: the caller's spelling of a LoRA, vidrt.errors.arg)."""
+    flag = flag or arg("lora")
     path, colon, tail = value.rpartition(":")
     if not colon or (not _STRENGTH.match(tail) and Path(value).is_file()):
         path, tail = value, ""

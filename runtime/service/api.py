@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
-from vidrt.errors import PackageError, UsageError
+from vidrt.errors import PackageError, Spelling, UsageError, spelled_as
 from vidrt.lora import parse_lora_arg, read_lora
 from vidrt.package.registry import ModelSpec
 from vidrt.request import MAX_FRAMES, MAX_SEED, MAX_STEPS, Settings
 from vidrt.schedulers import SOLVERS
-from vidrt.service.jobs import JobRequest
+from vidrt.service.jobs import JOB_FIELDS, JobRequest
 
 Status = Literal["queued", "in_progress", "completed", "failed"]
+API_FIELDS = Spelling({**JOB_FIELDS.names, "image": "input_reference"}, flags=False)  # vidrt.errors.arg
 
 
 class ApiError(Exception):
@@ -282,13 +283,15 @@ class VideoAPI:
         if body.loras:
             values["loras"] = [self._server_lora(v) for v in body.loras]
         try:
-            job = JobRequest.from_dict(values, where="request").seeded()  # a retry after a worker died: same seed
-            settings = job.settings(self.spec)
+            with spelled_as(API_FIELDS):
+                job = JobRequest.from_dict(values, where="request").seeded()  # a retry after a worker died: same seed
+                settings = job.settings(self.spec)
         except UsageError as exc:
-            if "image" in values and f"--image {values['image']}" in str(exc):
+            kept = f"input_reference {values.get('image')}"  # the stored upload, as vidrt.image names it here
+            if "image" in values and kept in str(exc):
                 # vidrt.image's one-line refusals (unreadable, CMYK, 16-bit, animated...), without the server's path
-                raise ApiError(400, str(exc).replace(f"--image {values['image']}", "input_reference"),
-                               "input_reference", "image_invalid") from None
+                raise ApiError(400, str(exc).replace(kept, "input_reference"), "input_reference",
+                               "image_invalid") from None
             message, param = api_text(str(exc))
             raise ApiError(400, f"{message}; {self._can()}" if param in ("size", "frames") else message, param,
                            "invalid_value") from None

@@ -21,10 +21,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vidrt.errors import UsageError
+from vidrt.errors import UsageError, spelled_as
 from vidrt.package.registry import ModelSpec
 from vidrt.request import Settings
-from vidrt.service.jobs import JobRequest
+from vidrt.service.jobs import JOB_FIELDS, JobRequest
 
 SUMMARY = "batch-summary.json"
 
@@ -109,7 +109,8 @@ def _read_line(raw: str, number: int, where: str, spec: ModelSpec, package: str 
         raise UsageError(f"{where}: model {job.model!r} is not this batch's model ({spec.name}, {package}); "
                          f"one batch runs one model")
     try:
-        settings = job.settings(spec)
+        with spelled_as(JOB_FIELDS):  # a line's fields by their JSON names, not `vidrt run`'s flags
+            settings = job.settings(spec)
     except UsageError as exc:
         raise UsageError(f"{where}: {exc}") from None
     return BatchLine(number, job, settings, out_dir / (_output_name(name, job, where) + job.suffix), name is not None)

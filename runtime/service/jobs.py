@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from vidrt.errors import Cancelled, UsageError
+from vidrt.errors import Cancelled, Spelling, UsageError, spelled_as
 from vidrt.lora.merge import parse_lora_arg
 from vidrt.package.recipes import LoraRef
 from vidrt.package.registry import ModelSpec
@@ -39,6 +39,11 @@ FORMATS = {"mp4": ".mp4", "webm": ".webm", "png": ""}  # output_format -> suffix
 
 # Share of the bar each stage fills: denoising is where the time goes, decoding the rest.
 _STAGE_SPAN = {"denoise": (0.0, 90.0), "decode": (90.0, 100.0)}
+
+
+# Messages about a job name its JSON fields (vidrt.errors.arg), not `vidrt run`'s flags or Python's keywords.
+JOB_FIELDS = Spelling({"num_frames": "frames", "width": "size", "height": "size", "lora": "loras",
+                       "lora_high_noise": "loras", "lora_low_noise": "loras"}, flags=False)
 
 
 @dataclass(frozen=True)
@@ -277,16 +282,17 @@ def execute_job(pipe: Any, job: JobRequest, output: str | os.PathLike[str], *,
     from vidrt.video import VideoWriter
 
     spec = pipe.manifest.model
-    job = job.seeded()  # the metadata written below and the run use the same seed
-    settings = job.settings(spec, pipe.loras)  # every LoRA the run applies, the worker's own first
-    settings = replace(settings, loras=pipe.applied_loras(settings.loras))  # each file once, none baked twice
-    fps = job.fps or spec.sampling.fps
-    tracker = ProgressTracker(on_event, should_stop)
-    tracker.check()
-    with VideoWriter(output, fps=fps, crf=job.crf, metadata=clip_metadata(settings, spec.name),
-                     overwrite=overwrite) as writer:
-        result = pipe.run(job.to_request(lora_label), on_frames=writer.write, progress=tracker,
-                          vae_memory_bytes=vae_memory_bytes, keep_text_encoder=keep_text_encoder)
-        tracker.check()  # last chance before the file is published
+    with spelled_as(JOB_FIELDS):  # its messages name the job's fields (frames, size, loras...)
+        job = job.seeded()  # the metadata written below and the run use the same seed
+        settings = job.settings(spec, pipe.loras)  # every LoRA the run applies, the worker's own first
+        settings = replace(settings, loras=pipe.applied_loras(settings.loras))  # each file once, none baked twice
+        fps = job.fps or spec.sampling.fps
+        tracker = ProgressTracker(on_event, should_stop)
+        tracker.check()
+        with VideoWriter(output, fps=fps, crf=job.crf, metadata=clip_metadata(settings, spec.name),
+                         overwrite=overwrite) as writer:
+            result = pipe.run(job.to_request(lora_label), on_frames=writer.write, progress=tracker,
+                              vae_memory_bytes=vae_memory_bytes, keep_text_encoder=keep_text_encoder)
+            tracker.check()  # last chance before the file is published
     tracker.emit(ProgressEvent("done", 1, 1, 100.0, time.monotonic() - tracker.t0, 0.0))
     return JobResult(path=writer.path, settings=settings, stats=result.stats.to_dict(), fps=fps, model=spec.name)
