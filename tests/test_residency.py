@@ -155,6 +155,36 @@ def test_plan_command_for_a_variant_without_weights() -> None:
     assert bad.exit_code != 0
 
 
+def test_plan_of_a_package_shows_its_precision_and_exits_4_when_nothing_fits(capsys) -> None:
+    """The bundled package: its DiT's own precision in the header (not the variant default bf16), the
+    fixed tactic-scratch reserve named as such, and exit 4 (DeviceError, as `vidrt run` on TensorRT) with
+    a one-line error when the clip fits no card planned for; exit 0 when one fits."""
+    from cli_helpers import vidrt
+    from vidrt.models import default_package
+    from vidrt.package.manifest import load_manifest
+
+    package = default_package()
+    own = load_manifest(package, verify=False).components["dit"].precision
+    code, err = vidrt(capsys, "plan", package, "--size", "64x64", "--gpu-memory", "1GB")
+    assert code == 4 and err.startswith("error: 64x64x17 does not fit the card: it needs ") and \
+        err.count("\n") == 1, err
+    code, err = vidrt(capsys, "plan", package, "--size", "64x64", "--gpu-memory", "1GB,1.5GB")
+    assert code == 4 and "does not fit any of these cards" in err, err
+    res = CliRunner().invoke(cli_group(), ["plan", str(package), "--size", "64x64", "--gpu-memory", "4GB"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"vidrt-tiny-shapes 64x64x17, DiT {own}, ") and "fits" in res.output
+    assert "GiB fixed tactic-scratch reserve" in res.output
+    res = CliRunner().invoke(cli_group(), ["plan", str(package), "--size", "64x64", "--gpu-memory", "4GB,8GB",
+                                           "--precision", "bf16"])
+    assert res.exit_code == 0 and res.output.startswith("vidrt-tiny-shapes 64x64x17, DiT bf16\n"), res.output
+
+
+def cli_group():
+    from vidrt.cli.app import cli
+
+    return cli
+
+
 def test_plan_command_summarises_several_cards() -> None:
     from vidrt.cli.app import cli
 

@@ -491,8 +491,11 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
         contract = contracts.get(expert, C.dit_contract(spec, dit_dtype))
         w = weights(expert, dit_weight_bytes(spec.dit, precision, fp8_scope),
                     f"{n_params / 1e9:.3f} B params, {precision}" + (f" ({fp8_scope})" if precision == "fp8" else ""))
+        # no engine report: the per-token estimate plus a fixed tactic-scratch reserve (what TensorRT's tactics
+        # take is known only once `vidrt build` has chosen them; its report then replaces both)
         act = activations(expert, dit_activation_bytes(spec, tokens, batch, precision),
-                          f"estimate, {tokens:,} tokens x batch {batch}", batch)
+                          f"estimate, {tokens:,} tokens x batch {batch} + {DIT_WORKSPACE_BYTES / GiB:g} GiB fixed "
+                          f"tactic-scratch reserve (until `vidrt build` reports it)", batch)
         io = Item(f"{expert} I/O", io_bytes(contract, dit_sizes(spec, width, height, frames, 2)),
                   "contract shapes x dtypes, batch 2 (profile max)")
         method = cache.partition(":")[0]

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from vidrt.errors import UsageError
+from vidrt.errors import DeviceError, UsageError
 
 if TYPE_CHECKING:
+    from vidrt.backends.residency import ResidencyPlan
     from vidrt.package.registry import ModelSpec
 
 
@@ -76,8 +77,8 @@ def build_cmd(package: str, precision: str, sizes: str | None, frames: int | Non
 @click.option("--gpu-memory", default="24GB", show_default=True,
               help="Device memory to plan for (GB = 10^9 bytes, GiB = 2^30: a '24 GB' RTX 4090 has 24GiB); "
                    "several, comma-separated (8GB,12GB,16GB,24GB), print one summary line per card.")
-@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp8", "fp32"]), default="bf16", show_default=True,
-              help="DiT engine precision.")
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp8", "fp32"]),
+              help="DiT engine precision (default: a package's own DiT precision; bf16 for a variant).")
 @click.option("--fp8-scope", type=click.Choice(["linear", "ffn"]), default="ffn", show_default=True,
               help="fp8: quantise all block matrices, or only the feed-forward ones.")
 @click.option("--text-encoder", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
@@ -88,10 +89,11 @@ def build_cmd(package: str, precision: str, sizes: str | None, frames: int | Non
 @click.option("--cache", "cache", metavar="METHOD[:THRESHOLD]",
               help="Plan a step-cached run (teacache, magcache, fbcache: the DiT as pieces; easycache): the "
                    "residual buffers and the tensors between the pieces, on the device through denoising.")
-def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precision: str, fp8_scope: str,
+def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precision: str | None, fp8_scope: str,
              text_encoder: str, image: bool, cache: str | None) -> None:
     """Device-memory plan for a clip: per stage peak, what stays resident, the VAE tile.
-    MODEL is a package folder or a variant name (no weights needed)."""
+    MODEL is a package folder or a variant name (no weights needed). Exits 4 (DeviceError, as `vidrt run`
+    on TensorRT refuses the same clip) when it fits no card planned for."""
     from vidrt.backends.residency import make_plan, plan_for_package
     from vidrt.caching import parse_cache
     from vidrt.package.registry import VARIANTS, get_variant
@@ -108,18 +110,30 @@ def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precisi
             manifest = load_manifest(model, verify=False)
             n = frames or manifest.model.sampling.frames
             _check_image(manifest.model, image)
-            plans.append(plan_for_package(Path(model), manifest, width, height, n, budget, precision, fp8_scope,
-                                          text_device=text_device, image=image or None, cache=method))
+            own = manifest.components[manifest.model.experts[0]].precision  # the package's DiT, as exported
+            plans.append(plan_for_package(Path(model), manifest, width, height, n, budget, precision or own,
+                                          fp8_scope, text_device=text_device, image=image or None, cache=method))
         elif model in VARIANTS:
             spec = get_variant(model)
             _check_image(spec, image)
-            plans.append(make_plan(spec, width, height, frames or spec.sampling.frames, budget, precision,
+            plans.append(make_plan(spec, width, height, frames or spec.sampling.frames, budget, precision or "bf16",
                                    fp8_scope=fp8_scope, text_device=text_device, image=image or None, cache=method))
         else:
             raise UsageError(f"{model!r} is neither a package folder nor a variant ({', '.join(VARIANTS)})")
     if len(plans) == 1:
         click.echo(plans[0].table())
-        return
+    else:
+        _summary(plans, gpu_memory)
+    if not any(p.fits for p in plans):  # as `vidrt run` on TensorRT refuses it: DeviceError, exit 4
+        least = min(plans, key=lambda p: p.peak - p.budget)
+        cards = "the card" if len(plans) == 1 else "any of these cards"
+        raise DeviceError(f"{least.width}x{least.height}x{least.frames} does not fit {cards}: it needs "
+                          f"{least.peak / 2**30:.2f} GiB of GPU memory and {least.budget / 2**30:.2f} GiB are planned "
+                          f"for; lower --size or --frames, or plan a larger card (--gpu-memory)")
+
+
+def _summary(plans: list[ResidencyPlan], gpu_memory: str) -> None:
+    """One line per card."""
     p0 = plans[0]
     click.echo(f"{p0.model} {p0.width}x{p0.height}x{p0.frames}, DiT {p0.precision}")
     click.echo(f"{'card':>8}  {'peak GiB':>8}  {'fits':<4}  {'text':<4}  {'CFG':<3}  {'decode':<6}  {'VAE tiles':>9}  "
