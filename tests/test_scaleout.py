@@ -176,7 +176,7 @@ def test_batch_bad_line_names_it(package, tmp_path, capsys):
                           "jobs.jsonl line 2: writes x.mp4, like line 1"),
                          # every bad line at once, in one line
                          ('{"prompt": "a", "steps": 0}\n{"prompt": "b"}\nnope\n{"prompt": "c", "size": "65x64"}\n',
-                          "3 bad lines: jobs.jsonl line 1: --steps 0 is out of range; use 1..1000; jobs.jsonl line 3: "
+                          "3 bad lines: jobs.jsonl line 1: steps 0 is out of range; use 1..1000; jobs.jsonl line 3: "
                           "not JSON (Expecting value at column 1); jobs.jsonl line 4: width 65 is not a multiple of "
                           "16"),
                          # a malformed LoRA strength or size is named with its line like any other field
