@@ -214,7 +214,7 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
     timesteps = request.timesteps
     steps = request.steps if request.steps is not None else len(timesteps) if timesteps else d.steps
     if request.steps is None and timesteps and not len(timesteps) <= MAX_STEPS:  # the list sets the step count
-        raise UsageError(f"--timesteps has {len(timesteps)} values; give 1..{MAX_STEPS} (one per step)")
+        raise UsageError(f"{arg('timesteps')} has {len(timesteps)} values; give 1..{MAX_STEPS} (one per step)")
     if not 1 <= steps <= MAX_STEPS:
         raise UsageError(f"{arg('steps', steps)} is out of range; use 1..{MAX_STEPS}")
     shift = request.shift if request.shift is not None else d.shift
