@@ -762,6 +762,24 @@ def test_loras_only_by_name_from_the_operators_folder(tmp_path):
         [((tmp_path / "loras" / "style.safetensors").resolve(), 0.5)]
 
 
+def test_a_workers_lora_error_names_the_lora_as_the_client_sent_it(package, tmp_path):
+    """Create checks a LoRA's fit, but the file can change before a worker runs the job: the worker's own
+    refusal names it as the client did (read_lora/lora_deltas get the worker's label), with no server path
+    and no `vidrt run` flag. The Worker class itself, in this process (no Ray needed)."""
+    from vidrt.service.scaleout import Worker
+
+    (tmp_path / "loras").mkdir()
+    bad = _lora_file(tmp_path / "loras" / "other-size.safetensors", rank_input=32)  # replaced after create
+    worker = Worker(str(package), threads=1, lora_dir=str(tmp_path / "loras"))
+    try:
+        reply = worker.run("job1", {"prompt": "a red circle moving left", "steps": 1, "loras": [f"{bad}:0.5"]})
+    finally:
+        worker.close()
+    assert reply["status"] == "failed", reply
+    assert reply["error"].startswith("loras: 'other-size.safetensors' does not fit this model: "), reply
+    assert str(tmp_path) not in reply["error"] and "--" not in reply["error"], reply
+
+
 def test_caps_set_the_defaults_and_lora_strengths_are_checked(tmp_path):
     """--max-size/--max-frames under a model's defaults (1280x704, 121 frames): a request without size or
     length gets the largest listed size that fits (or the cap) and the cap's 4k+1 length, as /v1/models
