@@ -44,8 +44,15 @@ SPEC = VARIANTS["wan2.1-t2v-1.3b"]
 def test_tensorrt_is_reported_missing_here_even_with_stubs_installed() -> None:
     # tensorrt-stubs installs site-packages/tensorrt/*.pyi: `import tensorrt` then succeeds as an
     # empty namespace package. The loader must not mistake that for TensorRT.
-    with pytest.raises(DeviceError, match="TensorRT is not installed|TensorRT cannot be loaded"):
+    with pytest.raises(DeviceError, match="TensorRT is not installed|TensorRT cannot be loaded") as err:
         load_tensorrt()
+    assert str(err.value).endswith("or use backend='onnxruntime'"), err.value  # the Python keyword
+    from vidrt.cli.app import CLI_FLAGS
+    from vidrt.errors import spelled_as
+
+    with spelled_as(CLI_FLAGS), pytest.raises(DeviceError) as err:
+        load_tensorrt()
+    assert str(err.value).endswith("or use --backend onnxruntime"), err.value  # under `vidrt`: its flag
     version, why = tensorrt_status()
     assert version is None and "TensorRT" in why
 

@@ -44,7 +44,7 @@ from vidrt.backends.base import BackendOptions
 from vidrt.backends.cuda import BufferPool, CudaApi, CudaRuntime, DeviceBuffer, DeviceTensor, Stream, probe
 from vidrt.backends.device_ops import DeviceOps
 from vidrt.backends.refit import EngineRefit, not_refittable
-from vidrt.errors import DeviceError, PackageError
+from vidrt.errors import DeviceError, PackageError, arg
 from vidrt.package import contracts as C
 from vidrt.package.contracts import Contract
 from vidrt.package.manifest import Engine as EngineEntry
@@ -73,14 +73,20 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-RUN_ELSEWHERE = "or use --backend onnxruntime"  # what `vidrt run` can do instead
+def run_elsewhere() -> str:
+    """What a run can do instead, as the caller spells it: `--backend onnxruntime` / backend='onnxruntime'."""
+    return f"or use {arg('backend', 'onnxruntime')}"
+
+
 # `vidrt build` has no --backend: it only exists to make TensorRT engines
 BUILD_ELSEWHERE = ("TensorRT is needed to build engines; without them `vidrt run` runs the package on ONNX "
                    "Runtime, no build needed")
 
 
-def load_tensorrt(instead: str = RUN_ELSEWHERE) -> ModuleType:
-    """The real `tensorrt` module, or DeviceError saying why not and `instead` (the caller's alternative)."""
+def load_tensorrt(instead: str | None = None) -> ModuleType:
+    """The real `tensorrt` module, or DeviceError saying why not and `instead` (the caller's alternative;
+    default: run_elsewhere())."""
+    instead = instead or run_elsewhere()
     try:
         mod = importlib.import_module("tensorrt")
     except ImportError as exc:
@@ -732,9 +738,10 @@ class TrtBackend:
         if cuda is None:
             gpu = probe()
             if not gpu.ok:
-                raise DeviceError(f"the TensorRT backend needs an NVIDIA GPU: {gpu.reason}; use --backend onnxruntime")
+                raise DeviceError(f"the TensorRT backend needs an NVIDIA GPU: {gpu.reason}; "
+                                  f"use {arg('backend', 'onnxruntime')}")
             if not 0 <= self.device < len(gpu.devices):
-                raise DeviceError(f"--device cuda:{self.device}: this machine has {len(gpu.devices)} GPU(s) "
+                raise DeviceError(f"{arg('device', f'cuda:{self.device}')}: this machine has {len(gpu.devices)} GPU(s) "
                                   f"(cuda:0..cuda:{len(gpu.devices) - 1}); `vidrt doctor` lists them")
             cuda = CudaRuntime(gpu.devices[self.device].index)  # current device before any TensorRT call
             compute_capability = compute_capability or gpu.devices[self.device].compute_capability
@@ -917,7 +924,7 @@ class TrtBackend:
         self.stream.close()
 
 
-__all__ = ["INSTALL_TENSORRT", "RUN_ELSEWHERE", "BUILD_ELSEWHERE",
+__all__ = ["INSTALL_TENSORRT", "run_elsewhere", "BUILD_ELSEWHERE",
            "MIN_VERSION", "version_tuple", "load_tensorrt", "tensorrt_status", "engine_dir_name",
            "engine_dir_precision", "rebuild_command", "select_engines", "availability", "numpy_dtype",
            "to_bf16_bits", "from_bf16_bits", "ScratchArena", "TrtEngine", "TrtBackend", "plan_source", "built_vae_tile",
