@@ -429,22 +429,20 @@ class VideoAPI:
                      attempts=job.attempts, stats=job.result.get("stats") if job.result else None)
 
 
-# `vidrt run`'s flags as the API's fields: the checks shared with the CLI (vidrt.request) name flags
-_FLAG_FIELDS = {"steps": "steps", "size": "size", "frames": "frames", "guidance": "guidance",
-                "guidance-low-noise": "guidance_low_noise", "shift": "shift", "seed": "seed", "sampler": "scheduler",
-                "scheduler": "scheduler", "cache": "cache", "recipe": "recipe", "fps": "fps", "crf": "crf",
-                "negative-prompt": "negative_prompt", "lora": "loras", "prompt": "prompt"}
-_FLAG = re.compile(r"(drop |)--(" + "|".join(sorted(_FLAG_FIELDS, key=len, reverse=True)) + r")\b")
-_FIELD = re.compile(r"\b(" + "|".join(sorted({*_FLAG_FIELDS.values(), "width", "height"}, key=len, reverse=True))
-                    + r")\b")
+# The API's fields that a refusal of the shared checks (vidrt.request, run under spelled_as(API_FIELDS)) may
+# name first: that field is the error's `param` (width/height: size).
+_FIELD = re.compile(r"\b(" + "|".join(sorted({"steps", "size", "frames", "guidance", "guidance_low_noise", "shift",
+                                               "seed", "scheduler", "cache", "recipe", "fps", "crf",
+                                               "negative_prompt", "loras", "prompt", "width", "height"},
+                                              key=len, reverse=True)) + r")\b")
 
 
 def api_text(message: str) -> tuple[str, str | None]:
-    """A refusal of the checks shared with `vidrt run` (vidrt.request) in the API's own terms: its flags
-    become the request's field names ("drop --cache" -> "leave cache out"), and the field named first
-    is the error's param (width/height: size). -> (message, param)."""
-    text = _FLAG.sub(lambda m: f"leave {_FLAG_FIELDS[m[2]]} out" if m[1] else _FLAG_FIELDS[m[2]], message)
-    text = text.replace(" (`vidrt info` lists them)", " (GET /v1/models lists them)")
+    """A refusal of the checks shared with `vidrt run` as the API returns it: (message, param), param = the
+    request field the message names first. The message already names the API's fields (the checks run
+    under spelled_as(API_FIELDS) / JOB_FIELDS: vidrt.errors.arg); only the pointer to the list of names
+    changes from the CLI's command to the API's endpoint."""
+    text = message.replace(" (`vidrt info` lists them)", " (GET /v1/models lists them)")
     first = _FIELD.search(text)
     param = None if first is None else "size" if first[1] in ("width", "height") else first[1]
     return text, param
