@@ -83,29 +83,28 @@ typecheck: venv
 		-m vidrt.cli.trt -m vidrt.export.build_engines -m vidrt.export.quantize_fp8 -m vidrt.backends.refit \
 		-m vidrt.backends.kernels -m vidrt.backends.device_ops
 
-# Retrain the embedded tiny model (checkpoints/tiny-shapes/TRAINING.md stages 1-5): VAE, then umT5 + DiT, then
-# the sampling sweep (export/train_tiny.py); the `fast` recipe's 4-step LoRA on that text-only model
-# (export/distill_tiny.py); the image-mode fine-tune and its scores (export/train_tiny_i2v.py); the LoRA
-# re-distilled from the fine-tuned model, warm-started from the first, then trained on the teacher's trajectory
-# segments (stage 6: 720 teacher clips with every state, two runs of 300 + 250 steps). Seeded and step-counted;
-# about four hours on a busy 2-core CPU. Writes checkpoints/tiny-shapes/.
+# Retrain the embedded tiny model (checkpoints/tiny-shapes/TRAINING.md): VAE, then umT5 + DiT, then the sampling
+# sweep (export/train_tiny.py); the image-mode fine-tune and its scores (export/train_tiny_i2v.py); then the `fast`
+# recipe's 4-step LoRA (export/distill_tiny.py, stage 7): 2592 teacher clips with one noise seed each (every
+# teacher state kept; eight banks, two processes side by side), 1500 steps on the teacher's trajectory segments
+# from zero. (The LoRAs of stages 3b, 5 and 6 were warm starts of one another; stage 7 starts from zero, so they
+# are not rebuilt.) Seeded and step-counted; about four hours on a busy 2-core CPU. Writes checkpoints/tiny-shapes/.
+# clip seeds[:image-clip seeds] of the eight banks; two processes (A, B), each making its four in turn
+FAST_BANKS_A := 100000-100323: 100324-100647: 101224-101547: 101548-101799:200072-200143
+FAST_BANKS_B := 100648-100971: 100972-101223:200000-200071 101800-102123: 102124-102375:200144-200215
 train-tiny: venv
 	nice -n 15 $(PY) -m vidrt.export.train_tiny --out checkpoints/tiny-shapes --stage all --seed 0
-	nice -n 15 $(PY) -m vidrt.export.distill_tiny --steps 600 --batch 16 --teacher-seeds 4 --keep-all \
-		--out checkpoints/tiny-shapes/fast_lora.safetensors
 	rm -rf build/tiny-stage2 && mkdir -p build/tiny-stage2 \
 		&& cp -r checkpoints/tiny-shapes/transformer checkpoints/tiny-shapes/text_encoder build/tiny-stage2/
 	nice -n 15 $(PY) -m vidrt.export.train_tiny_i2v --out checkpoints/tiny-shapes --stage all --seed 0 \
 		--blend-with build/tiny-stage2
-	nice -n 15 $(PY) -m vidrt.export.distill_tiny --steps 150 --batch 16 --teacher-seeds 2 --image-seeds 1 \
-		--init checkpoints/tiny-shapes/fast_lora.safetensors --out checkpoints/tiny-shapes/fast_lora.safetensors
-	nice -n 15 $(PY) -m vidrt.export.distill_tiny --bank-only --teacher-seeds 2000-2004 --bank build/fast-bank1.npz \
-		--out build/fast-bank1.safetensors
-	nice -n 15 $(PY) -m vidrt.export.distill_tiny --bank-only --teacher-seeds 2005-2008 --image-seeds 2100-2100 \
-		--bank build/fast-bank2.npz --out build/fast-bank2.safetensors
-	for run in 1 2; do nice -n 15 $(PY) -m vidrt.export.distill_tiny --objective segment --teacher-steps 0,9,15,20 \
-		--steps $$((run == 1 ? 300 : 250)) --batch 16 --lr 1e-3 --bank build/fast-bank1.npz --bank build/fast-bank2.npz \
-		--init checkpoints/tiny-shapes/fast_lora.safetensors --out checkpoints/tiny-shapes/fast_lora.safetensors; done
+	for q in "$(FAST_BANKS_A)" "$(FAST_BANKS_B)"; do (for b in $$q; do t=$${b%%:*}; i=$${b#*:}; \
+		nice -n 15 $(PY) -m vidrt.export.distill_tiny --bank-only --teacher-seeds 0 --clip-seeds $$t \
+		--image-clip-seeds $${i:-0} --bank build/fast-bank-$$t.npz --out build/fast-bank-$$t.safetensors || exit 1; \
+		done) & done; wait  # a missing bank stops the next command ("--bank: missing ...")
+	nice -n 15 $(PY) -m vidrt.export.distill_tiny --objective segment --teacher-steps 0,9,15,20 --batch 16 \
+		--steps 1500 --lr 2e-3 $(foreach b,$(FAST_BANKS_A) $(FAST_BANKS_B),--bank build/fast-bank-$(firstword $(subst :, ,$(b))).npz) \
+		--eval-seeds 7,3000,3001 --eval-every 500 --out checkpoints/tiny-shapes/fast_lora.safetensors
 
 # Re-export the bundled default package (package data of vidrt) from its checkpoint, and its pictures
 # (docs/tiny-shapes.png; the image mode: docs/tiny-shapes-i2v.png and the two start pictures docs/tiny-shapes-*-*.png).
