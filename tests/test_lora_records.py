@@ -191,3 +191,24 @@ def test_cli_messages_say_what_is_wrong(bundled, tmp_path, capsys):
     if Path("/proc").is_dir():  # procfs: the folder exists and looks writable, but takes no new files
         assert_error(*vidrt(capsys, "run", "-p", "a red circle moving left", "-o", "/proc/o.mp4", *TINY), 5,
                      "cannot write /proc/o.mp4", "write it to a folder of a normal, writable file system")
+
+
+@pytest.mark.parametrize("header", ['"abc"', "1", "null", '{"__metadata__": [1, 2]}',
+                                    '{"a": {"dtype": "F32", "shape": [1e400], "data_offsets": [0, 4]}}',
+                                    '{"a": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 4]}}',
+                                    '{"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}',
+                                    '{"a": {"dtype": "F32", "shape": [100000000000], "data_offsets": [0, 4]}}'])
+def test_a_malformed_safetensors_header_is_one_line_naming_the_file(tmp_path, header):
+    """A header that is JSON but not the format (not an object, __metadata__ not an object, a dimension that
+    is no non-negative integer or does not fit its bytes) is a UsageError naming the file, from the full
+    read and from the header-only check a server makes before it queues a job."""
+    import struct
+
+    from vidrt.errors import UsageError
+    from vidrt.lora.merge import read_lora, read_lora_header
+
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 4)
+    for read in (read_lora, read_lora_header):
+        with pytest.raises(UsageError, match=r"^--lora odd\.safetensors is not a safetensors LoRA file \(.+"):
+            read(path, "--lora odd.safetensors")

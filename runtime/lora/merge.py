@@ -42,6 +42,46 @@ class _Truncated(Exception):
     """A safetensors file shorter than its own header says (an interrupted download)."""
 
 
+_JSON_TYPES = {"str": "string", "int": "number", "float": "number", "list": "array", "NoneType": "null",
+               "bool": "boolean"}
+
+
+def _json_type(x: object) -> str:
+    return _JSON_TYPES.get(type(x).__name__, type(x).__name__)
+
+
+def _int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _split_header(header: object) -> tuple[dict[str, dict], dict[str, str]]:
+    """A parsed safetensors JSON header -> ({tensor name: {dtype, shape, data_offsets}}, metadata), each
+    entry checked against the format (safetensors' spec: shape and data_offsets non-negative integers,
+    end - start = prod(shape) * itemsize). Raises ValueError naming what is wrong (read_lora turns it into
+    the file's one-line UsageError)."""
+    if not isinstance(header, dict):
+        raise ValueError(f"its header is a JSON {_json_type(header)}, not an object")
+    header = dict(header)
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"its __metadata__ is a JSON {_json_type(meta)}, not an object")
+    for name, info in header.items():
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+            raise ValueError(f"tensor {name[:60]}: no dtype")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(_int(d) for d in shape):
+            raise ValueError(f"tensor {name[:60]}: shape {str(shape)[:40]} is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_int(o) for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise ValueError(f"tensor {name[:60]}: data_offsets {str(offsets)[:40]} is not [start, end]")
+        if info["dtype"] in _ST_DTYPES:
+            need = int(np.prod(shape, dtype=object)) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
+            if need != offsets[1] - offsets[0]:
+                raise ValueError(f"tensor {name[:60]}: shape {str(shape)[:40]} needs {need} bytes, its "
+                                 f"data_offsets hold {offsets[1] - offsets[0]}")
+    return header, {str(k): str(v) for k, v in meta.items()}
+
+
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
@@ -91,9 +131,8 @@ def read_lora(path: str | Path, label: str | None = None) -> LoraFile:
             raise _Truncated(f"{len(raw)} bytes, its header alone needs {8 + n}")
         if not 0 < n <= min(MAX_HEADER_BYTES, len(raw) - 8):
             raise ValueError("bad header length")
-        header = json.loads(raw[8:8 + n])
+        header, meta = _split_header(json.loads(raw[8:8 + n]))
         body = memoryview(raw)[8 + n:]
-        meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
         ends = [info["data_offsets"][1] for info in header.values()]
         if ends and max(ends) > len(body):
             raise _Truncated(f"{len(raw)} bytes, its tensors need {8 + n + max(ends)}")
@@ -146,8 +185,7 @@ def read_lora_header(path: str | Path, label: str | None = None) -> LoraFile:
                 if 0 < n <= MAX_HEADER_BYTES and f.read(1) == b"{":
                     raise _Truncated(f"{size} bytes, its header alone needs {8 + n}")
                 raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-        meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+            header, meta = _split_header(json.loads(f.read(n)))
         ends = [info["data_offsets"][1] for info in header.values()]
         if ends and 8 + n + max(ends) > size:
             raise _Truncated(f"{size} bytes, its tensors need {8 + n + max(ends)}")
