@@ -45,7 +45,7 @@ from vidrt.caching import (
 from vidrt.conditioning import Concat, FirstFrame, TextOnly, frame_mask
 from vidrt.embedding_cache import EmbeddingCache, package_key
 from vidrt.errors import DeviceError, PackageError, UsageError, arg
-from vidrt.lora import LoraMerger, SetKey, as_lora_refs
+from vidrt.lora import LoraMerger, SetKey, as_lora_refs, superseded
 from vidrt.package import contracts as C
 from vidrt.package.manifest import Manifest, artifact_path, load_manifest
 from vidrt.package.recipes import LoraRef
@@ -241,6 +241,8 @@ class Pipeline:
             return current
         if current is not None:
             self._parked[(name, self._engine_key.get(name, ()))] = self._engines.pop(name)
+        for key in [k for k in self._parked if k[0] == name and superseded(k[1], want)]:
+            self._parked.pop(key).close()  # made from a file since rewritten: never wanted again
         engine = self._parked.pop((name, want), None)
         if engine is None:
             comp = self.manifest.components[name]

@@ -212,3 +212,28 @@ def test_a_malformed_safetensors_header_is_one_line_naming_the_file(tmp_path, he
     for read in (read_lora, read_lora_header):
         with pytest.raises(UsageError, match=r"^--lora odd\.safetensors is not a safetensors LoRA file \(.+"):
             read(path, "--lora odd.safetensors")
+
+
+def test_a_lora_rewritten_under_the_same_name_is_read_again(bundled, tmp_path):
+    """A long-lived Pipeline (a server worker) given a LoRA file that was replaced under the same name
+    (re-trained, a --lora-dir file swapped) merges its new contents, as a fresh Pipeline does, and keeps
+    one version of each file, not every version it ever read."""
+    import os
+
+    from vidrt import Pipeline, Request
+
+    package, manifest = bundled
+    path = small_lora(tmp_path / "style.safetensors", manifest.model.dit.dim, 0.0)
+    request = Request(prompt="a red circle", width=32, height=32, num_frames=1, steps=1, seed=1,
+                      loras=((str(path), 1.0),))
+    pipe = Pipeline.load(package, threads=1, warn=lambda _: None)
+    before = pipe.run(request).frames
+    for n, value in enumerate((0.05, 0.1), 1):
+        small_lora(path, manifest.model.dit.dim, value)  # same name, same size, other contents
+        st = path.stat()  # the file clock ticks coarsely (~ms): a later write has a later mtime
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + n * 10**7))
+        after = pipe.run(request).frames
+    fresh = Pipeline.load(package, threads=1, warn=lambda _: None).run(request).frames
+    assert not np.array_equal(before, fresh)  # the two versions make different clips
+    np.testing.assert_array_equal(after, fresh)
+    assert len(pipe._merger._files) == 1 and not pipe._parked  # the old versions and their sessions dropped

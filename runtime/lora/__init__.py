@@ -6,7 +6,8 @@
 
 The base weights stay untouched on disk: every merge starts from them (memory-mapped from the DiT's
 external-data file at the offsets the manifest records), so changing a strength recomputes W0 + s * dW.
-Files are read once; the merged arrays are not kept (the pipeline keeps the sessions made from them,
+Files are read once per version (path, size, mtime, inode: a file replaced under the same name is read
+again, its old contents dropped); the merged arrays are not kept (the pipeline keeps the sessions made from them,
 per (expert, LoRA set), and ONNX Runtime copies them).
 """
 
@@ -35,9 +36,25 @@ from vidrt.package.recipes import LoraRef
 __all__ = ["SetKey", "LoraMerger", "LoraRef", "LoraFile", "read_lora", "read_lora_header", "lora_deltas",
            "merge_into", "parse_lora_arg",
            "check_strength",
-           "base_reader", "as_lora_refs"]
+           "base_reader", "as_lora_refs", "superseded"]
 
-SetKey = tuple[tuple[str, float], ...]
+Version = tuple[str, int, int, int]  # (resolved path, size in bytes, mtime in ns, inode); -1s: unreadable
+SetKey = tuple[tuple[Version, float], ...]  # each merged file's version and strength
+
+
+def version_of(resolved: str) -> Version:
+    """A file's identity for the caches: a file replaced or rewritten under the same name is another one."""
+    try:
+        st = Path(resolved).stat()
+    except OSError:
+        return (resolved, -1, -1, -1)
+    return (resolved, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def superseded(old: SetKey, new: SetKey) -> bool:
+    """Does `new` hold a newer version of a file `old` merged (its engine can never be wanted again)?"""
+    now = {v[0]: v for v, _ in new}
+    return any(v[0] in now and now[v[0]] != v for v, _ in old)
 
 
 def as_lora_refs(loras: Sequence[LoraRef | tuple[str, float] | str] | None) -> tuple[LoraRef, ...]:
@@ -84,8 +101,8 @@ class LoraMerger:
         self.package, self.manifest = package, manifest
         self._warn_to = warn
         self._warned: set[str] = set()
-        self._files: dict[str, LoraFile] = {}
-        self._hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
+        self._files: dict[str, tuple[Version, LoraFile]] = {}  # resolved path -> its last version read
+        self._hashes: dict[str, tuple[Version, str]] = {}  # resolved path -> (version, sha256)
         self.last_seconds = 0.0  # time of the last merge that was not cached
         self.last_bytes = 0  # bytes of merged tensors it produced
 
@@ -142,16 +159,16 @@ class LoraMerger:
             return None
 
     def _sha256(self, path: str) -> str:
-        """A file's sha256, the package's own from the manifest, others hashed once per (path, size, mtime)."""
+        """A file's sha256, the package's own from the manifest, others hashed once per version (the last
+        version of each path kept)."""
         for art in self.manifest.loras:
             if art.file == path:
                 return art.sha256
-        resolved = Path(self._resolve(path))
-        st = resolved.stat()
-        key = (str(resolved), st.st_size, st.st_mtime_ns)
-        if key not in self._hashes:
-            self._hashes[key] = sha256_file(resolved)
-        return self._hashes[key]
+        version = version_of(self._resolve(path))
+        known = self._hashes.get(version[0])
+        if known is None or known[0] != version:
+            known = self._hashes[version[0]] = (version, sha256_file(Path(version[0])))
+        return known[1]
 
     def expert_of(self, name: str) -> str:
         """The DiT expert a component belongs to: `name` itself, or a step-caching piece's expert
@@ -170,13 +187,16 @@ class LoraMerger:
         return tuple(r for r in loras if r.expert in (None, expert) and r.strength != 0.0)
 
     def key(self, expert: str, loras: Sequence[LoraRef]) -> SetKey:
-        return tuple((self._resolve(r.path), float(r.strength)) for r in self.for_expert(expert, loras))
+        """The LoRA set merged into `expert`: each file's version (a file rewritten under the same name is
+        another set) and strength."""
+        return tuple((version_of(self._resolve(r.path)), float(r.strength)) for r in self.for_expert(expert, loras))
 
     def _files_of(self, expert: str, loras: Sequence[LoraRef]) -> tuple[SetKey, list[tuple[LoraFile, float]]]:
         """The set key and its files, each named in messages as its LoraRef's caller named it."""
         refs = self.for_expert(expert, loras)
-        key = tuple((self._resolve(r.path), float(r.strength)) for r in refs)
-        return key, [(self._read(path, ref.named), strength) for (path, strength), ref in zip(key, refs, strict=True)]
+        key = tuple((version_of(self._resolve(r.path)), float(r.strength)) for r in refs)
+        return key, [(self._read(version, ref.named), strength)
+                     for (version, strength), ref in zip(key, refs, strict=True)]
 
     def check(self, expert: str, loras: Sequence[LoraRef]) -> None:
         """Read every file that applies to `expert` and check its keys and shapes against the DiT (no merge,
@@ -198,11 +218,14 @@ class LoraMerger:
         shipped = {a.file for a in self.manifest.loras}
         return str(artifact_path(self.package, path)) if path in shipped else str(Path(path).expanduser().resolve())
 
-    def _read(self, path: str, label: str | None = None) -> LoraFile:
-        """The file, read once per path; `label` (LoraRef.label) names it in this call's messages."""
-        if path not in self._files:
-            self._files[path] = read_lora(path, label)
-        return replace(self._files[path], label=label or f"LoRA {path}")
+    def _read(self, version: Version, label: str | None = None) -> LoraFile:
+        """The file, read once per version (a new version of a path replaces the old one: a long-lived
+        server worker keeps one per file); `label` (LoraRef.label) names it in this call's messages."""
+        path = version[0]
+        known = self._files.get(path)
+        if known is None or known[0] != version:
+            known = self._files[path] = (version, read_lora(path, label))
+        return replace(known[1], label=label or f"LoRA {path}")
 
     def weights(self, expert: str) -> dict[str, WeightRef]:
         comp = self.manifest.components[expert]
