@@ -237,3 +237,26 @@ def test_a_lora_rewritten_under_the_same_name_is_read_again(bundled, tmp_path):
     assert not np.array_equal(before, fresh)  # the two versions make different clips
     np.testing.assert_array_equal(after, fresh)
     assert len(pipe._merger._files) == 1 and not pipe._parked  # the old versions and their sessions dropped
+
+
+def test_the_recipes_lora_given_at_strength_zero_turns_it_off(bundled, tmp_path):
+    """`recipe: fast` with the recipe's own file at strength 0 in the request: merged once, at the user's
+    strength (0: not at all), whichever order the two come in; the records list the 0-strength file alone
+    (so they reproduce the clip), not the recipe's at 1 as well."""
+    import shutil
+
+    from vidrt import Pipeline, Request
+
+    package, _ = bundled
+    mine = tmp_path / "mine.safetensors"
+    shutil.copy(package / "fast_lora.safetensors", mine)
+    notes: list[str] = []
+    kw = dict(prompt="a red circle", width=32, height=32, num_frames=1, seed=2, recipe="fast")
+    request_last = Pipeline.load(package, threads=1, warn=notes.append).run(Request(**kw, loras=((str(mine), 0.0),)))
+    load_first = Pipeline.load(package, threads=1, loras=[(str(mine), 0.0)], warn=notes.append).run(Request(**kw))
+    with_lora = Pipeline.load(package, threads=1, warn=notes.append).run(Request(**kw))
+    for result in (request_last, load_first):
+        assert [(Path(r.path).name, r.strength) for r in result.settings.loras] == [("mine.safetensors", 0.0)]
+    np.testing.assert_array_equal(request_last.frames, load_first.frames)
+    assert not np.array_equal(request_last.frames, with_lora.frames)  # the LoRA at 1 does change the clip
+    assert any("not merged (strength 0 replaces the recipe's 1)" in n for n in notes), notes

@@ -120,13 +120,16 @@ class LoraMerger:
           is not merged again: one line says so (its weights are in the package already);
         - the recipe's own LoRA file given again (`--recipe fast --lora .../fast_lora.safetensors:0.5`) is
           merged once, at the strength the user gave (a flag overrides the recipe's field): one line says so;
-        - any other file given twice for the same expert is refused (UsageError): give it once."""
+        - any other file given twice for the same expert is refused (UsageError): give it once.
+        Strength-0 refs take part like any other (`--lora fast_lora.safetensors:0` turns the recipe's LoRA
+        off) and stay in the result at strength 0, so the records reproduce the clip; nothing is merged
+        from them (for_expert)."""
         shipped = {a.file for a in self.manifest.loras}
         refs = list(loras)
         sizes = [self._size(r.path) for r in refs]
         keep: list[int] = []
         for i, ref in enumerate(refs):
-            if sizes[i] is None or ref.strength == 0.0:  # unreadable: read_lora names the problem later
+            if sizes[i] is None:  # unreadable: read_lora names the problem later
                 keep.append(i)
                 continue
             baked = next((b for b in self.manifest.baked_loras if b.size_bytes == sizes[i]
@@ -143,8 +146,9 @@ class LoraMerger:
             first = refs[twin]
             if first.path in shipped or ref.path in shipped:  # the recipe's file, given again by the user
                 mine, recipe = (ref, first) if first.path in shipped else (first, ref)
-                self.warn(f"{mine.named} is the recipe's own LoRA {Path(recipe.path).name}; merged once, at "
-                          f"strength {mine.strength:g} (not {recipe.strength:g} + {mine.strength:g})")
+                self.warn(f"{mine.named} is the recipe's own LoRA {Path(recipe.path).name}; " + (
+                    f"not merged (strength 0 replaces the recipe's {recipe.strength:g})" if mine.strength == 0.0 else
+                    f"merged once, at strength {mine.strength:g} (not {recipe.strength:g} + {mine.strength:g})"))
                 if mine is ref:
                     keep[keep.index(twin)] = i
                 continue
