@@ -380,7 +380,7 @@ class Pipeline:
         solver = make_solver(s.scheduler, [p.step for p in plan])
         needs_uncond = any(p.cfg for p in plan)
         loras = s.loras  # the pipeline's, then the recipe's and the request's
-        missing = missing_recipe_lora(s.recipe, spec, loras)
+        missing = missing_recipe_lora(s.recipe, spec, loras, baked=self.manifest.baked_loras)
         if missing is not None:  # the CLI refuses this; the API runs it (the recipe as a schedule) and warns
             self.warn(missing)
         self._want = {expert: loras for expert in spec.experts}

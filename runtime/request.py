@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from vidrt.caching import parse_cache
@@ -18,6 +18,9 @@ from vidrt.package.recipes import LoraRef, Recipe, all_recipes, find_recipe
 from vidrt.package.registry import ModelSpec
 from vidrt.schedulers import SOLVERS
 from vidrt.text import check_prompt, clean_prompt
+
+if TYPE_CHECKING:
+    from vidrt.package.manifest import BakedLora
 
 MAX_STEPS = 1000
 MAX_FRAMES = 1001
@@ -255,9 +258,10 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
 
 
 def missing_recipe_lora(recipe_name: str | None, spec: ModelSpec, loras: Sequence[LoraRef],
-                        job: bool = False) -> str | None:
+                        job: bool = False, baked: Sequence[BakedLora] = ()) -> str | None:
     """A message when the recipe has a LoRA slot the user must fill (`LoRA yours` in `vidrt info`: a
-    distillation recipe) and `loras` (everything the run applies) holds no LoRA of the user's for it.
+    distillation recipe) and neither `loras` (everything the run merges) nor `baked` (the package's
+    manifest `baked_loras`: what `vidrt export --lora` merged into its DiT) holds a LoRA for it.
     job: worded for a job's fields (a `vidrt batch` line, a `vidrt serve` request: "recipe", "loras")
     instead of `vidrt run`'s flags."""
     if recipe_name is None:
@@ -266,9 +270,9 @@ def missing_recipe_lora(recipe_name: str | None, spec: ModelSpec, loras: Sequenc
     if recipe is None:
         return None
     shipped = {s.file for s in recipe.loras if s.file is not None}
-    mine = [r for r in loras if r.path not in shipped]
+    mine = [r.expert for r in loras if r.path not in shipped] + [b.expert for b in baked]
     for slot in recipe.loras:
-        if slot.file is None and not any(slot.expert is None or r.expert in (None, slot.expert) for r in mine):
+        if slot.file is None and not any(slot.expert is None or e in (None, slot.expert) for e in mine):
             if job:
                 source = re.sub(r" \(--[a-z-]+\)", "", slot.source)  # the CLI flags a source names
                 example = f'"{slot.expert}=FILE.safetensors"' if slot.expert else '"FILE.safetensors"'

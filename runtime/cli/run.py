@@ -189,7 +189,8 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
     # also reads and checks --image and derives the size from it; settings.loras: --lora's, the recipe's
     settings = resolve(request, spec_only.model, loras=loras)
     check_cache(spec_only, settings.cache)  # pieces and tables present, before any engine loads
-    missing = missing_recipe_lora(settings.recipe, spec_only.model, settings.loras)
+    # a LoRA baked into the package (manifest baked_loras) fills the recipe's slot as a --lora does
+    missing = missing_recipe_lora(settings.recipe, spec_only.model, settings.loras, baked=spec_only.baked_loras)
     if missing is not None:  # a distillation recipe without its LoRA makes noise: refused, not run
         raise UsageError(missing)
     if fmt.kind == "still" and settings.num_frames != 1:
