@@ -243,6 +243,31 @@ def test_batch_damaged_lora_is_refused_before_any_work(package, tmp_path, capsys
     assert exit_.value.code == 4 and "1 of 2 clips failed" in err and "finished clips are skipped" in err, err
 
 
+def test_batch_lora_twice_is_refused_before_ray(package, tmp_path, capsys):
+    """A line naming one LoRA file twice, or two byte-identical files, would be refused by every worker's merge
+    (LoraMerger.applied): it is refused before Ray starts instead (exit 2, the line named)."""
+    import shutil
+
+    from safetensors.numpy import save_file
+    from vidrt.package.manifest import load_manifest
+
+    width = load_manifest(package, verify=False).components["dit"].weights["blocks.0.attn1.to_q.weight"].shape[0]
+    q = "diffusion_model.blocks.0.self_attn.q"
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({f"{q}.lora_down.weight": np.ones((4, width), np.float32),
+               f"{q}.lora_up.weight": np.ones((width, 4), np.float32)}, str(a))
+    shutil.copy(a, b)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(x) for x in (
+        {"prompt": "a cat", "loras": [f"{a}:0.5"]}, {"prompt": "a dog", "loras": [f"{a}:0.5", f"{b}:0.5"]})))
+    with pytest.raises(SystemExit) as exit_:
+        main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err, err
+    assert err.startswith(f"error: jobs.jsonl line 2: loras {b} is the same file as loras {a}"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_batch_resume_follows_a_lora_files_contents(package, tmp_path):
     """A clip made with a LoRA is done only while that file holds what it held: rewrite the file under the
     same name and the line is made again (its request key holds the file's sha256), named or not."""

@@ -762,6 +762,64 @@ def test_loras_only_by_name_from_the_operators_folder(tmp_path):
         [((tmp_path / "loras" / "style.safetensors").resolve(), 0.5)]
 
 
+def test_a_lora_twice_is_refused_at_create_and_nothing_is_read_before_the_limits(package, tmp_path, monkeypatch):
+    """The same file twice, or two byte-identical files, is refused at create (as the worker's merge would
+    refuse it), named as the client named them; the recipe's own LoRA sent again is not a twin. A request over
+    a limit is refused before any LoRA file is opened (a server never reads what it will refuse)."""
+    import shutil
+
+    import vidrt.service.api as api_module
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.api import ApiError, ServeLimits, VideoAPI
+
+    spec = load_manifest(package, verify=False).model
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    _fitting_lora(folder / "a.safetensors", package)
+    shutil.copy(folder / "a.safetensors", folder / "b.safetensors")
+    api = VideoAPI(spec, ServeLimits(max_pixels=64 * 64, max_frames=17, max_steps=50), str(package), None,
+                   lora_dir=str(folder))
+    for loras, first, second in ((["a.safetensors:0.5", "a.safetensors:0.3"], "a", "a"),
+                                 (["a.safetensors:0.5", "b.safetensors"], "b", "a")):
+        with pytest.raises(ApiError) as info:
+            api.to_job({"prompt": "a red circle", "loras": loras})
+        message = info.value.message
+        assert (info.value.status, info.value.param) == (400, "loras"), info.value
+        assert message.startswith(f"loras: '{first}.safetensors' is the same file as loras: '{second}.safetensors'")
+        assert str(tmp_path) not in message and "--" not in message, message
+    api.to_job({"prompt": "a red circle", "loras": ["a.safetensors:0.5"]})  # once is fine
+    opened: list[str] = []
+    monkeypatch.setattr(api_module, "read_lora", lambda path, *a, **k: opened.append(str(path)))
+    api._lora_checked.clear()
+    for over in ({"steps": 51}, {"size": "128x128"}, {"frames": 21}):
+        with pytest.raises(ApiError) as info:
+            api.to_job({"prompt": "a red circle", "loras": ["b.safetensors:0.5"], **over})
+        assert info.value.param in ("steps", "size", "frames"), info.value
+    assert opened == [], opened
+
+
+def test_a_lora_twice_in_a_job_fails_in_the_worker_by_the_clients_names(package, tmp_path):
+    """A queued job whose LoRAs became twins after create (a file replaced by a copy of another) fails in the
+    worker named as the client named them, not by the server's paths."""
+    import shutil
+
+    from vidrt.service.scaleout import Worker
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    _fitting_lora(folder / "a.safetensors", package)
+    shutil.copy(folder / "a.safetensors", folder / "b.safetensors")
+    worker = Worker(str(package), threads=1, lora_dir=str(folder))
+    try:
+        reply = worker.run("job1", {"prompt": "a red circle", "steps": 1,
+                                    "loras": [f"{folder / 'a.safetensors'}:0.5", f"{folder / 'b.safetensors'}"]})
+    finally:
+        worker.close()
+    assert reply["status"] == "failed", reply
+    assert reply["error"].startswith("loras: 'b.safetensors' is the same file as loras: 'a.safetensors'"), reply
+    assert str(tmp_path) not in reply["error"], reply
+
+
 def test_a_workers_lora_error_names_the_lora_as_the_client_sent_it(package, tmp_path):
     """Create checks a LoRA's fit, but the file can change before a worker runs the job: the worker's own
     refusal names it as the client did (read_lora/lora_deltas get the worker's label), with no server path

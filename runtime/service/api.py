@@ -280,8 +280,9 @@ class VideoAPI:
                 values["size"] = f"{size[0]}x{size[1]}"
         if image is not None:
             values["image"] = str(self._keep_image(image))
-        if body.loras:
-            values["loras"] = [self._server_lora(v) for v in body.loras]
+        files = [self._server_lora(v) for v in body.loras or ()]  # names checked; nothing opened yet
+        if files:
+            values["loras"] = [f[0] for f in files]
         try:
             with spelled_as(API_FIELDS):
                 job = JobRequest.from_dict(values, where="request").seeded()  # a retry after a worker died: same seed
@@ -309,6 +310,10 @@ class VideoAPI:
                 f"the default of {settings.steps} steps is"
             raise ApiError(400, f"{what} over this server's limit of {self.limits.max_steps} steps; send steps "
                                 f"{self.limits.max_steps} or fewer", "steps", "steps_unsupported")
+        if files:  # read only once the cheap limits passed: a server never reads what it will refuse
+            for _, name, path, expert in files:
+                self._check_lora_file(name, path, expert)
+            self._check_twins(job)
         asked = {k: v for k, v in (("seconds", body.seconds), ("size", body.size)) if v is not None}
         return job, settings, asked
 
@@ -326,9 +331,10 @@ class VideoAPI:
             tmp.write_bytes(data)
             os.replace(tmp, path)
         return path
-    def _server_lora(self, value: str) -> str:
+    def _server_lora(self, value: str) -> tuple[str, str, Path, str | None]:
         """A client names a LoRA by its file name inside the operator's --lora-dir, never by a path: a
-        server must not open files a client chooses. "NAME[:STRENGTH]" or "dit_high=NAME[:STRENGTH]"."""
+        server must not open files a client chooses. "NAME[:STRENGTH]" or "dit_high=NAME[:STRENGTH]" ->
+        (the job's "PATH[:STRENGTH]" value, NAME, PATH, expert or None); the file is only stat'ed here."""
         if self.lora_dir is None:
             raise ApiError(400, "loras: this server takes no LoRAs (its operator can allow the files in a folder "
                                 "with `vidrt serve --lora-dir DIR`)", "loras", "loras_unsupported")
@@ -351,8 +357,24 @@ class VideoAPI:
             raise ApiError(400, f"loras: {name!r} is not in this server's LoRA folder; it has "
                                 f"{', '.join(self.lora_names()[:20]) or 'no .safetensors files'}", "loras",
                            "lora_not_found")
-        self._check_lora_file(name, path, expert or None)
-        return f"{expert}={path}{colon}{strength}" if expert else f"{path}{colon}{strength}"
+        job_value = f"{expert}={path}{colon}{strength}" if expert else f"{path}{colon}{strength}"
+        return job_value, name, path, expert or None
+
+    def lora_label(self, path: str) -> str:
+        """A LoRA of --lora-dir as the client named it (its bare name), never by the server's path."""
+        return f"loras: {Path(path).name!r}"
+
+    def _check_twins(self, job: Any) -> None:
+        """The same file given twice (or two byte-identical files) is refused now, as the worker would refuse
+        it (LoraMerger.applied), named by the client's names; the recipe's own LoRA given again is allowed."""
+        merger = self._lora_merger()
+        if merger is None:
+            return
+        try:
+            with spelled_as(API_FIELDS):
+                merger.applied(job.settings(self.spec, lora_label=self.lora_label).loras)
+        except UsageError as exc:
+            raise ApiError(400, api_text(str(exc))[0], "loras", "lora_invalid") from None
 
     def lora_names(self) -> list[str]:
         """The LoRA files a request may name: the *.safetensors files of --lora-dir, by name."""

@@ -137,6 +137,9 @@ def _check_loras(line: BatchLine, where: str, checked: dict[tuple[str, str | Non
                 checked[key] = str(exc)
         if checked[key] is not None:
             raise UsageError(f"{where}: {checked[key]}")
+    if line.job.loras:  # the same file twice (or two byte-identical files): the worker's merge would refuse it
+        with spelled_as(JOB_FIELDS):
+            merger.applied(line.job.settings(merger.manifest.model, lora_label=lambda p: f"loras {p}").loras)
 
 
 def is_done(line: BatchLine) -> bool:

@@ -126,13 +126,15 @@ class JobRequest:
                        loras=tuple(lora_ref(x, lora_label) for x in self.loras or ()), image=self.image,
                        cache=self.cache)
 
-    def settings(self, spec: ModelSpec, loras: Sequence[LoraRef] = ()) -> Settings:
+    def settings(self, spec: ModelSpec, loras: Sequence[LoraRef] = (),
+                 lora_label: Callable[[str], str] | None = None) -> Settings:
         """Resolve against the model (defaults, ranges, multiples); also checks fps and CRF. loras: the
-        worker pipeline's own LoRAs (Pipeline.loras), listed first in Settings.loras as the run applies them."""
+        worker pipeline's own LoRAs (Pipeline.loras), listed first in Settings.loras as the run applies them.
+        lora_label: how the job's LoRA files are named in messages (to_request)."""
         if self.fps is not None and not 1 <= self.fps <= 240:
             raise UsageError(f"fps {self.fps} is out of range; use 1..240")
         check_crf(output_format(f"clip{self.suffix}" if self.suffix else "frames/"), self.crf, "crf")
-        settings = resolve(self.to_request(), spec, loras=loras)
+        settings = resolve(self.to_request(lora_label), spec, loras=loras)
         missing = missing_recipe_lora(settings.recipe, spec, settings.loras, job=True)
         if missing is not None:  # as `vidrt run` refuses it: a distillation recipe without its LoRA makes noise
             raise UsageError(missing)
@@ -284,7 +286,7 @@ def execute_job(pipe: Any, job: JobRequest, output: str | os.PathLike[str], *,
     spec = pipe.manifest.model
     with spelled_as(JOB_FIELDS):  # its messages name the job's fields (frames, size, loras...)
         job = job.seeded()  # the metadata written below and the run use the same seed
-        settings = job.settings(spec, pipe.loras)  # every LoRA the run applies, the worker's own first
+        settings = job.settings(spec, pipe.loras, lora_label)  # every LoRA the run applies, the worker's own first
         settings = replace(settings, loras=pipe.applied_loras(settings.loras))  # each file once, none baked twice
         fps = job.fps or spec.sampling.fps
         tracker = ProgressTracker(on_event, should_stop)

@@ -21,6 +21,7 @@ over --max-body, without reading the body. fastapi/uvicorn come with the [serve]
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -281,7 +282,8 @@ def create_app(state: State) -> FastAPI:
         except ClientDisconnect:
             log.warning("POST /v1/videos: the client went away before its body arrived")
             return Response(status_code=499)  # type: ignore[return-value]  # nobody is left to read it
-        job, settings, asked = api.to_job(fields, image, form)
+        # off the event loop: a LoRA's values are read (and a twin hashed) once its limits passed
+        job, settings, asked = await asyncio.to_thread(api.to_job, fields, image, form)
         check_room()  # again: the queue may have filled while the body arrived
         return api.video(manager.submit(job, settings, api=asked))
 
