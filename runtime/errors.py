@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class VidrtError(Exception):
@@ -59,6 +59,9 @@ class Spelling:
 
     names: Mapping[str, str]
     flags: bool = True
+    # keyword -> words, for settings this front end's caller cannot make (the job API: the backend, device,
+    # VAE memory budget are the workers', set by whoever runs them): named so, never as a field or a flag
+    workers: Mapping[str, str] = field(default_factory=dict)
 
 
 _SPELLING: ContextVar[Spelling | None] = ContextVar("vidrt_spelling", default=None)
@@ -80,6 +83,9 @@ def arg(name: str, value: object = None) -> str:
         if value is None:
             return "loras" if name in PYTHON_FORMS else name
         return PYTHON_FORMS.get(name, f"{name}={{v!r}}").format(v=value)
+    if name in spelling.workers:
+        shown = "" if value is None or value is True else f" {value}"
+        return f"the workers' {spelling.workers[name]}{shown} (set by whoever runs them, not a job field)"
     own = spelling.names.get(name, "--" + name.replace("_", "-") if spelling.flags else name)
     if value is None or value is True:
         return own
@@ -95,3 +101,11 @@ def spelled_as(spelling: Spelling) -> Iterator[None]:
         yield
     finally:
         _SPELLING.reset(token)
+
+
+def commands_shown() -> bool:
+    """May a message point to a `vidrt` command (`vidrt plan ...`)? Yes for `vidrt` itself and a Python
+    caller (both run on the machine that has the package); no under a front end without flags (the job
+    API: a client has no shell there, and the command would show the server's package path)."""
+    spelling = _SPELLING.get()
+    return spelling is None or spelling.flags

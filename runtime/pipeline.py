@@ -44,7 +44,7 @@ from vidrt.caching import (
 )
 from vidrt.conditioning import Concat, FirstFrame, TextOnly, frame_mask
 from vidrt.embedding_cache import EmbeddingCache, package_key
-from vidrt.errors import DeviceError, PackageError, UsageError, arg
+from vidrt.errors import DeviceError, PackageError, UsageError, arg, commands_shown
 from vidrt.lora import LoraMerger, SetKey, as_lora_refs, superseded
 from vidrt.package import contracts as C
 from vidrt.package.manifest import Manifest, artifact_path, load_manifest
@@ -527,10 +527,11 @@ class Pipeline:
         plan = plan_for_package(self.package, self.manifest, s.width, s.height, s.num_frames, budget, precision,
                                 vae_tile=getattr(self.backend, "vae_tile", None), image=s.image is not None,
                                 cache=s.cache)
-        if not plan.fits:
+        if not plan.fits:  # the `vidrt plan` pointer only where the caller has that shell (not a job's client)
+            see = f" (see `vidrt plan {self.package} --size {s.width}x{s.height} --frames {s.num_frames}`)" \
+                if commands_shown() else ""
             raise DeviceError(f"{s.width}x{s.height}x{s.num_frames} needs {plan.peak / 2**30:.1f} GiB of GPU memory "
-                              f"and {budget / 2**30:.1f} GiB are free; lower {arg('size')} or {arg('num_frames')} "
-                              f"(see `vidrt plan {self.package} --size {s.width}x{s.height} --frames {s.num_frames}`)")
+                              f"and {budget / 2**30:.1f} GiB are free; lower {arg('size')} or {arg('num_frames')}{see}")
         return plan
 
     def host_cfg_batch(self, s: Settings) -> int:

@@ -705,6 +705,50 @@ def test_restore_rules_without_ray(package, tmp_path):
     again.store.close()
 
 
+def test_restored_jobs_keep_to_this_starts_lora_dir(package, tmp_path):
+    """A queued (or interrupted) job restored by a server restarted with another --lora-dir, or none, is
+    failed with lora_not_found naming the bare file name (never the old server path), even when the old
+    file still exists: a server only reads the LoRA folder its operator gives it now. No workers needed."""
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.jobs import JobRequest
+    from vidrt.service.scaleout import JobManager
+    from vidrt.service.store import DB_NAME, JobStore
+
+    spec = load_manifest(package, verify=False).model
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder in (old, new):
+        folder.mkdir()
+        _fitting_lora(folder / "kept.safetensors", package)
+    for lora_dir, needle in ((new, "is not in this server's LoRA folder"), (None, "takes no LoRAs now")):
+        out = tmp_path / f"out-{lora_dir is None}"
+        out.mkdir()
+        manager = JobManager(package, out, store=JobStore(out / DB_NAME), lora_dir=str(old))
+        jobs = [manager.submit(r, r.settings(spec)) for r in (
+            JobRequest(prompt="a red circle", seed=1, loras=(f"{old / 'kept.safetensors'}:0.5",)),
+            JobRequest(prompt="a red circle", seed=1, loras=(f"{new / 'kept.safetensors'}",)),
+            JobRequest(prompt="a red circle", seed=1))]
+        jobs[1].status = "in_progress"
+        for job in jobs:
+            manager._save(job)
+        manager.store.close()
+        again = JobManager(package, out, store=JobStore(out / DB_NAME),
+                           lora_dir=None if lora_dir is None else str(lora_dir))
+        report = again.restore()
+        got = [again.jobs[j.id] for j in jobs]
+        assert (got[0].status, got[0].error_code) == ("failed", "lora_not_found"), got[0]
+        assert got[0].error.startswith("loras: 'kept.safetensors'") and needle in got[0].error, got[0].error
+        assert str(tmp_path) not in got[0].error and "--" not in got[0].error, got[0].error
+        if lora_dir is None:  # the interrupted job's LoRA is gone with the folder too
+            assert (got[1].status, got[1].error_code) == ("failed", "lora_not_found"), got[1]
+            assert report == {"completed": 0, "queued": 1, "requeued": 0, "failed": 2, "orphans": 0}, report
+        else:  # its file is in the folder this start serves: it runs again
+            assert got[1].status == "queued", got[1]
+            assert report == {"completed": 0, "queued": 1, "requeued": 1, "failed": 1, "orphans": 0}, report
+        assert got[2].status == "queued" and [j.id for j in again._pending] == [j.id for j in got if
+                                                                             j.status == "queued"]
+        again.store.close()
+
+
 def _fitting_lora(path: Path, package: Path) -> Path:
     """A LoRA for block 0's self-attention q that fits this package's DiT (its recorded weight shape)."""
     from vidrt.package.manifest import load_manifest
@@ -798,9 +842,10 @@ def test_a_lora_twice_is_refused_at_create_and_nothing_is_read_before_the_limits
     assert opened == [], opened
 
 
-def test_a_lora_twice_in_a_job_fails_in_the_worker_by_the_clients_names(package, tmp_path):
+def test_the_workers_lora_refusals_use_the_clients_names(package, tmp_path):
     """A queued job whose LoRAs became twins after create (a file replaced by a copy of another) fails in the
-    worker named as the client named them, not by the server's paths."""
+    worker named as the client named them, not by the server's paths; a job naming a file outside the worker's
+    LoRA folder (restored after a restart with another --lora-dir) fails with lora_not_found, by bare name."""
     import shutil
 
     from vidrt.service.scaleout import Worker
@@ -813,11 +858,40 @@ def test_a_lora_twice_in_a_job_fails_in_the_worker_by_the_clients_names(package,
     try:
         reply = worker.run("job1", {"prompt": "a red circle", "steps": 1,
                                     "loras": [f"{folder / 'a.safetensors'}:0.5", f"{folder / 'b.safetensors'}"]})
+        elsewhere = shutil.copy(folder / "a.safetensors", tmp_path / "elsewhere.safetensors")  # readable, outside
+        outside = worker.run("job2", {"prompt": "a red circle", "steps": 1, "loras": [f"{elsewhere}:0.5"]})
     finally:
         worker.close()
     assert reply["status"] == "failed", reply
     assert reply["error"].startswith("loras: 'b.safetensors' is the same file as loras: 'a.safetensors'"), reply
     assert str(tmp_path) not in reply["error"], reply
+    assert (outside["status"], outside["code"]) == ("failed", "lora_not_found"), outside  # not run, not read
+    assert outside["error"].startswith("loras: 'elsewhere.safetensors' is not in this server's LoRA folder"), outside
+    assert str(tmp_path) not in outside["error"], outside
+
+
+def test_a_workers_device_refusals_show_no_server_path_flag_or_fake_field(package):
+    """A clip too large for the card (TensorRT's memory plan, here a stand-in budget of 1 MiB) fails with the
+    job's fields only: no `vidrt plan` pointer with the server's package path and CLI flags. Settings a job
+    cannot make (backend, VAE memory budget) are named as the workers' settings, never as a job field."""
+    from vidrt.errors import arg, spelled_as
+    from vidrt.service.api import API_FIELDS, api_text
+    from vidrt.service.scaleout import Worker
+
+    worker = Worker(str(package), threads=1)
+    try:
+        worker.pipe.backend.device_memory = lambda: (1 << 20, "fp32")
+        reply = worker.run("job1", {"prompt": "a red circle moving left", "steps": 1})
+    finally:
+        worker.close()
+    assert (reply["status"], reply["code"]) == ("failed", "device_error"), reply
+    message = api_text(reply["error"])[0]
+    assert "GiB are free; lower size or frames" in message, message
+    assert "vidrt" not in message and "--" not in message and str(package) not in message, message
+    with spelled_as(API_FIELDS):
+        for name, value in (("backend", "onnxruntime"), ("vae_memory", None)):
+            shown = arg(name, value)
+            assert shown.startswith("the workers' ") and "not a job field" in shown and "--" not in shown, shown
 
 
 def test_a_workers_lora_error_names_the_lora_as_the_client_sent_it(package, tmp_path):

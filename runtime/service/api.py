@@ -31,7 +31,8 @@ from vidrt.schedulers import SOLVERS
 from vidrt.service.jobs import JOB_FIELDS, JobRequest
 
 Status = Literal["queued", "in_progress", "completed", "failed"]
-API_FIELDS = Spelling({**JOB_FIELDS.names, "image": "input_reference"}, flags=False)  # vidrt.errors.arg
+API_FIELDS = Spelling({**JOB_FIELDS.names, "image": "input_reference"}, flags=False,  # vidrt.errors.arg
+                      workers=JOB_FIELDS.workers)
 
 
 class ApiError(Exception):

@@ -43,7 +43,9 @@ _STAGE_SPAN = {"denoise": (0.0, 90.0), "decode": (90.0, 100.0)}
 
 # Messages about a job name its JSON fields (vidrt.errors.arg), not `vidrt run`'s flags or Python's keywords.
 JOB_FIELDS = Spelling({"num_frames": "frames", "width": "size", "height": "size", "lora": "loras",
-                       "lora_high_noise": "loras", "lora_low_noise": "loras"}, flags=False)
+                       "lora_high_noise": "loras", "lora_low_noise": "loras"}, flags=False,
+                      workers={"backend": "backend", "device": "device", "threads": "thread count",
+                               "vae_memory": "VAE memory budget"})
 
 
 @dataclass(frozen=True)

@@ -147,10 +147,15 @@ class Worker:
 
     def _missing_lora(self, request: JobRequest) -> str | None:
         """A file of the server's LoRA folder the job names that is gone (removed after the job was queued,
-        e.g. across a restart): said in the client's terms, not read_lora's "give the path"."""
+        e.g. across a restart), or one outside that folder: said in the client's terms (its bare name), not
+        read_lora's "give the path"."""
         for value in request.loras or ():
             p = Path(lora_ref(value).path)
-            if self.lora_dir is not None and p.parent == self.lora_dir and not p.is_file():
+            if self.lora_dir is not None and p.parent != self.lora_dir:  # a server reads only its own folder
+                return (f"loras: {p.name!r} is not in this server's LoRA folder (the server was restarted with "
+                        f"another one after the job was queued); create the video again with a LoRA it has "
+                        f"(GET /v1/models lists them)")
+            if self.lora_dir is not None and not p.is_file():
                 return (f"loras: {p.name!r} is no longer in this server's LoRA folder (removed after the job was "
                         f"queued); create the video again with a LoRA it has (GET /v1/models lists them)")
         return None
@@ -506,7 +511,12 @@ class JobManager:
                 report["failed"] += 1
             elif job.status == "completed":
                 report["completed"] += 1
-            if job.status == "queued":
+            outside = self._outside_lora_dir(job.request) if job.status == "queued" else None
+            if outside is not None:  # queued under another --lora-dir (or with one, now none): not read now
+                self._finish(job, "failed", outside, "lora_not_found")
+                report["failed"] += 1
+                report["requeued"] -= was == "in_progress"
+            elif job.status == "queued":
                 self._enqueue(job)
                 report["queued"] += was == "queued"
             elif job.completed_at is not None:  # this start's --keep applies to every finished job
@@ -523,6 +533,21 @@ class JobManager:
                 report["orphans"] += 1
         self.restore_report = report
         return report
+
+    def _outside_lora_dir(self, request: JobRequest) -> str | None:
+        """A restored job's LoRA that is not a file of this start's --lora-dir (the server was restarted with
+        another folder, or none): its refusal, naming the file by its bare name only (never the old path)."""
+        folder = Path(self.lora_dir).resolve() if self.lora_dir is not None else None
+        for value in request.loras or ():
+            p = Path(lora_ref(value).path)
+            if folder is None:
+                return (f"loras: {p.name!r}: this server was restarted without a LoRA folder after the job was "
+                        f"queued, so it takes no LoRAs now; create the video again without loras")
+            if p.parent != folder:
+                return (f"loras: {p.name!r} is not in this server's LoRA folder (the server was restarted with "
+                        f"another one after the job was queued); create the video again with a LoRA it has "
+                        f"(GET /v1/models lists them)")
+        return None
 
     def expire(self, now: float | None = None) -> int:
         """Delete finished jobs whose expires_at has passed, with their files; returns how many."""
