@@ -18,13 +18,16 @@ Arithmetic in float32; the result is cast to the initializer's dtype once.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import struct
 from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 from vidrt.errors import UsageError, arg
@@ -114,50 +117,19 @@ def read_lora(path: str | Path, label: str | None = None) -> LoraFile:
     the messages name it (default "LoRA PATH"; `vidrt run` says "--lora PATH", a batch line or a server
     request names it its own way: LoraRef.label). The label is kept in LoraFile.label for the checks
     against the model (lora_deltas)."""
-    p = Path(path)
-    label = label or f"LoRA {path}"
-    if p.is_dir():
-        raise UsageError(f"{label} is a folder; give the path of a .safetensors LoRA file in it")
-    if not p.is_file():
-        raise UsageError(f"{label}: no such file; give the path of a .safetensors LoRA")
-    try:
-        raw = p.read_bytes()
-        if not raw:
-            raise UsageError(f"{label} is empty (0 bytes: an interrupted download or copy); re-download it")
-        if len(raw) < 8:  # not even the header's length
-            raise _Truncated(f"{len(raw)} bytes, the header's length alone needs 8")
-        (n,) = struct.unpack("<Q", raw[:8])
-        if 0 < n <= MAX_HEADER_BYTES and n > len(raw) - 8 and raw[8:9] == b"{":
-            raise _Truncated(f"{len(raw)} bytes, its header alone needs {8 + n}")
-        if not 0 < n <= min(MAX_HEADER_BYTES, len(raw) - 8):
-            raise ValueError("bad header length")
-        header, meta = _split_header(json.loads(raw[8:8 + n]))
-        body = memoryview(raw)[8 + n:]
-        ends = [info["data_offsets"][1] for info in header.values()]
-        if ends and max(ends) > len(body):
-            raise _Truncated(f"{len(raw)} bytes, its tensors need {8 + n + max(ends)}")
+    p, label = _lora_path(path, label)
+    with _refusals(label), p.open("rb") as f:
+        header, meta = _read_header(f, label)
+        body = memoryview(f.read())  # the tensor bytes; data_offsets count from here
         tensors = {}
         for name, info in header.items():
-            if info["dtype"] not in _FLOAT_DTYPES:
-                raise UsageError(f"{label}: tensor {name[:80]} is {info['dtype']}, not floating point; a "
-                                 f"LoRA's weights are F32/F16/BF16: use a LoRA file, not quantised or other data")
-            dtype = _ST_DTYPES[info["dtype"]]
             start, end = info["data_offsets"]
-            arr = np.frombuffer(body[start:end], dtype=np.dtype(dtype).newbyteorder("<")).reshape(info["shape"])
+            dtype = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
+            arr = np.frombuffer(body[start:end], dtype=dtype).reshape(info["shape"])
             tensors[name] = bf16_to_f32(arr) if info["dtype"] == "BF16" else arr.astype(np.float32)
             if not np.isfinite(tensors[name]).all():
                 raise UsageError(f"{label}: tensor {name[:80]} holds NaN or Inf values; the file is damaged "
                                  f"(or was saved from a diverged training run): use another copy")
-        if not tensors:
-            raise UsageError(f"{label} holds no tensors (a safetensors file with an empty header); it is not a "
-                             f"LoRA: use the LoRA file itself")
-    except _Truncated as exc:
-        raise UsageError(f"{label} is truncated or damaged ({exc}); re-download it") from None
-    except OSError as exc:
-        raise UsageError(f"{label} cannot be read ({exc.strerror})") from None
-    except (ValueError, KeyError, TypeError, struct.error) as exc:
-        raise UsageError(f"{label} is not a safetensors LoRA file ({str(exc)[:80]}); "
-                         f"convert it to .safetensors") from None
     return LoraFile(str(path), tensors, meta, label)
 
 
@@ -166,39 +138,30 @@ def read_lora_header(path: str | Path, label: str | None = None) -> LoraFile:
     tensor a read-only zero-strided float32 array of its shape, enough for lora_deltas(..., dry=True) to
     check the file against a model. Refuses (UsageError, named by `label`) what read_lora refuses from the
     header: not safetensors, truncated, non-float tensors. NaN/Inf values need read_lora."""
+    p, label = _lora_path(path, label)
+    with _refusals(label), p.open("rb") as f:
+        header, meta = _read_header(f, label)
+    zero = np.zeros((), np.float32)
+    tensors = {name: np.broadcast_to(zero, tuple(int(d) for d in info["shape"])) for name, info in header.items()}
+    return LoraFile(str(path), tensors, meta, label)
+
+
+def _lora_path(path: str | Path, label: str | None) -> tuple[Path, str]:
+    """The file and how messages name it; a folder or a missing file refused in one line."""
     p = Path(path)
     label = label or f"LoRA {path}"
     if p.is_dir():
         raise UsageError(f"{label} is a folder; give the path of a .safetensors LoRA file in it")
     if not p.is_file():
         raise UsageError(f"{label}: no such file; give the path of a .safetensors LoRA")
+    return p, label
+
+
+@contextlib.contextmanager
+def _refusals(label: str) -> Iterator[None]:
+    """What goes wrong reading a file (truncated, unreadable, not safetensors) as one UsageError naming it."""
     try:
-        size = p.stat().st_size
-        with p.open("rb") as f:
-            head = f.read(8)
-            if not head:
-                raise UsageError(f"{label} is empty (0 bytes: an interrupted download or copy); re-download it")
-            if len(head) < 8:
-                raise _Truncated(f"{size} bytes, the header's length alone needs 8")
-            (n,) = struct.unpack("<Q", head)
-            if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
-                if 0 < n <= MAX_HEADER_BYTES and f.read(1) == b"{":
-                    raise _Truncated(f"{size} bytes, its header alone needs {8 + n}")
-                raise ValueError("bad header length")
-            header, meta = _split_header(json.loads(f.read(n)))
-        ends = [info["data_offsets"][1] for info in header.values()]
-        if ends and 8 + n + max(ends) > size:
-            raise _Truncated(f"{size} bytes, its tensors need {8 + n + max(ends)}")
-        zero = np.zeros((), np.float32)
-        tensors = {}
-        for name, info in header.items():
-            if info["dtype"] not in _FLOAT_DTYPES:
-                raise UsageError(f"{label}: tensor {name[:80]} is {info['dtype']}, not floating point; a "
-                                 f"LoRA's weights are F32/F16/BF16: use a LoRA file, not quantised or other data")
-            tensors[name] = np.broadcast_to(zero, tuple(int(d) for d in info["shape"]))
-        if not tensors:
-            raise UsageError(f"{label} holds no tensors (a safetensors file with an empty header); it is not a "
-                             f"LoRA: use the LoRA file itself")
+        yield
     except _Truncated as exc:
         raise UsageError(f"{label} is truncated or damaged ({exc}); re-download it") from None
     except OSError as exc:
@@ -206,7 +169,36 @@ def read_lora_header(path: str | Path, label: str | None = None) -> LoraFile:
     except (ValueError, KeyError, TypeError, struct.error) as exc:
         raise UsageError(f"{label} is not a safetensors LoRA file ({str(exc)[:80]}); "
                          f"convert it to .safetensors") from None
-    return LoraFile(str(path), tensors, meta, label)
+
+
+def _read_header(f: BinaryIO, label: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensor infos, metadata) of the safetensors file open at offset 0 in `f`, which is left at the first
+    tensor byte. Checked: the header's length and format (_split_header), that every tensor's bytes lie inside
+    the file, floating-point dtypes, at least one tensor. Raises _Truncated / ValueError (for _refusals) or
+    UsageError."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if not head:
+        raise UsageError(f"{label} is empty (0 bytes: an interrupted download or copy); re-download it")
+    if len(head) < 8:  # not even the header's length
+        raise _Truncated(f"{size} bytes, the header's length alone needs 8")
+    (n,) = struct.unpack("<Q", head)
+    if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+        if 0 < n <= MAX_HEADER_BYTES and f.read(1) == b"{":  # a real header, cut short
+            raise _Truncated(f"{size} bytes, its header alone needs {8 + n}")
+        raise ValueError("bad header length")
+    header, meta = _split_header(json.loads(f.read(n)))
+    ends = [info["data_offsets"][1] for info in header.values()]
+    if ends and 8 + n + max(ends) > size:
+        raise _Truncated(f"{size} bytes, its tensors need {8 + n + max(ends)}")
+    for name, info in header.items():
+        if info["dtype"] not in _FLOAT_DTYPES:
+            raise UsageError(f"{label}: tensor {name[:80]} is {info['dtype']}, not floating point; a "
+                             f"LoRA's weights are F32/F16/BF16: use a LoRA file, not quantised or other data")
+    if not header:
+        raise UsageError(f"{label} holds no tensors (a safetensors file with an empty header); it is not a "
+                         f"LoRA: use the LoRA file itself")
+    return header, meta
 
 
 def _file_alpha_scale(lora: LoraFile) -> float | None:
