@@ -109,3 +109,10 @@ def commands_shown() -> bool:
     API: a client has no shell there, and the command would show the server's package path)."""
     spelling = _SPELLING.get()
     return spelling is None or spelling.flags
+
+
+def flags_shown() -> bool:
+    """Is the caller `vidrt` (a spelling of command-line flags)? For values a flag takes in another form than
+    the keyword (`--device 3` vs Pipeline.load(device="cuda:3"))."""
+    spelling = _SPELLING.get()
+    return spelling is not None and spelling.flags

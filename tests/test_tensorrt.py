@@ -460,3 +460,21 @@ def test_fp8_quantisation_of_a_tiny_dit_on_cpu() -> None:
     assert quantized_layers(m) == ["blocks.1.ffn.net.0.proj", "blocks.1.ffn.net.2", "blocks.2.ffn.net.0.proj",
                                    "blocks.2.ffn.net.2"]
     assert 0 < float((out - ref).norm() / ref.norm()) < 0.05
+
+
+def test_a_gpu_index_out_of_range_is_named_as_the_caller_wrote_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vidrt run --device 3` takes the index (click.IntRange), Pipeline.load(device="cuda:3") a string: the
+    refusal on a one-GPU machine names each as it was given."""
+    from vidrt.backends import tensorrt as trt_backend
+    from vidrt.backends.base import BackendOptions
+    from vidrt.cli.app import CLI_FLAGS
+    from vidrt.errors import spelled_as
+
+    monkeypatch.setattr(trt_backend, "probe", lambda: probe(_fake_cudart(count=1)))
+    options = BackendOptions(backend="tensorrt", device="cuda:3")
+    with pytest.raises(DeviceError) as python_call:
+        trt_backend.TrtBackend(options, None, trt_mod=SimpleNamespace())  # type: ignore[arg-type]
+    with spelled_as(CLI_FLAGS), pytest.raises(DeviceError) as cli_call:
+        trt_backend.TrtBackend(options, None, trt_mod=SimpleNamespace())  # type: ignore[arg-type]
+    assert str(python_call.value).startswith("device='cuda:3': this machine has 1 GPU(s)"), python_call.value
+    assert str(cli_call.value).startswith("--device 3: this machine has 1 GPU(s)"), cli_call.value

@@ -44,7 +44,7 @@ from vidrt.backends.base import BackendOptions
 from vidrt.backends.cuda import BufferPool, CudaApi, CudaRuntime, DeviceBuffer, DeviceTensor, Stream, probe
 from vidrt.backends.device_ops import DeviceOps
 from vidrt.backends.refit import EngineRefit, not_refittable
-from vidrt.errors import DeviceError, PackageError, arg
+from vidrt.errors import DeviceError, PackageError, arg, flags_shown
 from vidrt.package import contracts as C
 from vidrt.package.contracts import Contract
 from vidrt.package.manifest import Engine as EngineEntry
@@ -741,7 +741,9 @@ class TrtBackend:
                 raise DeviceError(f"the TensorRT backend needs an NVIDIA GPU: {gpu.reason}; "
                                   f"use {arg('backend', 'onnxruntime')}")
             if not 0 <= self.device < len(gpu.devices):
-                raise DeviceError(f"{arg('device', f'cuda:{self.device}')}: this machine has {len(gpu.devices)} GPU(s) "
+                # `vidrt --device` takes the index (click.IntRange), Pipeline.load(device=) "cuda:N"
+                given = self.device if flags_shown() else f"cuda:{self.device}"
+                raise DeviceError(f"{arg('device', given)}: this machine has {len(gpu.devices)} GPU(s) "
                                   f"(cuda:0..cuda:{len(gpu.devices) - 1}); `vidrt doctor` lists them")
             cuda = CudaRuntime(gpu.devices[self.device].index)  # current device before any TensorRT call
             compute_capability = compute_capability or gpu.devices[self.device].compute_capability
