@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -211,3 +212,30 @@ def test_stale_temporaries_of_dead_runs_are_removed(run_package, tmp_path):
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["clip.mp4", "frames", alive.name])
     assert (tmp_path / "frames" / "frame_000000.png").read_bytes() == b"png"
+
+
+def test_a_ctrl_c_swallowed_in_an_at_fork_callback_is_not_lost():
+    """Python prints and ignores an exception raised inside an at-fork callback (logging's _releaseLock while
+    Ray starts its processes: `vidrt serve` then served on after a Ctrl-C). vidrt's handler records the
+    signal, its unraisable hook prints no traceback for it, and raise_if_signalled raises it again at the
+    next checkpoint (vidrt serve: before serving and when the first worker is ready)."""
+    code = "\n".join([
+        "import os, signal, sys",
+        "from vidrt.cli import app",
+        "signal.signal(signal.SIGINT, app._on_sigint)",
+        "sys.unraisablehook = app._unraisable",
+        "def after():",
+        "    os.kill(os.getpid(), signal.SIGINT)",
+        "    for _ in range(100000): pass  # the handler runs here, inside the callback: Python ignores its raise",
+        "os.register_at_fork(after_in_parent=after)",
+        "pid = os.fork()",
+        "if pid == 0: os._exit(0)",
+        "os.waitpid(pid, 0)",
+        "print('carried on', flush=True)",
+        "try:",
+        "    app.raise_if_signalled()",
+        "except KeyboardInterrupt:",
+        "    print('raised again')"])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.splitlines() == ["carried on", "raised again"], (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr

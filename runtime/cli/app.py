@@ -42,6 +42,26 @@ def _on_sigint(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt()
 
 
+def raise_if_signalled() -> None:
+    """Re-raise a Ctrl-C / SIGTERM whose exception Python swallowed. An exception raised inside an at-fork
+    callback (logging's _releaseLock while Ray starts its processes) or a finalizer is printed and ignored
+    (sys.unraisablehook), so a long-running command (vidrt serve) would carry on after the user's Ctrl-C:
+    it calls this at its checkpoints (before serving, when the first worker is ready)."""
+    if _signal_received == signal.SIGINT:
+        raise KeyboardInterrupt()
+    if _signal_received is not None:
+        raise Terminated()
+
+
+def _unraisable(args: Any) -> None:
+    """sys.unraisablehook: our own KeyboardInterrupt / Terminated swallowed where Python cannot raise (see
+    raise_if_signalled) is already recorded in _signal_received: no traceback for it; anything else as usual."""
+    if args.exc_type is not None and issubclass(args.exc_type, (KeyboardInterrupt, Terminated)) \
+            and _signal_received is not None:
+        return
+    sys.__unraisablehook__(args)
+
+
 def parse_size(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -248,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, _on_sigint)
+    sys.unraisablehook = _unraisable
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:

@@ -200,10 +200,18 @@ def serve_cmd(model: str | None, address: str | None, workers: int | None, threa
         if any(r.values()):
             click.echo(f"job table: {r['completed']} finished clips, {r['queued']} queued, {r['requeued']} queued "
                        f"again (they were running), {r['failed']} failed on restart", err=True)
+        from vidrt.cli.app import raise_if_signalled
+
         click.echo("starting workers (each loads the model once)...", err=True)
         url = service.url
-        service.state.on_ready = lambda: click.echo(f"serving on {url}  (web page {url}/ ; POST {url}/v1/videos; "
-                                                    f"schema {url}/openapi.json); Ctrl-C stops", err=True)
+
+        def ready() -> None:
+            raise_if_signalled()  # a Ctrl-C swallowed while the workers started: stop, do not serve
+            click.echo(f"serving on {url}  (web page {url}/ ; POST {url}/v1/videos; schema {url}/openapi.json); "
+                       f"Ctrl-C stops", err=True)
+
+        service.state.on_ready = ready
+        raise_if_signalled()  # one swallowed while Ray started (Python ignores it in at-fork callbacks)
         service.run()
     finally:
         if started:
