@@ -152,9 +152,7 @@ class Worker:
         for value in request.loras or ():
             p = Path(lora_ref(value).path)
             if self.lora_dir is not None and p.parent != self.lora_dir:  # a server reads only its own folder
-                return (f"loras: {p.name!r} is not in this server's LoRA folder (the server was restarted with "
-                        f"another one after the job was queued); create the video again with a LoRA it has "
-                        f"(GET /v1/models lists them)")
+                return not_in_lora_folder(p.name)
             if self.lora_dir is not None and not p.is_file():
                 return (f"loras: {p.name!r} is no longer in this server's LoRA folder (removed after the job was "
                         f"queued); create the video again with a LoRA it has (GET /v1/models lists them)")
@@ -194,6 +192,12 @@ class Worker:
         record = result.to_dict()
         record.pop("output")
         return {"status": "completed", "files": files, "previews": images, "result": record}
+
+
+def not_in_lora_folder(name: str) -> str:
+    """A queued job's LoRA outside this start's --lora-dir (restarted with another folder), by its bare name."""
+    return (f"loras: {name!r} is not in this server's LoRA folder (the server was restarted with another one "
+            f"after the job was queued); create the video again with a LoRA it has (GET /v1/models lists them)")
 
 
 # error.code of a failed job (the API's snake_case codes, docs/scale-out.md), never a Python class name
@@ -544,9 +548,7 @@ class JobManager:
                 return (f"loras: {p.name!r}: this server was restarted without a LoRA folder after the job was "
                         f"queued, so it takes no LoRAs now; create the video again without loras")
             if p.parent != folder:
-                return (f"loras: {p.name!r} is not in this server's LoRA folder (the server was restarted with "
-                        f"another one after the job was queued); create the video again with a LoRA it has "
-                        f"(GET /v1/models lists them)")
+                return not_in_lora_folder(p.name)
         return None
 
     def expire(self, now: float | None = None) -> int:
