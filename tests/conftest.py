@@ -62,3 +62,37 @@ def run_package(request):
 
     bundled = default_package()
     return bundled if bundled is not None else request.getfixturevalue("tiny_t2v_package")
+
+
+@pytest.fixture(scope="session")
+def baked_package(tmp_path_factory):
+    """(package, LoRA file): the bundled model with a small distillation-style LoRA baked into its DiT (what
+    `vidrt export --lora distill.safetensors` writes: bake_loras + manifest baked_loras), made once per
+    session for the recipes that need the user's own LoRA (lightx2v-4step): test_lora_records (vidrt run,
+    Python API), test_scaleout (vidrt batch), test_serve (vidrt serve). Never modify it."""
+    import shutil
+    from dataclasses import replace
+
+    import numpy as np
+    from safetensors.numpy import save_file
+    from vidrt.export.package_extras import bake_loras, baked_records
+    from vidrt.models import default_package
+    from vidrt.package.manifest import load_manifest, write_manifest
+    from vidrt.package.recipes import LoraRef
+
+    bundled = default_package()
+    if bundled is None:
+        pytest.skip("this build ships no bundled model")
+    manifest = load_manifest(bundled, verify=False)
+    root = tmp_path_factory.mktemp("shared-baked")
+    baked = root / "baked"
+    shutil.copytree(bundled, baked, ignore=shutil.ignore_patterns(".export.lock"))
+    dim, q = manifest.model.dit.dim, "diffusion_model.blocks.0.self_attn.q"  # rank 4 on the first block's q
+    distill = root / "distill.safetensors"
+    save_file({f"{q}.lora_down.weight": np.full((4, dim), 0.01, np.float32),
+               f"{q}.lora_up.weight": np.ones((dim, 4), np.float32)}, str(distill))
+    ref = LoraRef(str(distill), 1.0)
+    changed = bake_loras(baked, manifest.components, "dit", [ref])
+    write_manifest(baked, replace(manifest, components={**manifest.components, **changed},
+                                  baked_loras=baked_records([ref], manifest.model.experts)))
+    return baked, distill

@@ -262,26 +262,13 @@ def test_the_recipes_lora_given_at_strength_zero_turns_it_off(bundled, tmp_path)
     assert any("not merged (strength 0 replaces the recipe's 1)" in n for n in notes), notes
 
 
-def test_a_baked_distillation_lora_fills_its_recipes_slot(bundled, tmp_path, capsys):
+def test_a_baked_distillation_lora_fills_its_recipes_slot(baked_package, tmp_path, capsys):
     """A package with the distillation LoRA baked in (`vidrt export --lora distill.safetensors`): `vidrt run
     --recipe lightx2v-4step` runs without --lora (the weights are in the package), and with the same file
     given again says it is baked, not that no LoRA was given; the Python API does not warn either."""
-    import shutil
-    from dataclasses import replace
-
     from vidrt import Pipeline, Request
-    from vidrt.export.package_extras import bake_loras, baked_records
-    from vidrt.package.manifest import write_manifest
-    from vidrt.package.recipes import LoraRef
 
-    package, manifest = bundled
-    baked = tmp_path / "baked"
-    shutil.copytree(package, baked)
-    distill = small_lora(tmp_path / "distill.safetensors", manifest.model.dit.dim)
-    ref = LoraRef(str(distill), 1.0)
-    changed = bake_loras(baked, manifest.components, "dit", [ref])
-    write_manifest(baked, replace(manifest, components={**manifest.components, **changed},
-                                  baked_loras=baked_records([ref], manifest.model.experts)))
+    baked, distill = baked_package
     run = ["run", "-m", baked, "-p", "a red circle", "--seed", "1", "--recipe", "lightx2v-4step", *TINY]
     code, err = vidrt(capsys, *run, "-o", tmp_path / "a.png")
     assert code == 0 and "none was given" not in err, err

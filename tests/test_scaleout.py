@@ -348,6 +348,30 @@ def test_batch_runs_and_resumes(package, local_ray, tmp_path):
     assert np.array_equal(dog_frames, cli_run(package, lines[1], tmp_path / "dog-run.mp4"))
 
 
+def test_batch_takes_a_recipe_whose_lora_is_baked_in(baked_package, local_ray, tmp_path):
+    """`vidrt batch` on a package with a distillation LoRA baked in (`vidrt export --lora`, manifest
+    baked_loras): a line with recipe lightx2v-4step and no loras is accepted by the check before Ray starts
+    and by the worker, as `vidrt run` accepts it (the baked LoRA fills the recipe's slot), and its clip is the
+    clip `vidrt run` makes. (On a package without it, the line is refused: test_batch_bad_line_names_it.)"""
+    from vidrt.service.batch import run_batch
+
+    baked, _ = baked_package
+    line = {"prompt": "a red circle moving left", "recipe": "lightx2v-4step", "size": "32x32", "frames": 1,
+            "seed": 3, "crf": 1, "output": "fast"}
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps(line) + "\n")
+    summary = run_batch(str(jobs), str(tmp_path / "out"), baked, workers=1, threads=1, quiet=True,
+                        echo=lambda s: None)
+    assert summary["completed"] == 1 and summary["failed"] == [], summary
+    assert json.loads((tmp_path / "out" / "fast.json").read_text())["settings"]["steps"] == 4
+    res = CliRunner().invoke(cli, ["run", "--model", str(baked), "--prompt", line["prompt"], "--recipe",
+                                   "lightx2v-4step", "--size", "32x32", "--frames", "1", "--seed", "3",
+                                   "--threads", "1", "--crf", "1", "-o", str(tmp_path / "run.mp4"), "--quiet"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert np.array_equal(decode(tmp_path / "out" / "fast.mp4"), decode(tmp_path / "run.mp4"))
+
+
 # ---- vidrt serve -------------------------------------------------------------------------------
 
 

@@ -842,6 +842,38 @@ def test_a_lora_twice_is_refused_at_create_and_nothing_is_read_before_the_limits
     assert opened == [], opened
 
 
+def test_a_recipe_whose_lora_is_baked_in_is_taken_at_create_and_run(baked_package, package):
+    """A package with a distillation LoRA baked in (`vidrt export --lora`, manifest baked_loras): create takes
+    recipe lightx2v-4step without loras, as `vidrt run` does (the baked LoRA fills the recipe's slot), and
+    /v1/models says that recipe needs no LoRA there; the worker runs the job (the Worker class in this
+    process). The same request on the plain package is still a 400 naming recipe."""
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.api import ApiError, ServeLimits, VideoAPI
+    from vidrt.service.scaleout import Worker
+
+    baked, _ = baked_package
+    limits = ServeLimits(max_pixels=64 * 64, max_frames=17, max_steps=50)
+    request = {"prompt": "a red circle moving left", "recipe": "lightx2v-4step", "size": "32x32", "frames": 1,
+               "seed": 3}
+
+    def needs_lora(api: VideoAPI) -> bool:
+        return next(r["needs_lora"] for r in api.capabilities()["recipes"] if r["name"] == "lightx2v-4step")
+
+    plain = VideoAPI(load_manifest(package, verify=False).model, limits, str(package))
+    with pytest.raises(ApiError) as err:
+        plain.to_job(request)
+    assert (err.value.status, err.value.param) == (400, "recipe") and needs_lora(plain), err.value.message
+    api = VideoAPI(load_manifest(baked, verify=False).model, limits, str(baked))
+    job, settings, _ = api.to_job(request)
+    assert (settings.recipe, settings.steps, settings.loras) == ("lightx2v-4step", 4, ()) and not needs_lora(api)
+    worker = Worker(str(baked), threads=1)
+    try:
+        reply = worker.run("job1", job.to_dict())
+    finally:
+        worker.close()
+    assert reply["status"] == "completed", reply
+
+
 def test_the_workers_lora_refusals_use_the_clients_names(package, tmp_path):
     """A queued job whose LoRAs became twins after create (a file replaced by a copy of another) fails in the
     worker named as the client named them, not by the server's paths; a job naming a file outside the worker's

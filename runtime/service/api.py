@@ -25,8 +25,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from vidrt.errors import PackageError, Spelling, UsageError, spelled_as
 from vidrt.lora import parse_lora_arg, read_lora
+from vidrt.package.manifest import BakedLora, load_manifest
 from vidrt.package.registry import ModelSpec
-from vidrt.request import MAX_FRAMES, MAX_SEED, MAX_STEPS, Settings
+from vidrt.request import MAX_FRAMES, MAX_SEED, MAX_STEPS, Settings, missing_recipe_lora
 from vidrt.schedulers import SOLVERS
 from vidrt.service.jobs import JOB_FIELDS, JobRequest
 
@@ -174,6 +175,9 @@ class VideoAPI:
         self._lora_checked: dict[tuple[str, str, int, int], str | None] = {}
         self.package = package
         self._merger: Any = None  # vidrt.lora.LoraMerger of the package, made on the first LoRA
+        # what `vidrt export --lora` baked into the package (manifest baked_loras): fills a recipe's LoRA slot
+        self.baked_loras: tuple[BakedLora, ...] = () if package is None else \
+            load_manifest(package, verify=False).baked_loras
         self.limits = limits
         self.names = {spec.name} | ({Path(package).name} if package else set())
         self.fps = spec.sampling.fps
@@ -221,13 +225,14 @@ class VideoAPI:
 
     def recipes(self) -> list[dict[str, Any]]:
         """The recipes a request may name (`recipe`): the built-in ones and the package's own. needs_lora: it
-        is made for a distillation LoRA the client must send in `loras` (without one it is refused)."""
+        is made for a distillation LoRA the client must send in `loras` (without one it is refused); false
+        where the package has a LoRA baked in for it, as `vidrt run` decides (missing_recipe_lora)."""
         from vidrt.package.recipes import all_recipes
 
         return [{"name": r.name, "description": r.description, "scheduler": r.scheduler,
                  "steps": r.steps if r.steps is not None else len(r.timesteps or ()) or self.spec.sampling.steps,
                  "guidance": r.guidance if r.guidance is not None else self.spec.sampling.guidance_high_noise,
-                 "needs_lora": any(slot.file is None for slot in r.loras)}
+                 "needs_lora": missing_recipe_lora(r.name, self.spec, (), baked=self.baked_loras) is not None}
                 for r in all_recipes(self.spec.recipes).values() if r.expert_ok(self.spec.experts)]
 
     def _can(self) -> str:
@@ -287,7 +292,7 @@ class VideoAPI:
         try:
             with spelled_as(API_FIELDS):
                 job = JobRequest.from_dict(values, where="request").seeded()  # a retry after a worker died: same seed
-                settings = job.settings(self.spec)
+                settings = job.settings(self.spec, baked=self.baked_loras)
         except UsageError as exc:
             kept = f"input_reference {values.get('image')}"  # the stored upload, as vidrt.image names it here
             if "image" in values and kept in str(exc):
@@ -373,7 +378,7 @@ class VideoAPI:
             return
         try:
             with spelled_as(API_FIELDS):
-                merger.applied(job.settings(self.spec, lora_label=self.lora_label).loras)
+                merger.applied(job.settings(self.spec, lora_label=self.lora_label, baked=self.baked_loras).loras)
         except UsageError as exc:
             raise ApiError(400, api_text(str(exc))[0], "loras", "lora_invalid") from None
 
@@ -414,7 +419,6 @@ class VideoAPI:
         """The package's LoraMerger (its DiT weight layout), for the key/shape check; None without a package."""
         if self._merger is None and self.package is not None:
             from vidrt.lora import LoraMerger
-            from vidrt.package.manifest import load_manifest
 
             self._merger = LoraMerger(Path(self.package), load_manifest(self.package, verify=False), lambda s: None)
         return self._merger

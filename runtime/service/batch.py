@@ -16,15 +16,18 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vidrt.errors import UsageError, spelled_as
 from vidrt.package.registry import ModelSpec
 from vidrt.request import Settings
 from vidrt.service.jobs import JOB_FIELDS, JobRequest
+
+if TYPE_CHECKING:
+    from vidrt.package.manifest import BakedLora
 
 SUMMARY = "batch-summary.json"
 
@@ -74,7 +77,7 @@ def read_jobs(path: str | os.PathLike[str], spec: ModelSpec, package: str | os.P
             continue
         where = f"{p.name} line {number}"
         try:
-            line = _read_line(raw, number, where, spec, package, out_dir)
+            line = _read_line(raw, number, where, spec, package, out_dir, merger.manifest.baked_loras)
             _check_loras(line, where, checked, merger)
         except UsageError as exc:  # every message names its line, whatever check raised it
             errors.append(str(exc) if str(exc).startswith(f"{where}:") else f"{where}: {exc}")
@@ -97,7 +100,8 @@ def read_jobs(path: str | os.PathLike[str], spec: ModelSpec, package: str | os.P
 
 
 def _read_line(raw: str, number: int, where: str, spec: ModelSpec, package: str | os.PathLike[str],
-               out_dir: Path) -> BatchLine:
+               out_dir: Path, baked: Sequence[BakedLora] = ()) -> BatchLine:
+    """One line as a job; baked: the package's manifest `baked_loras` (they fill a recipe's LoRA slot)."""
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -110,7 +114,7 @@ def _read_line(raw: str, number: int, where: str, spec: ModelSpec, package: str 
                          f"one batch runs one model")
     try:
         with spelled_as(JOB_FIELDS):  # a line's fields by their JSON names, not `vidrt run`'s flags
-            settings = job.settings(spec)
+            settings = job.settings(spec, baked=baked)
     except UsageError as exc:
         raise UsageError(f"{where}: {exc}") from None
     return BatchLine(number, job, settings, out_dir / (_output_name(name, job, where) + job.suffix), name is not None)
@@ -139,7 +143,8 @@ def _check_loras(line: BatchLine, where: str, checked: dict[tuple[str, str | Non
             raise UsageError(f"{where}: {checked[key]}")
     if line.job.loras:  # the same file twice (or two byte-identical files): the worker's merge would refuse it
         with spelled_as(JOB_FIELDS):
-            merger.applied(line.job.settings(merger.manifest.model, lora_label=lambda p: f"loras {p}").loras)
+            merger.applied(line.job.settings(merger.manifest.model, lora_label=lambda p: f"loras {p}",
+                                             baked=merger.manifest.baked_loras).loras)
 
 
 def is_done(line: BatchLine) -> bool:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vidrt.errors import Cancelled, Spelling, UsageError, spelled_as
 from vidrt.lora.merge import parse_lora_arg
@@ -34,6 +34,9 @@ from vidrt.video import (
     clip_metadata,  # noqa: F401  (re-exported: the job contract writes the same metadata)
     output_format,
 )
+
+if TYPE_CHECKING:
+    from vidrt.package.manifest import BakedLora
 
 FORMATS = {"mp4": ".mp4", "webm": ".webm", "png": ""}  # output_format -> suffix ("" = a PNG frame folder)
 
@@ -129,15 +132,16 @@ class JobRequest:
                        cache=self.cache)
 
     def settings(self, spec: ModelSpec, loras: Sequence[LoraRef] = (),
-                 lora_label: Callable[[str], str] | None = None) -> Settings:
+                 lora_label: Callable[[str], str] | None = None, baked: Sequence[BakedLora] = ()) -> Settings:
         """Resolve against the model (defaults, ranges, multiples); also checks fps and CRF. loras: the
         worker pipeline's own LoRAs (Pipeline.loras), listed first in Settings.loras as the run applies them.
-        lora_label: how the job's LoRA files are named in messages (to_request)."""
+        lora_label: how the job's LoRA files are named in messages (to_request). baked: the package's
+        manifest `baked_loras` (`vidrt export --lora`), which fill a recipe's LoRA slot as in `vidrt run`."""
         if self.fps is not None and not 1 <= self.fps <= 240:
             raise UsageError(f"fps {self.fps} is out of range; use 1..240")
         check_crf(output_format(f"clip{self.suffix}" if self.suffix else "frames/"), self.crf, "crf")
         settings = resolve(self.to_request(lora_label), spec, loras=loras)
-        missing = missing_recipe_lora(settings.recipe, spec, settings.loras, job=True)
+        missing = missing_recipe_lora(settings.recipe, spec, settings.loras, job=True, baked=baked)
         if missing is not None:  # as `vidrt run` refuses it: a distillation recipe without its LoRA makes noise
             raise UsageError(missing)
         return settings
@@ -288,7 +292,8 @@ def execute_job(pipe: Any, job: JobRequest, output: str | os.PathLike[str], *,
     spec = pipe.manifest.model
     with spelled_as(JOB_FIELDS):  # its messages name the job's fields (frames, size, loras...)
         job = job.seeded()  # the metadata written below and the run use the same seed
-        settings = job.settings(spec, pipe.loras, lora_label)  # every LoRA the run applies, the worker's own first
+        # every LoRA the run applies, the worker's own first; a LoRA baked into the package fills a recipe's slot
+        settings = job.settings(spec, pipe.loras, lora_label, baked=pipe.manifest.baked_loras)
         settings = replace(settings, loras=pipe.applied_loras(settings.loras))  # each file once, none baked twice
         fps = job.fps or spec.sampling.fps
         tracker = ProgressTracker(on_event, should_stop)
