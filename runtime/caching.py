@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from vidrt import cache_tables as T
 from vidrt.backends.base import HOST_OPS, Engine, TensorOps
-from vidrt.errors import UsageError, arg
+from vidrt.errors import UsageError, arg, command_or
 from vidrt.package import contracts as C
 from vidrt.package.manifest import Manifest
 
@@ -371,7 +371,9 @@ def needs_pieces(manifest: Manifest, method: str) -> None:
     missing = [e for e in manifest.model.experts if C.dit_piece(e, C.BLOCK0) not in manifest.components]
     if missing:
         raise UsageError(f"{arg('cache', method)} needs the DiT cut into pieces and this package has none; "
-                         f"re-export it with this vidrt (`vidrt export`) or add them with `vidrt cache split PACKAGE`")
+                         + command_or("re-export it with this vidrt (`vidrt export`) or add them with `vidrt cache "
+                                      "split PACKAGE`", f"leave {arg('cache')} out or use another method (the "
+                                      "server's operator can add the pieces)"))
 
 
 
@@ -404,7 +406,7 @@ def teacache_coefficients(manifest: Manifest) -> tuple[tuple[float, ...], bool]:
     if "e" in published:
         return published["e"], False
     raise UsageError(f"{arg('cache', 'teacache')}: no TeaCache coefficients for {manifest.model.name}; "
-                     f"calibrate this package first (`vidrt cache calibrate PACKAGE`)")
+                     + _calibrate_first())
 
 
 def magcache_table(manifest: Manifest) -> tuple[float, ...]:
@@ -413,7 +415,12 @@ def magcache_table(manifest: Manifest) -> tuple[float, ...]:
     if manifest.model.name in T.MAGCACHE_RATIOS:
         return T.MAGCACHE_RATIOS[manifest.model.name]
     raise UsageError(f"{arg('cache', 'magcache')}: no MagCache ratios for {manifest.model.name}; "
-                     f"calibrate this package first (`vidrt cache calibrate PACKAGE`)")
+                     + _calibrate_first())
+
+
+def _calibrate_first() -> str:
+    return command_or("calibrate this package first (`vidrt cache calibrate PACKAGE`)",
+                      f"use another {arg('cache')} method (the server's operator can calibrate this one)")
 
 
 def static_mask(choice: CacheChoice, manifest: Manifest, experts: list[str], t_rows: list[np.ndarray],

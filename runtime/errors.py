@@ -62,6 +62,12 @@ class Spelling:
     # keyword -> words, for settings this front end's caller cannot make (the job API: the backend, device,
     # VAE memory budget are the workers', set by whoever runs them): named so, never as a field or a flag
     workers: Mapping[str, str] = field(default_factory=dict)
+    # may a message point to a `vidrt` command (commands_shown)? The caller has the CLI and the package:
+    # `vidrt`, a `vidrt batch` line. False for a server's client (no shell; the command would show the
+    # server's paths): the message says what the server's operator would do instead.
+    commands: bool = True
+    # where this front end's caller finds the model's names (recipes, sizes, LoRAs): catalog()
+    catalog: str = "`vidrt info`"
 
 
 _SPELLING: ContextVar[Spelling | None] = ContextVar("vidrt_spelling", default=None)
@@ -104,11 +110,34 @@ def spelled_as(spelling: Spelling) -> Iterator[None]:
 
 
 def commands_shown() -> bool:
-    """May a message point to a `vidrt` command (`vidrt plan ...`)? Yes for `vidrt` itself and a Python
-    caller (both run on the machine that has the package); no under a front end without flags (the job
-    API: a client has no shell there, and the command would show the server's package path)."""
+    """May a message point to a `vidrt` command (`vidrt plan ...`)? Yes for `vidrt` itself, a `vidrt batch`
+    line and a Python caller (all on a machine that has the package and the CLI); no for a server's client
+    (Spelling.commands False: no shell there, and the command would show the server's package path)."""
     spelling = _SPELLING.get()
-    return spelling is None or spelling.flags
+    return spelling is None or spelling.commands
+
+
+def command_or(command: str, otherwise: str) -> str:
+    """A fix that is a `vidrt` command, as this caller can act on it: `command` where commands_shown(),
+    else `otherwise` (the same fix in words, as the server's operator's part: no command, flag or path)."""
+    return command if commands_shown() else otherwise
+
+
+def report_it() -> str:
+    """The end of a message about a failure that is vidrt's or the driver's, not the caller's: `vidrt` has
+    --debug for the traceback; a Python caller has it already, a batch line in the worker's log; a server's
+    client can only tell the server's operator."""
+    if flags_shown():
+        return "run with --debug and report it"
+    return "report it" if commands_shown() else "report it to the server's operator"
+
+
+def catalog() -> str:
+    """Where this caller finds the model's names (`unknown recipe 'x'; use one of a, b (`vidrt info` lists
+    them)`): `vidrt info` for `vidrt`, a batch line and Python; the front end's own place otherwise
+    (a server's client: GET /v1/models)."""
+    spelling = _SPELLING.get()
+    return "`vidrt info`" if spelling is None else spelling.catalog
 
 
 def flags_shown() -> bool:

@@ -44,7 +44,7 @@ from vidrt.caching import (
 )
 from vidrt.conditioning import Concat, FirstFrame, TextOnly, frame_mask
 from vidrt.embedding_cache import EmbeddingCache, package_key
-from vidrt.errors import DeviceError, PackageError, UsageError, arg, commands_shown
+from vidrt.errors import DeviceError, PackageError, UsageError, arg, command_or, commands_shown
 from vidrt.lora import LoraMerger, SetKey, as_lora_refs, superseded
 from vidrt.package import contracts as C
 from vidrt.package.manifest import Manifest, artifact_path, load_manifest
@@ -135,10 +135,11 @@ def plan_steps(manifest: Manifest, s: Settings) -> list[PlannedStep]:
 
 
 def _check_finite(stage: str, x: np.ndarray, precision: str, reduced_hint: str,
-                  fp32_hint: str = "its weights may be corrupt; re-export the package (`vidrt export`)") -> None:
+                  fp32_hint: str | None = None) -> None:
     """NaN/Inf out of a stage stops the run, naming the stage and its likely cause."""
     if not np.isfinite(x).all():
-        cause = reduced_hint if precision in ("fp16", "bf16", "fp8") else fp32_hint
+        corrupt = "its weights may be corrupt; re-export the package" + command_or(" (`vidrt export`)", "")
+        cause = reduced_hint if precision in ("fp16", "bf16", "fp8") else fp32_hint or corrupt
         raise DeviceError(f"the {stage} produced NaN/Inf ({precision}); {cause}")
 
 
@@ -368,9 +369,11 @@ class Pipeline:
         if memory and memory.text_device == "cpu" and self.text_backend is None:
             # a card too small for umT5 (the official code's --t5_cpu): it runs on ONNX Runtime CPU
             if precision[C.TEXT_ENCODER] == "bf16":
+                fix = command_or("export the package with --precision fp8 or fp16 (their text encoder is fp32), "
+                                 "or see `vidrt plan` for what fits", "the server's operator can export its package "
+                                 "in fp8 or fp16 (their text encoder is fp32)")
                 raise DeviceError("umT5 does not fit this GPU next to the rest and must run on the CPU, where "
-                                  "ONNX Runtime has no bfloat16 kernels; export the package with --precision fp8 "
-                                  "or fp16 (their text encoder is fp32), or see `vidrt plan` for what fits")
+                                  f"ONNX Runtime has no bfloat16 kernels; {fix}")
             self.release(C.TEXT_ENCODER)
             self.text_backend = open_backend(BackendOptions(backend="onnxruntime", threads=self.options.threads),
                                              self.manifest)
@@ -565,8 +568,10 @@ class Pipeline:
         from vidrt.vae_encode import encode
 
         if C.VAE_ENCODE_FIRST not in self.manifest.components:
-            raise PackageError(f"{self.package} has no VAE encoder graphs (exported before vidrt took images); "
-                               f"re-export it with `vidrt export` to use {arg('image')}")
+            raise PackageError(command_or(f"{self.package} has no VAE encoder graphs (exported before vidrt took "
+                                          f"images); re-export it with `vidrt export` to use {arg('image')}",
+                                          "this server's model package has no VAE encoder graphs (exported before "
+                                          f"vidrt took images), so it cannot take {arg('image')}"))
         rule = spec.image.resize
         first_px = preprocess(load_image(request.image), s.width, s.height, rule)  # [3, H, W] in [-1, 1]
         first, step = self.engine(C.VAE_ENCODE_FIRST), self.engine(C.VAE_ENCODE_STEP)
@@ -599,7 +604,9 @@ class Pipeline:
         spec = self.manifest.model
         assert spec.image is not None
         if C.IMAGE_ENCODER not in self.manifest.components:
-            raise PackageError(f"{self.package} has no image_encoder graph; re-export it with `vidrt export`")
+            raise PackageError(command_or(f"{self.package} has no image_encoder graph; re-export it with `vidrt "
+                                          "export`", "this server's model package has no image_encoder graph, so "
+                                          f"it cannot take {arg('image')}"))
         images = [request.image] + ([request.last_image] if request.last_image is not None else [])
         px = np.stack([clip_pixels(load_image(img), spec.image.clip_size) for img in images])  # [n, 3, S, S]
         try:

@@ -7,6 +7,7 @@ Ray. Every wait is bounded and says what it waited for; every address is loopbac
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -910,7 +911,7 @@ def test_a_workers_device_refusals_show_no_server_path_flag_or_fake_field(packag
     from vidrt.service.api import API_FIELDS, api_text
     from vidrt.service.scaleout import Worker
 
-    worker = Worker(str(package), threads=1)
+    worker = Worker(str(package), threads=1, spelling=API_FIELDS)  # as `vidrt serve` starts its workers
     try:
         worker.pipe.backend.device_memory = lambda: (1 << 20, "fp32")
         reply = worker.run("job1", {"prompt": "a red circle moving left", "steps": 1})
@@ -924,6 +925,91 @@ def test_a_workers_device_refusals_show_no_server_path_flag_or_fake_field(packag
         for name, value in (("backend", "onnxruntime"), ("vae_memory", None)):
             shown = arg(name, value)
             assert shown.startswith("the workers' ") and "not a job field" in shown and "--" not in shown, shown
+
+
+def test_messages_a_server_client_reads_name_no_vidrt_command(package, monkeypatch):
+    """A fix that is a `vidrt` command (or --debug) is named where the caller has the CLI (`vidrt`, a Python
+    caller, a `vidrt batch` line) and said in words for a server's client, who has no shell (vidrt.errors:
+    commands_shown, command_or, report_it); where the model's names are listed is each front end's own
+    (catalog: `vidrt info`, GET /v1/models), in a job the workers run too (no rewriting of the message after
+    it is raised). Failures of CUDA (faked: no GPU here), NaN out of a stage, TensorRT plans, LoRAs, caching."""
+    from types import SimpleNamespace
+
+    import vidrt.backends.cuda as cuda_module
+    from vidrt.backends.cuda import CudaRuntime
+    from vidrt.backends.kernels import _cu_check
+    from vidrt.backends.refit import not_refittable, rebuild_fix
+    from vidrt.caching import needs_pieces, teacache_coefficients
+    from vidrt.cli.app import CLI_FLAGS
+    from vidrt.errors import VidrtError, spelled_as
+    from vidrt.lora import LoraMerger
+    from vidrt.package.manifest import load_manifest
+    from vidrt.package.recipes import all_recipes, find_recipe
+    from vidrt.pipeline import _check_finite
+    from vidrt.service.api import API_FIELDS, ApiError, ServeLimits, VideoAPI
+    from vidrt.service.jobs import JOB_FIELDS
+    from vidrt.service.scaleout import Worker
+
+    def failing(*_: Any) -> Any:
+        raise RuntimeError("no names in this fake")
+
+    monkeypatch.setattr(cuda_module, "_load_cudart", lambda: SimpleNamespace(cudaGetErrorName=failing))
+    manifest = load_manifest(package, verify=False)
+    no_pieces = replace(manifest, components={k: v for k, v in manifest.components.items() if "." not in k})
+    fp8 = replace(manifest, components={**manifest.components, "dit": replace(manifest.components["dit"],
+                                                                             precision="fp8")})
+    uncalibrated = replace(manifest, cache_table=None)
+
+    def raises(call: Callable[[], Any]) -> Callable[[], str]:
+        def message() -> str:
+            with pytest.raises(VidrtError) as err:
+                call()
+            return str(err.value)
+        return message
+
+    def throw(exc: Exception) -> None:
+        raise exc
+
+    cases = {  # name -> (the message, what `vidrt` shows of the fix)
+        "CUDA failure": (raises(lambda: CudaRuntime._check("cudaMemcpyAsync", 1)), "run with --debug and report it"),
+        "CUDA out of memory": (raises(lambda: CudaRuntime._check("cudaMalloc", 2)), "`vidrt plan`"),
+        "CUDA kernel": (raises(lambda: _cu_check(SimpleNamespace(cuGetErrorName=failing), "cuLaunchKernel", 700)),
+                        "run with --debug and report it"),
+        "NaN out of a stage": (raises(lambda: _check_finite("VAE decoder", np.array([np.nan]), "fp32", "")),
+                               "`vidrt export`"),
+        "plan not refittable": (raises(lambda: throw(not_refittable("dit", "vidrt build PKG --precision bf16"))),
+                                "vidrt build PKG --precision bf16"),
+        "plan to rebuild": (lambda: rebuild_fix("vidrt build PKG --precision bf16"), "vidrt build PKG"),
+        "LoRA on FP8": (raises(lambda: LoraMerger(package, fp8, lambda s: None).weights("dit")),
+                        "`vidrt export --lora`"),
+        "cache without pieces": (raises(lambda: needs_pieces(no_pieces, "fbcache")), "`vidrt cache split"),
+        "cache uncalibrated": (raises(lambda: teacache_coefficients(uncalibrated)), "`vidrt cache calibrate"),
+        "unknown recipe": (raises(lambda: find_recipe("nope", all_recipes())), "(`vidrt info` lists them)"),
+    }
+    for name, (message, command) in cases.items():
+        for spelling in (CLI_FLAGS, None, JOB_FIELDS):  # has the CLI: the command is named
+            with spelled_as(spelling) if spelling is not None else contextlib.nullcontext():
+                shown = message()
+            assert command in shown or spelling is not CLI_FLAGS and "--debug" in command, (name, shown)
+        with spelled_as(API_FIELDS):
+            shown = message()
+        assert not re.search(r"vidrt (export|build|plan|info|cache|run)|--[a-z]", shown), (name, shown)
+        assert str(package) not in shown and "PKG" not in shown and "PACKAGE" not in shown, (name, shown)
+    with spelled_as(API_FIELDS):
+        assert cases["CUDA failure"][0]().endswith("; report it to the server's operator")
+        assert cases["unknown recipe"][0]().endswith(" (GET /v1/models lists them)")
+
+    # the same refusal from a worker of `vidrt serve` (spelled as the API) and at create, as the client reads it
+    api = VideoAPI(manifest.model, ServeLimits(max_pixels=64 * 64, max_frames=17, max_steps=50), str(package))
+    with pytest.raises(ApiError) as err:
+        api.to_job({"prompt": "a red circle", "recipe": "nope"})
+    assert err.value.message.endswith(" (GET /v1/models lists them)"), err.value.message
+    worker = Worker(str(package), threads=1, spelling=API_FIELDS)
+    try:
+        reply = worker.run("job1", {"prompt": "a red circle", "recipe": "nope"})
+    finally:
+        worker.close()
+    assert reply["status"] == "failed" and reply["error"].endswith(" (GET /v1/models lists them)"), reply
 
 
 def test_a_workers_lora_error_names_the_lora_as_the_client_sent_it(package, tmp_path):

@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
-from vidrt.errors import DeviceError
+from vidrt.errors import DeviceError, command_or, report_it
 
 _DRIVER_HINT = "install or update the NVIDIA driver (`nvidia-smi` must list the GPU)"
 
@@ -189,9 +189,10 @@ class CudaRuntime:
     @staticmethod
     def _check(what: str, err: int) -> None:
         if err != 0:
+            # a server's client gets no `vidrt` command and no --debug (vidrt.errors: commands_shown, report_it)
             hint = _DRIVER_HINT if err in (3, 35, 100) else (
-                "out of device memory: close other GPU programs or choose a smaller size / tile "
-                "(`vidrt plan` shows what fits)" if err == 2 else "run with --debug and report it")
+                "out of device memory: close other GPU programs or choose a smaller size / tile"
+                + command_or(" (`vidrt plan` shows what fits)", "") if err == 2 else report_it())
             raise DeviceError(f"CUDA {what} failed ({describe(_load_cudart(), err)}); {hint}")
 
     def set_device(self, index: int) -> None:

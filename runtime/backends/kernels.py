@@ -38,7 +38,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from vidrt.errors import DeviceError
+from vidrt.errors import DeviceError, report_it
 
 INSTALL_NVRTC = 'pip install "vidrt[tensorrt]" (it brings nvidia-cuda-nvrtc-cu12)'
 BLOCK = 256  # threads per block: a multiple of the warp size (the reductions shuffle whole warps)
@@ -117,7 +117,7 @@ def _cu_check(driver: Any, what: str, err: Any) -> None:
             name = driver.cuGetErrorName(err)[1].decode()
         except Exception:
             name = f"error {int(err)}"
-        raise DeviceError(f"CUDA {what} failed ({name}); run with --debug and report it")
+        raise DeviceError(f"CUDA {what} failed ({name}); {report_it()}")
 
 
 def compile_cubin(source: str, capability: tuple[int, int]) -> bytes:

@@ -41,7 +41,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from vidrt.errors import DeviceError, UsageError
+from vidrt.errors import DeviceError, UsageError, arg, command_or
 from vidrt.lora.merge import bf16_to_f32, f32_to_bf16
 
 if TYPE_CHECKING:
@@ -53,11 +53,21 @@ MAX_THREADS = 10
 MISSING_ROUNDS = 4  # supplying a missing weight may reveal another one combined with it
 
 
+def rebuild_fix(rebuild: str, label: str = "rebuild it", bake: bool = False) -> str:
+    """The fix for a plan that must be rebuilt (or a LoRA baked in: `bake`): `LABEL: vidrt build ...` where
+    the caller has the CLI (vidrt.errors.commands_shown); for a server's client, the operator's part in words
+    (no command, no flag, no server path)."""
+    tail = ", or bake the LoRA in: vidrt export --lora FILE, then vidrt build" if bake else ""
+    return command_or(f"{label}: {rebuild}{tail}", "the server's operator must rebuild it"
+                      + (" or bake the LoRA in" if bake else ""))
+
+
 def not_refittable(name: str, rebuild: str, why: str = "was built without refit") -> UsageError:
     """The one-line refusal for a LoRA asked of a plan that cannot be refitted."""
     return UsageError(f"LoRAs at load time need a refittable TensorRT plan, and the {name} plan {why}; "
-                      f"rebuild it (refittable by default): {rebuild}, or bake the LoRA in: "
-                      f"vidrt export --lora FILE, then vidrt build")
+                      + command_or(f"rebuild it (refittable by default): {rebuild}, or bake the LoRA in: vidrt "
+                                   "export --lora FILE, then vidrt build", f"leave {arg('lora')} out (the server's "
+                                   "operator can rebuild it refittable or bake the LoRA in)"))
 
 
 def _dtype_name(trt_dtype: Any) -> str:
@@ -77,7 +87,9 @@ def as_prototype(array: np.ndarray, trt_dtype: Any) -> np.ndarray:
             raise DeviceError(f"cannot refit {want} weights from {have.dtype} data")
         out = wide.astype(np.float32 if want == "FLOAT" else np.float16, copy=False)
     else:
-        raise DeviceError(f"cannot refit {want} weights (quantised plan?); bake the LoRA: vidrt export --lora FILE")
+        raise DeviceError(f"cannot refit {want} weights (quantised plan?); "
+                          + command_or("bake the LoRA: vidrt export --lora FILE",
+                                       f"leave {arg('lora')} out (the server's operator can bake the LoRA in)"))
     return np.ascontiguousarray(out)
 
 
@@ -106,7 +118,7 @@ class EngineRefit:
         if self.whole and len(target) < len(merged):
             lost = sorted(set(merged) - refittable)
             raise DeviceError(f"the {self.name} plan cannot refit {len(lost)} weight(s) the LoRA changes "
-                              f"(e.g. {lost[0]}); rebuild it: {self._rebuild}")
+                              f"(e.g. {lost[0]}); {rebuild_fix(self._rebuild)}")
         todo: dict[str, np.ndarray | None] = {n: None for n in self.changed - set(target)}  # back to base
         todo.update(target)
         if not todo:
@@ -125,15 +137,16 @@ class EngineRefit:
             still = [m or "(unnamed)" for m in refitter.get_missing_weights()]
             self._failed(kept)
             raise DeviceError(f"TensorRT still misses {len(still)} weight(s) of the {self.name} plan for the refit "
-                              f"(e.g. {still[0]}); rebuild it: {self._rebuild}")
+                              f"(e.g. {still[0]}); {rebuild_fix(self._rebuild)}")
         async_refit = getattr(refitter, "refit_cuda_engine_async", None)
         ok = bool(async_refit(stream)) if async_refit is not None else bool(refitter.refit_cuda_engine())
         for n in kept:
             refitter.unset_named_weights(n)
         if not ok:
             self._failed(kept)
-            raise DeviceError(f"TensorRT could not refit the {self.name} plan (see the TensorRT log above); "
-                              f"rebuild it: {self._rebuild}, or bake the LoRA: vidrt export --lora FILE")
+            raise DeviceError(f"TensorRT could not refit the {self.name} plan"
+                              + command_or(" (see the TensorRT log above)", "") + "; "
+                              + rebuild_fix(self._rebuild, bake=True))
         self.changed = set(target)
         self.last_bytes = sum(a.nbytes for a in kept.values())
         return len(kept)
@@ -146,24 +159,25 @@ class EngineRefit:
              kept: dict[str, np.ndarray]) -> None:
         if not name:
             raise DeviceError(f"TensorRT asks for an unnamed weight to refit the {self.name} plan; "
-                              f"rebuild it: {self._rebuild}")
+                              f"{rebuild_fix(self._rebuild)}")
         if value is None:
             try:
                 value = self._base(name)
             except KeyError:
                 raise DeviceError(f"the {self.name} plan needs weight {name} for the refit, which the package "
-                                  f"does not record; bake the LoRA: vidrt export --lora FILE, then vidrt build"
-                                  ) from None
+                                  "does not record; " + command_or("bake the LoRA: vidrt export --lora FILE, then "
+                                                                   "vidrt build", "the server's operator can bake the "
+                                                                   "LoRA in")) from None
         proto: trt.Weights = refitter.get_weights_prototype(name)
         array = as_prototype(value, proto.dtype)
         if int(proto.size) != array.size:
             raise DeviceError(f"the {self.name} plan's weight {name} has {int(proto.size)} values, the package "
-                              f"{array.size}; the plan was built from another export: {self._rebuild}")
+                              f"{array.size}; the plan was built from another export; {rebuild_fix(self._rebuild)}")
         weights = self._trt.Weights(proto.dtype, int(array.ctypes.data), int(array.size))
         kept[name] = array
         if not refitter.set_named_weights(name, weights, self._trt.TensorLocation.HOST):
-            raise DeviceError(f"TensorRT refused weight {name} for the {self.name} plan (see its log above); "
-                              f"rebuild it: {self._rebuild}")
+            raise DeviceError(f"TensorRT refused weight {name} for the {self.name} plan"
+                              + command_or(" (see its log above)", "") + f"; {rebuild_fix(self._rebuild)}")
 
 
-__all__ = ["EngineRefit", "MAX_THREADS", "as_prototype", "not_refittable"]
+__all__ = ["EngineRefit", "MAX_THREADS", "as_prototype", "not_refittable", "rebuild_fix"]

@@ -43,8 +43,8 @@ import numpy as np
 from vidrt.backends.base import BackendOptions
 from vidrt.backends.cuda import BufferPool, CudaApi, CudaRuntime, DeviceBuffer, DeviceTensor, Stream, probe
 from vidrt.backends.device_ops import DeviceOps
-from vidrt.backends.refit import EngineRefit, not_refittable
-from vidrt.errors import DeviceError, PackageError, arg, flags_shown
+from vidrt.backends.refit import EngineRefit, not_refittable, rebuild_fix
+from vidrt.errors import DeviceError, PackageError, arg, command_or, flags_shown
 from vidrt.package import contracts as C
 from vidrt.package.contracts import Contract
 from vidrt.package.manifest import Engine as EngineEntry
@@ -363,19 +363,22 @@ class TrtEngine:
         engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise DeviceError(f"TensorRT {trt_mod.__version__} cannot load the {name} plan {plan_path} (built by "
-                              f"another TensorRT version or for another GPU, or damaged); rebuild: {rebuild}")
+                              f"another TensorRT version or for another GPU, or damaged); "
+                              f"{rebuild_fix(rebuild, 'rebuild')}")
         self._engine: trt.ICudaEngine | None = engine
         if streamed_bytes > 0:  # the residency plan keeps part of the weights in host memory
             streamable = int(engine.streamable_weights_size)
             if streamable <= 0:
                 raise DeviceError(f"{streamed_bytes / 2**30:.1f} GiB of the {name} weights do not fit on this GPU "
-                                  f"and its plan cannot stream weights; rebuild: {rebuild} --weight-streaming")
+                                  f"and its plan cannot stream weights; "
+                                  f"{rebuild_fix(rebuild + ' --weight-streaming', 'rebuild')}")
             # bytes of streamable weights kept on the device; set before the context sizes its scratch
             engine.weight_streaming_budget_v2 = max(0, streamable - streamed_bytes)
         ctx = _create_context(trt_mod, engine)
         if ctx is None:
             raise DeviceError(f"TensorRT could not create an execution context for {name} (device memory?); "
-                              f"see `vidrt plan` for what fits")
+                              + command_or("see `vidrt plan` for what fits",
+                                           f"lower {arg('size')} or {arg('num_frames')}"))
         self._ctx: trt.IExecutionContext | None = ctx
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         input_mode = trt_mod.TensorIOMode.INPUT
@@ -384,7 +387,7 @@ class TrtEngine:
         missing = (set(contract.input_names) ^ set(self.inputs)) | (set(contract.output_names) - set(self.outputs))
         if missing:
             raise PackageError(f"the {name} plan's tensors do not match its contract ({', '.join(sorted(missing))}); "
-                               f"rebuild: {rebuild}")
+                               f"{rebuild_fix(rebuild, 'rebuild')}")
         self.resident = frozenset(resident_outputs) & set(self.outputs)
         self._trt_dtypes = {n: engine.get_tensor_dtype(n) for n in names}
         self._dtypes = {n: numpy_dtype(d) for n, d in self._trt_dtypes.items()}
@@ -406,7 +409,8 @@ class TrtEngine:
             for n in self.outputs:
                 shape = _dims(ctx.get_tensor_shape(n))
                 if any(v < 0 for v in shape):
-                    raise PackageError(f"{name}: output {n} has no bounded shape {shape}; rebuild: {rebuild}")
+                    raise PackageError(f"{name}: output {n} has no bounded shape {shape}; "
+                                       f"{rebuild_fix(rebuild, 'rebuild')}")
                 capacity[n] = max(capacity.get(n, 0), self._nbytes(n, shape))
         self.capacity = capacity
         # Inputs that usually arrive as DeviceTensors (cache_in_*, fed from cache_out_*; the DiT pieces'
@@ -484,7 +488,9 @@ class TrtEngine:
                 built = "; ".join(f"{n} {list(p.shapes[n][0])}..{list(p.shapes[n][2])}"
                                   for p in self.profiles for n in self.inputs)
                 raise DeviceError(f"{self.name}: input shapes {shapes} are outside the plan's profiles ({built}); "
-                                  f"rebuild for this size: {self._rebuild} --sizes WxH --frames N")
+                                  + command_or(f"rebuild for this size: {self._rebuild} --sizes WxH --frames N",
+                                               f"use a {arg('size')} and {arg('num_frames')} this server's plans "
+                                               "were built for"))
             self._select_profile(prof.index)
             for n in self.inputs:
                 if not ctx.set_input_shape(n, shapes[n]):
@@ -833,12 +839,14 @@ class TrtBackend:
             self.check_refit(name, package)
         if entry is None:
             pieces = " --cache-pieces" if name.partition(".")[0] in self.manifest.model.experts else ""
-            raise DeviceError(f"no TensorRT plan for {name}; rebuild: {rebuild}{pieces}")
+            raise DeviceError(f"no TensorRT plan for {name}; {rebuild_fix(rebuild + pieces, 'rebuild')}")
         plan_path = package / entry.artifact.file
         try:
             source = plan_source(self._trt, plan_path)
         except OSError as exc:
-            raise PackageError(f"cannot read {plan_path} ({exc.strerror}); rebuild: {rebuild}") from None
+            raise PackageError(command_or(f"cannot read {plan_path} ({exc.strerror}); rebuild: {rebuild}",
+                                          f"cannot read the {name} plan ({exc.strerror}); the server's operator "
+                                          "must rebuild it")) from None
         resident, chained = resident_outputs(name, contract), device_inputs(name, contract)
         try:
             # The fixed-tile VAE step is the engine worth a CUDA graph (many small kernels per tile).

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from vidrt.errors import PackageError, UsageError, arg
+from vidrt.errors import PackageError, UsageError, arg, command_or
 from vidrt.lora.merge import (
     LoraFile,
     check_strength,
@@ -234,19 +234,23 @@ class LoraMerger:
     def weights(self, expert: str) -> dict[str, WeightRef]:
         comp = self.manifest.components[expert]
         if not comp.weights:
-            raise PackageError(f"{self.package} was exported before vidrt recorded its DiT weight layout, so LoRAs "
-                               f"cannot be applied to it; re-export it (`vidrt export`)")
+            raise PackageError(command_or(f"{self.package} was exported", "this server's model package was exported")
+                               + " before vidrt recorded its DiT weight layout, so LoRAs cannot be applied to it; "
+                               + command_or("re-export it (`vidrt export`)", f"leave {arg('lora')} out"))
         if comp.precision == "fp8":
             raise UsageError("LoRAs cannot be merged into an FP8-quantised DiT (its weights are quantised); "
-                             "bake the LoRA in before quantising (`vidrt export --lora`)")
+                             + command_or("bake the LoRA in before quantising (`vidrt export --lora`)",
+                                          f"leave {arg('lora')} out (the server's operator can bake a LoRA in "
+                                          "when exporting)"))
         return comp.weights
 
     def _piece_weights(self, piece: str) -> dict[str, WeightRef]:
         comp = self.manifest.components[piece]
         if not comp.weights:
-            raise PackageError(f"{self.package}: its step-caching pieces were cut before vidrt recorded their "
-                               f"weights, so LoRAs cannot be merged into them; re-cut them with `vidrt cache "
-                               f"split {self.package}`, or run without {arg('cache')}")
+            raise PackageError(command_or(f"{self.package}", "this server's model package") + ": its step-caching "
+                               "pieces were cut before vidrt recorded their weights, so LoRAs cannot be merged into "
+                               + command_or(f"them; re-cut them with `vidrt cache split {self.package}`, or run "
+                                            f"without {arg('cache')}", f"them; leave {arg('cache')} out"))
         return comp.weights
 
     def base(self, expert: str) -> Callable[[str], np.ndarray]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from vidrt.errors import UsageError
+from vidrt.errors import UsageError, catalog
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def all_recipes(package_recipes: Iterable[Recipe] = ()) -> dict[str, Recipe]:
 
 def find_recipe(name: str, recipes: Mapping[str, Recipe]) -> Recipe:
     if name not in recipes:
-        raise UsageError(f"unknown recipe {name!r}; use one of {', '.join(sorted(recipes))} (`vidrt info` lists them)")
+        raise UsageError(f"unknown recipe {name!r}; use one of {', '.join(sorted(recipes))} ({catalog()} lists them)")
     return recipes[name]
 
 

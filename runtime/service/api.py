@@ -32,8 +32,10 @@ from vidrt.schedulers import SOLVERS
 from vidrt.service.jobs import JOB_FIELDS, JobRequest
 
 Status = Literal["queued", "in_progress", "completed", "failed"]
-API_FIELDS = Spelling({**JOB_FIELDS.names, "image": "input_reference"}, flags=False,  # vidrt.errors.arg
-                      workers=JOB_FIELDS.workers)
+# How a server's client reads vidrt's messages (vidrt.errors.arg, commands_shown, catalog): its request's fields,
+# no `vidrt` command (no shell there), /v1/models for the names; at create and in the workers (JobManager).
+API_FIELDS = Spelling({**JOB_FIELDS.names, "image": "input_reference"}, flags=False,
+                      workers=JOB_FIELDS.workers, commands=False, catalog="GET /v1/models")
 
 
 class ApiError(Exception):
@@ -466,13 +468,12 @@ _FIELD = re.compile(r"\b(" + "|".join(sorted({"steps", "size", "frames", "guidan
 
 def api_text(message: str) -> tuple[str, str | None]:
     """A refusal of the checks shared with `vidrt run` as the API returns it: (message, param), param = the
-    request field the message names first. The message already names the API's fields (the checks run
-    under spelled_as(API_FIELDS) / JOB_FIELDS: vidrt.errors.arg); only the pointer to the list of names
-    changes from the CLI's command to the API's endpoint."""
-    text = message.replace(" (`vidrt info` lists them)", " (GET /v1/models lists them)")
-    first = _FIELD.search(text)
+    request field the message names first. The message is already worded for the client (the checks run
+    under spelled_as(API_FIELDS), at create and in the workers: its fields, no `vidrt` command, GET
+    /v1/models for the names)."""
+    first = _FIELD.search(message)
     param = None if first is None else "size" if first[1] in ("width", "height") else first[1]
-    return text, param
+    return message, param
 
 
 def validation_message(errors: Any) -> tuple[str, str | None]:

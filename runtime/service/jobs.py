@@ -283,14 +283,16 @@ def execute_job(pipe: Any, job: JobRequest, output: str | os.PathLike[str], *,
                 on_event: Callable[[ProgressEvent], None] | None = None,
                 should_stop: Callable[[], bool] | None = None, overwrite: bool = False,
                 vae_memory_bytes: int | None = None, keep_text_encoder: bool = True,
-                lora_label: Callable[[str], str] | None = None) -> JobResult:
+                lora_label: Callable[[str], str] | None = None, spelling: Spelling = JOB_FIELDS) -> JobResult:
     """Run one job on a loaded Pipeline and publish its file atomically. Raises UsageError for a
     request the model cannot run, Cancelled when should_stop() turns true (nothing is written).
-    lora_label(path): how the job's LoRA files are named in its error messages (JobRequest.to_request)."""
+    lora_label(path): how the job's LoRA files are named in its error messages (JobRequest.to_request).
+    spelling: how its messages name things (vidrt.errors): the job's fields (JOB_FIELDS: a batch line), or
+    the front end's own (`vidrt serve`: vidrt.service.api.API_FIELDS, no `vidrt` command for its client)."""
     from vidrt.video import VideoWriter
 
     spec = pipe.manifest.model
-    with spelled_as(JOB_FIELDS):  # its messages name the job's fields (frames, size, loras...)
+    with spelled_as(spelling):  # its messages name the job's fields (frames, size, loras...)
         job = job.seeded()  # the metadata written below and the run use the same seed
         # every LoRA the run applies, the worker's own first; a LoRA baked into the package fills a recipe's slot
         settings = job.settings(spec, pipe.loras, lora_label, baked=pipe.manifest.baked_loras)

@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vidrt.errors import Cancelled, DeviceError, OutputError, PackageError, UsageError, VidrtError
+from vidrt.errors import Cancelled, DeviceError, OutputError, PackageError, Spelling, UsageError, VidrtError
 from vidrt.request import Settings
-from vidrt.service.jobs import JobRequest, ProgressEvent, execute_job, lora_ref
+from vidrt.service.jobs import JOB_FIELDS, JobRequest, ProgressEvent, execute_job, lora_ref
 from vidrt.service.previews import SUFFIX as PREVIEW_SUFFIX
 from vidrt.service.previews import VARIANTS, make_previews
 
@@ -98,12 +98,14 @@ class Worker:
     """A model package loaded once; one job at a time (the JobManager never sends two)."""
 
     def __init__(self, package: str, backend: str = "auto", threads: int | None = None,
-                 lora_dir: str | None = None) -> None:
+                 lora_dir: str | None = None, spelling: Spelling = JOB_FIELDS) -> None:
         """lora_dir: `vidrt serve --lora-dir`, the folder a client's LoRA names were resolved in: its files
-        are named in error messages as the client sent them (loras: 'NAME'), never by the server's path."""
+        are named in error messages as the client sent them (loras: 'NAME'), never by the server's path.
+        spelling: how job errors are worded (execute_job): JOB_FIELDS for a batch line, the API's for serve."""
         from vidrt.pipeline import Pipeline
 
         self.lora_dir = Path(lora_dir).resolve() if lora_dir is not None else None
+        self.spelling = spelling
         self.warnings: list[str] = []
         self.load_error: str | None = None
         try:
@@ -174,7 +176,8 @@ class Worker:
             self._current, self._event = job_id, None
         try:
             result = execute_job(self.pipe, request, out, on_event=self._on_event, overwrite=True,
-                                 should_stop=lambda: job_id in self._stop, lora_label=self.lora_label)
+                                 should_stop=lambda: job_id in self._stop, lora_label=self.lora_label,
+                                 spelling=self.spelling)
             files = _read_output(out)
             images = make_previews(out) if previews and out.is_file() else {}
         except Cancelled:
@@ -364,9 +367,10 @@ class JobManager:
                  workers: int | None = None, threads: int | None = None, backend: str = "auto",
                  use_gpu: bool | None = None, max_attempts: int = 3, poll_seconds: float = 0.25,
                  start_timeout: float = 600.0, store: Any = None, keep_seconds: float | None = None,
-                 previews: bool = False, lora_dir: str | None = None) -> None:
+                 previews: bool = False, lora_dir: str | None = None, spelling: Spelling = JOB_FIELDS) -> None:
         """store: a JobStore (store.py) to persist the job table in, or None (batch: in memory only).
         lora_dir: the server's LoRA folder (Worker: its files are named by bare name in job errors).
+        spelling: how the workers word job errors (Worker): a batch line's fields, or the API's (serve).
         keep_seconds: finished jobs and their files are removed this long after they finished (None: never).
         previews: completed clips also get a thumbnail and a sprite sheet (previews.py)."""
         self.package = str(Path(package).resolve())
@@ -382,6 +386,7 @@ class JobManager:
         self.keep_seconds = keep_seconds
         self.previews = previews
         self.lora_dir = lora_dir
+        self.spelling = spelling
         self.restore_report: dict[str, int] = {}
         self._seq = 0
         self.jobs: dict[str, Job] = {}
@@ -433,7 +438,8 @@ class JobManager:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         threads = self.threads if self.threads is not None else (None if "num_gpus" in resources else 1)
         cls = ray.remote(Worker).options(max_restarts=-1, max_task_retries=0, max_concurrency=4, **resources)
-        self.slots = [Slot(i, cls.remote(self.package, self.backend, threads, self.lora_dir)) for i in range(count)]
+        self.slots = [Slot(i, cls.remote(self.package, self.backend, threads, self.lora_dir, self.spelling))
+                      for i in range(count)]
 
     async def start(self) -> None:
         """Create the actors if needed and start one dispatch loop per worker. Returns once a worker

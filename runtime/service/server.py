@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from vidrt.errors import UsageError
 from vidrt.service.api import (
+    API_FIELDS,
     ApiError,
     CreateVideoRequest,
     ErrorResponse,
@@ -411,7 +412,7 @@ class Service:
         manager = JobManager(config.package, out, workers=config.workers, threads=config.threads,
                              backend=config.backend, use_gpu=config.use_gpu, max_attempts=config.max_attempts,
                              store=store, keep_seconds=config.keep_seconds, previews=True,
-                             lora_dir=config.lora_dir)
+                             lora_dir=config.lora_dir, spelling=API_FIELDS)  # job errors worded for the client
         self.restored = manager.restore()
         api = VideoAPI(spec, limits, config.package, out / "inputs",  # input_reference images kept here
                        lora_dir=config.lora_dir)
