@@ -6,7 +6,7 @@ VIDRT  := $(VENV)/bin/vidrt
 MODEL  ?=
 OUT    ?=
 
-.PHONY: venv browser test test-all run engines bench lint typecheck train-tiny default-model clean gpu-check
+.PHONY: venv browser test test-all run engines bench lint typecheck train-tiny default-model web-page-png clean gpu-check
 
 # Two layers: `make run` needs only the torch-free runtime (numpy, onnxruntime, tokenizers, av, ...);
 # `make test` and the export/bench targets add torch, diffusers, Ray and the dev tools on top.
@@ -114,6 +114,10 @@ default-model: venv
 	rm -f runtime/models/tiny-shapes/.export.lock
 	$(VIDRT) cache calibrate runtime/models/tiny-shapes --threads 1  # MagCache/TeaCache tables (a re-export has none)
 	$(PY) -m vidrt.export.contact_sheet --out docs/tiny-shapes.png --image-out docs/tiny-shapes-i2v.png
+
+# docs/web-page.png: vidrt serve's web page in headless Chromium (needs the browser target's chromium).
+web-page-png: venv browser
+	$(PY) tests/web_page_screenshot.py docs/web-page.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache

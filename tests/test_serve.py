@@ -613,7 +613,7 @@ def test_web_page_submits_a_job_and_plays_the_clip(served, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium; `make test` does it as root)")
     url, out, _ = served
-    shot = os.environ.get("VIDRT_SCREENSHOT")  # docs/web-page.png is made this way
+    shot = os.environ.get("VIDRT_SCREENSHOT")  # a phone-sized picture (docs/web-page.png: web_page_screenshot.py)
     with sync_api.sync_playwright() as p:
         browser, page = browser_page(p, viewport={"width": 390, "height": 844}, device_scale_factor=2,
                                      is_mobile=True, has_touch=True)
