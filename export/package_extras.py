@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vidrt.errors import PackageError, UsageError
-from vidrt.lora import LoraRef, base_reader, lora_deltas, merge_into, read_lora
+from vidrt.lora import LoraRef, base_reader, lora_deltas, merge_into, read_lora, refuse_twins
 from vidrt.lora.merge import culprit_of
 from vidrt.package.manifest import Artifact, BakedLora, Component, WeightRef, make_artifact, sha256_file
 from vidrt.package.recipes import Recipe
@@ -92,8 +92,10 @@ def baked_records(loras: Sequence[LoraRef], experts: Sequence[str]) -> tuple[Bak
 def check_loras(ckpt: Checkpoint, loras: Sequence[LoraRef]) -> None:
     """Every LoRA to bake, read and checked against the checkpoint's DiT (keys, ranks, shapes: from the
     safetensors headers, no tensor of the checkpoint read, no delta computed) before any export stage, so a
-    LoRA for another architecture or size is a one-line UsageError in seconds, not after the text encoder."""
+    LoRA for another architecture or size, or one file given twice, is a one-line UsageError in seconds, not
+    after the text encoder."""
     experts = ckpt.spec.experts
+    refuse_twins(loras)  # a file given twice (by sha256) for the same expert: refused as `vidrt run` refuses it
     for ref in loras:
         if ref.expert is not None and ref.expert not in experts:
             raise UsageError(f"{ref.named} is for expert {ref.expert}, this model has {', '.join(experts)}; "

@@ -150,7 +150,10 @@ def test_a_lora_that_blows_up_the_dit_is_named(bundled, tmp_path, capsys, monkey
 
 def test_export_refuses_a_mismatched_lora_before_any_stage(tiny_t2v_checkpoint, tmp_path, capsys, monkeypatch):
     """`vidrt export --lora` checks keys and shapes against the checkpoint's DiT (safetensors headers) before
-    exporting anything: another size, another architecture, a per-expert LoRA on a one-denoiser model."""
+    exporting anything: another size, another architecture, a per-expert LoRA on a one-denoiser model, one
+    file given twice (tester report s7 item 5)."""
+    import shutil
+
     import vidrt.export.package as export_package_module
     from tiny import TINY_VARIANT
 
@@ -172,6 +175,15 @@ def test_export_refuses_a_mismatched_lora_before_any_stage(tiny_t2v_checkpoint, 
                           "--out", out, flag, lora)
         assert code == 2 and needle in err and f"{flag} {lora}" in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+    # one file (by sha256) given twice, under another name and strength: refused in `vidrt run`'s words
+    fits = small_lora(tmp_path / "fits.safetensors", 64)
+    again = Path(shutil.copy(fits, tmp_path / "again.safetensors"))
+    code, err = vidrt(capsys, "export", "--model", tiny_t2v_checkpoint, "--variant", TINY_VARIANT["t2v"],
+                      "--out", out, "--lora", fits, "--lora", f"{again}:0.5")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--lora {again} is the same file as --lora {fits}; a LoRA given twice would be merged twice: give it " \
+           "once, with the strength you want" in err, err
+    assert not out.exists()
 
 
 def test_cli_messages_say_what_is_wrong(bundled, tmp_path, capsys):

@@ -36,7 +36,7 @@ from vidrt.package.recipes import LoraRef
 __all__ = ["SetKey", "LoraMerger", "LoraRef", "LoraFile", "read_lora", "read_lora_header", "lora_deltas",
            "merge_into", "parse_lora_arg",
            "check_strength",
-           "base_reader", "as_lora_refs", "superseded"]
+           "base_reader", "as_lora_refs", "superseded", "first_twin", "given_twice", "refuse_twins"]
 
 Version = tuple[str, int, int, int]  # (resolved path, size in bytes, mtime in ns, inode); -1s: unreadable
 SetKey = tuple[tuple[Version, float], ...]  # each merged file's version and strength
@@ -78,6 +78,48 @@ def as_lora_refs(loras: Sequence[LoraRef | tuple[str, float] | str] | None) -> t
 def _overlap(a: str | None, b: str | None) -> bool:
     """Do two LoRAs' experts meet (None = every expert)?"""
     return a is None or b is None or a == b
+
+
+def first_twin(ref: LoraRef, earlier: Sequence[LoraRef], size: Callable[[str], int | None],
+               sha256: Callable[[str], str]) -> int | None:
+    """The index in `earlier` of the first LoRA that is the same file as `ref` (the same sha256; hashed only
+    when the sizes match) for an expert `ref` is also for; None if there is none or `ref` is unreadable.
+    The one rule for a LoRA given twice: `vidrt run` / Pipeline / batch / serve (LoraMerger.applied) and
+    `vidrt export --lora` (refuse_twins)."""
+    n = size(ref.path)
+    if n is None:  # unreadable: read_lora names the problem later
+        return None
+    return next((j for j, other in enumerate(earlier) if size(other.path) == n and _overlap(other.expert, ref.expert)
+                 and sha256(other.path) == sha256(ref.path)), None)
+
+
+def given_twice(ref: LoraRef, first: LoraRef) -> UsageError:
+    """The refusal of a LoRA file given twice for the same expert (docs/errors.md 14t2)."""
+    return UsageError(f"{ref.named} is the same file as {first.named}; a LoRA given twice would be merged "
+                      f"twice: give it once, with the strength you want")
+
+
+def _file_size(path: str) -> int | None:
+    try:
+        return Path(path).expanduser().stat().st_size
+    except OSError:
+        return None
+
+
+def refuse_twins(refs: Sequence[LoraRef]) -> None:
+    """Refuse (UsageError, given_twice) a LoRA file given twice for the same expert among user paths, each
+    hashed at most once: `vidrt export --lora a --lora a:0.5` as `vidrt run` refuses it."""
+    hashes: dict[str, str] = {}
+
+    def sha256(path: str) -> str:
+        if path not in hashes:
+            hashes[path] = sha256_file(Path(path).expanduser())
+        return hashes[path]
+
+    for i, ref in enumerate(refs):
+        twin = first_twin(ref, refs[:i], _file_size, sha256)
+        if twin is not None:
+            raise given_twice(ref, refs[twin])
 
 
 def base_reader(data_file: Path, weights: dict[str, WeightRef]) -> Callable[[str], np.ndarray]:
@@ -126,23 +168,21 @@ class LoraMerger:
         from them (for_expert)."""
         shipped = {a.file for a in self.manifest.loras}
         refs = list(loras)
-        sizes = [self._size(r.path) for r in refs]
         keep: list[int] = []
         for i, ref in enumerate(refs):
-            if sizes[i] is None:  # unreadable: read_lora names the problem later
-                keep.append(i)
-                continue
-            baked = next((b for b in self.manifest.baked_loras if b.size_bytes == sizes[i]
-                          and _overlap(b.expert, ref.expert) and b.sha256 == self._sha256(ref.path)), None)
+            size = self._size(ref.path)
+            baked = None if size is None else next(
+                (b for b in self.manifest.baked_loras if b.size_bytes == size
+                 and _overlap(b.expert, ref.expert) and b.sha256 == self._sha256(ref.path)), None)
             if baked is not None:
                 self.warn(f"{ref.named} (strength {ref.strength:g}) is already baked into this package at strength "
                           f"{baked.strength:g} (`vidrt export --lora`, see `vidrt info`); not merged again")
                 continue
-            twin = next((j for j in keep if sizes[j] == sizes[i] and _overlap(refs[j].expert, ref.expert)
-                         and self._sha256(refs[j].path) == self._sha256(ref.path)), None)
-            if twin is None:
+            found = first_twin(ref, [refs[j] for j in keep], self._size, self._sha256)
+            if found is None:
                 keep.append(i)
                 continue
+            twin = keep[found]
             first = refs[twin]
             if first.path in shipped or ref.path in shipped:  # the recipe's file, given again by the user
                 mine, recipe = (ref, first) if first.path in shipped else (first, ref)
@@ -152,8 +192,7 @@ class LoraMerger:
                 if mine is ref:
                     keep[keep.index(twin)] = i
                 continue
-            raise UsageError(f"{ref.named} is the same file as {first.named}; a LoRA given twice would be merged "
-                             f"twice: give it once, with the strength you want")
+            raise given_twice(ref, first)
         return tuple(refs[i] for i in keep)
 
     def _size(self, path: str) -> int | None:
