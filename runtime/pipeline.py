@@ -93,8 +93,8 @@ class Result:
     stats     per-stage seconds (`stats.table()`, `stats.to_dict()`)
     fps       the model's frame rate (frames per second); `save` writes at this rate unless told otherwise
     model     the model's name (manifest), written into the file's metadata
-    Every LoRA the clip was made with (the pipeline's, the recipe's, the request's) is in settings.loras,
-    named in the file's metadata.
+    Every LoRA the clip was made with (baked into the package, the pipeline's, the recipe's, the request's)
+    is in settings.loras, named in the file's metadata.
     """
 
     frames: np.ndarray | None
@@ -222,7 +222,8 @@ class Pipeline:
         """The LoRAs a run with `loras` (the pipeline's, the recipe's, the request's) merges: a file baked
         into the package is not merged again, the recipe's own file given again by the user is merged once
         at the user's strength (each with a one-line warning), any other file given twice is refused
-        (UsageError). What Result.settings.loras, --stats-json and the file's metadata list."""
+        (UsageError); the package's baked LoRAs come first, as records (LoraRef.baked, never merged).
+        What Result.settings.loras, --stats-json and the file's metadata list."""
         return self._merger.applied(loras)
 
     def engine(self, name: str) -> Engine:

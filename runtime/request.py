@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import re
@@ -142,10 +143,17 @@ class Settings:
     image: str | None = None  # the conditioning image: its path, or "array WxH"; None = text-to-video
     last_image: str | None = None
     cache: str = "none"  # "none" or METHOD[:THRESHOLD], checked
+    # sha256 (hex) of the image file's bytes, or of an array's uint8 [H, W, 3] pixels: what the clip was
+    # made from, recorded without the folder (the file's metadata names the image by file name only)
+    image_sha256: str | None = None
+    last_image_sha256: str | None = None
 
 
-def _describe_image(source: object, pixels: np.ndarray) -> str:
-    return str(source) if isinstance(source, (str, Path)) else f"array {pixels.shape[1]}x{pixels.shape[0]}"
+def _describe_image(source: object, pixels: np.ndarray) -> tuple[str, str]:
+    """(its path or "array WxH", sha256 of the file's bytes or of the array's pixels)."""
+    if isinstance(source, (str, Path)):
+        return str(source), hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    return f"array {pixels.shape[1]}x{pixels.shape[0]}", hashlib.sha256(np.ascontiguousarray(pixels)).hexdigest()
 
 
 def _nearest_multiple(value: int, multiple: int) -> str:
@@ -177,7 +185,7 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
         raise UsageError(f"give both width and height ({arg('size', 'WxH')}), or neither for the model's default "
                          f"size")
     width, height = (request.width, request.height) if request.width is not None else d.sizes[0]
-    image = last_image = None
+    image = last_image = image_sha256 = last_image_sha256 = None
     if request.image is not None or request.last_image is not None:
         from vidrt.image import load_image, output_size
 
@@ -192,9 +200,10 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
         if cond.last_image and request.last_image is None:
             raise UsageError(f"{spec.name} makes a clip between two frames: pass {arg('last_image', 'END.png')} too")
         pixels = load_image(request.image)
-        image = _describe_image(request.image, pixels)
+        image, image_sha256 = _describe_image(request.image, pixels)
         if request.last_image is not None:
-            last_image = _describe_image(request.last_image, load_image(request.last_image, arg("last_image")))
+            last_image, last_image_sha256 = _describe_image(request.last_image,
+                                                            load_image(request.last_image, arg("last_image")))
         if request.width is None:  # the official rule: the image's aspect in the default size's area
             area = d.sizes[0][0] * d.sizes[0][1]
             width, height = output_size(pixels.shape[1], pixels.shape[0], cond.resize, area, spec.spatial_multiple)
@@ -254,6 +263,7 @@ def resolve(request: Request, spec: ModelSpec, recipes: Mapping[str, Recipe] | N
         shift=shift, seed=request.seed, scheduler=scheduler,
         timesteps=tuple(float(t) for t in timesteps) if timesteps is not None else None,
         recipe=request.recipe, loras=tuple(loras) + request.loras, image=image, last_image=last_image, cache=str(cache),
+        image_sha256=image_sha256, last_image_sha256=last_image_sha256,
     )
 
 

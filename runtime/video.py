@@ -126,20 +126,40 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((frames.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def _shortest(value: float) -> str:
+    """The shortest text that reads back as `value` (1000.0 -> "1000", 937.25 -> "937.25")."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def clip_metadata(settings: Settings, model_name: str) -> dict[str, Any]:
-    """What goes into the file (same for run, batch and serve, so their files are identical).
-    A recipe adds "recipe": NAME; LoRAs (settings.loras: every LoRA applied, the pipeline's, the
-    recipe's, then the request's) add "loras": a list of "FILE:STRENGTH" (A14B one expert:
-    "dit_high=FILE:STRENGTH"), the file by its name only: a server's or user's folders stay out of the file."""
+    """What goes into the file (same for run, batch and serve, so their files are identical): every
+    setting that changes the frames, so the file says how to make it again. Beyond the fixed keys, where
+    they apply: "timesteps" (an explicit list, "1000,750,500,250"), "cache" (METHOD[:THRESHOLD], not
+    "none"), "recipe": NAME, "image" / "last_image" (the file's name, or "array WxH") with
+    "image_sha256" / "last_image_sha256", and "loras" (settings.loras: every LoRA of the clip, those
+    baked into the package first, then the pipeline's, the recipe's and the request's): a list of
+    "FILE:STRENGTH" (A14B one expert: "dit_high=FILE:STRENGTH"; baked: "FILE:STRENGTH baked"). Files are
+    named without their folders: a server's or user's folders stay out of the file."""
     s = settings
     meta: dict[str, Any] = {
         "prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": str(s.seed), "model": model_name,
         "steps": str(s.steps), "shift": str(s.shift), "guidance": f"{s.guidance_high_noise}/{s.guidance_low_noise}",
         "scheduler": s.scheduler, "size": f"{s.width}x{s.height}", "frames": str(s.num_frames), "software": "vidrt"}
+    if s.timesteps is not None:
+        meta["timesteps"] = ",".join(_shortest(t) for t in s.timesteps)  # exact: fractional ones are fed as given
+    if s.cache != "none":
+        meta["cache"] = s.cache
     if s.recipe is not None:
         meta["recipe"] = s.recipe
+    for key, source, digest in (("image", s.image, s.image_sha256), ("last_image", s.last_image, s.last_image_sha256)):
+        if source is not None:
+            meta[key] = Path(source).name  # "array WxH" stays as it is
+            if digest is not None:
+                meta[f"{key}_sha256"] = digest
     if s.loras:
-        meta["loras"] = [f"{r.expert + '=' if r.expert else ''}{Path(r.path).name}:{r.strength:g}" for r in s.loras]
+        meta["loras"] = [f"{r.expert + '=' if r.expert else ''}{Path(r.path).name}:{r.strength:g}"
+                         f"{' baked' if r.baked else ''}" for r in s.loras]
     return meta
 
 

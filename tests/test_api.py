@@ -62,6 +62,38 @@ def test_saved_files_name_the_recipe_and_the_loras_without_their_folders(tmp_pat
         assert str(tmp_path) not in json.dumps(meta)
 
 
+def test_saved_files_record_every_setting_that_changes_the_frames(tmp_path):
+    """Two clips whose frames differ have different metadata (tester report s7 item 6): an explicit
+    timestep list, a step cache, a start image (by file name and the sha256 of its bytes; an array by its
+    size and the sha256 of its pixels), never a folder; --stats-json and Result.settings hold the same."""
+    import hashlib
+
+    from PIL import Image
+    from vidrt import Pipeline, Request
+    from vidrt.video import read_metadata
+
+    pipe = Pipeline.load(warn=lambda _: None)
+    base = dict(prompt="a red circle moving left", width=32, height=32, num_frames=1, seed=3, steps=4,
+                scheduler="euler")
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    start = tmp_path / "start.png"
+    Image.fromarray(pixels).save(start)
+    variants = {"plain": {}, "timesteps": {"timesteps": (1000.0, 937.5, 600.25, 100.0)},
+                "cache": {"cache": "magcache"}, "image": {"image": str(start)}, "array": {"image": pixels}}
+    results = {name: pipe.run(Request(**{**base, **extra})) for name, extra in variants.items()}
+    metas = {name: read_metadata(r.save(tmp_path / f"{name}.png")) for name, r in results.items()}
+    assert metas["timesteps"]["timesteps"] == "1000,937.5,600.25,100" and "timesteps" not in metas["plain"]
+    assert metas["cache"]["cache"].startswith("magcache") and "cache" not in metas["plain"]
+    assert metas["image"]["image"] == "start.png", metas["image"]
+    assert metas["image"]["image_sha256"] == hashlib.sha256(start.read_bytes()).hexdigest()
+    assert metas["array"]["image"] == "array 48x48"
+    assert metas["array"]["image_sha256"] == hashlib.sha256(pixels.tobytes()).hexdigest()
+    assert results["image"].settings.image_sha256 == metas["image"]["image_sha256"]  # one record, two views
+    for name in ("timesteps", "cache", "image", "array"):
+        assert not np.array_equal(results[name].frames, results["plain"].frames), name  # they change the clip
+    assert str(tmp_path) not in json.dumps(metas)
+
+
 def test_non_finite_noise_is_refused_up_front():
     """Caller latents with NaN/Inf are the caller's mistake: one UsageError naming `noise` before any stage
     runs, not a DeviceError about the DiT after the text encoder and the first step."""

@@ -378,6 +378,22 @@ def test_recipe_without_its_lora_is_refused(capsys, pkg, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", [["export", "--model", "ckpt"], ["cache", "split", "pkg"]])
+def test_missing_torch_names_the_cpu_build_to_install(tmp_path, command):
+    """vidrt export / cache split without torch: the fix installs the CPU build first, as the Makefile does
+    (plain `pip install 'vidrt[export]'` resolves the multi-GB CUDA build) (tester report s7 item 7)."""
+    code = ("import sys; sys.modules['torch'] = None  # import torch fails, find_spec('torch') is None\n"
+            f"from vidrt.cli import main; main({command!r})")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    line = assert_error(res.returncode, res.stderr, 2, "the export extras (torch is missing)")
+    import re
+
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    pin = re.search(r"^TORCH\s*\?=\s*(\S+)", makefile, re.M)[1]  # the torch the Makefile installs
+    assert line.endswith(f"install the CPU build of torch first, then the extras: pip install {pin} --index-url "
+                         "https://download.pytorch.org/whl/cpu && pip install 'vidrt[export]'"), line
+
+
 def test_unsupported_output_suffix_is_a_usage_error(capsys, pkg, tmp_path):
     assert_error(*vidrt(capsys, *run_args(pkg, tmp_path / "x.avi")), 2, ".avi", ".mp4", ".webm")
 

@@ -85,7 +85,9 @@ def test_a_baked_lora_is_recorded_and_never_merged_again(bundled, tmp_path, caps
     notes: list[str] = []
     twice = Pipeline.load(baked, warn=notes.append).run(request)
     assert len(notes) == 1 and "already baked into this package" in notes[0], notes
-    assert twice.settings.loras == () and twice.stats.lora_merge_bytes == 0
+    # recorded as baked (the file's name, its baked strength), merged nothing
+    assert twice.settings.loras == (LoraRef("fast_lora.safetensors", 1.0, baked=True),), twice.settings.loras
+    assert twice.stats.lora_merge_bytes == 0
     once = Pipeline.load(package, warn=lambda _: None).run(request)
     assert np.array_equal(twice.frames, once.frames)
 
@@ -290,3 +292,26 @@ def test_a_baked_distillation_lora_fills_its_recipes_slot(baked_package, tmp_pat
     Pipeline.load(baked, threads=1, warn=notes.append).run(
         Request(prompt="a red circle", width=32, height=32, num_frames=1, seed=1, recipe="lightx2v-4step"))
     assert not notes, notes
+
+
+def test_a_baked_lora_is_in_every_record_of_the_clip(baked_package, tmp_path, capsys):
+    """`-m baked --lora distill.safetensors:0` runs with the baked LoRA at strength 1 (tester report s7 item
+    6): --stats-json settings.loras and the file's metadata say so, marked baked, first; the user's own
+    LoRAs follow; Result.settings lists the same."""
+    from vidrt import Pipeline, Request
+    from vidrt.package.manifest import load_manifest
+    from vidrt.video import read_metadata
+
+    baked, distill = baked_package
+    style = small_lora(tmp_path / "style.safetensors", load_manifest(baked, verify=False).model.dit.dim, value=0.02)
+    out, stats = tmp_path / "c.png", tmp_path / "s.json"
+    code, err = vidrt(capsys, "run", "-m", baked, "-p", "a red circle", "--seed", "1", "--steps", "1",
+                      "--lora", f"{distill}:0", "--lora", f"{style}:0.5", "--stats-json", stats, "-o", out, *TINY)
+    assert code == 0 and "already baked into this package" in err, err
+    recorded = [(Path(r["path"]).name, r["strength"], r["baked"])
+                for r in json.loads(stats.read_text())["settings"]["loras"]]
+    assert recorded == [("distill.safetensors", 1.0, True), ("style.safetensors", 0.5, False)], recorded
+    assert read_metadata(out)["loras"] == ["distill.safetensors:1 baked", "style.safetensors:0.5"]
+    result = Pipeline.load(baked, threads=1, warn=lambda _: None).run(
+        Request(prompt="a red circle", width=32, height=32, num_frames=1, seed=1, steps=1))
+    assert [(r.path, r.strength, r.baked) for r in result.settings.loras] == [("distill.safetensors", 1.0, True)]

@@ -62,6 +62,24 @@ def _unraisable(args: Any) -> None:
     sys.__unraisablehook__(args)
 
 
+# The CPU build of torch, as the Makefile installs it (its TORCH / TORCH_INDEX): plain `pip install torch`
+# on Linux resolves the multi-GB CUDA build and its nvidia-* wheels.
+CPU_TORCH = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+
+
+def export_extras_missing(what: str, exc: ImportError) -> UsageError:
+    """The one-line refusal of a command that needs vidrt[export] (torch, diffusers, onnx...) when one is
+    missing: "export needs the export extras (torch is missing): ...", naming the commands that install
+    them; without torch the CPU build first (CPU_TORCH), since vidrt[export] alone would pull CUDA's."""
+    import importlib.util
+
+    missing = exc.name or "a module"
+    fix = "pip install 'vidrt[export]'"
+    if importlib.util.find_spec("torch") is None:
+        fix = f"install the CPU build of torch first, then the extras: {CPU_TORCH} && {fix}"
+    return UsageError(f"{what} the export extras ({missing} is missing): {fix}")
+
+
 def parse_size(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -205,8 +223,7 @@ def export_cmd(model_dir: str, variant: str | None, out: str | None, opset: str,
     try:
         from vidrt.export.package import export_main
     except ImportError as exc:
-        raise UsageError(f"export needs the export extras ({exc.name} is missing): "
-                         f"pip install 'vidrt[export]'") from None
+        raise export_extras_missing("export needs", exc) from None
     prompts = None
     if calibration_prompts:
         from pathlib import Path

@@ -24,8 +24,9 @@ def split_cmd(package: str) -> None:
     try:
         from vidrt.export.package import add_dit_pieces
     except ImportError as exc:
-        raise UsageError(f"cutting the DiT needs the export extras ({exc.name} is missing): "
-                         f"pip install 'vidrt[export]'") from None
+        from vidrt.cli.app import export_extras_missing
+
+        raise export_extras_missing("cutting the DiT needs", exc) from None
     add_dit_pieces(package)
     click.echo(f"added the DiT pieces to {package}")
 

@@ -165,9 +165,12 @@ class LoraMerger:
         - any other file given twice for the same expert is refused (UsageError): give it once.
         Strength-0 refs take part like any other (`--lora fast_lora.safetensors:0` turns the recipe's LoRA
         off) and stay in the result at strength 0, so the records reproduce the clip; nothing is merged
-        from them (for_expert)."""
+        from them (for_expert).
+        The result starts with the package's baked LoRAs as records (LoraRef.baked: the file's name, the
+        strength it was baked at), whatever was asked, since the clip is made with them; baked records
+        given back in are dropped and re-added, so applied(applied(x)) == applied(x)."""
         shipped = {a.file for a in self.manifest.loras}
-        refs = list(loras)
+        refs = [r for r in loras if not r.baked]
         keep: list[int] = []
         for i, ref in enumerate(refs):
             size = self._size(ref.path)
@@ -193,7 +196,11 @@ class LoraMerger:
                     keep[keep.index(twin)] = i
                 continue
             raise given_twice(ref, first)
-        return tuple(refs[i] for i in keep)
+        return self.baked() + tuple(refs[i] for i in keep)
+
+    def baked(self) -> tuple[LoraRef, ...]:
+        """The LoRAs baked into the package (manifest baked_loras), as records (LoraRef.baked)."""
+        return tuple(LoraRef(b.file, b.strength, b.expert, baked=True) for b in self.manifest.baked_loras)
 
     def _size(self, path: str) -> int | None:
         try:
@@ -227,7 +234,7 @@ class LoraMerger:
             if ref.expert is not None and ref.expert not in experts:
                 raise UsageError(f"{ref.named} is for expert {ref.expert}, this model has {', '.join(experts)}; "
                                  f"give it for every expert on one-denoiser models")
-        return tuple(r for r in loras if r.expert in (None, expert) and r.strength != 0.0)
+        return tuple(r for r in loras if r.expert in (None, expert) and r.strength != 0.0 and not r.baked)
 
     def key(self, expert: str, loras: Sequence[LoraRef]) -> SetKey:
         """The LoRA set merged into `expert`: each file's version (a file rewritten under the same name is

@@ -35,12 +35,16 @@ class LoraRef:
     two-expert models the expert it is for ("dit_high" / "dit_low"; None = every expert). `label`: how
     error messages name it, as its caller gave it ("--lora PATH" on the command line, "loras: 'NAME'" for
     a client of `vidrt serve`, which must not see the server's paths); None: "LoRA PATH". Not part of
-    equality: two refs to the same file and strength are the same LoRA."""
+    equality: two refs to the same file and strength are the same LoRA. `baked`: a record, not a file to
+    merge: a LoRA `vidrt export --lora` merged into the package's DiT weights (`path` is then the file's
+    name, from the manifest's baked_loras); Settings.loras lists these first so the records reproduce
+    the clip, and nothing merges them again (vidrt.lora.LoraMerger)."""
 
     path: str
     strength: float = 1.0
     expert: str | None = None
     label: str | None = field(default=None, compare=False)
+    baked: bool = False
 
     @property
     def named(self) -> str:
