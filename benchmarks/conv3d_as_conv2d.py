@@ -4,11 +4,12 @@ vidrt.vae_decode, untiled), both exports of the same VAE timed in one run, A/B i
 
     nice -n 10 .venv/bin/python -m benchmarks.conv3d_as_conv2d                       # the bundled model's VAE
     nice -n 10 .venv/bin/python -m benchmarks.conv3d_as_conv2d --wan21 --size 128x128 --frames 5
-    nice -n 10 .venv/bin/python -m benchmarks.conv3d_as_conv2d --variants            # one conv, 4 forms
+    nice -n 10 .venv/bin/python -m benchmarks.conv3d_as_conv2d --variants            # one conv, 5 forms
 
 --wan21: the real Wan2.1 VAE architecture (diffusers AutoencoderKLWan defaults, base dim 96, z 16)
-with random weights. --variants: the table in onnx_optimize.py (one Conv3d vs kt Conv2ds vs the taps
-stacked on the output or input channels, on the bundled decoder's shapes). Times are the minimum over
+with random weights. --variants: the tables in onnx_optimize.py (one Conv3d vs kt Conv2ds vs the taps
+stacked on the output or input channels vs frame pairs folded into the channels, on the bundled decoder's
+shapes). Times are the minimum over
 --repeats runs of the calling thread's CPU time (threads 1, the default) or of the wall clock.
 """
 
@@ -110,9 +111,10 @@ def vae_ab(wan21: bool, width: int, height: int, frames: int, threads: int, repe
           f"{float(np.abs(clips['Conv3d'] - clips['Conv2d']).max()):.1e}")
 
 
-# ---- one conv, four forms (the table in onnx_optimize.py) ----------------------------------------
+# ---- one conv, five forms (the tables in onnx_optimize.py) ---------------------------------------
 
 VARIANT_SHAPES = [((8, 8, 3, 3, 3), (1, 8, 6, 64, 64)), ((3, 8, 3, 3, 3), (1, 8, 6, 64, 64)),
+                  ((8, 16, 3, 3, 3), (1, 16, 6, 64, 64)), ((16, 8, 3, 3, 3), (1, 8, 6, 64, 64)),
                   ((16, 16, 3, 3, 3), (1, 16, 6, 32, 32)), ((32, 32, 3, 3, 3), (1, 32, 4, 16, 16)),
                   ((32, 32, 3, 3, 3), (1, 32, 3, 8, 8))]
 
@@ -152,7 +154,24 @@ def _variant_models(w: np.ndarray, b: np.ndarray, x_shape: tuple[int, ...]) -> d
                   {**base, "wo": w.transpose(2, 0, 1, 3, 4).reshape(kt * co, ci, kh, kw), "ax01": [0, 1],
                    "b4": b.reshape(1, co, 1, 1), **{f"st{k}": [k, k * co] for k in range(kt)},
                    **{f"en{k}": [end[k], (k + 1) * co] for k in range(kt)}})
-    return {"Conv3d": conv3d, "kt Conv2ds": separate, "taps on Co": on_co, "taps on Ci": on_ci}
+    forms = {"Conv3d": conv3d, "kt Conv2ds": separate, "taps on Co": on_co, "taps on Ci": on_ci}
+    t, h, w_ = x_shape[2:]
+    if kt % 2 and t % 2 == 0:  # frame pairs (onnx_optimize._replace_conv_frame_pairs): xt [T, Ci, H, W] seen
+        # as [T/2, 2Ci, H, W]; pair tap m reads pairs m .. m + T'/2; the sum is [T'/2, 2Co, H, W] = [T', Co, H, W]
+        from vidrt.export.onnx_optimize import pair_weights
+
+        pairs_out = (t - kt + 1) // 2
+        taps = pair_weights(w)
+        forms["frame pairs"] = model(
+            head[:2] + [N("Reshape", ["xt", "pshape"], ["xp"]),
+                        *(N("Slice", ["xp", f"s{m}", f"pe{m}", "ax0"], [f"pp{m}"]) for m in range(len(taps))),
+                        *(N("Conv", [f"pp{m}", f"wp{m}"] + (["b2"] if m == 0 else []), [f"q{m}"], pads=[1, 1, 1, 1])
+                          for m in range(len(taps))),
+                        N("Sum", [f"q{m}" for m in range(len(taps))], ["yp"]),
+                        N("Reshape", ["yp", "fshape"], ["yt"])] + tail,
+            {**base, "pshape": [t // 2, 2 * ci, h, w_], "fshape": [2 * pairs_out, co, h, w_], "b2": np.tile(b, 2),
+             **{f"pe{m}": [m + pairs_out] for m in range(len(taps))}, **{f"wp{m}": v for m, v in enumerate(taps)}})
+    return forms
 
 
 def variants(threads: int, repeats: int) -> None:
@@ -182,7 +201,7 @@ def variants(threads: int, repeats: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--wan21", action="store_true", help="the real Wan2.1 VAE architecture, random weights")
-    ap.add_argument("--variants", action="store_true", help="one conv in four forms (onnx_optimize.py's table)")
+    ap.add_argument("--variants", action="store_true", help="one conv in five forms (onnx_optimize.py's tables)")
     ap.add_argument("--size", default="64x64", help="WIDTHxHEIGHT in pixels (default 64x64, the bundled model's)")
     ap.add_argument("--frames", type=int, default=17, help="video frames (default 17 = 5 latent frames)")
     ap.add_argument("--threads", type=int, default=1)

@@ -39,7 +39,7 @@ from vidrt.export.components import (
     vae_encoder_graph_specs,
     vae_graph_specs,
 )
-from vidrt.export.onnx_optimize import conv3d_as_conv2d, optimize_model
+from vidrt.export.onnx_optimize import conv3d_as_conv2d, narrow_frame_pair_convs, optimize_model
 from vidrt.package.contracts import Contract
 from vidrt.package.manifest import WeightRef
 from vidrt.package.registry import ModelSpec
@@ -65,7 +65,8 @@ def data_file_name(path: Path) -> str:
 
 def export_graph(graph: GraphSpec, path: Path | str, opset: int = 18, *,
                  weights: Mapping[str, Weight] | None = None, include_weights: bool = True,
-                 external_data: bool | None = None, conv2d: bool = False) -> Contract:
+                 external_data: bool | None = None, conv2d: bool = False,
+                 avx512_path: Path | str | None = None) -> Contract:
     """Trace `graph.module` with torch.onnx (dynamo) and write it to `path` atomically.
 
     weights: for a module on the meta device, the real tensors by initializer name ("model.<key>");
@@ -73,7 +74,10 @@ def export_graph(graph: GraphSpec, path: Path | str, opset: int = 18, *,
     graph alone (no initializers): for inspecting full-size graphs without their weights.
     external_data: None = only when the weights exceed EXTERNAL_DATA_BYTES.
     conv2d: rewrite the time-stride-1 Conv3ds as Conv2ds over the frames (onnx_optimize.conv3d_as_conv2d;
-    needs the weights' values, so a graph traced on the meta device without `weights` keeps its Conv3ds)."""
+    needs the weights' values, so a graph traced on the meta device without `weights` keeps its Conv3ds).
+    avx512_path (with conv2d): also write the graph with its narrow convs as frame pairs, the form for CPUs
+    with AVX-512 (onnx_optimize's frame-pairs notes), there, where it has convs narrower than 16 channels
+    on both sides and its weights stay inline; otherwise no file is left there."""
     check_opset(opset)
     path = Path(path)
     on_meta = any(p.is_meta for p in graph.module.parameters())
@@ -88,14 +92,26 @@ def export_graph(graph: GraphSpec, path: Path | str, opset: int = 18, *,
     assert prog is not None
     if weights is not None:
         _apply_weights(prog, weights)
+    pairs_model = None
     if weights is not None or not on_meta:  # after the weights: constant folding needs their values
         # a graph asked for with external data (the DiT) takes LoRAs by initializer name: one per parameter
         optimize_model(prog.model, dedupe_initializers=not external_data)
         if conv2d:
+            if avx512_path is not None and include_weights and narrow_frame_pair_convs(prog.model):
+                pairs_model = ir.from_proto(ir.to_proto(prog.model))  # a copy, rewritten the other way
+                conv3d_as_conv2d(pairs_model, frame_pairs=True)
             conv3d_as_conv2d(prog.model)
     _name_dims(prog.model, graph.contract)
     if external_data is None:
         external_data = include_weights and _initializer_bytes(prog) > EXTERNAL_DATA_BYTES
+    if avx512_path is not None:
+        avx512_path = Path(avx512_path)
+        if pairs_model is not None and not external_data:
+            _name_dims(pairs_model, graph.contract)
+            with _atomic_target(avx512_path) as tmp_path:
+                ir.save(pairs_model, tmp_path)
+        else:
+            avx512_path.unlink(missing_ok=True)  # a stale one from an earlier export
     with _atomic_target(path) as tmp_path:
         if external_data and include_weights:
             # every initializer in the data file, small ones too (onnx_ir keeps < 256 bytes inline by
@@ -325,18 +341,20 @@ def model_on_meta(model: nn.Module) -> bool:
 
 def export_vae_decoder(vae: nn.Module, first_path: Path | str, step_path: Path | str, spec: ModelSpec,
                        opset: int = 18, *, include_weights: bool = True,
-                       external_data: bool | None = None, conv2d: bool = True) -> tuple[Contract, Contract]:
+                       external_data: bool | None = None, conv2d: bool = True,
+                       step_avx512_path: Path | str | None = None) -> tuple[Contract, Contract]:
     """AutoencoderKLWan decoder -> vae_decode_first + vae_decode_step (explicit 2-frame caches), fp32,
     dynamic lat_h/lat_w. Includes post_quant_conv, the [-1, 1] clamp and (Wan2.2) the unpatchify.
     conv2d: the causal Conv3ds as Conv2ds over the frames (onnx_optimize.conv3d_as_conv2d: ~2x faster
-    VAE on ONNX Runtime's CPU provider); False keeps ONNX Conv3d (TensorRT runs both)."""
+    VAE on ONNX Runtime's CPU provider); False keeps ONNX Conv3d (TensorRT runs both).
+    step_avx512_path: where the step graph's AVX-512 form goes, if it has one (export_graph's avx512_path)."""
     vae = vae.eval()
     with nearest_upsampling(vae):
         first, step = vae_graph_specs(vae, spec)
         c_first = export_graph(first, first_path, opset, include_weights=include_weights, external_data=external_data,
                                conv2d=conv2d)
         c_step = export_graph(step, step_path, opset, include_weights=include_weights, external_data=external_data,
-                              conv2d=conv2d)
+                              conv2d=conv2d, avx512_path=step_avx512_path)
     return c_first, c_step
 
 
@@ -362,17 +380,19 @@ def weight_refs(path: Path | str, prefix: str = "model.") -> dict[str, WeightRef
 
 def export_vae_encoder(vae: nn.Module, first_path: Path | str, step_path: Path | str, spec: ModelSpec,
                        opset: int = 18, *, include_weights: bool = True,
-                       external_data: bool | None = None, conv2d: bool = True) -> tuple[Contract, Contract]:
+                       external_data: bool | None = None, conv2d: bool = True,
+                       step_avx512_path: Path | str | None = None) -> tuple[Contract, Contract]:
     """AutoencoderKLWan encoder -> vae_encode_first + vae_encode_step (explicit 2-frame caches), fp32,
     dynamic lat_h/lat_w (i2v.md §3). Includes the Wan2.2 patchify and quant_conv; outputs mu.
     conv2d: the causal Conv3ds as Conv2ds over the frames (onnx_optimize.conv3d_as_conv2d: ~2x faster
-    VAE on ONNX Runtime's CPU provider); False keeps ONNX Conv3d (TensorRT runs both)."""
+    VAE on ONNX Runtime's CPU provider); False keeps ONNX Conv3d (TensorRT runs both).
+    step_avx512_path: where the step graph's AVX-512 form goes, if it has one (export_graph's avx512_path)."""
     vae = vae.eval()
     first, step = vae_encoder_graph_specs(vae, spec)
     c_first = export_graph(first, first_path, opset, include_weights=include_weights, external_data=external_data,
                            conv2d=conv2d)
     c_step = export_graph(step, step_path, opset, include_weights=include_weights, external_data=external_data,
-                          conv2d=conv2d)
+                          conv2d=conv2d, avx512_path=step_avx512_path)
     return c_first, c_step
 
 

@@ -12,6 +12,7 @@ that breaks the equivalence is caught there.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -130,21 +131,36 @@ def _time_taps(node: ir.Node, kt: int, t_in: int | None) -> tuple[list[tuple[int
     return [(k, k, k - (kt - 1) or _INT64_MAX) for k in range(kt)], (before, after)
 
 
-def conv3d_as_conv2d(model: ir.Model) -> int:
-    """In place: every Conv with a constant 5-D weight [Co, Ci, kt, kh, kw], group 1, time stride 1 and
-    time dilation 1 becomes kt Conv2ds over the frames folded into the batch:
-    x [N, C, T, H, W] -> Transpose [N, T, C, H, W] -> (Slice frames k .. k+T', Reshape [N*T', C, H, W],
-    Conv2d w[:, :, k] (+ bias once)) summed over k -> Reshape [N, T', Co, H', W'] -> Transpose
-    [N, Co, T', H', W']. H/W strides, pads and dilations are kept; shapes stay dynamic (Shape ops).
-    Other Conv3ds (time stride 2 in the encoder's temporal downsampling) are left as they are.
-    Returns the number of Convs rewritten."""
-    graph = model.graph
-    rewritten = 0
-    for node in list(graph):
+@dataclass(frozen=True)
+class _Conv3d:
+    """A Conv node conv3d_as_conv2d can rewrite, and what the rewrite needs."""
+
+    node: ir.Node
+    w: np.ndarray  # [Co, Ci, kt, kh, kw]
+    bias: ir.Value | None
+    plan: tuple[list[tuple[int, int, int]], tuple[int, int]]  # _time_taps
+    strides: list[int]
+    dilations: list[int]
+    t_out: int | None  # static output frame count, or None
+
+    @property
+    def frame_pairs(self) -> bool:
+        """Writable as frame pairs (see _replace_conv_frame_pairs)."""
+        co, ci, kt = self.w.shape[:3]
+        x = self.node.inputs[0]
+        return (min(co, ci) < NARROW_CHANNELS and kt >= 3 and kt % 2 == 1 and len(self.plan[0]) == kt
+                and self.t_out is not None and self.t_out >= 2 and self.t_out % 2 == 0
+                and x is not None and x.shape is not None and x.shape[0] == 1)
+
+
+def _conv3ds(model: ir.Model) -> list[_Conv3d]:
+    """Every Conv with a constant 5-D weight, group 1, time stride 1 and time dilation 1, and a tap that
+    reads real frames."""
+    found = []
+    for node in model.graph:
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
         x, w_value = node.inputs[0], node.inputs[1]
-        bias = node.inputs[2] if len(node.inputs) > 2 else None
         if x is None or w_value is None or w_value.const_value is None or len(w_value.const_value.shape) != 5:
             continue
         strides = list(_int_attr(node, "strides", [1, 1, 1]))
@@ -153,17 +169,47 @@ def conv3d_as_conv2d(model: ir.Model) -> int:
                 or strides[0] != 1 or dilations[0] != 1:
             continue
         w = w_value.const_value.numpy()
-        kt = w.shape[2]
         t_in = x.shape[2] if x.shape is not None and isinstance(x.shape[2], int) else None
-        plan = _time_taps(node, kt, t_in)
+        plan = _time_taps(node, w.shape[2], t_in)
         if plan is None:
             continue
         t_out = node.outputs[0].shape[2] if node.outputs[0].shape is not None else None
-        _replace_conv(graph, node, w, bias, plan, strides, dilations, t_out if isinstance(t_out, int) else None)
+        found.append(_Conv3d(node, w, node.inputs[2] if len(node.inputs) > 2 else None, plan, strides, dilations,
+                             t_out if isinstance(t_out, int) else None))
+    return found
+
+
+def conv3d_as_conv2d(model: ir.Model, frame_pairs: bool = False) -> int:
+    """In place: every Conv with a constant 5-D weight [Co, Ci, kt, kh, kw], group 1, time stride 1 and
+    time dilation 1 becomes kt Conv2ds over the frames folded into the batch:
+    x [N, C, T, H, W] -> Transpose [N, T, C, H, W] -> (Slice frames k .. k+T', Reshape [N*T', C, H, W],
+    Conv2d w[:, :, k] (+ bias once)) summed over k -> Reshape [N, T', Co, H', W'] -> Transpose
+    [N, Co, T', H', W']. H/W strides, pads and dilations are kept; shapes stay dynamic (Shape ops).
+    Other Conv3ds (time stride 2 in the encoder's temporal downsampling) are left as they are.
+    frame_pairs: convs narrower than NARROW_CHANNELS that fit (_Conv3d.frame_pairs) become Conv2ds over
+    frame pairs instead (_replace_conv_frame_pairs: the form for CPUs with AVX-512).
+    Returns the number of Convs rewritten."""
+    graph = model.graph
+    convs = _conv3ds(model)
+    for c in convs:
+        w_value = c.node.inputs[1]
+        assert w_value is not None
+        if frame_pairs and c.frame_pairs:
+            assert c.t_out is not None
+            _replace_conv_frame_pairs(graph, c.node, c.w, c.bias, c.plan, c.strides, c.dilations, c.t_out)
+        else:
+            _replace_conv(graph, c.node, c.w, c.bias, c.plan, c.strides, c.dilations, c.t_out)
         if not w_value.uses() and w_value.name in graph.initializers:
             graph.initializers.pop(w_value.name)
-        rewritten += 1
-    return rewritten
+    return len(convs)
+
+
+def narrow_frame_pair_convs(model: ir.Model) -> int:
+    """How many convs conv3d_as_conv2d(frame_pairs=True) would write as frame pairs that are narrower
+    than NARROW_CHANNELS on both sides (where the tap form wastes the most: see the frame-pairs table).
+    vidrt.export writes a graph's AVX-512 form only where this is > 0 (the tiny models' 8-channel VAEs;
+    no conv of the real Wan VAEs is narrow on both sides)."""
+    return sum(1 for c in _conv3ds(model) if c.frame_pairs and max(c.w.shape[:2]) < NARROW_CHANNELS)
 
 
 def _replace_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, bias: ir.Value | None,
@@ -242,3 +288,121 @@ def _replace_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, bias: ir.Value 
     out_name = old.name
     graph.remove(node, safe=True)
     out.name = out_name
+
+
+# ---- narrow convs: two frames per Conv2d --------------------------------------------------------
+#
+# MLAS's NCHWc Conv kernels work on blocks of 16 channels on AVX-512 (8 on AVX2): a Conv2d with fewer
+# than 16 output channels computes 16 and drops the rest, and one with fewer than 16 input channels
+# takes the plain-NCHW input path, which does ~35 % less per FLOP here. The bundled model's decoder
+# spends ~40 % of a step in such convs (8 channels at 64x64). Folding each pair of frames into the
+# channels makes them 16 wide: x [T, C, H, W] is, without a copy, xp [T/2, 2C, H, W] (frames 2p, 2p+1 of
+# pair p side by side); output pair j (frames 2j, 2j+1) reads input frames 2j .. 2j+kt, i.e. the
+# (kt+1)/2 pairs j .. j+(kt-1)/2, and a 3-tap conv is 2 Conv2ds of [2Co, 2Ci] pair weights:
+#   W_m[a*Co:(a+1)*Co, f*Ci:(f+1)*Ci] = w[:, :, 2m + f - a]   (zero where 2m + f - a is not a tap)
+# out frame 2j + a = sum over k of w_k * x[2j + a + k]; with k = 2m + f - a that is input frame
+# 2(j + m) + f, frame f of pair j + m. A quarter of each pair weight is zero (2 x 16 x 16 multiply-adds
+# per output pixel pair, 8 x 8 x 3 x 2 of them useful), but every operand is a full 16-channel block.
+# One conv, 1 thread, ms of CPU time, best of 50, input [1, Ci, 6, H, W] (AVX-512; `python -m
+# benchmarks.conv3d_as_conv2d --variants`):
+#   weight [Co, Ci, 3, 3, 3], H x W         kt Conv2ds   frame pairs
+#   [8, 8],   64x64                         1.40         0.66
+#   [3, 8],   64x64 (conv_out)              1.31         0.64
+#   [8, 16],  64x64                         2.24         1.39
+#   [16, 8],  64x64                         1.44         1.20
+#   [16, 16], 32x32                         0.48         0.48   (not folded: both sides are full blocks)
+# The bundled decoder's step graph: 13.4 -> 10.8 ms per call (median of 60, 1 thread), its clip's decode
+# 63 -> 49 ms.
+# Applied (conv3d_as_conv2d(frame_pairs=True)) where a conv is narrower than 16 channels on either side,
+# its batch is 1, its output frame count is even and static, and every tap reads real frames (the
+# decoder/encoder step graphs; the 1-frame `first` graphs keep the tap form).
+# Only for CPUs with AVX-512: on AVX2 MLAS's block is 8 channels, an 8->8 conv is already two full
+# blocks, and the pair form's zero quarter makes it 4/3 the FLOPs of the tap form (expected slower, not
+# measured: no AVX2 CPU here); ARM has no NCHWc kernels; TensorRT's GPU kernels are another matter. So
+# vidrt.export writes it as a second file of the same component (manifest Component.cpu_artifacts, key
+# "avx512f"), which only ONNX Runtime's CPU provider on a CPU with AVX-512F opens (vidrt.backends.ort).
+
+# MLAS's NCHWc block on AVX-512 (onnxruntime core/mlas/lib/platform.cpp: NchwcBlockSize = 16 where CPUID
+# has AVX512F and the OS saves the ZMM state; 8 with AVX2)
+NARROW_CHANNELS = 16
+
+
+def pair_weights(w: np.ndarray) -> list[np.ndarray]:
+    """[Co, Ci, kt, kh, kw] -> (kt+1)/2 pair weights [2Co, 2Ci, kh, kw] (see the table above)."""
+    co, ci, kt = w.shape[:3]
+    out = []
+    for m in range((kt + 1) // 2):
+        wm = np.zeros((2 * co, 2 * ci, *w.shape[3:]), w.dtype)
+        for a in range(2):
+            for f in range(2):
+                k = 2 * m + f - a
+                if 0 <= k < kt:
+                    wm[a * co:(a + 1) * co, f * ci:(f + 1) * ci] = w[:, :, k]
+        out.append(wm)
+    return out
+
+
+def _replace_conv_frame_pairs(graph: ir.Graph, node: ir.Node, w: np.ndarray, bias: ir.Value | None,
+                              plan: tuple[list[tuple[int, int, int]], tuple[int, int]], strides: list[int],
+                              dilations: list[int], t_out: int) -> None:
+    """Replace `node` (batch 1, an even static output frame count, every tap on real frames) by
+    (kt+1)/2 Conv2ds over frame pairs: [1, Ci, T, H, W] -> (Pad) -> Squeeze + Transpose [T, Ci, H, W] ->
+    Reshape [T/2, 2Ci, H, W] -> per pair tap m: Slice pairs m .. m + T'/2, Conv2d W_m (+ bias twice, once)
+    -> summed -> Reshape [T', Co, H', W'] -> Transpose + Unsqueeze [1, Co, T', H', W']."""
+    _, (pad_before, pad_after) = plan
+    pads = list(_int_attr(node, "pads", [0] * 6))
+    co, ci = w.shape[:2]
+    pairs_out = t_out // 2
+    name = node.name or f"conv3d_{id(node)}"
+    new: list[ir.Node] = []
+
+    def op(op_type: str, inputs: list[ir.Value | None], **attrs: Any) -> ir.Value:
+        n = ir.node(op_type, inputs, attrs, name=f"{name}/{op_type}_{len(new)}")
+        new.append(n)
+        return n.outputs[0]
+
+    def const(suffix: str, values: Any, dtype: Any = np.int64) -> ir.Value:
+        return _const(graph, f"{name}/{suffix}", np.asarray(values, dtype=dtype))
+
+    src = node.inputs[0]
+    assert src is not None
+    if pad_before or pad_after:
+        src = op("Pad", [src, const("time_pads", [0, 0, pad_before, 0, 0, 0, 0, pad_after, 0, 0])])
+    frames = op("Transpose", [op("Squeeze", [src, const("axis0", [0])])], perm=[1, 0, 2, 3])  # [T, Ci, H, W]
+    # a 0 in Reshape's shape copies the input's dim (ONNX Reshape, allowzero=0), so H, W stay symbolic;
+    # TensorRT's Shuffle reads it the same way (IShuffleLayer zero_is_placeholder, default true)
+    pairs_in = (t_out + w.shape[2] - 1) // 2
+    pairs = op("Reshape", [frames, const("pair_shape", [pairs_in, 2 * ci, 0, 0])])  # [T/2, 2Ci, H, W]
+    axis0 = const("pair_axis", [0])
+    old_shape = node.outputs[0].shape
+    shape4 = None if old_shape is None else ir.Shape([pairs_out, 2 * co, old_shape[3], old_shape[4]])
+    conv_attrs = dict(kernel_shape=list(w.shape[3:]), strides=strides[1:], dilations=dilations[1:],
+                      pads=[pads[1], pads[2], pads[4], pads[5]], group=1)
+    bias2 = None
+    if bias is not None:
+        if bias.const_value is None:
+            bias2 = op("Concat", [bias, bias], axis=0)
+        else:
+            bias2 = const("bias_pair", np.tile(bias.const_value.numpy(), 2), bias.const_value.numpy().dtype)
+    total = None
+    for m, wm in enumerate(pair_weights(w)):
+        piece = op("Slice", [pairs, const(f"pair_start{m}", [m]), const(f"pair_end{m}", [m + pairs_out]), axis0])
+        bias_in = [bias2] if bias2 is not None and m == 0 else []
+        y = op("Conv", [piece, const(f"weight_pair{m}", wm, w.dtype), *bias_in], **conv_attrs)
+        total = y if total is None else op("Add", [total, y])
+        y.shape = total.shape = shape4  # named H/W: lets ORT fuse the Add into the Conv (see _replace_conv)
+        y.type = total.type = node.outputs[0].type
+    assert total is not None
+    frames_out = op("Reshape", [total, const("frame_shape", [t_out, co, 0, 0])])  # [T', Co, H', W']
+    out = op("Unsqueeze", [op("Transpose", [frames_out], perm=[1, 0, 2, 3]), const("axis0_out", [0])])
+    old = node.outputs[0]
+    out.shape, out.type = old.shape, old.type
+    graph.insert_before(node, new)
+    ir.convenience.replace_all_uses_with(old, out)
+    for i, v in enumerate(graph.outputs):
+        if v is old:
+            graph.outputs[i] = out
+    out_name = old.name
+    graph.remove(node, safe=True)
+    out.name = out_name
+

@@ -248,7 +248,7 @@ class Pipeline:
         engine = self._parked.pop((name, want), None)
         if engine is None:
             comp = self.manifest.components[name]
-            path = artifact_path(self.package, comp.artifact.file)
+            path = artifact_path(self.package, comp.artifact_for(backend.cpu_features).file)
             merged = self._merged(name) if want else {}
             engine = backend.open(name, path, comp.contract, weights=merged) if merged \
                 else backend.open(name, path, comp.contract)

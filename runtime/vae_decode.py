@@ -62,7 +62,9 @@ ACTIVATION_SLOTS = 48.0
 # tap's Conv2d output is a whole activation, and the NCHWc layout pads 8 channels to 16. Measured by
 # tests/test_vae_decode.py::test_peak_memory_tiled_vs_untiled (tiny Wan2.1 decoder, arena off), 3 latent
 # frames: 138 / 559 / 898 MiB untiled at 128 / 256 / 384 px, where 48 slots estimated 67 / 268 / 603:
-# ~115 slots at the worst point (256 px). The CPU decode plan (Pipeline's decode_plan) uses this figure.
+# ~115 slots at the worst point (256 px). With the narrow convs as frame pairs (onnx_optimize's
+# _replace_conv_frame_pairs): 109 / 440 / 930 MiB, against 144 / 576 / 1296 estimated with 125 slots.
+# The CPU decode plan (Pipeline's decode_plan) uses this figure.
 ORT_ACTIVATION_SLOTS = 125.0
 
 

@@ -1,8 +1,9 @@
 """vidrt.export.onnx_optimize.conv3d_as_conv2d: a Conv3d with time stride 1 exported as Conv2ds over the
 frames computes what ONNX Runtime's own Conv3d computes, on hand-built graphs that reach every path
 (time padding kept / dropped / as a Pad, batch 1 / 2, one output frame, 1-tap kernels, H/W stride and
-dilation, a dynamic frame count) and on the tiny Wan2.1 VAE's real step graph with random caches; and a
-wrong rewrite (two taps swapped, the bias dropped) fails the same comparison. The VAE's parity with
+dilation, a dynamic frame count, convs narrower than 16 channels as frame pairs) and on the tiny Wan2.1
+VAE's real step graph with random caches; and a wrong rewrite (two taps swapped, the bias dropped, two
+pair weights swapped) fails the same comparison. The VAE's parity with
 diffusers through the rewritten graphs is tests/test_vae_decode.py / test_vae_encode.py."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from vidrt.export.onnx_optimize import conv3d_as_conv2d
+from vidrt.export.onnx_optimize import conv3d_as_conv2d, narrow_frame_pair_convs
 
 # max |difference| allowed, relative to max |output|: float32 sums in another order measure 1e-7 to 4e-7
 # on one conv and 2e-6 through the tiny Wan2.1 VAE's whole step graph; two taps of one conv swapped
@@ -58,6 +59,11 @@ def _rewritten(proto: Any) -> ir.Model:
 
 
 CASES = {  # name: (input shape as declared, actual input shape, weight shape, Conv attributes)
+    # narrower than 16 channels on one side, batch 1, an even static output frame count: frame pairs
+    "narrow, frame pairs": ([1, 8, 6, 6, 7], (1, 8, 6, 6, 7), (8, 8, 3, 3, 3), dict(pads=[0, 1, 1, 0, 1, 1])),
+    "narrow output, frame pairs": ([1, 16, 4, 5, 6], (1, 16, 4, 5, 6), (3, 16, 3, 3, 3),
+                                   dict(pads=[0, 1, 1, 0, 1, 1])),
+    "16 channels, taps": ([1, 16, 6, 5, 5], (1, 16, 6, 5, 5), (16, 16, 3, 3, 3), dict(pads=[0, 1, 1, 0, 1, 1])),
     "causal pad, 1 frame (drops 2 taps)": ([1, 4, 1, 6, 7], (1, 4, 1, 6, 7), (5, 4, 3, 3, 3),
                                            dict(pads=[2, 1, 1, 0, 1, 1])),
     "cached frames, batch 1": ([1, 4, 6, 6, 7], (1, 4, 6, 6, 7), (5, 4, 3, 3, 3), dict(pads=[0, 1, 1, 0, 1, 1])),
@@ -73,18 +79,25 @@ CASES = {  # name: (input shape as declared, actual input shape, weight shape, C
 }
 
 
+# the cases written as frame pairs (onnx_optimize._replace_conv_frame_pairs); the rest as kt Conv2ds
+PAIR_CASES = {"narrow, frame pairs", "narrow output, frame pairs", "cached frames, batch 1",
+              "time pad on both sides (Pad op)"}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("bias", [True, False])
-def test_rewrite_equals_conv3d(case: str, bias: bool) -> None:
+@pytest.mark.parametrize("frame_pairs", [False, True], ids=["taps", "pairs"])
+def test_rewrite_equals_conv3d(case: str, bias: bool, frame_pairs: bool) -> None:
     declared, actual, w_shape, attrs = CASES[case]
     rng = np.random.default_rng(0)
     w = rng.standard_normal(w_shape).astype(np.float32)
     proto = _conv_model(declared, w, bias, **attrs)
     feeds = {"x": rng.standard_normal(actual).astype(np.float32)}
     model = _rewritten(proto)
-    assert conv3d_as_conv2d(model) == 1
+    assert conv3d_as_conv2d(model, frame_pairs=frame_pairs) == 1
     assert not [n for n in model.graph if n.op_type == "Conv" and len(n.inputs[1].shape) == 5]
     assert {n.op_type for n in model.graph} <= TENSORRT_PARSER_OPS | {"Relu"}
+    assert any("weight_pair" in k for k in model.graph.initializers) == (frame_pairs and case in PAIR_CASES)
     err = _rel_err(_run(proto, feeds), _run(model, feeds))
     print(f"{case}: {err:.1e}")
     assert err < REL_TOL
@@ -100,7 +113,14 @@ def test_time_strided_and_grouped_conv3d_are_left_alone() -> None:
 
 
 def _tamper(model: ir.Model, how: str) -> None:
-    """Make the rewrite wrong in one place: swap the first and last taps of one conv, or drop its bias."""
+    """Make the rewrite wrong in one place: swap the first and last taps of one conv, or drop its bias,
+    or swap the two pair weights of one conv written as frame pairs."""
+    if how == "swap pair taps":
+        first = next(v for k, v in model.graph.initializers.items() if k.endswith("weight_pair0"))
+        second = model.graph.initializers[first.name[:-1] + "1"]
+        wa, wb = first.const_value.numpy(), second.const_value.numpy()
+        first.const_value, second.const_value = ir.tensor(wb, name=first.name), ir.tensor(wa, name=second.name)
+        return
     node = next(n for n in model.graph if n.op_type == "Conv" and n.inputs[1].name.endswith("weight_tap0")
                 and n.inputs[1].name[:-1] + "2" in model.graph.initializers and len(n.inputs) > 2)  # 3 taps, a bias
     prefix = node.inputs[1].name[: -len("weight_tap0")]
@@ -136,12 +156,17 @@ def tiny_vae_step(tiny_t2v: Any, tmp_path_factory: pytest.TempPathFactory) -> tu
     return out / "step.onnx", feeds
 
 
-@pytest.mark.parametrize("tamper", [None, "swap taps", "drop bias"])
-def test_tiny_vae_step_graph(tiny_vae_step: tuple[Path, dict[str, np.ndarray]], tamper: str | None) -> None:
+@pytest.mark.parametrize("frame_pairs,tamper", [(False, None), (True, None), (False, "swap taps"),
+                                               (False, "drop bias"), (True, "swap pair taps")])
+def test_tiny_vae_step_graph(tiny_vae_step: tuple[Path, dict[str, np.ndarray]], frame_pairs: bool,
+                             tamper: str | None) -> None:
     path, feeds = tiny_vae_step
     model = ir.load(path)
     n = sum(1 for node in model.graph if node.op_type == "Conv" and len(node.inputs[1].shape) == 5)
-    assert conv3d_as_conv2d(model) == n > 10  # every causal conv of the decoder (no time-strided ones)
+    if frame_pairs:  # the tiny Wan2.1 VAE (dim 8, tests/tiny.py): 8-channel convs, narrow on both sides
+        assert narrow_frame_pair_convs(model) > 0
+    assert conv3d_as_conv2d(model, frame_pairs=frame_pairs) == n > 10  # every causal conv (none time-strided)
+    assert any("weight_pair" in k for k in model.graph.initializers) == frame_pairs
     if tamper:
         _tamper(model, tamper)
     err = _rel_err(_run(ir.load(path), feeds), _run(model, feeds))

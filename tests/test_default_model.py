@@ -77,6 +77,39 @@ def test_shipped_package_reexports_to_the_same_outputs(bundled, tmp_path):
     assert np.array_equal(a, b), f"max abs difference {np.abs(a.astype(int) - b.astype(int)).max()}"
 
 
+def test_vae_step_forms_decode_alike(monkeypatch):
+    """The bundled package ships its VAE step graphs in two forms: the default one and, for ONNX Runtime's
+    CPU provider on CPUs with AVX-512, the 8-channel convs as frame pairs (vidrt.export.onnx_optimize;
+    manifest cpu_artifacts). The backend opens the form for its CPU (VIDRT_CPU_FEATURES forces it here, so
+    this runs on any x86 CPU); both compute the same graph: the same outputs to float32 rounding on random
+    feeds, and the same clip to one level in a few pixels."""
+    import onnxruntime as ort
+    from vidrt.package import contracts as C
+    from vidrt.package.manifest import load_manifest
+
+    package = default_package()
+    manifest = load_manifest(package)
+    rng = np.random.default_rng(0)
+    for name in (C.VAE_STEP, C.VAE_ENCODE_STEP):
+        comp = manifest.components[name]
+        assert set(comp.cpu_artifacts) == {"avx512f"}
+        sizes = {"lat_h": 8, "lat_w": 8, "out_h": 64, "out_w": 64}
+        feeds = {t.name: rng.standard_normal(C.resolve_shape(t.shape, sizes)).astype(np.float32)
+                 for t in comp.contract.inputs}
+        outs = [ort.InferenceSession(str(package / a.file), providers=["CPUExecutionProvider"]).run(None, feeds)
+                for a in (comp.artifact, comp.cpu_artifacts["avx512f"])]
+        for x, y in zip(*outs, strict=True):  # measured 1e-7 to 4e-7 relative; two pair weights swapped ~1
+            assert np.abs(x - y).max() <= 2e-5 * max(float(np.abs(x).max()), 1e-6), name
+    clips = {}
+    for forced, file in (("none", "vae_decode_step.onnx"), ("avx512f", "vae_decode_step.avx512f.onnx")):
+        monkeypatch.setenv("VIDRT_CPU_FEATURES", forced)
+        pipe = Pipeline.load(package, threads=1)
+        clips[forced] = pipe.run(Request(prompt="a white square moving down", seed=3)).frames
+        assert pipe.engine(C.VAE_STEP).path.name == file
+    diff = np.abs(clips["none"].astype(int) - clips["avx512f"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
 def test_unknown_words_warn_once_and_still_run(bundled):
     warnings: list[str] = []
     pipe = Pipeline(bundled.package, bundled.manifest, bundled.options, warn=warnings.append)

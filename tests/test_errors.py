@@ -126,11 +126,21 @@ def test_missing_package_or_manifest(capsys, tmp_path):
     assert_error(*vidrt(capsys, *run_args(tmp_path / "empty", tmp_path / "a.mp4")), 3, "no manifest.json")
 
 
-def test_partial_package(capsys, pkg, tmp_path):
+@pytest.mark.parametrize("name", ["vae_decode_step.onnx", "vae_decode_step.avx512f.onnx"])
+def test_partial_package(capsys, pkg, tmp_path, name):
     p = copy_package(pkg, tmp_path / "p")
-    (p / "vae_decode_step.onnx").unlink()
-    assert_error(*vidrt(capsys, *run_args(p, tmp_path / "a.mp4")), 3, "vae_decode_step.onnx is missing", "re-export")
+    (p / name).unlink()  # the default form, or the AVX-512 one (manifest cpu_artifacts): both are verified
+    assert_error(*vidrt(capsys, *run_args(p, tmp_path / "a.mp4")), 3, f"{name} is missing", "re-export")
     assert not (tmp_path / "a.mp4").exists()
+
+
+def test_unknown_cpu_form_is_refused(capsys, pkg, tmp_path):
+    p = copy_package(pkg, tmp_path / "p")
+    raw = json.loads((p / MANIFEST_NAME).read_text())
+    step = raw["components"]["vae_decode_step"]
+    step["cpu_artifacts"]["sse9"] = step["cpu_artifacts"].pop("avx512f")
+    (p / MANIFEST_NAME).write_text(json.dumps(raw))
+    assert_error(*vidrt(capsys, *run_args(p, tmp_path / "a.mp4")), 3, "unknown CPU feature 'sse9'", "re-export")
 
 
 def test_tampered_artifact(capsys, pkg, tmp_path):

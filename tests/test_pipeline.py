@@ -168,6 +168,7 @@ class _PlannedBackend:
     then runs by the residency plan. Records (event, engine, DiT batch) in call order."""
 
     name = "onnxruntime"
+    cpu_features = frozenset()
 
     def __init__(self, inner, budget: int) -> None:
         self.inner, self.budget, self.events = inner, budget, []

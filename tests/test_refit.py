@@ -296,6 +296,7 @@ class _RefitInPlace:
     merged weights it is given, so the clip shows whether those were right. Records every call."""
 
     name = "onnxruntime"
+    cpu_features: frozenset[str] = frozenset()
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.calls = inner, []

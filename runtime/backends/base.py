@@ -108,6 +108,9 @@ class BackendOptions:
 
 class Backend(Protocol):
     name: str
+    # package CPU features (vidrt.package.manifest.CPU_FEATURES) whose component forms this backend opens
+    # (Component.artifact_for): ONNX Runtime's CPU provider, this CPU's; empty elsewhere (the default forms)
+    cpu_features: frozenset[str]
 
     def device_memory(self) -> tuple[int, str] | None:
         """(bytes this process may use on the device, DiT precision of the engines) for backends whose

@@ -29,6 +29,25 @@ def _providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
     return ["CPUExecutionProvider"]
 
 
+def cpu_features() -> frozenset[str]:
+    """The package CPU features (vidrt.package.manifest.CPU_FEATURES) this CPU has, as numpy's runtime
+    dispatch detects them: CPUID plus the OS saving the AVX-512 registers, the test ONNX Runtime's MLAS
+    makes before it uses 16-channel NCHWc blocks (onnxruntime core/mlas/lib/platform.cpp; numpy
+    _core/src/common/npy_cpu_features.c). VIDRT_CPU_FEATURES overrides it: a comma-separated list, or
+    "none" (to compare the forms, or to keep the default one). Empty where numpy does not say."""
+    forced = os.environ.get("VIDRT_CPU_FEATURES")
+    if forced is not None:
+        return frozenset(f.strip().lower() for f in forced.split(",") if f.strip() and f.strip() != "none")
+    try:  # numpy's own table (private; numpy 2: numpy._core, numpy 1: numpy.core)
+        from numpy._core._multiarray_umath import __cpu_features__ as found  # type: ignore[attr-defined]
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as found  # type: ignore[attr-defined,no-redef]
+        except ImportError:
+            return frozenset()
+    return frozenset(name.lower() for name in ("AVX512F",) if found.get(name))
+
+
 class OrtEngine:
     """One InferenceSession per component, created once. Feeds are cast to the contract dtypes."""
 
@@ -38,6 +57,7 @@ class OrtEngine:
 
         options = options or BackendOptions()
         self.name = name
+        self.path = path  # the file opened: the component's default form or its form for this CPU
         self.contract = contract
         so = ort.SessionOptions()
         # fatal only: ORT's warnings about unused initialisers are noise here, and its error log of a failed
@@ -125,6 +145,8 @@ class OrtBackend:
     def __init__(self, options: BackendOptions) -> None:
         self.options = options
         self.name = "onnxruntime-cuda" if options.device.startswith("cuda") else "onnxruntime"
+        # the CPU provider opens a component's form for this CPU where the package has one (Component.cpu_artifacts)
+        self.cpu_features = frozenset() if options.device.startswith("cuda") else cpu_features()
         _providers(options.device)  # no CUDA provider: refused now, before any model work
 
     def device_memory(self) -> tuple[int, str] | None:

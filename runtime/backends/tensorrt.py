@@ -732,6 +732,7 @@ class TrtBackend:
     """Opens the plans of one package for this GPU and TensorRT version."""
 
     name = "tensorrt"
+    cpu_features: frozenset[str] = frozenset()  # the default graph forms: the ones the plans were built from
 
     def __init__(self, options: BackendOptions, manifest: Manifest, package: Path | str | None = None, *,
                  precision: str | None = None, trt_mod: ModuleType | None = None, cuda: CudaApi | None = None,

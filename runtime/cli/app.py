@@ -184,9 +184,14 @@ def info(package: str | None) -> None:
                 if d.boundary is not None else f"{d.guidance_low_noise}")
     click.echo(f"  defaults     {d.frames} frames at {d.fps} fps, {d.steps} steps ({d.scheduler}), shift {d.shift}, "
                f"guidance {guidance}")
+    from vidrt.backends.ort import cpu_features
+
+    here = cpu_features()
     for name, comp in m.components.items():
         mb = comp.artifact.size_bytes + (comp.artifact.data_size_bytes or 0)
-        click.echo(f"  {name:<17}{comp.precision}, opset {comp.opset}, {mb / 1e6:.1f} MB")
+        forms = "".join(f"; {feature} form {art.size_bytes / 1e6:.1f} MB (ONNX Runtime CPU"
+                        f"{', this CPU' if feature in here else ''})" for feature, art in comp.cpu_artifacts.items())
+        click.echo(f"  {name:<17}{comp.precision}, opset {comp.opset}, {mb / 1e6:.1f} MB{forms}")
     for baked in m.baked_loras:  # `vidrt export --lora`: in the DiT weights already, never merged again
         expert = f" ({baked.expert} only)" if baked.expert else ""
         click.echo(f"  baked LoRA   {baked.file} x{baked.strength:g}{expert}, sha256 {baked.sha256[:12]}")

@@ -23,6 +23,9 @@ from vidrt.package.registry import ModelSpec, from_dict, to_dict
 from vidrt.package.verified import VerifiedFiles
 
 SCHEMA_VERSION = 1
+# Component.cpu_artifacts keys: "avx512f" = x86 CPUs with AVX-512F, where ONNX Runtime's MLAS runs its
+# NCHWc convolutions on 16-channel blocks (8 with AVX2)
+CPU_FEATURES = ("avx512f",)
 REFIT_FLAGS = ("", "REFIT", "REFIT_INDIVIDUAL")  # Engine.refit: TensorRT BuilderFlag names ("" = not refittable)
 MANIFEST_NAME = "manifest.json"
 
@@ -74,6 +77,15 @@ class Component:
     precision: str  # "fp32" | "fp16" | "bf16" | "fp8"
     opset: int
     weights: dict[str, WeightRef] = field(default_factory=dict)
+    # CPU feature (CPU_FEATURES) -> the same graph in a form faster on CPUs that have it, for ONNX Runtime's
+    # CPU provider only (the VAE step graphs of models with 8-channel convs: vidrt.export.onnx_optimize,
+    # frame pairs). Absent in older manifests and where the export wrote none.
+    cpu_artifacts: dict[str, Artifact] = field(default_factory=dict)
+
+    def artifact_for(self, cpu_features: frozenset[str]) -> Artifact:
+        """The file to open on a CPU with `cpu_features` (vidrt.backends.ort.cpu_features); the default
+        form where the package has no form for them."""
+        return next((a for f, a in self.cpu_artifacts.items() if f in cpu_features), self.artifact)
 
 
 @dataclass(frozen=True)
@@ -302,6 +314,9 @@ def check_manifest(m: Manifest) -> None:
     _check(set(needed) <= set(m.components), f"components lack {sorted(set(needed) - set(m.components))}")
     for name, comp in m.components.items():
         _check_artifact(comp.artifact)
+        for feature, art in comp.cpu_artifacts.items():
+            _check(feature in CPU_FEATURES, f"{name}: unknown CPU feature {feature[:40]!r} in cpu_artifacts")
+            _check_artifact(art)
         for param, ref in comp.weights.items():
             _check(comp.artifact.data_file is not None and ref.offset >= 0 and ref.length >= 0
                    and ref.dtype in _DTYPES and all(isinstance(d, int) and d >= 0 for d in ref.shape),
@@ -341,7 +356,8 @@ def check_manifest(m: Manifest) -> None:
 
 
 def all_artifacts(manifest: Manifest) -> list[Artifact]:
-    return [manifest.tokenizer] + [c.artifact for c in manifest.components.values()] + \
+    return [manifest.tokenizer] + [a for c in manifest.components.values() for a in (c.artifact,
+                                                                                      *c.cpu_artifacts.values())] + \
         [e.artifact for e in manifest.engines] + list(manifest.loras)
 
 
