@@ -168,10 +168,10 @@ class _PlannedBackend:
     then runs by the residency plan. Records (event, engine, DiT batch) in call order."""
 
     name = "onnxruntime"
-    cpu_features = frozenset()
 
     def __init__(self, inner, budget: int) -> None:
         self.inner, self.budget, self.events = inner, budget, []
+        self.cpu_features = inner.cpu_features
 
     def device_memory(self):
         return self.budget, "fp32"

@@ -296,10 +296,10 @@ class _RefitInPlace:
     merged weights it is given, so the clip shows whether those were right. Records every call."""
 
     name = "onnxruntime"
-    cpu_features: frozenset[str] = frozenset()
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.calls = inner, []
+        self.cpu_features = inner.cpu_features  # the same graph forms as the ONNX Runtime pipeline it is compared with
         self.paths: dict[str, tuple[Path, Any]] = {}
 
     def device_memory(self) -> None:
