@@ -204,6 +204,18 @@ def test_shareable_outputs_from_the_cli(capsys, run_package, tmp_path, name):
         assert read_metadata(out)["seed"] == "4"
 
 
+@pytest.mark.parametrize("name", ["new.mp4/", "shots.v1/"])
+def test_a_folder_path_ending_in_a_slash_is_a_png_folder_whatever_its_dots(capsys, run_package, tmp_path, name):
+    """`-o new.mp4/` and `-o shots.v1/`: a PNG folder of that name, as the output help says (tester report s7
+    item 8: the slash was dropped before the format was read, making an MP4 file or refusing '.v1')."""
+    out = tmp_path / name.rstrip("/")
+    code, err = vidrt(capsys, "run", "-m", run_package, "-p", "a red circle", "-o", f"{tmp_path}/{name}", "--seed",
+                      "4", *SMALL)
+    assert code == 0, err
+    assert out.is_dir() and (out / "frame_000000.png").is_file(), sorted(p.name for p in tmp_path.iterdir())
+    assert read_metadata(out)["seed"] == "4"
+
+
 def test_png_still_of_a_many_frame_clip_is_refused_before_work(capsys, run_package, tmp_path):
     out = tmp_path / "still.png"
     assert_error(*vidrt(capsys, "run", "-m", run_package, "-p", "a red circle", "-o", out, "--frames", "5", "-q",

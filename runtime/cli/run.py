@@ -169,8 +169,8 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
         raise UsageError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if fps is not None and not 1 <= fps <= 240:
         raise UsageError(f"--fps {fps} is out of range; use 1..240")
-    out_path = Path(output)
-    fmt = output_format(out_path)  # refuses unknown suffixes before any work
+    out_path = Path(output)  # drops a trailing '/': the format is read from `output` as typed
+    fmt = output_format(output)  # refuses unknown suffixes before any work; "shots.v1/": a PNG folder
     check_crf(fmt, crf)  # per codec: H.264 1..51 (browser-playable), VP9 0..63
     if out_path.exists() and not overwrite:
         raise OutputError(f"{out_path} exists; pass --overwrite to replace it or choose another -o")
@@ -217,7 +217,7 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
     progress = _Progress(quiet)
     fps_out = fps or pipe.manifest.model.sampling.fps
     try:
-        with VideoWriter(out_path, fps=fps_out, crf=crf, metadata=metadata, overwrite=overwrite) as writer:
+        with VideoWriter(output, fps=fps_out, crf=crf, metadata=metadata, overwrite=overwrite) as writer:
             result = pipe.run(request, on_frames=writer.write, progress=progress, vae_memory_bytes=vae_bytes,
                               keep_text_encoder=False)
     finally:
