@@ -342,13 +342,23 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb"
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
 
-def parse_bytes(text: str) -> int:
-    """'4G', '4GiB', '512M', '1.5GB', '1000000' -> bytes (for --vae-memory)."""
+def parse_bytes(text: str, flag: str | None = None) -> int:
+    """'4G', '4GiB', '512M', '1.5GB', '1000000B' -> bytes (--vae-memory, `vidrt plan/build --gpu-memory`,
+    --workspace). A unit is required (a bare "24" meant as GB would plan for 24 bytes: the B unit says
+    bytes), and the size must be more than 0 bytes; else UsageError naming `flag` (default: the caller's
+    spelling of vae_memory) and the form to write."""
+    flag = flag or arg("vae_memory")
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = m.group(2).lower() if m else ""
     if m is None or unit not in _UNITS:
-        raise UsageError(f"cannot read {text!r} as a memory size: use bytes or a unit, e.g. 6G or 512MiB")
-    return int(float(m.group(1)) * _UNITS[unit])
+        raise UsageError(f"{flag} {text!r} is not a memory size; write it with a unit, e.g. 6GB or 512MiB")
+    if not unit:
+        raise UsageError(f"{flag} {text} has no unit; write it like {m.group(1)}GB or {m.group(1)}GiB "
+                         f"({m.group(1)}B if you mean bytes)")
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise UsageError(f"{flag} {text} must be more than 0 bytes; write a size like 6GB")
+    return size
 
 
 # ---- decode ------------------------------------------------------------------------------------

@@ -97,8 +97,9 @@ BAD_VALUES = [
     (["--fps", "0"], "--fps"), (["--fps", "241"], "--fps"), (["--crf", "-1"], "--crf"), (["--crf", "52"], "1..51"),
     (["--crf", "0"], "High 4:4:4 Predictive"),
     (["--threads", "0"], "--threads"), (["--threads", "100000"], "1..256"),
-    (["--vae-memory", "0"], "--vae-memory"), (["--vae-memory", "lots"], "memory size"),
-    (["--vae-memory", "1"], "too small"), (["--vae-memory", "1KB"], "budget 1000 bytes is too small"),
+    (["--vae-memory", "0GB"], "--vae-memory 0GB must be more than 0 bytes"), (["--vae-memory", "lots"], "memory size"),
+    (["--vae-memory", "2"], "--vae-memory 2 has no unit; write it like 2GB or 2GiB (2B if you mean bytes)"),
+    (["--vae-memory", "1B"], "too small"), (["--vae-memory", "1KB"], "budget 1000 bytes is too small"),
     (["--scheduler", "ddim"], "unknown scheduler 'ddim'; use one of unipc, dpm++, euler"),
     (["--timesteps", "1000,x"], "--timesteps '1000,x' is not a comma-separated number list"),
     (["--recipe", "nope"], "unknown recipe 'nope'; use one of"),
@@ -402,6 +403,16 @@ def test_missing_torch_names_the_cpu_build_to_install(tmp_path, command):
     pin = re.search(r"^TORCH\s*\?=\s*(\S+)", makefile, re.M)[1]  # the torch the Makefile installs
     assert line.endswith(f"install the CPU build of torch first, then the extras: pip install {pin} --index-url "
                          "https://download.pytorch.org/whl/cpu && pip install 'vidrt[export]'"), line
+
+
+@pytest.mark.parametrize("budget, needle", [("24", "--gpu-memory 24 has no unit; write it like 24GB or 24GiB"),
+                                            ("0GB", "--gpu-memory 0GB must be more than 0 bytes"),
+                                            ("8GB,0", "--gpu-memory 0 has no unit"),
+                                            ("lots", "--gpu-memory 'lots' is not a memory size")])
+def test_plan_gpu_memory_needs_a_unit_and_a_positive_size(capsys, budget, needle):
+    """`vidrt plan --gpu-memory 24` is refused (exit 2), not planned for a 24-byte card (exit 4) (tester
+    report s7 item 9); `vidrt build --gpu-memory` / `--vae-memory` read sizes the same way."""
+    assert_error(*vidrt(capsys, "plan", "wan2.1-t2v-1.3b", "--size", "832x480", "--gpu-memory", budget), 2, needle)
 
 
 def test_unsupported_output_suffix_is_a_usage_error(capsys, pkg, tmp_path):

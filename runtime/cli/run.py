@@ -160,9 +160,7 @@ def _run(*, label: str, prompt: str | None, prompt_file: str | None, model: str 
     text = _read_prompt(prompt, prompt_file)
     check_prompt(text)
     wh = parse_size(size)
-    vae_bytes = parse_bytes(vae_memory) if vae_memory not in (None, "auto") else None
-    if vae_bytes is not None and vae_bytes <= 0:
-        raise UsageError(f"--vae-memory {vae_memory} must be more than 0 bytes, e.g. 2GB (or auto)")
+    vae_bytes = parse_bytes(vae_memory, "--vae-memory") if vae_memory not in (None, "auto") else None
     if threads is not None and not 1 <= threads <= MAX_THREADS:
         raise UsageError(f"--threads {threads} is out of range; use 1..{MAX_THREADS} (default: all cores)")
     if backend not in BACKENDS:

@@ -25,10 +25,10 @@ def _sizes(value: str | None) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _bytes(value: str) -> int:
+def _bytes(value: str, flag: str) -> int:
     from vidrt.vae_decode import parse_bytes
 
-    return parse_bytes(value)
+    return parse_bytes(value, flag)
 
 
 @click.command("build")
@@ -62,10 +62,11 @@ def build_cmd(package: str, precision: str, sizes: str | None, frames: int | Non
     if vae_tile:
         (th, tw), = _sizes(vae_tile)
         tile = (th, tw)
-    opts = BuildOptions(precision=precision, sizes=_sizes(sizes), frames=frames, workspace_bytes=_bytes(workspace),
+    opts = BuildOptions(precision=precision, sizes=_sizes(sizes), frames=frames,
+                        workspace_bytes=_bytes(workspace, "--workspace"),
                         optimization_level=optimization_level, weight_streaming=weight_streaming, vae_tile=tile,
-                        gpu_memory=_bytes(gpu_memory) if gpu_memory else None, components=components, check=check,
-                        cache_pieces=cache_pieces, refit=not no_refit)
+                        gpu_memory=_bytes(gpu_memory, "--gpu-memory") if gpu_memory else None, components=components,
+                        check=check, cache_pieces=cache_pieces, refit=not no_refit)
     manifest = build_package(Path(package), opts, log=click.echo, device=device)
     click.echo(f"{len(manifest.engines)} plan(s) recorded in {Path(package) / 'manifest.json'}")
 
@@ -100,7 +101,7 @@ def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precisi
 
     method = str(parse_cache(cache))  # UsageError naming the valid forms
     (width, height), = _sizes(size)
-    budgets = [_bytes(b) for b in gpu_memory.split(",") if b.strip()]
+    budgets = [_bytes(b.strip(), "--gpu-memory") for b in gpu_memory.split(",") if b.strip()]
     text_device = None if text_encoder == "auto" else text_encoder
     plans = []
     for budget in budgets:
