@@ -15,8 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vidrt.errors import PackageError, UsageError
-from vidrt.lora import LoraRef, base_reader, lora_deltas, merge_into, read_lora, refuse_twins
+from vidrt.errors import PackageError
+from vidrt.lora import LoraRef, base_reader, check_expert, lora_deltas, merge_into, read_lora, refuse_twins
 from vidrt.lora.merge import culprit_of
 from vidrt.package.manifest import Artifact, BakedLora, Component, WeightRef, make_artifact, sha256_file
 from vidrt.package.recipes import Recipe
@@ -97,9 +97,7 @@ def check_loras(ckpt: Checkpoint, loras: Sequence[LoraRef]) -> None:
     experts = ckpt.spec.experts
     refuse_twins(loras)  # a file given twice (by sha256) for the same expert: refused as `vidrt run` refuses it
     for ref in loras:
-        if ref.expert is not None and ref.expert not in experts:
-            raise UsageError(f"{ref.named} is for expert {ref.expert}, this model has {', '.join(experts)}; "
-                             f"use --lora for one-denoiser models")
+        check_expert(ref, experts)  # `--lora-high-noise` on a one-denoiser model: use --lora
         lora = read_lora(ref.path, ref.label)  # missing, damaged (NaN/Inf, truncated, not safetensors)
         for expert in experts:
             if ref.expert in (None, expert):

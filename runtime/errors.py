@@ -145,3 +145,9 @@ def flags_shown() -> bool:
     the keyword (`--device 3` vs Pipeline.load(device="cuda:3"))."""
     spelling = _SPELLING.get()
     return spelling is not None and spelling.flags
+
+
+def python_caller() -> bool:
+    """Is the caller Python (no front end's spelling installed)? For a fix whose form differs in kind
+    between a keyword's value and a job's JSON field (a list item `"dit_high=FILE"`)."""
+    return _SPELLING.get() is None

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from vidrt.caching import parse_cache
-from vidrt.errors import UsageError, arg
+from vidrt.errors import UsageError, arg, flags_shown
 from vidrt.package.recipes import LoraRef, Recipe, all_recipes, find_recipe
 from vidrt.package.registry import ModelSpec
 from vidrt.schedulers import SOLVERS
@@ -283,8 +283,9 @@ def missing_recipe_lora(recipe_name: str | None, spec: ModelSpec, loras: Sequenc
     mine = [r.expert for r in loras if r.path not in shipped] + [b.expert for b in baked]
     for slot in recipe.loras:
         if slot.file is None and not any(slot.expert is None or e in (None, slot.expert) for e in mine):
+            # the `vidrt run` flags a source names ("high_noise (--lora-high-noise)"): for the CLI only
+            source = slot.source if flags_shown() and not job else re.sub(r" \(--[a-z-]+\)", "", slot.source)
             if job:
-                source = re.sub(r" \(--[a-z-]+\)", "", slot.source)  # the CLI flags a source names
                 example = f'"{slot.expert}=FILE.safetensors"' if slot.expert else '"FILE.safetensors"'
                 both = ' (one file for both experts, or "dit_high=FILE" and "dit_low=FILE")' \
                     if slot.expert is None and len(spec.experts) > 1 else ""
@@ -297,7 +298,7 @@ def missing_recipe_lora(recipe_name: str | None, spec: ModelSpec, loras: Sequenc
                          f"(or {arg('lora', 'FILE')} for both)")
             else:
                 flags = arg("lora", "FILE")
-            return (f"{arg('recipe', recipe.name)} is made for a distillation LoRA ({slot.source}) and none was given; "
+            return (f"{arg('recipe', recipe.name)} is made for a distillation LoRA ({source}) and none was given; "
                     f"without it its few steps make noise: pass {flags}")
     return None
 

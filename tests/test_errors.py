@@ -415,6 +415,17 @@ def test_plan_gpu_memory_needs_a_unit_and_a_positive_size(capsys, budget, needle
     assert_error(*vidrt(capsys, "plan", "wan2.1-t2v-1.3b", "--size", "832x480", "--gpu-memory", budget), 2, needle)
 
 
+def test_a_batch_line_for_another_model_names_the_fix(capsys, tmp_path):
+    """A `vidrt batch` line naming another model: refused before Ray starts, saying what to do (leave
+    "model" out, or run that line in its own batch with --model) (tester report s7 item 11)."""
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text('{"prompt": "a red circle", "model": "wan2.1-t2v-1.3b"}\n', encoding="utf-8")
+    line = assert_error(*vidrt(capsys, "batch", lines, "--out", tmp_path / "out"), 2,
+                        "is not this batch's model", "one batch runs one model")
+    assert line.endswith('leave "model" out of the line to use this one, or run the line in a batch of its own '
+                         'with --model wan2.1-t2v-1.3b'), line
+
+
 def test_unsupported_output_suffix_is_a_usage_error(capsys, pkg, tmp_path):
     assert_error(*vidrt(capsys, *run_args(pkg, tmp_path / "x.avi")), 2, ".avi", ".mp4", ".webm")
 

@@ -5,6 +5,7 @@ request's, with strength and expert; baked LoRAs are recorded in the package and
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,33 @@ def test_the_same_lora_file_given_twice_is_merged_once_or_refused(bundled, tmp_p
     style = small_lora(tmp_path / "style.safetensors", manifest.model.dit.dim)
     with pytest.raises(UsageError, match=r"is the same file as .*style.safetensors.*give it once"):
         Pipeline.load(package, loras=[(str(style), 0.5), (str(shutil.copy(style, tmp_path / "b.safetensors")), 1)])
+
+
+def test_messages_name_the_fix_in_the_callers_own_words(bundled, tmp_path, capsys):
+    """A per-expert LoRA on a one-denoiser model names the form that gives it for every expert (`--lora
+    FILE`, `loras=[...]`, a job's loras item without `dit_high=`); the Python API's warning for a recipe
+    without its LoRA names no `vidrt run` flag (tester report s7 item 11)."""
+    from vidrt import Pipeline, Request
+    from vidrt.errors import UsageError, spelled_as
+    from vidrt.package.recipes import LoraRef
+    from vidrt.service.api import API_FIELDS
+    from vidrt.service.jobs import JOB_FIELDS
+
+    package, manifest = bundled
+    style = small_lora(tmp_path / "style.safetensors", manifest.model.dit.dim)
+    code, err = vidrt(capsys, "run", "-p", "a red circle", "--lora-high-noise", style, "-o", tmp_path / "a.png", *TINY)
+    assert code == 2 and err.strip().endswith(f"is for expert dit_high, this model has dit; a LoRA on a one-denoiser "
+                                              f"model is for every expert: give it as --lora {style}"), err
+    with pytest.raises(UsageError, match=re.escape(f"give it as loras=[({str(style)!r}, 1.0)]")):
+        Pipeline.load(package, loras=[LoraRef(str(style), 1.0, "dit_high")])
+    for spelling in (JOB_FIELDS, API_FIELDS):
+        with spelled_as(spelling), pytest.raises(UsageError, match='name it in loras without "dit_high="$'):
+            Pipeline.load(package, loras=[LoraRef(str(style), 1.0, "dit_high", label="loras dit_high=style")])
+
+    notes: list[str] = []
+    Pipeline.load(package, warn=notes.append).run(Request(prompt="a red circle", width=32, height=32, num_frames=1,
+                                                          recipe="lightx2v-4step"))
+    assert len(notes) == 1 and "pass loras=[('FILE', 1.0)]" in notes[0] and "--" not in notes[0], notes
 
 
 def test_a_lora_that_blows_up_the_dit_is_named(bundled, tmp_path, capsys, monkeypatch):

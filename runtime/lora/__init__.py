@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from vidrt.errors import PackageError, UsageError, arg, command_or
+from vidrt.errors import PackageError, UsageError, arg, command_or, flags_shown, python_caller
 from vidrt.lora.merge import (
     LoraFile,
     check_strength,
@@ -36,7 +36,7 @@ from vidrt.package.recipes import LoraRef
 __all__ = ["SetKey", "LoraMerger", "LoraRef", "LoraFile", "read_lora", "read_lora_header", "lora_deltas",
            "merge_into", "parse_lora_arg",
            "check_strength",
-           "base_reader", "as_lora_refs", "superseded", "first_twin", "given_twice", "refuse_twins"]
+           "base_reader", "as_lora_refs", "superseded", "first_twin", "given_twice", "refuse_twins", "check_expert"]
 
 Version = tuple[str, int, int, int]  # (resolved path, size in bytes, mtime in ns, inode); -1s: unreadable
 SetKey = tuple[tuple[Version, float], ...]  # each merged file's version and strength
@@ -97,6 +97,18 @@ def given_twice(ref: LoraRef, first: LoraRef) -> UsageError:
     """The refusal of a LoRA file given twice for the same expert (docs/errors.md 14t2)."""
     return UsageError(f"{ref.named} is the same file as {first.named}; a LoRA given twice would be merged "
                       f"twice: give it once, with the strength you want")
+
+
+def check_expert(ref: LoraRef, experts: Sequence[str]) -> None:
+    """Refuse (UsageError) a LoRA given for an expert the model does not have (`--lora-high-noise` on a
+    one-denoiser model), naming the form that gives it for every expert in the caller's spelling:
+    `--lora FILE`, `loras=[('FILE', 1.0)]`, a job's `loras` item without its `dit_high=`.
+    One message for `vidrt run` / Python / batch / serve (LoraMerger.for_expert) and `vidrt export`."""
+    if ref.expert is not None and ref.expert not in experts:
+        fix = f"give it as {arg('lora', ref.path)}" if flags_shown() or python_caller() else \
+            f"name it in {arg('lora')} without \"{ref.expert}=\""
+        raise UsageError(f"{ref.named} is for expert {ref.expert}, this model has {', '.join(experts)}; a LoRA on a "
+                         f"one-denoiser model is for every expert: {fix}")
 
 
 def _file_size(path: str) -> int | None:
@@ -231,9 +243,7 @@ class LoraMerger:
         experts = self.manifest.model.experts
         for ref in loras:
             check_strength(ref.strength, ref.named)
-            if ref.expert is not None and ref.expert not in experts:
-                raise UsageError(f"{ref.named} is for expert {ref.expert}, this model has {', '.join(experts)}; "
-                                 f"give it for every expert on one-denoiser models")
+            check_expert(ref, experts)
         return tuple(r for r in loras if r.expert in (None, expert) and r.strength != 0.0 and not r.baked)
 
     def key(self, expert: str, loras: Sequence[LoraRef]) -> SetKey:

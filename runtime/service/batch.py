@@ -111,7 +111,8 @@ def _read_line(raw: str, number: int, where: str, spec: ModelSpec, package: str 
     if job.model is not None and job.model != spec.name and \
             Path(job.model).expanduser().resolve() != Path(package).resolve():
         raise UsageError(f"{where}: model {job.model!r} is not this batch's model ({spec.name}, {package}); "
-                         f"one batch runs one model")
+                         f"one batch runs one model: leave \"model\" out of the line to use this one, or run the "
+                         f"line in a batch of its own with --model {job.model}")
     try:
         with spelled_as(JOB_FIELDS):  # a line's fields by their JSON names, not `vidrt run`'s flags
             settings = job.settings(spec, baked=baked)
