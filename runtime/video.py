@@ -554,7 +554,8 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             comment = image.info.get("comment", b"{}")
         tags = {"comment": comment.decode("ascii", "replace") if isinstance(comment, bytes) else str(comment)}
     else:
-        with av.open(str(p)) as container:
+        # a file object, not the name: FFmpeg reads "l:0.mp4" as the URL protocol "l" (as VideoWriter writes)
+        with open(p, "rb") as file, av.open(file) as container:
             tags = {k.lower(): v for k, v in container.metadata.items()}
     try:
         return dict(json.loads(tags.get("comment", "{}")))

@@ -68,6 +68,16 @@ def test_video_round_trip(tmp_path: Path, suffix: str) -> None:
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("name", ["l:0.mp4", "http:x.webm", "l:0.mkv"])
+def test_metadata_reads_back_from_a_name_with_a_colon(tmp_path: Path, name: str, monkeypatch) -> None:
+    """read_metadata on a file vidrt wrote as `-o l:0.mp4`: by its name, by ./name (what a shell passes),
+    and absolute; FFmpeg would take "l:" for a URL protocol (tester report s7 item 14)."""
+    out = write_video(tmp_path / name, [smooth_clip()[:3]], fps=8, metadata=META)
+    monkeypatch.chdir(tmp_path)
+    for path in (name, f"./{name}", out):
+        assert read_metadata(path) == META, path
+
+
 def test_float_frames_and_crf(tmp_path: Path) -> None:
     clip = smooth_clip(5)
     as_float = clip.astype(np.float32) / 127.5 - 1.0  # what vae_decode yields
