@@ -7,10 +7,11 @@ vidrt.vae_decode, untiled), both exports of the same VAE timed in one run, A/B i
     nice -n 10 .venv/bin/python -m benchmarks.conv3d_as_conv2d --variants            # one conv, 5 forms
 
 --wan21: the real Wan2.1 VAE architecture (diffusers AutoencoderKLWan defaults, base dim 96, z 16)
-with random weights. --variants: the tables in onnx_optimize.py (one Conv3d vs kt Conv2ds vs the taps
-stacked on the output or input channels vs frame pairs folded into the channels, on the bundled decoder's
-shapes). Times are the minimum over
---repeats runs of the calling thread's CPU time (threads 1, the default) or of the wall clock.
+with random weights. The "pairs" row (a VAE with 8-channel convs, like the bundled one's): the step
+graph's AVX-512 form, its narrow convs as frame pairs (onnx_optimize). --variants: the tables in
+onnx_optimize.py (one Conv3d vs kt Conv2ds vs the taps stacked on the output or input channels vs frame
+pairs folded into the channels, on the bundled decoder's shapes). Times are the minimum over --repeats
+runs of the calling thread's CPU time (threads 1, the default) or of the wall clock.
 """
 
 from __future__ import annotations
@@ -76,11 +77,15 @@ def vae_ab(wan21: bool, width: int, height: int, frames: int, threads: int, repe
         engines = {}
         for label, conv2d in (("Conv3d", False), ("Conv2d", True)):
             t = time.perf_counter()
+            pairs = Path(tmp) / "pairs_step.onnx" if conv2d else None  # the AVX-512 form, if the VAE has one
             first_c, step_c = export_vae_decoder(vae, Path(tmp) / f"{label}_first.onnx",
-                                                 Path(tmp) / f"{label}_step.onnx", spec, conv2d=conv2d)
+                                                 Path(tmp) / f"{label}_step.onnx", spec, conv2d=conv2d,
+                                                 step_avx512_path=pairs)
             print(f"exported {label} in {time.perf_counter() - t:.0f} s", flush=True)
             engines[label] = (OrtEngine("first", Path(tmp) / f"{label}_first.onnx", first_c, options),
                               OrtEngine("step", Path(tmp) / f"{label}_step.onnx", step_c, options))
+            if pairs is not None and pairs.exists():  # same first graph; step with frame pairs
+                engines["pairs"] = (engines[label][0], OrtEngine("step", pairs, step_c, options))
         sizes = {"lat_h": lat_h, "lat_w": lat_w}
         step_feeds = {t.name: rng.standard_normal(resolve_shape(t.shape, sizes)).astype(np.float32) * 0.5
                       for t in step_c.inputs}
@@ -105,10 +110,12 @@ def vae_ab(wan21: bool, width: int, height: int, frames: int, threads: int, repe
     for label, r in rows.items():
         print(f"  {label:7s} first {r['first'] * 1e3:8.2f} ms   step {r['step'] * 1e3:8.2f} ms   "
               f"clip {r['clip'] * 1e3:8.2f} ms")
-    a, b = rows["Conv3d"], rows["Conv2d"]
-    print(f"  speed-up: first {a['first'] / b['first']:.2f}x, step {a['step'] / b['step']:.2f}x, "
-          f"clip {a['clip'] / b['clip']:.2f}x; max |frames difference| "
-          f"{float(np.abs(clips['Conv3d'] - clips['Conv2d']).max()):.1e}")
+    a = rows["Conv3d"]
+    for label in [k for k in rows if k != "Conv3d"]:
+        b = rows[label]
+        print(f"  {label} vs Conv3d: first {a['first'] / b['first']:.2f}x, step {a['step'] / b['step']:.2f}x, "
+              f"clip {a['clip'] / b['clip']:.2f}x; max |frames difference| "
+              f"{float(np.abs(clips['Conv3d'] - clips[label]).max()):.1e}")
 
 
 # ---- one conv, five forms (the tables in onnx_optimize.py) ---------------------------------------

@@ -33,6 +33,7 @@ def run_grids(pipe: Pipeline, recipes: list[str | None]) -> list[dict[str, objec
     results: dict[str | None, list] = {r: [] for r in recipes}
     wall: dict[str | None, list[float]] = {r: [] for r in recipes}
     cpu: dict[str | None, list[float]] = {r: [] for r in recipes}
+    stages: dict[str | None, dict[str, list[float]]] = {r: {"denoise": [], "decode": []} for r in recipes}
     calls = dict.fromkeys(recipes, 0)
     for seed in GRID_SEEDS:
         for colour, shape, direction in grid():
@@ -42,10 +43,13 @@ def run_grids(pipe: Pipeline, recipes: list[str | None]) -> list[dict[str, objec
                 wall[recipe].append(time.perf_counter() - t0)
                 cpu[recipe].append(time.process_time() - c0)
                 calls[recipe] += res.stats.dit_calls
+                for stage, seconds in stages[recipe].items():  # the pipeline's own wall time per stage
+                    seconds.append(res.stats.seconds[stage])
                 results[recipe].append((classify_clip(res.frames), (colour, direction)))
     return [{"recipe": r or "default (25 UniPC steps, CFG)", "score": score(results[r]),
              "seconds_per_clip_median": statistics.median(wall[r]), "seconds_total": sum(wall[r]),
              "cpu_seconds_per_clip_median": statistics.median(cpu[r]),
+             "stage_seconds_median": {k: statistics.median(v) for k, v in stages[r].items()},
              "dit_calls_per_clip": calls[r] / len(results[r])} for r in recipes]
 
 
@@ -89,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         s = r["score"]
         print(f"{r['recipe']:<32} grid both {s['both']:.1%} (colour {s['colour']:.1%}, "  # type: ignore[index]
               f"direction {s['direction']:.1%}), {r['seconds_per_clip_median']:.3f} s/clip median "
-              f"({r['cpu_seconds_per_clip_median']:.3f} CPU), {r['dit_calls_per_clip']:.0f} DiT calls/clip")
+              f"({r['cpu_seconds_per_clip_median']:.3f} CPU), {r['dit_calls_per_clip']:.0f} DiT calls/clip; "
+              + ", ".join(f"{k} {v:.3f} s" for k, v in r["stage_seconds_median"].items()))  # type: ignore[attr-defined]
     speedup = rows[0]["seconds_per_clip_median"] / rows[1]["seconds_per_clip_median"]  # type: ignore[operator]
     cpu_speedup = rows[0]["cpu_seconds_per_clip_median"] / rows[1]["cpu_seconds_per_clip_median"]  # type: ignore[operator]
     print(f"speed-up {speedup:.2f}x wall, {cpu_speedup:.2f}x CPU (clips interleaved); load average {load:.1f} "

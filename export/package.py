@@ -249,7 +249,7 @@ def _stages(ckpt: Checkpoint, out: Path, opset: int, precision: str, loras: Sequ
     vae_opset = min(opset, VAE_OPSET)
 
     # The VAE step graphs' AVX-512 form, where the model has one (its 8-channel convs as frame pairs:
-    # onnx_optimize; the bundled model's decode 63 -> 49 ms per clip on an AVX-512 CPU)
+    # onnx_optimize; the bundled model's decode 63.4 -> 49.3 ms per clip on an AVX-512 CPU)
     def vae() -> StageResult:
         first, step = export_vae_decoder(ckpt.vae(), out / f"{VAE_FIRST}.onnx", out / f"{VAE_STEP}.onnx", spec,
                                          vae_opset, step_avx512_path=out / _avx512_file(VAE_STEP))
