@@ -426,6 +426,18 @@ def test_a_batch_line_for_another_model_names_the_fix(capsys, tmp_path):
                          'with --model wan2.1-t2v-1.3b'), line
 
 
+def test_plan_names_the_stages_over_the_budget_and_their_fix(capsys):
+    """1.3B 832x480x81 on 4GB: the 13.84 GiB the error quotes is umT5's stage, which no --size fixes: the
+    error names the stages over and --text-encoder cpu; with umT5 on the CPU only the DiT's stage is over
+    and the fix is the clip's size (tester report s7, `vidrt plan` note)."""
+    plan = ["plan", "wan2.1-t2v-1.3b", "--size", "832x480", "--frames", "81", "--gpu-memory", "4GB"]
+    line = assert_error(*vidrt(capsys, *plan), 4, "(over: text ", ", denoise ")
+    assert line.endswith("; run the text encoder on the CPU (--text-encoder cpu), lower --size or --frames, or plan "
+                         "a larger card (--gpu-memory)"), line
+    line = assert_error(*vidrt(capsys, *plan, "--text-encoder", "cpu"), 4, "(over: denoise ")
+    assert "text " not in line and line.endswith("; lower --size or --frames, or plan a larger card (--gpu-memory)")
+
+
 def test_unsupported_output_suffix_is_a_usage_error(capsys, pkg, tmp_path):
     assert_error(*vidrt(capsys, *run_args(pkg, tmp_path / "x.avi")), 2, ".avi", ".mp4", ".webm")
 

@@ -130,7 +130,20 @@ def plan_cmd(model: str, size: str, frames: int | None, gpu_memory: str, precisi
         cards = "the card" if len(plans) == 1 else "any of these cards"
         raise DeviceError(f"{least.width}x{least.height}x{least.frames} does not fit {cards}: it needs "
                           f"{least.peak / 2**30:.2f} GiB of GPU memory and {least.budget / 2**30:.2f} GiB are planned "
-                          f"for; lower --size or --frames, or plan a larger card (--gpu-memory)")
+                          f"for {_over(least)}")
+
+
+def _over(plan: ResidencyPlan) -> str:
+    """The stages over the budget and the fix for each kind: umT5's stage does not shrink with the clip
+    (run it on the CPU), the others do."""
+    over = [s for s in plan.stages if s.peak > plan.budget]
+    fixes = []
+    if any(s.name == "text" for s in over) and plan.text_device != "cpu":
+        fixes.append("run the text encoder on the CPU (--text-encoder cpu)")
+    if any(s.name != "text" for s in over):
+        fixes.append("lower --size or --frames")
+    stages = ", ".join(f"{s.name} {s.peak / 2**30:.2f} GiB" for s in over)
+    return f"(over: {stages}); " + ", ".join([*fixes, "or plan a larger card (--gpu-memory)"])
 
 
 def _summary(plans: list[ResidencyPlan], gpu_memory: str) -> None:
