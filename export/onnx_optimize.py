@@ -212,6 +212,37 @@ def narrow_frame_pair_convs(model: ir.Model) -> int:
     return sum(1 for c in _conv3ds(model) if c.frame_pairs and max(c.w.shape[:2]) < NARROW_CHANNELS)
 
 
+class _Replacement:
+    """The nodes that replace one Conv node: `op` appends a node and `const` registers an initializer,
+    both named after the node; `replace(out)` inserts them and gives `out` the node's output's uses,
+    shape, type and name (a graph output stays one)."""
+
+    def __init__(self, graph: ir.Graph, node: ir.Node) -> None:
+        self.graph, self.node, self.new = graph, node, []  # type: ignore[var-annotated]
+        self.name = node.name or f"conv3d_{id(node)}"
+
+    def op(self, op_type: str, inputs: list[ir.Value | None], **attrs: Any) -> ir.Value:
+        n = ir.node(op_type, inputs, attrs, name=f"{self.name}/{op_type}_{len(self.new)}")
+        self.new.append(n)
+        return n.outputs[0]
+
+    def const(self, suffix: str, values: Any, dtype: Any = np.int64) -> ir.Value:
+        return _const(self.graph, f"{self.name}/{suffix}", np.asarray(values, dtype=dtype))
+
+    def replace(self, out: ir.Value) -> None:
+        graph, node = self.graph, self.node
+        old = node.outputs[0]
+        out.shape, out.type = old.shape, old.type
+        graph.insert_before(node, self.new)
+        ir.convenience.replace_all_uses_with(old, out)
+        for i, v in enumerate(graph.outputs):
+            if v is old:
+                graph.outputs[i] = out
+        out_name = old.name
+        graph.remove(node, safe=True)
+        out.name = out_name
+
+
 def _replace_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, bias: ir.Value | None,
                   plan: tuple[list[tuple[int, int, int]], tuple[int, int]], strides: list[int],
                   dilations: list[int], t_out: int | None) -> None:
@@ -221,17 +252,8 @@ def _replace_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, bias: ir.Value 
     [T, C, H, W]; otherwise Transpose to [N, T, C, H, W] and Reshape to [N*T, C, H, W] (Shape ops)."""
     taps, (pad_before, pad_after) = plan
     pads = list(_int_attr(node, "pads", [0] * 6))
-    name = node.name or f"conv3d_{id(node)}"
-    new: list[ir.Node] = []
-
-    def op(op_type: str, inputs: list[ir.Value | None], **attrs: Any) -> ir.Value:
-        n = ir.node(op_type, inputs, attrs, name=f"{name}/{op_type}_{len(new)}")
-        new.append(n)
-        return n.outputs[0]
-
-    def const(suffix: str, values: Any, dtype: Any = np.int64) -> ir.Value:
-        return _const(graph, f"{name}/{suffix}", np.asarray(values, dtype=dtype))
-
+    ops = _Replacement(graph, node)
+    op, const = ops.op, ops.const
     src = node.inputs[0]
     assert src is not None
     batch1 = src.shape is not None and src.shape[0] == 1
@@ -278,16 +300,7 @@ def _replace_conv(graph: ir.Graph, node: ir.Node, w: np.ndarray, bias: ir.Value 
     else:
         out_shape = op("Concat", [op("Shape", [first_piece], start=0, end=2), op("Shape", [total], start=1)], axis=0)
         out = op("Transpose", [op("Reshape", [total, out_shape])], perm=[0, 2, 1, 3, 4])  # [N, Co, T', H', W']
-    old = node.outputs[0]
-    out.shape, out.type = old.shape, old.type
-    graph.insert_before(node, new)
-    ir.convenience.replace_all_uses_with(old, out)
-    for i, v in enumerate(graph.outputs):
-        if v is old:
-            graph.outputs[i] = out
-    out_name = old.name
-    graph.remove(node, safe=True)
-    out.name = out_name
+    ops.replace(out)
 
 
 # ---- narrow convs: two frames per Conv2d --------------------------------------------------------
@@ -353,17 +366,8 @@ def _replace_conv_frame_pairs(graph: ir.Graph, node: ir.Node, w: np.ndarray, bia
     pads = list(_int_attr(node, "pads", [0] * 6))
     co, ci = w.shape[:2]
     pairs_out = t_out // 2
-    name = node.name or f"conv3d_{id(node)}"
-    new: list[ir.Node] = []
-
-    def op(op_type: str, inputs: list[ir.Value | None], **attrs: Any) -> ir.Value:
-        n = ir.node(op_type, inputs, attrs, name=f"{name}/{op_type}_{len(new)}")
-        new.append(n)
-        return n.outputs[0]
-
-    def const(suffix: str, values: Any, dtype: Any = np.int64) -> ir.Value:
-        return _const(graph, f"{name}/{suffix}", np.asarray(values, dtype=dtype))
-
+    ops = _Replacement(graph, node)
+    op, const = ops.op, ops.const
     src = node.inputs[0]
     assert src is not None
     if pad_before or pad_after:
@@ -395,14 +399,5 @@ def _replace_conv_frame_pairs(graph: ir.Graph, node: ir.Node, w: np.ndarray, bia
     assert total is not None
     frames_out = op("Reshape", [total, const("frame_shape", [t_out, co, 0, 0])])  # [T', Co, H', W']
     out = op("Unsqueeze", [op("Transpose", [frames_out], perm=[1, 0, 2, 3]), const("axis0_out", [0])])
-    old = node.outputs[0]
-    out.shape, out.type = old.shape, old.type
-    graph.insert_before(node, new)
-    ir.convenience.replace_all_uses_with(old, out)
-    for i, v in enumerate(graph.outputs):
-        if v is old:
-            graph.outputs[i] = out
-    out_name = old.name
-    graph.remove(node, safe=True)
-    out.name = out_name
+    ops.replace(out)
 
