@@ -39,38 +39,45 @@ def _describe(source: object) -> str:
     return f"image {source}" if isinstance(source, (str, Path)) else "the image array"
 
 
-def load_image(source: str | Path | np.ndarray, flag: str | None = None) -> np.ndarray:
-    """A path (any format Pillow reads: PNG, JPEG, WebP, BMP, TIFF, GIF...) or a uint8 [H, W, 3] array
-    -> uint8 [H, W, 3] RGB, EXIF orientation applied. Raises UsageError, one line naming `flag` and the
-    fix, for: a missing/unreadable file, a size outside MIN_SIDE_PX..MAX_SIDE_PX or over MAX_PIXELS,
-    CMYK, 16-bit or float samples, an animated image, an array of the wrong shape or dtype. `flag`: how
-    messages name the source (default: the caller's spelling of `image`, vidrt.errors.arg)."""
+def load_image(source: str | Path | bytes | np.ndarray, flag: str | None = None) -> np.ndarray:
+    """A path (any format Pillow reads: PNG, JPEG, WebP, BMP, TIFF, GIF...), a file's bytes (`vidrt serve`'s
+    upload, checked in memory before anything is written) or a uint8 [H, W, 3] array -> uint8 [H, W, 3] RGB,
+    EXIF orientation applied. Raises UsageError, one line naming `flag` (and the path) and the fix, for: a
+    missing/unreadable file, a size outside MIN_SIDE_PX..MAX_SIDE_PX or over MAX_PIXELS, CMYK, 16-bit or
+    float samples, an animated image, an array of the wrong shape or dtype. `flag`: how messages name the
+    source (default: the caller's spelling of `image`, vidrt.errors.arg)."""
+    import io
+
     flag = flag or arg("image")
     if isinstance(source, np.ndarray):
         return _check_array(source, flag)
-    if not isinstance(source, (str, Path)):
+    if not isinstance(source, (str, Path, bytes)):
         raise UsageError(f"{flag} must be a file path or a uint8 [H, W, 3] array, not {type(source).__name__}")
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(source)
-    if not path.is_file():
-        raise UsageError(f"{flag} {path} does not exist or is not a file")
+    if isinstance(source, bytes):
+        what, opened = flag, io.BytesIO(source)  # messages name the field only: no path was involved
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UsageError(f"{flag} {path} does not exist or is not a file")
+        what, opened = f"{flag} {path}", path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            _check_header(img, path, flag)
+            img = Image.open(opened)
+            _check_header(img, what)
             img = ImageOps.exif_transpose(img)  # phones store portraits rotated + an orientation tag
             img.load()
     except UsageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         kind = "is not an image Pillow can read" if isinstance(exc, UnidentifiedImageError) else "is too large"
-        raise UsageError(f"{flag} {path} {kind}; use a PNG or JPEG of at most {MAX_PIXELS // 2**20} megapixels") \
+        raise UsageError(f"{what} {kind}; use a PNG or JPEG of at most {MAX_PIXELS // 2**20} megapixels") \
             from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
         reason = " ".join(str(exc).split())[:120]
-        raise UsageError(f"{flag} {path} cannot be decoded ({reason}); re-save it as PNG or JPEG") from None
+        raise UsageError(f"{what} cannot be decoded ({reason}); re-save it as PNG or JPEG") from None
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))  # transparent = white, as viewers show it
@@ -78,20 +85,21 @@ def load_image(source: str | Path | np.ndarray, flag: str | None = None) -> np.n
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
-def _check_header(img: object, path: Path, flag: str) -> None:
-    """What the file header tells before decoding: animation, colour model, bit depth, size."""
+def _check_header(img: object, what: str) -> None:
+    """What the file header tells before decoding: animation, colour model, bit depth, size. what: how
+    messages name the image ("--image start.png", "input_reference")."""
     from PIL import Image
 
     assert isinstance(img, Image.Image)
     if getattr(img, "is_animated", False) or getattr(img, "n_frames", 1) > 1:
-        raise UsageError(f"{flag} {path} is animated ({getattr(img, 'n_frames', '?')} frames); "
+        raise UsageError(f"{what} is animated ({getattr(img, 'n_frames', '?')} frames); "
                          f"give one still frame (PNG or JPEG)")
     if img.mode == "CMYK":
-        raise UsageError(f"{flag} {path} is CMYK (print colours); convert it to RGB, e.g. save it as PNG")
+        raise UsageError(f"{what} is CMYK (print colours); convert it to RGB, e.g. save it as PNG")
     raw = " ".join(str(t.args) for t in getattr(img, "tile", []) or [])
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F") or ";16" in raw or "48" in raw:
-        raise UsageError(f"{flag} {path} has 16-bit or float samples ({img.mode}); save it as 8-bit PNG or JPEG")
-    _check_size(img.width, img.height, f"{flag} {path}")
+        raise UsageError(f"{what} has 16-bit or float samples ({img.mode}); save it as 8-bit PNG or JPEG")
+    _check_size(img.width, img.height, what)
 
 
 def _check_size(width: int, height: int, what: str) -> None:

@@ -293,7 +293,7 @@ def test_batch_resume_follows_a_lora_files_contents(package, tmp_path):
     lines = read_jobs(jobs, manifest.model, package, out)
     for line in lines:  # as a finished run leaves them: the clip and (named) its stats with the request key
         line.output.write_bytes(b"a clip")
-        line.stats_path.write_text(json.dumps({"request_key": line.job.key()}))
+        line.stats_path.write_text(json.dumps({"request_key": line.key}))
     assert all(is_done(b) for b in read_jobs(jobs, manifest.model, package, out))
     write_lora(0.2)  # same name, same size, other contents
     again = read_jobs(jobs, manifest.model, package, out)
@@ -301,8 +301,159 @@ def test_batch_resume_follows_a_lora_files_contents(package, tmp_path):
     assert again[0].output != lines[0].output and again[1].output == lines[1].output
 
 
+def test_batch_resume_follows_the_package_and_the_start_image(baked_package, tmp_path):
+    """Another model package is another request, even one that keeps the model's name (a LoRA baked in by
+    `vidrt export --lora`), and so is a start image whose file was rewritten under the same name: a clip
+    made from the old one is made again, named or not."""
+    import shutil
+
+    from PIL import Image
+    from vidrt.models import default_package
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.batch import is_done, read_jobs
+
+    bundled, baked = Path(default_package()), baked_package[0]
+    spec, baked_spec = (load_manifest(p, verify=False).model for p in (bundled, baked))
+    assert spec.name == baked_spec.name and spec.image is not None
+    image = tmp_path / "start.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a red circle moving left", "seed": 1, "output": "c1"}) + "\n" +
+                    json.dumps({"prompt": "a red circle moving left", "seed": 1}) + "\n" +
+                    json.dumps({"prompt": "a red circle", "image": str(image), "output": "i1"}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = read_jobs(jobs, spec, bundled, out)
+    for line in lines:  # as a finished run leaves them
+        line.output.write_bytes(b"a clip")
+        line.stats_path.write_text(json.dumps({"request_key": line.key}))
+    assert all(is_done(b) for b in read_jobs(jobs, spec, bundled, out))
+    assert [is_done(b) for b in read_jobs(jobs, baked_spec, baked, out)] == [False, False, False]
+    engines = tmp_path / "with-engines"  # TensorRT engines built later do not change what the graphs make
+    shutil.copytree(bundled, engines)
+    manifest = json.loads((engines / "manifest.json").read_text())
+    manifest["engines"] = [{"component": "dit", "precision": "fp16", "tensorrt_version": "10.13",
+                            "compute_capability": "8.9", "artifact": {**manifest["components"]["dit"]["artifact"],
+                                                                      "file": "dit.sm89.engine"}}]
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    assert [b.key for b in read_jobs(jobs, spec, engines, out)] == [b.key for b in lines]
+    Image.new("RGB", (64, 64), (30, 200, 30)).save(image)  # same name, other pixels
+    assert [is_done(b) for b in read_jobs(jobs, spec, bundled, out)] == [True, True, False]
+
+
+def test_batch_never_replaces_a_file_it_did_not_make(package, tmp_path, capsys, monkeypatch):
+    """A file at a line's output (or its stats path) with no stats JSON of vidrt batch's beside it is the
+    user's: refused before any work (exit 5, every such file named), replaced only with --overwrite."""
+    import vidrt.service.scaleout as scaleout
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.mp4").write_text("precious")
+    (out / "notes.json").write_text("{}")  # a stats path: a JSON the user wrote, no request_key
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a red circle moving left", "seed": 1, "output": "mine"}\n'
+                    '{"prompt": "a blue square", "output": "notes"}\n{"prompt": "a cat", "output": "new"}\n')
+    with pytest.raises(SystemExit) as exit_:
+        main(["batch", str(jobs), "--out", str(out), "--model", str(package), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 5 and "\n" not in err, err
+    assert err.startswith("error: --out") and "mine.mp4 (line 1), notes.json (line 2), not made by vidrt batch; " \
+        "pass --overwrite" in err, err
+    assert (out / "mine.mp4").read_text() == "precious" and (out / "notes.json").read_text() == "{}"
+
+    class RayStarts(Exception):
+        pass
+
+    def no_ray(*a: Any) -> bool:
+        raise RayStarts()
+
+    monkeypatch.setattr(scaleout, "connect_ray", no_ray)  # what happens before the workers start is the test
+    with pytest.raises(SystemExit) as exit_:
+        main(["batch", str(jobs), "--out", str(out), "--model", str(package), "-q", "--overwrite"])
+    assert exit_.value.code == 1 and "RayStarts" in capsys.readouterr().err
+    assert not (out / "mine.mp4").exists()  # replaced: removed first, then made (by the workers)
+
+
+def test_batch_refuses_two_lines_that_share_a_file_and_reads_a_bom(package, tmp_path, capsys):
+    """Two lines whose clips differ only by suffix share one stats file (NAME.json), and a line named
+    batch-summary would be overwritten by the run's summary: each resume would remake one of them, so the
+    file is refused before any work. A UTF-8 BOM (Windows editors) is not part of line 1."""
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.batch import read_jobs
+
+    jobs = tmp_path / "jobs.jsonl"
+    for text, needle in (('{"prompt": "a", "output": "same"}\n{"prompt": "b", "output": "same", '
+                          '"output_format": "webm"}\n', "jobs.jsonl line 2: writes same.json, like line 1"),
+                         ('{"prompt": "a", "output": "batch-summary"}\n',
+                          "jobs.jsonl line 1: writes batch-summary.json, like the batch's summary")):
+        jobs.write_text(text)
+        with pytest.raises(SystemExit) as exit_:
+            main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and needle in err and "\n" not in err, err
+    jobs.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a cat", "output": "cat"}\n')
+    lines = read_jobs(jobs, load_manifest(package, verify=False).model, package, tmp_path / "out")
+    assert [(b.line, b.job.prompt, b.output.name) for b in lines] == [(1, "a cat", "cat.mp4")]
+
+
+def test_batch_out_on_a_read_only_mount_is_an_output_error(package, tmp_path, capsys):
+    import subprocess
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a cat"}\n')
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (not root?)")
+    try:  # read-only even for root: a folder to create in it, and the mount itself
+        for out in (mnt / "b", mnt):
+            with pytest.raises(SystemExit) as exit_:
+                main(["batch", str(jobs), "--out", str(out), "--model", str(package)])
+            err = capsys.readouterr().err.strip()
+            assert exit_.value.code == 5 and err == f"error: cannot write in --out {out} (Read-only file system); " \
+                "give a folder you can write to", err
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_batch_stops_on_a_ctrl_c_swallowed_while_ray_starts(package, tmp_path, capsys, monkeypatch):
+    """Python ignores a KeyboardInterrupt raised in an at-fork callback (Ray forking its processes): the
+    signal is recorded (vidrt.cli.app), and vidrt batch checks it once Ray is up, as vidrt serve does, so it
+    stops with 130 instead of making every clip."""
+    import signal as signals
+
+    import vidrt.cli.app as app
+    import vidrt.service.batch as batch
+    import vidrt.service.scaleout as scaleout
+
+    monkeypatch.setattr(app, "_signal_received", None)
+    monkeypatch.setattr(signals, "signal", lambda *a: None)  # main() leaves pytest's handlers alone
+
+    def ray_start_swallowing_a_ctrl_c(*a: Any) -> bool:
+        app._signal_received = signals.SIGINT  # what app._on_sigint records before its raise is lost
+        return False
+
+    drove: list[int] = []
+
+    async def drive(*a: Any) -> None:
+        drove.append(1)
+
+    monkeypatch.setattr(scaleout, "connect_ray", ray_start_swallowing_a_ctrl_c)
+    monkeypatch.setattr(batch, "_drive", drive)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a cat"}\n')
+    with pytest.raises(SystemExit) as exit_:
+        main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package), "-q"])
+    assert exit_.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+    assert drove == [] and not (tmp_path / "out" / "batch-summary.json").exists()
+
+
 def test_batch_runs_and_resumes(package, local_ray, tmp_path):
     from vidrt.service.batch import run_batch
+    from vidrt.service.jobs import package_identity
+
+    identity = package_identity(package)
 
     lines = [{"prompt": "a red cat walks", **SMALL, "seed": 1},
              {"prompt": "a blue dog runs", **SMALL, "seed": 2, "output": "dog"},
@@ -319,14 +470,14 @@ def test_batch_runs_and_resumes(package, local_ray, tmp_path):
     dog = out / "dog.mp4"
     assert decode(dog).shape == (9, 64, 64, 3)
     assert json.loads((out / "dog.json").read_text())["settings"]["seed"] == 2
-    png = out / JobRequest.from_dict(lines[2]).key()
+    png = out / JobRequest.from_dict(lines[2]).key(identity)
     assert len(list(png.glob("frame_*.png"))) == 9
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temps left
     mtime = dog.stat().st_mtime_ns
     dog_frames = decode(dog)
 
     # resumable: a second run skips everything that exists; a removed clip is made again
-    (out / (JobRequest.from_dict(lines[0]).key() + ".mp4")).unlink()
+    (out / (JobRequest.from_dict(lines[0]).key(identity) + ".mp4")).unlink()
     again = run_batch(str(jobs), str(out), package, workers=1, threads=1, quiet=True, echo=messages.append)
     assert (again["skipped"], again["completed"]) == (3, 1), again
     assert dog.stat().st_mtime_ns == mtime
@@ -338,7 +489,7 @@ def test_batch_runs_and_resumes(package, local_ray, tmp_path):
     assert any("line 2: dog.mp4 was made from another request" in m for m in messages), messages
     record = json.loads((out / "dog.json").read_text())
     assert record["settings"]["prompt"] == "a green dog runs" and record["request_key"] == \
-        JobRequest.from_dict({k: v for k, v in lines[1].items() if k != "output"}).key()
+        JobRequest.from_dict({k: v for k, v in lines[1].items() if k != "output"}).key(identity)
     lines[1]["prompt"] = "a blue dog runs"
     jobs.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     (out / "dog.mp4").unlink()  # back to the first request: made again below, compared with vidrt run

@@ -1090,3 +1090,84 @@ def test_lora_fit_check_on_a_package_without_its_weight_layout(tmp_path):
         api.to_job({"prompt": "a cat", "loras": ["style.safetensors"]})
     assert (err.value.status, err.value.param, err.value.code) == (400, "loras", "loras_unsupported")
     assert str(package) not in err.value.message, err.value.message
+
+
+def _png(size: tuple[int, int] = (64, 64), mode: str = "RGB", kind: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], len(mode)), np.uint8)
+    Image.fromarray(pixels if mode != "CMYK" else pixels[..., :3]).convert(mode).save(buf, kind)
+    return buf.getvalue()
+
+
+def test_an_upload_is_checked_before_it_is_kept_and_goes_with_its_jobs(package, tmp_path, monkeypatch):
+    """A server never reads what it will refuse: a request over a limit is refused before its input_reference
+    is decoded or written; an image that cannot be used (not an image, too small, CMYK) is refused after it is
+    decoded in memory, before it is written; a refused request leaves nothing in --out. A kept image is its
+    jobs' file: removed with the last job that uses it (DELETE, --keep), and at restart if no job does."""
+    import vidrt.service.api as api_module
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.api import ApiError, ServeLimits, VideoAPI
+    from vidrt.service.scaleout import JobManager
+    from vidrt.service.store import DB_NAME, JobStore
+
+    spec = load_manifest(package, verify=False).model
+    if spec.image is None:
+        pytest.skip("this package takes no start image")
+    out = tmp_path / "out"
+    out.mkdir()
+    api = VideoAPI(spec, ServeLimits(max_pixels=64 * 64, max_frames=17, max_steps=50), str(package), out / "inputs")
+    decoded: list[int] = []
+    real_load = api_module.load_image
+    monkeypatch.setattr(api_module, "load_image", lambda data, *a: decoded.append(len(data)) or real_load(data, *a))
+    good = _png()
+    for over, param in (({"steps": 51}, "steps"), ({"size": "128x128"}, "size"), ({"frames": 21}, "frames"),
+                        ({"recipe": "nope"}, "recipe")):
+        with pytest.raises(ApiError) as info:
+            api.to_job({"prompt": "a red circle", **over}, good)
+        assert info.value.param == param, info.value
+    assert decoded == [] and list(out.iterdir()) == []
+    for bad, needle in ((b"\0" * 100, "input_reference is not an image Pillow can read"),
+                        (_png((10, 10)), "input_reference is 10x10; it needs at least 16 pixels"),
+                        (_png(mode="CMYK", kind="JPEG"), "input_reference is CMYK")):
+        with pytest.raises(ApiError) as info:
+            api.to_job({"prompt": "a red circle", "steps": 4}, bad)
+        assert (info.value.param, info.value.code) == ("input_reference", "image_invalid"), info.value
+        assert info.value.message.startswith(needle) and str(tmp_path) not in info.value.message, info.value
+    assert len(decoded) == 3 and list(out.iterdir()) == []  # decoded, refused, never written
+
+    manager = JobManager(package, out, store=JobStore(out / DB_NAME), keep_seconds=60, inputs_dir=out / "inputs")
+    jobs = []
+    for image in (good, good, _png((48, 48))):
+        job, settings, _ = api.to_job({"prompt": "a red circle", "steps": 4}, image)
+        assert Path(job.image).parent == out / "inputs" and Path(settings.image) == Path(job.image)
+        jobs.append(manager.submit(job, settings))
+    shared, other = Path(jobs[0].request.image), Path(jobs[2].request.image)
+    assert jobs[1].request.image == str(shared) and len(list((out / "inputs").iterdir())) == 2
+    manager.delete(jobs[0].id)
+    assert shared.is_file()  # the second job still uses it
+    manager.delete(jobs[1].id)
+    assert not shared.exists() and other.is_file()
+    manager._finish(jobs[2], "completed")
+    assert manager.expire(now=time.time() + 120) == 1 and not other.exists()
+    (out / "inputs" / "input-0123").write_bytes(good)  # an image whose job was deleted while the server stopped
+    kept, settings, _ = api.to_job({"prompt": "a red circle", "steps": 4}, good)
+    manager.submit(kept, settings)
+    manager.store.close()
+    again = JobManager(package, out, store=JobStore(out / DB_NAME), inputs_dir=out / "inputs")
+    assert again.restore()["orphans"] == 1
+    assert [p.name for p in (out / "inputs").iterdir()] == [Path(kept.image).name]
+    again.store.close()
+
+
+def test_crf_0_refusal_names_what_this_server_can_make(package):
+    """Lossless H.264 is refused with the fix this API has (a crf), not a PNG folder it cannot make."""
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.api import ApiError, ServeLimits, VideoAPI
+
+    api = VideoAPI(load_manifest(package, verify=False).model, ServeLimits(max_pixels=64 * 64, max_frames=17,
+                                                                           max_steps=50))
+    with pytest.raises(ApiError) as info:
+        api.to_job({"prompt": "a red circle", "crf": 0})
+    assert (info.value.param, info.value.status) == ("crf", 400)
+    assert "crf 1..51" in info.value.message and "PNG" not in info.value.message, info.value.message
+    api.to_job({"prompt": "a red circle", "crf": 0, "output_format": "webm"})  # VP9 takes 0

@@ -64,20 +64,24 @@ def _check_port_free(host: str, port: int) -> None:
 @click.argument("jobs_file", metavar="JOBS.jsonl")
 @click.option("--out", "out_dir", required=True, help="Folder for the clips (<name>.mp4 + <name>.json each).")
 @_options
+@click.option("--overwrite", is_flag=True, help="Replace files in --out that vidrt batch did not make (its own "
+                                                "clips of an older request are always made again).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def batch_cmd(jobs_file: str, out_dir: str, model: str | None, address: str | None, workers: int | None,
-              threads: int | None, backend: str, use_gpu: bool | None, quiet: bool) -> None:
+              threads: int | None, backend: str, use_gpu: bool | None, overwrite: bool, quiet: bool) -> None:
     """Make every clip in a JSON-lines file; finished clips are skipped when run again.
 
     \b
     One job per line: {"prompt": "a red circle moving left", "size": "832x480", "frames": 81,
       "steps": 50, "seed": 1, "output": "circle-1"}  (fields: vidrt.service.jobs.JobRequest)
     """
+    from vidrt.cli.app import raise_if_signalled
     from vidrt.service.batch import run_batch
 
     summary = run_batch(jobs_file, out_dir, _package(model), address=address, workers=workers, threads=threads,
-                        backend=backend, use_gpu=use_gpu, quiet=quiet,
-                        echo=lambda s: click.echo(s, err=True))
+                        backend=backend, use_gpu=use_gpu, quiet=quiet, overwrite=overwrite,
+                        echo=lambda s: click.echo(s, err=True),
+                        checkpoint=raise_if_signalled)  # a Ctrl-C swallowed while Ray started stops the batch
     if summary["failed"]:
         # exit 4 (runtime, errors.md): the lines were checked before any work, so what is left failed while
         # running; a transient failure (a worker that died twice) goes away when run again, others need a fix

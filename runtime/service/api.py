@@ -18,18 +18,20 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from vidrt.errors import PackageError, Spelling, UsageError, spelled_as
+from vidrt.image import load_image
 from vidrt.lora import parse_lora_arg, read_lora
 from vidrt.package.manifest import BakedLora, load_manifest
 from vidrt.package.registry import ModelSpec
 from vidrt.request import MAX_FRAMES, MAX_SEED, MAX_STEPS, Settings, missing_recipe_lora
 from vidrt.schedulers import SOLVERS
 from vidrt.service.jobs import JOB_FIELDS, JobRequest
+from vidrt.video import output_format
 
 Status = Literal["queued", "in_progress", "completed", "failed"]
 # How a server's client reads vidrt's messages (vidrt.errors.arg, commands_shown, catalog): its request's fields,
@@ -181,6 +183,9 @@ class VideoAPI:
         self.baked_loras: tuple[BakedLora, ...] = () if package is None else \
             load_manifest(package, verify=False).baked_loras
         self.limits = limits
+        # the model as the checks before an upload is decoded see it: its image not required (it was sent)
+        self._probe_spec = spec if spec.image is None or not spec.image.required else \
+            replace(spec, image=replace(spec.image, required=False))
         self.names = {spec.name} | ({Path(package).name} if package else set())
         self.fps = spec.sampling.fps
         self.stride = spec.vae.stride[0]
@@ -286,24 +291,58 @@ class VideoAPI:
             size = self.default_size()  # --max-size under the model's default size (an image keeps this size)
             if size is not None:
                 values["size"] = f"{size[0]}x{size[1]}"
-        if image is not None:
-            values["image"] = str(self._keep_image(image))
+        fmt = output_format(f"clip.{body.output_format}")
+        if body.crf == 0 and fmt.crf_range is not None and fmt.crf_range[0] == 1:  # check_crf's refusal, worded
+            # for this API: its other way to exact frames (a PNG folder) is not one this server makes
+            raise ApiError(400, f"crf 0 is lossless H.264, which exists only in the High 4:4:4 Predictive "
+                                f"profile that browsers do not play; send crf {fmt.crf_range[0]}..{fmt.crf_range[1]} "
+                                f"(18 looks lossless)", "crf", "invalid_value")
         files = [self._server_lora(v) for v in body.loras or ()]  # names checked; nothing opened yet
         if files:
             values["loras"] = [f[0] for f in files]
+        # 1. the request without its image: fields, size, length, steps (a server never reads what it will
+        # refuse: the upload is neither decoded nor written before these pass)
+        job = self._job(values)
+        settings = self._settings(job, body, self._probe_spec if image is not None else self.spec)
+        if files:  # the operator's LoRA files, read only once the cheap limits passed
+            for _, name, path, expert in files:
+                self._check_lora_file(name, path, expert)
+            self._check_twins(job)
+        if image is not None:
+            # 2. the image, decoded and checked in memory (CMYK, 16-bit, animated, too small or too large...),
+            # then the request with it (the size follows the image's aspect); kept only once all of that passed
+            try:
+                pixels = load_image(image, "input_reference")
+            except UsageError as exc:
+                raise ApiError(400, str(exc), "input_reference", "image_invalid") from None
+            settings = self._settings(job, body, self.spec, pixels)
+            kept = str(self.keep_image(image))
+            job, settings = replace(job, image=kept), replace(settings, image=kept)
+        asked = {k: v for k, v in (("seconds", body.seconds), ("size", body.size)) if v is not None}
+        return job, settings, asked
+
+    def _job(self, values: dict[str, Any]) -> JobRequest:
         try:
             with spelled_as(API_FIELDS):
-                job = JobRequest.from_dict(values, where="request").seeded()  # a retry after a worker died: same seed
-                settings = job.settings(self.spec, baked=self.baked_loras)
+                return JobRequest.from_dict(values, where="request").seeded()  # a retry after a worker died: same seed
         except UsageError as exc:
-            kept = f"input_reference {values.get('image')}"  # the stored upload, as vidrt.image names it here
-            if "image" in values and kept in str(exc):
-                # vidrt.image's one-line refusals (unreadable, CMYK, 16-bit, animated...), without the server's path
-                raise ApiError(400, str(exc).replace(kept, "input_reference"), "input_reference",
-                               "image_invalid") from None
-            message, param = api_text(str(exc))
-            raise ApiError(400, f"{message}; {self._can()}" if param in ("size", "frames") else message, param,
-                           "invalid_value") from None
+            raise self._refusal(exc) from None
+
+    def _refusal(self, exc: UsageError) -> ApiError:
+        """A refusal of the checks shared with `vidrt run` as a 400 naming the field (and, for a size or a
+        length, what this server makes)."""
+        message, param = api_text(str(exc))
+        return ApiError(400, f"{message}; {self._can()}" if param in ("size", "frames") else message, param,
+                        "invalid_value")
+
+    def _settings(self, job: JobRequest, body: CreateVideoRequest, spec: ModelSpec,
+                  image: Any = None) -> Settings:
+        """The job's settings against `spec` (image: the decoded upload), then this server's limits."""
+        try:
+            with spelled_as(API_FIELDS):
+                settings = job.settings(spec, baked=self.baked_loras, image=image)
+        except UsageError as exc:
+            raise self._refusal(exc) from None
         if settings.width * settings.height > self.limits.max_pixels:
             raise ApiError(400, f"size {settings.width}x{settings.height} is over this server's limit; {self._can()}",
                            "size", "size_unsupported")
@@ -318,15 +357,11 @@ class VideoAPI:
                 f"the default of {settings.steps} steps is"
             raise ApiError(400, f"{what} over this server's limit of {self.limits.max_steps} steps; send steps "
                                 f"{self.limits.max_steps} or fewer", "steps", "steps_unsupported")
-        if files:  # read only once the cheap limits passed: a server never reads what it will refuse
-            for _, name, path, expert in files:
-                self._check_lora_file(name, path, expert)
-            self._check_twins(job)
-        asked = {k: v for k, v in (("seconds", body.seconds), ("size", body.size)) if v is not None}
-        return job, settings, asked
+        return settings
 
-    def _keep_image(self, data: bytes) -> Path:
-        """Store input_reference's bytes as `<image_dir>/input-<sha256[:32]>` (written whole, then renamed)."""
+    def keep_image(self, data: bytes) -> Path:
+        """Store input_reference's bytes as `<image_dir>/input-<sha256[:32]>` (written whole, then renamed);
+        the same image is stored once. Called only once the request passed every check (to_job)."""
         import hashlib
         import os
         import tempfile
@@ -339,6 +374,7 @@ class VideoAPI:
             tmp.write_bytes(data)
             os.replace(tmp, path)
         return path
+
     def _server_lora(self, value: str) -> tuple[str, str, Path, str | None]:
         """A client names a LoRA by its file name inside the operator's --lora-dir, never by a path: a
         server must not open files a client chooses. "NAME[:STRENGTH]" or "dit_high=NAME[:STRENGTH]" ->

@@ -2,11 +2,13 @@
 optional "output" name), run across Ray worker actors that keep the model resident.
 
 Resumable by request: a clip is published atomically (temp + rename) and its stats JSON (with the
-request's hash, `request_key`) before it, so a clip that exists is finished. An unnamed job's file
-is named after that hash, so reordering or adding lines keeps the old names; a named one is
-skipped only when its stats JSON says it was made from the same request (change a named line's
-prompt and it is made again). The whole file is checked against the model before Ray starts:
-every bad line is named in one line.
+request's hash, `request_key`: the request, the model package's identity, the contents of its LoRA
+files and start image) before it, so a clip that exists is finished. An unnamed job's file is named
+after that hash, so reordering or adding lines keeps the old names; a named one is skipped only when
+its stats JSON says it was made from the same request (change a named line's prompt and it is made
+again). A file at a line's output (or its stats path) that vidrt batch did not make (no stats JSON
+with a request_key) is never replaced without overwrite=True (`--overwrite`). The whole file is
+checked against the model before Ray starts: every bad line is named in one line.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vidrt.errors import UsageError, spelled_as
+from vidrt.errors import OutputError, UsageError, spelled_as
 from vidrt.package.registry import ModelSpec
 from vidrt.request import Settings
-from vidrt.service.jobs import JOB_FIELDS, JobRequest
+from vidrt.service.jobs import JOB_FIELDS, JobRequest, package_identity
 
 if TYPE_CHECKING:
     from vidrt.package.manifest import BakedLora
@@ -42,6 +44,7 @@ class BatchLine:
     settings: Settings
     output: Path
     named: bool = False  # an "output" name was given (else the name is the request's hash)
+    key: str = ""  # the request's key with the package's identity (JobRequest.key): what its stats record
 
     @property
     def stats_path(self) -> Path:
@@ -57,9 +60,10 @@ def read_jobs(path: str | os.PathLike[str], spec: ModelSpec, package: str | os.P
     from vidrt.package.manifest import load_manifest
 
     merger = LoraMerger(Path(package), load_manifest(package, verify=False), warn)
+    identity = package_identity(package)
     p = Path(path)
     try:
-        text = p.read_bytes().decode("utf-8")
+        text = p.read_bytes().decode("utf-8-sig")  # a BOM (Windows editors write one) is not part of line 1
     except FileNotFoundError:
         raise UsageError(f"{p} does not exist") from None
     except IsADirectoryError:
@@ -69,7 +73,8 @@ def read_jobs(path: str | os.PathLike[str], spec: ModelSpec, package: str | os.P
     except OSError as exc:
         raise UsageError(f"{p} cannot be read ({exc.strerror})") from None
     lines: list[BatchLine] = []
-    seen: dict[Path, int] = {}
+    # every path a line writes (its clip and its stats JSON) -> who writes it; the run summary is the batch's
+    claimed: dict[Path, str] = {out_dir / SUMMARY: "the batch's summary"}
     errors: list[str] = []
     checked: dict[tuple[str, str | None], str | None] = {}  # (LoRA path, expert) -> its refusal (read once)
     for number, raw in enumerate(text.splitlines(), 1):
@@ -77,16 +82,18 @@ def read_jobs(path: str | os.PathLike[str], spec: ModelSpec, package: str | os.P
             continue
         where = f"{p.name} line {number}"
         try:
-            line = _read_line(raw, number, where, spec, package, out_dir, merger.manifest.baked_loras)
+            line = _read_line(raw, number, where, spec, package, out_dir, identity, merger.manifest.baked_loras)
             _check_loras(line, where, checked, merger)
         except UsageError as exc:  # every message names its line, whatever check raised it
             errors.append(str(exc) if str(exc).startswith(f"{where}:") else f"{where}: {exc}")
             continue
-        if line.output in seen:
-            errors.append(f"{p.name} line {number}: writes {line.output.name}, like line {seen[line.output]}; give "
-                          f"each an \"output\" name or drop the duplicate")
+        clash = next(((q, claimed[q]) for q in (line.output, line.stats_path) if q in claimed), None)
+        if clash is not None:  # one file written twice: each run would remake one of them, for ever
+            errors.append(f"{p.name} line {number}: writes {clash[0].name}, like {clash[1]}; give each line its "
+                          f"own \"output\" name (the clip's name without its suffix is its stats file's: "
+                          f"NAME.json) or drop the duplicate")
             continue
-        seen[line.output] = number
+        claimed.update({line.output: f"line {number}", line.stats_path: f"line {number}"})
         lines.append(line)
     if len(errors) == 1:
         raise UsageError(errors[0])
@@ -100,8 +107,9 @@ def read_jobs(path: str | os.PathLike[str], spec: ModelSpec, package: str | os.P
 
 
 def _read_line(raw: str, number: int, where: str, spec: ModelSpec, package: str | os.PathLike[str],
-               out_dir: Path, baked: Sequence[BakedLora] = ()) -> BatchLine:
-    """One line as a job; baked: the package's manifest `baked_loras` (they fill a recipe's LoRA slot)."""
+               out_dir: Path, identity: str, baked: Sequence[BakedLora] = ()) -> BatchLine:
+    """One line as a job; identity: the package's (package_identity); baked: the package's manifest
+    `baked_loras` (they fill a recipe's LoRA slot)."""
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -118,7 +126,9 @@ def _read_line(raw: str, number: int, where: str, spec: ModelSpec, package: str 
             settings = job.settings(spec, baked=baked)
     except UsageError as exc:
         raise UsageError(f"{where}: {exc}") from None
-    return BatchLine(number, job, settings, out_dir / (_output_name(name, job, where) + job.suffix), name is not None)
+    key = job.key(identity)
+    return BatchLine(number, job, settings, out_dir / (_output_name(name, key, job.suffix, where) + job.suffix),
+                     name is not None, key)
 
 
 def _check_loras(line: BatchLine, where: str, checked: dict[tuple[str, str | None], str | None],
@@ -148,27 +158,39 @@ def _check_loras(line: BatchLine, where: str, checked: dict[tuple[str, str | Non
                                              baked=merger.manifest.baked_loras).loras)
 
 
+def made_from(line: BatchLine) -> str | None:
+    """The request_key its stats file records: the request vidrt batch (or serve) made that file from; None
+    when there is no such file, or it is not one vidrt made."""
+    try:
+        key = json.loads(line.stats_path.read_text(encoding="utf-8")).get("request_key")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return key if isinstance(key, str) else None
+
+
 def is_done(line: BatchLine) -> bool:
     """A line is done when its clip exists and was made from this very request: an unnamed clip's name
-    is its request's hash; a named one's stats file (<name>.json) records the hash it was made from."""
+    is its request's key; a named one's stats file (<name>.json) records the key it was made from."""
     if not line.output.exists():
         return False
-    if not line.named:
-        return True
-    try:
-        made_from = json.loads(line.stats_path.read_text(encoding="utf-8")).get("request_key")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return bool(made_from == line.job.key())
+    return not line.named or made_from(line) == line.key
 
 
-def _output_name(name: Any, job: JobRequest, where: str) -> str:
+def not_ours(line: BatchLine) -> list[Path]:
+    """The line's clip and stats paths that hold something vidrt batch did not make (no stats JSON with a
+    request_key beside it): replaced only with --overwrite, as `vidrt run` replaces an existing file."""
+    if made_from(line) is not None:
+        return []
+    return [q for q in (line.output, line.stats_path) if q.exists() or q.is_symlink()]
+
+
+def _output_name(name: Any, key: str, suffix: str, where: str) -> str:
     if name is None:
-        return job.key()
+        return key
     if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name:
         raise UsageError(f"{where}: output must be a plain file name like \"clip-01\", got {json.dumps(name)[:40]}")
-    if job.suffix and name.lower().endswith(job.suffix):
-        name = name[: -len(job.suffix)]
+    if suffix and name.lower().endswith(suffix):
+        name = name[: -len(suffix)]
     if not name:
         raise UsageError(f"{where}: output name is empty")
     return name
@@ -176,9 +198,14 @@ def _output_name(name: Any, job: JobRequest, where: str) -> str:
 
 def run_batch(jobs_file: str, out_dir: str, package: str | os.PathLike[str], *, address: str | None = None,
               workers: int | None = None, threads: int | None = None, backend: str = "auto",
-              use_gpu: bool | None = None, quiet: bool = False,
-              echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
-    """Run every unfinished line; returns (and writes to DIR/batch-summary.json) the summary."""
+              use_gpu: bool | None = None, quiet: bool = False, overwrite: bool = False,
+              echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+              checkpoint: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Run every unfinished line; returns (and writes to DIR/batch-summary.json) the summary.
+    overwrite: replace files at the lines' outputs that vidrt batch did not make (else OutputError, before
+    any work). checkpoint(): called once Ray is up, once the workers are, and every second while clips
+    run; it raises to stop the batch (the CLI: a Ctrl-C that Python swallowed while Ray forked its
+    processes, vidrt.cli.app.raise_if_signalled)."""
     from vidrt.package.manifest import load_manifest
     from vidrt.service.scaleout import _remove, connect_ray, require_ray, write_json_atomic
     from vidrt.video import clean_stale_temps
@@ -193,15 +220,20 @@ def run_batch(jobs_file: str, out_dir: str, package: str | os.PathLike[str], *, 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder")
     lines = read_jobs(jobs_file, spec, package, out, warn=lambda s: echo(f"warning: {s}"))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create --out {out} ({exc.strerror})") from None
+    check_out_dir(out)
     clean_stale_temps(out)
     todo = [b for b in lines if not is_done(b)]
+    foreign = [(b, q) for b in todo for q in not_ours(b)]
+    if foreign and not overwrite:
+        shown = ", ".join(f"{q.name} (line {b.line})" for b, q in foreign[:MAX_LISTED])
+        more = f" and {len(foreign) - MAX_LISTED} more" if len(foreign) > MAX_LISTED else ""
+        raise OutputError(f"--out {out} already has {shown}{more}, not made by vidrt batch; pass --overwrite to "
+                          f"replace {'it' if len(foreign) == 1 else 'them'}, or give those lines other \"output\" "
+                          f"names")
     stale = [b for b in todo if b.output.exists()]
     for b in stale:  # removed first: a crash while it is remade must not leave the old clip looking done
-        echo(f"line {b.line}: {b.output.name} was made from another request; making it again")
+        echo(f"line {b.line}: {b.output.name} was made from another request; making it again" if made_from(b)
+             else f"line {b.line}: replacing {b.output.name} (--overwrite)")
         _remove(b.output)
         b.stats_path.unlink(missing_ok=True)
     summary: dict[str, Any] = {"jobs_file": str(jobs_file), "model": spec.name, "clips": len(lines),
@@ -213,7 +245,9 @@ def run_batch(jobs_file: str, out_dir: str, package: str | os.PathLike[str], *, 
 
         started = connect_ray(address, "batch")
         try:
-            asyncio.run(_drive(summary, lines, todo, out, package, workers, threads, backend, use_gpu, quiet, echo))
+            checkpoint()  # a Ctrl-C swallowed while Ray started its processes: stop before any clip
+            asyncio.run(_drive(summary, lines, todo, out, package, workers, threads, backend, use_gpu, quiet, echo,
+                               checkpoint))
         finally:
             if started:
                 ray.shutdown()
@@ -224,7 +258,8 @@ def run_batch(jobs_file: str, out_dir: str, package: str | os.PathLike[str], *, 
 
 async def _drive(summary: dict[str, Any], lines: list[BatchLine], todo: list[BatchLine], out: Path,
                  package: str | os.PathLike[str], workers: int | None, threads: int | None, backend: str,
-                 use_gpu: bool | None, quiet: bool, echo: Callable[[str], None]) -> None:
+                 use_gpu: bool | None, quiet: bool, echo: Callable[[str], None],
+                 checkpoint: Callable[[], None] = lambda: None) -> None:
     from tqdm import tqdm
     from vidrt.service.scaleout import JobManager
 
@@ -238,6 +273,7 @@ async def _drive(summary: dict[str, Any], lines: list[BatchLine], todo: list[Bat
         if not quiet:
             echo(f"{len(todo)} clips to make ({summary['skipped']} already in {out}); starting workers...")
         await manager.start()
+        checkpoint()  # one swallowed while the workers started
         ready = time.monotonic()
         jobs = [manager.submit(b.job, b.settings, output=b.output, job_id=f"line{b.line}", tag=b.line) for b in todo]
         bar = tqdm(total=len(lines), initial=summary["skipped"], unit="clip", file=sys.stderr, disable=quiet,
@@ -245,6 +281,7 @@ async def _drive(summary: dict[str, Any], lines: list[BatchLine], todo: list[Bat
         waiting = {asyncio.ensure_future(j.done.wait()): j for j in jobs}
         while waiting:
             finished, _ = await asyncio.wait(waiting, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            checkpoint()  # and one swallowed while Ray restarted a worker
             for fut in finished:
                 job = waiting.pop(fut)
                 bar.update(1)
@@ -276,3 +313,17 @@ def _print_summary(s: dict[str, Any], out: Path, echo: Callable[[str], None]) ->
          f"{len(s['failed'])} failed in {s['seconds']:.1f} s{rate}{retries}; summary in {out / SUMMARY}")
     for f in s["failed"]:
         echo(f"  failed: line {f['line']}: {f['error']}")
+
+
+def check_out_dir(out: Path) -> None:
+    """--out created if needed and writable (tried by creating a file there: access() says nothing of a
+    read-only mount for root); OutputError (exit 5) naming the system's reason, before Ray starts."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".vidrt-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write in --out {out} ({exc.strerror or exc}); give a folder you can write "
+                          f"to") from None

@@ -36,6 +36,7 @@ from vidrt.video import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     from vidrt.package.manifest import BakedLora
 
 FORMATS = {"mp4": ".mp4", "webm": ".webm", "png": ""}  # output_format -> suffix ("" = a PNG frame folder)
@@ -132,15 +133,19 @@ class JobRequest:
                        cache=self.cache)
 
     def settings(self, spec: ModelSpec, loras: Sequence[LoraRef] = (),
-                 lora_label: Callable[[str], str] | None = None, baked: Sequence[BakedLora] = ()) -> Settings:
+                 lora_label: Callable[[str], str] | None = None, baked: Sequence[BakedLora] = (),
+                 image: np.ndarray | None = None) -> Settings:
         """Resolve against the model (defaults, ranges, multiples); also checks fps and CRF. loras: the
         worker pipeline's own LoRAs (Pipeline.loras), listed first in Settings.loras as the run applies them.
         lora_label: how the job's LoRA files are named in messages (to_request). baked: the package's
-        manifest `baked_loras` (`vidrt export --lora`), which fill a recipe's LoRA slot as in `vidrt run`."""
+        manifest `baked_loras` (`vidrt export --lora`), which fill a recipe's LoRA slot as in `vidrt run`.
+        image: the start image already decoded (uint8 [H, W, 3], `vidrt serve`'s upload before it is kept),
+        used instead of reading `self.image` (Settings.image is then "array WxH")."""
         if self.fps is not None and not 1 <= self.fps <= 240:
             raise UsageError(f"fps {self.fps} is out of range; use 1..240")
         check_crf(output_format(f"clip{self.suffix}" if self.suffix else "frames/"), self.crf, "crf")
-        settings = resolve(self.to_request(lora_label), spec, loras=loras)
+        request = self.to_request(lora_label)
+        settings = resolve(request if image is None else replace(request, image=image), spec, loras=loras)
         missing = missing_recipe_lora(settings.recipe, spec, settings.loras, job=True, baked=baked)
         if missing is not None:  # as `vidrt run` refuses it: a distillation recipe without its LoRA makes noise
             raise UsageError(missing)
@@ -150,13 +155,32 @@ class JobRequest:
     def suffix(self) -> str:
         return FORMATS[self.output_format]
 
-    def key(self) -> str:
-        """A stable name for this request's clip (same request -> same key): resumable batch outputs. A LoRA
-        is its file's contents, not only its name: a changed file (same path) is another request."""
-        record: dict[str, Any] = {k: v for k, v in asdict(self).items() if k != "model"}
-        if self.loras:  # only then: the keys of jobs without LoRAs stay what they were
+    def key(self, package: str | None = None) -> str:
+        """A stable name for this request's clip (same request -> same key): resumable batch outputs.
+        package: the model package's identity (package_identity): another package, a baked one that keeps
+        the model's name included, is another request. A LoRA or a start image is its file's contents, not
+        only its name: a changed file (same path) is another request."""
+        record: dict[str, Any] = {k: v for k, v in asdict(self).items() if k != "model"}  # a name or a path
+        record["package"] = package
+        if self.loras:
             record["lora_sha256"] = [file_sha256(lora_ref(x).path) for x in self.loras]
+        if self.image is not None:
+            record["image_sha256"] = file_sha256(self.image)
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def package_identity(package: str | os.PathLike[str]) -> str:
+    """What makes a model package's clips what they are, as one sha256 (hex): its manifest.json (every
+    graph's and weight file's sha256, the model's defaults, baked LoRAs, recipes, cache tables) without
+    `engines` (TensorRT engines built later from the same graphs). A package re-exported or baked from
+    another checkpoint or LoRA has another identity even where it keeps the model's name."""
+    try:
+        manifest = json.loads((Path(package) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "unreadable"  # the package's own checks name that, before any job runs
+    if isinstance(manifest, dict):
+        manifest.pop("engines", None)
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> sha256: each version hashed once

@@ -40,7 +40,7 @@ from typing import Any
 
 from vidrt.errors import Cancelled, DeviceError, OutputError, PackageError, Spelling, UsageError, VidrtError
 from vidrt.request import Settings
-from vidrt.service.jobs import JOB_FIELDS, JobRequest, ProgressEvent, execute_job, lora_ref
+from vidrt.service.jobs import JOB_FIELDS, JobRequest, ProgressEvent, execute_job, lora_ref, package_identity
 from vidrt.service.previews import SUFFIX as PREVIEW_SUFFIX
 from vidrt.service.previews import VARIANTS, make_previews
 
@@ -367,13 +367,19 @@ class JobManager:
                  workers: int | None = None, threads: int | None = None, backend: str = "auto",
                  use_gpu: bool | None = None, max_attempts: int = 3, poll_seconds: float = 0.25,
                  start_timeout: float = 600.0, store: Any = None, keep_seconds: float | None = None,
-                 previews: bool = False, lora_dir: str | None = None, spelling: Spelling = JOB_FIELDS) -> None:
+                 previews: bool = False, lora_dir: str | None = None, spelling: Spelling = JOB_FIELDS,
+                 inputs_dir: str | os.PathLike[str] | None = None) -> None:
         """store: a JobStore (store.py) to persist the job table in, or None (batch: in memory only).
+        inputs_dir: where the server keeps uploaded start images (VideoAPI's image_dir, `--out/inputs`): a
+        job's image there is one of its files, removed with the last job that uses it, and at restore
+        every file there that no job uses.
         lora_dir: the server's LoRA folder (Worker: its files are named by bare name in job errors).
         spelling: how the workers word job errors (Worker): a batch line's fields, or the API's (serve).
         keep_seconds: finished jobs and their files are removed this long after they finished (None: never).
         previews: completed clips also get a thumbnail and a sprite sheet (previews.py)."""
         self.package = str(Path(package).resolve())
+        self.package_id = package_identity(self.package)  # in each clip's request_key (JobRequest.key)
+        self.inputs_dir = Path(inputs_dir) if inputs_dir is not None else None
         self.out_dir = Path(out_dir)
         self.workers_wanted = workers
         self.threads = threads
@@ -541,6 +547,12 @@ class JobManager:
             if entry.name.startswith("video_") and entry.name not in owned:
                 _remove(entry)
                 report["orphans"] += 1
+        if self.inputs_dir is not None and self.inputs_dir.is_dir():  # images of jobs deleted while stopped
+            used = {self._input_of(j) for j in self.jobs.values()}
+            for entry in self.inputs_dir.iterdir():
+                if entry not in used:
+                    _remove(entry)
+                    report["orphans"] += 1
         self.restore_report = report
         return report
 
@@ -620,7 +632,21 @@ class JobManager:
             self.store.delete(job_id)
         for path in job.files():
             _remove(path)
+        self.release_input(self._input_of(job))
         return True
+
+    def _input_of(self, job: Job) -> Path | None:
+        """The job's start image when it is one the server keeps (in inputs_dir), else None."""
+        if self.inputs_dir is None or job.request.image is None:
+            return None
+        path = Path(job.request.image)
+        return path if path.parent == self.inputs_dir else None
+
+    def release_input(self, path: Path | None) -> None:
+        """Remove a kept start image that no job uses any more (images are stored once per content, so
+        two jobs may share one). The server calls it too for a request refused after its image was kept."""
+        if path is not None and not any(self._input_of(j) == path for j in self.jobs.values()):
+            _remove(path)
 
     def queued(self) -> int:
         return sum(1 for j in self._pending if j.status == "queued")
@@ -787,8 +813,8 @@ class JobManager:
         return False
 
     def _publish(self, job: Job, reply: dict[str, Any], slot: Slot) -> None:
-        job.result = {"id": job.id, **reply["result"], "output": str(job.output), "request_key": job.request.key(),
-                      "attempts": job.attempts,
+        job.result = {"id": job.id, **reply["result"], "output": str(job.output),
+                      "request_key": job.request.key(self.package_id), "attempts": job.attempts,
                       "worker": {"index": slot.index, "pid": slot.info.get("pid"), "host": slot.info.get("host")}}
         if job.tag is not None:
             job.result["tag"] = job.tag

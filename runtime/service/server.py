@@ -285,7 +285,13 @@ def create_app(state: State) -> FastAPI:
             return Response(status_code=499)  # type: ignore[return-value]  # nobody is left to read it
         # off the event loop: a LoRA's values are read (and a twin hashed) once its limits passed
         job, settings, asked = await asyncio.to_thread(api.to_job, fields, image, form)
-        check_room()  # again: the queue may have filled while the body arrived
+        try:
+            check_room()  # again: the queue may have filled while the body arrived
+        except ApiError:
+            manager.release_input(Path(job.image) if job.image else None)  # its kept image, unless a job has it
+            raise
+        if image is not None and job.image and not Path(job.image).is_file():
+            api.keep_image(image)  # the last job sharing it was deleted while this request was checked
         return api.video(manager.submit(job, settings, api=asked))
 
     @app.get("/v1/videos", response_model=VideoList, responses=ERRORS)
@@ -412,9 +418,10 @@ class Service:
         manager = JobManager(config.package, out, workers=config.workers, threads=config.threads,
                              backend=config.backend, use_gpu=config.use_gpu, max_attempts=config.max_attempts,
                              store=store, keep_seconds=config.keep_seconds, previews=True,
-                             lora_dir=config.lora_dir, spelling=API_FIELDS)  # job errors worded for the client
+                             lora_dir=config.lora_dir, spelling=API_FIELDS,  # job errors worded for the client
+                             inputs_dir=out / "inputs")
         self.restored = manager.restore()
-        api = VideoAPI(spec, limits, config.package, out / "inputs",  # input_reference images kept here
+        api = VideoAPI(spec, limits, config.package, manager.inputs_dir,  # input_reference images kept here
                        lora_dir=config.lora_dir)
         self.state = State(config=config, api=api, manager=manager, store=store,
                            on_startup_error=self._startup_failed)
