@@ -1104,6 +1104,8 @@ def test_an_upload_is_checked_before_it_is_kept_and_goes_with_its_jobs(package, 
     is decoded or written; an image that cannot be used (not an image, too small, CMYK) is refused after it is
     decoded in memory, before it is written; a refused request leaves nothing in --out. A kept image is its
     jobs' file: removed with the last job that uses it (DELETE, --keep), and at restart if no job does."""
+    import hashlib
+
     import vidrt.service.api as api_module
     from vidrt.package.manifest import load_manifest
     from vidrt.service.api import ApiError, ServeLimits, VideoAPI
@@ -1140,6 +1142,7 @@ def test_an_upload_is_checked_before_it_is_kept_and_goes_with_its_jobs(package, 
     for image in (good, good, _png((48, 48))):
         job, settings, _ = api.to_job({"prompt": "a red circle", "steps": 4}, image)
         assert Path(job.image).parent == out / "inputs" and Path(settings.image) == Path(job.image)
+        assert settings.image_sha256 == hashlib.sha256(image).hexdigest()  # as the worker's resolve records it
         jobs.append(manager.submit(job, settings))
     shared, other = Path(jobs[0].request.image), Path(jobs[2].request.image)
     assert jobs[1].request.image == str(shared) and len(list((out / "inputs").iterdir())) == 2

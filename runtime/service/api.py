@@ -15,6 +15,7 @@ one line naming the field and what this server can do instead.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -316,8 +317,9 @@ class VideoAPI:
             except UsageError as exc:
                 raise ApiError(400, str(exc), "input_reference", "image_invalid") from None
             settings = self._settings(job, body, self.spec, pixels)
-            kept = str(self.keep_image(image))
-            job, settings = replace(job, image=kept), replace(settings, image=kept)
+            kept = str(self.keep_image(image))  # Settings as the worker resolves it: the file and its bytes' sha256
+            job = replace(job, image=kept)
+            settings = replace(settings, image=kept, image_sha256=hashlib.sha256(image).hexdigest())
         asked = {k: v for k, v in (("seconds", body.seconds), ("size", body.size)) if v is not None}
         return job, settings, asked
 
@@ -362,7 +364,6 @@ class VideoAPI:
     def keep_image(self, data: bytes) -> Path:
         """Store input_reference's bytes as `<image_dir>/input-<sha256[:32]>` (written whole, then renamed);
         the same image is stored once. Called only once the request passed every check (to_job)."""
-        import hashlib
         import os
         import tempfile
 
