@@ -397,7 +397,12 @@ def test_batch_refuses_two_lines_that_share_a_file_and_reads_a_bom(package, tmp_
 
 
 def test_batch_out_on_a_read_only_mount_is_an_output_error(package, tmp_path, capsys):
+    """An --out that cannot be written (here a read-only mount, even for root) is an output error, exit 5,
+    with the system's reason, before Ray starts: vidrt batch, and vidrt serve's start checks."""
     import subprocess
+
+    from vidrt.errors import OutputError
+    from vidrt.service.server import ServeConfig, check_config
 
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"prompt": "a cat"}\n')
@@ -413,6 +418,8 @@ def test_batch_out_on_a_read_only_mount_is_an_output_error(package, tmp_path, ca
             err = capsys.readouterr().err.strip()
             assert exit_.value.code == 5 and err == f"error: cannot write in --out {out} (Read-only file system); " \
                 "give a folder you can write to", err
+            with pytest.raises(OutputError, match=f"cannot write in --out {out} .Read-only file system"):
+                check_config(ServeConfig(package=str(package), out_dir=str(out)))  # vidrt serve, before Ray
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
 

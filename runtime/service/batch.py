@@ -207,7 +207,7 @@ def run_batch(jobs_file: str, out_dir: str, package: str | os.PathLike[str], *, 
     run; it raises to stop the batch (the CLI: a Ctrl-C that Python swallowed while Ray forked its
     processes, vidrt.cli.app.raise_if_signalled)."""
     from vidrt.package.manifest import load_manifest
-    from vidrt.service.scaleout import _remove, connect_ray, require_ray, write_json_atomic
+    from vidrt.service.scaleout import _remove, check_out_dir, connect_ray, require_ray, write_json_atomic
     from vidrt.video import clean_stale_temps
 
     require_ray("batch", local=address is None)
@@ -314,16 +314,3 @@ def _print_summary(s: dict[str, Any], out: Path, echo: Callable[[str], None]) ->
     for f in s["failed"]:
         echo(f"  failed: line {f['line']}: {f['error']}")
 
-
-def check_out_dir(out: Path) -> None:
-    """--out created if needed and writable (tried by creating a file there: access() says nothing of a
-    read-only mount for root); OutputError (exit 5) naming the system's reason, before Ray starts."""
-    import tempfile
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out, prefix=".vidrt-probe-"):
-            pass
-    except OSError as exc:
-        raise OutputError(f"cannot write in --out {out} ({exc.strerror or exc}); give a folder you can write "
-                          f"to") from None

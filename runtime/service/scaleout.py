@@ -278,6 +278,19 @@ def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def check_out_dir(out: Path) -> None:
+    """--out (vidrt batch / serve) created if needed and writable (tried by creating a file there: access()
+    says nothing of a read-only mount for root); OutputError (exit 5) naming the system's reason, before
+    Ray starts."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".vidrt-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write in --out {out} ({exc.strerror or exc}); give a folder you can write "
+                          f"to") from None
+
+
 # ---- the manager -------------------------------------------------------------------------------
 
 

@@ -55,7 +55,7 @@ from vidrt.service.api import (
 )
 from vidrt.service.guard import LOOPBACK_NAMES, Guard, error_body
 from vidrt.service.previews import MEDIA_TYPE as PREVIEW_MEDIA_TYPE
-from vidrt.service.scaleout import ACTIVE, Job, JobManager
+from vidrt.service.scaleout import ACTIVE, Job, JobManager, check_out_dir
 from vidrt.service.store import DB_NAME, JobStore
 
 log = logging.getLogger(__name__)
@@ -383,8 +383,12 @@ def check_config(config: ServeConfig, spec: Any = None) -> ServeLimits:
     out = Path(config.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the clips and the job table")
-    if out.is_dir():
+    existed = out.is_dir()
+    check_out_dir(out)  # writable (a read-only mount: exit 5), before Ray starts
+    if existed:
         open_store(out).close()  # another serve holding the folder is refused now, not after Ray starts
+    else:
+        out.rmdir()  # made only to try it: Service makes it again
     max_pixels = config.max_pixels or (config.max_size[0] * config.max_size[1] if config.max_size else None)
     return ServeLimits(max_pixels=max_pixels or max(w * h for w, h in spec.sampling.sizes),
                        max_frames=config.max_frames or spec.sampling.frames, max_steps=config.max_steps,
@@ -395,10 +399,7 @@ def open_store(out: Path) -> JobStore:
     """--out's job table, the folder created if needed; UsageError if it is a file or another serve's."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the clips and the job table")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create --out {out} ({exc.strerror})") from None
+    check_out_dir(out)
     return JobStore(out / DB_NAME)
 
 
