@@ -144,6 +144,18 @@ def test_too_small_a_card_is_reported_not_overcommitted() -> None:
     assert not plan.fits and "DOES NOT FIT" in plan.table()
 
 
+def test_the_vae_note_speaks_of_the_decode_order_chosen() -> None:
+    """4 GB for 1.3B at 832x480x81: the tile-major decode fits (frame-major, with every tile's caches held,
+    would not even at the smallest tiles); the plan used to say "the VAE does not fit even with the smallest
+    tiles" about the order it did not choose (a tester's report)."""
+    plan = make_plan(VARIANTS["wan2.1-t2v-1.3b"], 832, 480, 81, 4 * GiB, "bf16")
+    decode = next(s for s in plan.stages if s.name == "decode")
+    assert plan.decode_order == "tile" and decode.peak <= plan.budget
+    assert not any("smallest tiles" in n for n in plan.notes)
+    tiny = make_plan(VARIANTS["wan2.1-t2v-1.3b"], 832, 480, 81, GiB // 2, "bf16")  # no order fits: said
+    assert any("smallest tiles" in n for n in tiny.notes)
+
+
 def test_plan_command_for_a_variant_without_weights() -> None:
     from vidrt.cli.app import cli
 

@@ -518,16 +518,19 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
              for name in (C.VAE_FIRST, C.VAE_STEP)}
     scale = spec.vae.stride[1]
 
-    def choose(room: int, order: str) -> TilePlan:
+    too_big = "the VAE does not fit even with the smallest tiles"
+
+    def choose(room: int, order: str) -> tuple[TilePlan, bool]:
+        """The tile plan for `order` in `room`, and whether even the smallest tiles are too big (then the
+        smallest tiles: the plan shows by how much they are over)."""
         if vae_tile is not None:
-            return plan_tiles(lat_h, lat_w, vae_tile[0], vae_tile[1], scale=scale, pad_to_tile=True)
+            return plan_tiles(lat_h, lat_w, vae_tile[0], vae_tile[1], scale=scale, pad_to_tile=True), False
         weights_on = sum(i.bytes for i in vae_w.values()) if order == "tile" else max(i.bytes for i in vae_w.values())
         try:  # frame-major: every tile's caches are held on the device too (same_memory)
             return choose_tile(step_contract, lat_h, lat_w, max(room - weights_on, 0), scale=scale,
-                               same_memory=order == "frame")
+                               same_memory=order == "frame"), False
         except UsageError:
-            notes.append("the VAE does not fit even with the smallest tiles")
-            return plan_tiles(lat_h, lat_w, min(16, lat_h), min(16, lat_w), scale=scale)
+            return plan_tiles(lat_h, lat_w, min(16, lat_h), min(16, lat_w), scale=scale), True
 
     def tile_major_items(tile: TilePlan) -> tuple[Item, ...]:
         """Both VAE engines open, one tile's caches alive (in + out): bounded by the tile."""
@@ -541,21 +544,24 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
     def decode_stages(room: int) -> tuple[str, TilePlan, list[Stage]]:
         """The decode order that needs fewer tiles (less redundant overlap work) in `room`; on a tie the
         tile-major one (one stage, bounded by the tile) unless it does not fit and frame-major does."""
-        t_tile = choose(room, "tile")
+        (t_tile, tile_over), (t_frame, frame_over) = choose(room, "tile"), choose(room, "frame")
         tile_stage = [Stage("decode", (reserve_item, *tile_major_items(t_tile)), load=(C.VAE_FIRST, C.VAE_STEP))]
-        t_frame = choose(room, "frame")
         frame_stages = [Stage("decode frame 0", (reserve_item, *decode_items(C.VAE_FIRST, t_frame)),
                               load=(C.VAE_FIRST,), release=(C.VAE_FIRST,)),
                         Stage("decode", (reserve_item, *decode_items(C.VAE_STEP, t_frame)), load=(C.VAE_STEP,))]
-        if decode_order is not None:
-            return (decode_order, t_tile, tile_stage) if decode_order == "tile" else ("frame", t_frame, frame_stages)
         tile_fits = max(s.peak for s in tile_stage) <= budget
         frame_fits = max(s.peak for s in frame_stages) <= budget
-        if tile_fits and (not frame_fits or t_tile.count <= t_frame.count):
-            return "tile", t_tile, tile_stage
-        if frame_fits or max(s.peak for s in frame_stages) < max(s.peak for s in tile_stage):
-            return "frame", t_frame, frame_stages
-        return "tile", t_tile, tile_stage
+        if decode_order is not None:
+            order = decode_order
+        elif tile_fits and (not frame_fits or t_tile.count <= t_frame.count):
+            order = "tile"
+        elif frame_fits or max(s.peak for s in frame_stages) < max(s.peak for s in tile_stage):
+            order = "frame"
+        else:
+            order = "tile"
+        if (tile_over if order == "tile" else frame_over):  # the note is about the order chosen, not the other
+            notes.append(too_big)
+        return (order, t_tile, tile_stage) if order == "tile" else (order, t_frame, frame_stages)
 
     def decode_items(engine: str, tile: TilePlan) -> tuple[Item, ...]:
         est = estimate_memory(step_contract, tile)
@@ -592,7 +598,7 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
     experts = spec.experts
     # 1. everything resident? One shared scratch arena: as large as the largest engine's need. Only
     # when that costs the decode no extra tiles (smaller tiles = more redundant overlap work).
-    staged_tiles = choose(budget - reserve, "tile").count
+    staged_tiles = choose(budget - reserve, "tile")[0].count
     notes.clear()
     # The image encoders run once, before denoising, and are always released after (pipeline.conditioning):
     # they are never part of the resident set; while they run, only the text encoder (if on the GPU) is open.
@@ -604,7 +610,8 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
         fixed_acts = [i.bytes for i in fixed if i.name.endswith(" activations")]
         # the arena is the largest need, not the sum: room = what the fixed items leave, their largest
         # scratch included once (the VAE's own scratch is counted by choose_tile on top: conservative)
-        tile = choose(budget - sum(i.bytes for i in fixed) + sum(fixed_acts) - max(fixed_acts, default=0), "tile")
+        tile, too_small = choose(budget - sum(i.bytes for i in fixed) + sum(fixed_acts) - max(fixed_acts, default=0),
+                                 "tile")
         first, step = decode_items(C.VAE_FIRST, tile), decode_items(C.VAE_STEP, tile)
         est = estimate_memory(step_contract, tile)
         vae = [first[0], first[1], first[2], step[0], step[1], step[2],
@@ -614,7 +621,7 @@ def make_plan(spec: ModelSpec, width: int, height: int, frames: int, budget: int
         arena = max(acts, key=lambda i: i.bytes)
         together = [i for i in every if i not in acts] + [Item("shared scratch arena", arena.bytes,
                                                                f"largest: {arena.name} ({arena.how})")]
-        if sum(i.bytes for i in together) <= budget and not notes and tile.count <= staged_tiles \
+        if sum(i.bytes for i in together) <= budget and not too_small and tile.count <= staged_tiles \
                 and all(st.peak <= budget for st in image_stage):
             stage = Stage("all stages", tuple(together), load=((C.TEXT_ENCODER,) if te_gpu else ()) + (
                 *experts, C.VAE_FIRST, C.VAE_STEP))
