@@ -385,7 +385,8 @@ def test_batch_refuses_two_lines_that_share_a_file_and_reads_a_bom(package, tmp_
     for text, needle in (('{"prompt": "a", "output": "same"}\n{"prompt": "b", "output": "same", '
                           '"output_format": "webm"}\n', "jobs.jsonl line 2: writes same.json, like line 1"),
                          ('{"prompt": "a", "output": "batch-summary"}\n',
-                          "jobs.jsonl line 1: writes batch-summary.json, like the batch's summary")):
+                          "jobs.jsonl line 1: writes batch-summary.json, which is the batch's summary file; give the "
+                          "line another \"output\" name")):
         jobs.write_text(text)
         with pytest.raises(SystemExit) as exit_:
             main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])

@@ -74,7 +74,7 @@ def read_jobs(path: str | os.PathLike[str], spec: ModelSpec, package: str | os.P
         raise UsageError(f"{p} cannot be read ({exc.strerror})") from None
     lines: list[BatchLine] = []
     # every path a line writes (its clip and its stats JSON) -> who writes it; the run summary is the batch's
-    claimed: dict[Path, str] = {out_dir / SUMMARY: "the batch's summary"}
+    claimed: dict[Path, str] = {out_dir / SUMMARY: "the batch's summary"}  # (a line's clip cannot be named so)
     errors: list[str] = []
     checked: dict[tuple[str, str | None], str | None] = {}  # (LoRA path, expert) -> its refusal (read once)
     for number, raw in enumerate(text.splitlines(), 1):
@@ -88,6 +88,10 @@ def read_jobs(path: str | os.PathLike[str], spec: ModelSpec, package: str | os.P
             errors.append(str(exc) if str(exc).startswith(f"{where}:") else f"{where}: {exc}")
             continue
         clash = next(((q, claimed[q]) for q in (line.output, line.stats_path) if q in claimed), None)
+        if clash is not None and not clash[1].startswith("line"):
+            errors.append(f"{p.name} line {number}: writes {clash[0].name}, which is {clash[1]} file; give the line "
+                          f"another \"output\" name")
+            continue
         if clash is not None:  # one file written twice: each run would remake one of them, for ever
             errors.append(f"{p.name} line {number}: writes {clash[0].name}, like {clash[1]}; give each line its "
                           f"own \"output\" name (the clip's name without its suffix is its stats file's: "
