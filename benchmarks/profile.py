@@ -45,10 +45,13 @@ def _feeds(manifest: Any, component: str, width: int, height: int, frames: int) 
 def profile(package: Path, component: str, width: int, height: int, frames: int, threads: int | None,
             repeats: int = 1, top: int = 25) -> dict[str, Any]:
     import onnxruntime as ort
+    from vidrt.backends.ort import cpu_features
     from vidrt.package.manifest import artifact_path, load_manifest
 
     manifest = load_manifest(package, verify=False)
-    path = artifact_path(package, manifest.components[component].artifact.file)
+    # the file vidrt's ORT backend opens on this CPU (a component's AVX-512 form where the package has one)
+    path = artifact_path(package, manifest.components[component].artifact_for(cpu_features()).file)
+    print(f"profiling {path.name}")
     feeds = _feeds(manifest, component, width, height, frames)
     with tempfile.TemporaryDirectory() as tmp:
         so = ort.SessionOptions()

@@ -77,7 +77,7 @@ def export_graph(graph: GraphSpec, path: Path | str, opset: int = 18, *,
     needs the weights' values, so a graph traced on the meta device without `weights` keeps its Conv3ds).
     avx512_path (with conv2d): also write the graph with its narrow convs as frame pairs, the form for CPUs
     with AVX-512 (onnx_optimize's frame-pairs notes), there, where it has convs narrower than 16 channels
-    on both sides and its weights stay inline; otherwise no file is left there."""
+    on both sides and its weights stay inline; otherwise none is written (and a file already there removed)."""
     check_opset(opset)
     path = Path(path)
     on_meta = any(p.is_meta for p in graph.module.parameters())

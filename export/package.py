@@ -63,6 +63,7 @@ from vidrt.package.contracts import (
     dit_piece,
 )
 from vidrt.package.manifest import (
+    CPU_FEATURES,
     SCHEMA_VERSION,
     Artifact,
     Component,
@@ -183,6 +184,11 @@ def _export_locked(ckpt: Checkpoint, out: Path, opset: int, precision: str, prog
         bar.close()
         for name in sorted(p.name for p in staging.iterdir()):  # every stage succeeded: into place
             os.replace(staging / name, out / name)
+        for r in results.values():  # a CPU form an earlier export wrote and this one did not: unlisted, remove
+            for name, comp in ({} if r.skipped else r.components).items():
+                for feature in CPU_FEATURES:
+                    if feature not in comp.cpu_artifacts:
+                        (out / _cpu_file(name, feature)).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     tokenizer = results["tokenizer"].tokenizer
@@ -317,8 +323,13 @@ def add_dit_pieces(package: Path | str, *, locked: bool = False) -> Path:
     return package
 
 
+def _cpu_file(name: str, feature: str) -> str:
+    """The file of component `name`'s form for CPUs with `feature` (manifest Component.cpu_artifacts)."""
+    return f"{name}.{feature}.onnx"
+
+
 def _avx512_file(name: str) -> str:
-    return f"{name}.avx512f.onnx"
+    return _cpu_file(name, "avx512f")
 
 
 def _component(out: Path, name: str, contract: Contract, precision: str, opset: int) -> Component:

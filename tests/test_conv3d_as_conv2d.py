@@ -64,6 +64,11 @@ CASES = {  # name: (input shape as declared, actual input shape, weight shape, C
     "narrow output, frame pairs": ([1, 16, 4, 5, 6], (1, 16, 4, 5, 6), (3, 16, 3, 3, 3),
                                    dict(pads=[0, 1, 1, 0, 1, 1])),
     "16 channels, taps": ([1, 16, 6, 5, 5], (1, 16, 6, 5, 5), (16, 16, 3, 3, 3), dict(pads=[0, 1, 1, 0, 1, 1])),
+    "kt 5, frame pairs": ([1, 4, 8, 5, 6], (1, 4, 8, 5, 6), (4, 4, 5, 3, 3), dict(pads=[0, 1, 1, 0, 1, 1])),
+    "kt 5, causal pad, frame pairs": ([1, 4, 4, 5, 6], (1, 4, 4, 5, 6), (4, 4, 5, 3, 3), dict(pads=[4, 1, 1, 0, 1, 1])),
+    "causal pad (2, 0), 2 frames, frame pairs": ([1, 4, 2, 5, 6], (1, 4, 2, 5, 6), (4, 4, 3, 3, 3),
+                                                 dict(pads=[2, 1, 1, 0, 1, 1])),
+    "batch 2, even frames, taps": ([2, 4, 6, 5, 6], (2, 4, 6, 5, 6), (4, 4, 3, 3, 3), dict(pads=[0, 1, 1, 0, 1, 1])),
     "causal pad, 1 frame (drops 2 taps)": ([1, 4, 1, 6, 7], (1, 4, 1, 6, 7), (5, 4, 3, 3, 3),
                                            dict(pads=[2, 1, 1, 0, 1, 1])),
     "cached frames, batch 1": ([1, 4, 6, 6, 7], (1, 4, 6, 6, 7), (5, 4, 3, 3, 3), dict(pads=[0, 1, 1, 0, 1, 1])),
@@ -81,7 +86,8 @@ CASES = {  # name: (input shape as declared, actual input shape, weight shape, C
 
 # the cases written as frame pairs (onnx_optimize._replace_conv_frame_pairs); the rest as kt Conv2ds
 PAIR_CASES = {"narrow, frame pairs", "narrow output, frame pairs", "cached frames, batch 1",
-              "time pad on both sides (Pad op)"}
+              "time pad on both sides (Pad op)", "kt 5, frame pairs", "kt 5, causal pad, frame pairs",
+              "causal pad (2, 0), 2 frames, frame pairs"}
 
 
 @pytest.mark.parametrize("case", list(CASES))

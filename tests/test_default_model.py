@@ -110,6 +110,22 @@ def test_vae_step_forms_decode_alike(monkeypatch):
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
+def test_cpu_features_agree_with_the_kernels_flags(monkeypatch):
+    """vidrt.backends.ort.cpu_features reads numpy's (private) CPU feature table: on Linux x86 it must agree
+    with the kernel's flags, so a numpy change cannot silently give AVX-512 CPUs the default form."""
+    import platform
+    from pathlib import Path
+
+    from vidrt.backends.ort import cpu_features
+
+    info = Path("/proc/cpuinfo")
+    if platform.machine() not in ("x86_64", "AMD64") or not info.is_file():
+        pytest.skip("the kernel's CPU flags are read on Linux x86 only")
+    monkeypatch.delenv("VIDRT_CPU_FEATURES", raising=False)
+    flags = {f for line in info.read_text().splitlines() if line.startswith("flags") for f in line.split()}
+    assert ("avx512f" in cpu_features()) == ("avx512f" in flags)
+
+
 def test_unknown_words_warn_once_and_still_run(bundled):
     warnings: list[str] = []
     pipe = Pipeline(bundled.package, bundled.manifest, bundled.options, warn=warnings.append)

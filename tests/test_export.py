@@ -107,6 +107,20 @@ def test_changed_file_is_redone(t2v: Exported, tmp_path: Path, monkeypatch) -> N
     load_manifest(pkg)
 
 
+def test_missing_cpu_form_is_redone(t2v: Exported, tmp_path: Path, monkeypatch) -> None:
+    """The VAE stage is not reused when its step graph's AVX-512 form (manifest cpu_artifacts) is gone:
+    it is exported again, and nothing else is."""
+    pkg = tmp_path / "pkg"
+    shutil.copytree(t2v.pkg, pkg)
+    assert "avx512f" in t2v.manifest.components["vae_decode_step"].cpu_artifacts  # the tiny VAE: 8 channels
+    (pkg / "vae_decode_step.avx512f.onnx").unlink()
+    for fn in ("export_dit", "export_text_encoder"):
+        monkeypatch.setattr(package_mod, fn, lambda *a, **k: pytest.fail("unchanged stage re-exported"))
+    package_mod.export_package(t2v.tiny.root, pkg, TINY_VARIANT["t2v"], progress=False)
+    assert (pkg / "vae_decode_step.avx512f.onnx").is_file()
+    load_manifest(pkg)
+
+
 def test_fp16_package_reexports_only_the_dit(t2v: Exported, tmp_path: Path, monkeypatch) -> None:
     pkg = tmp_path / "pkg16"
     shutil.copytree(t2v.pkg, pkg)
