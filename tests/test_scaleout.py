@@ -457,6 +457,25 @@ def test_batch_stops_on_a_ctrl_c_swallowed_while_ray_starts(package, tmp_path, c
     assert drove == [] and not (tmp_path / "out" / "batch-summary.json").exists()
 
 
+def test_a_ctrl_c_while_the_private_ray_starts_ends_what_it_started(monkeypatch):
+    """ray.init interrupted part-way (a Ctrl-C while vidrt batch / serve start their private Ray) is followed
+    by ray.shutdown(), which ends the processes it had started, before the interrupt goes on."""
+    from vidrt.service import scaleout
+
+    calls: list[str] = []
+
+    def init(**kwargs: Any) -> None:
+        calls.append("init")
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    with pytest.raises(KeyboardInterrupt):
+        scaleout.connect_ray(None, "batch")
+    assert calls == ["init", "shutdown"]
+
+
 def test_batch_runs_and_resumes(package, local_ray, tmp_path):
     from vidrt.service.batch import run_batch
     from vidrt.service.jobs import package_identity

@@ -81,8 +81,12 @@ def connect_ray(address: str | None, command: str, num_cpus: int | None = None) 
             raise UsageError(f"cannot reach the Ray cluster at --ray {address} ({reason}); start it with "
                              f"`ray start --head` or check the address") from None
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.WARNING, log_to_driver=False)
+        except BaseException:  # a Ctrl-C while the private Ray starts: end the processes it has started so far
+            ray.shutdown()  # (else its GCS and raylet outlive this process until they notice it is gone)
+            raise
     return True
 
 
