@@ -792,7 +792,8 @@ def test_loras_only_by_name_from_the_operators_folder(tmp_path):
         return info.value
 
     closed = VideoAPI(spec, limits)
-    assert "--lora-dir" in refusal(closed, ["style.safetensors"]).message
+    closed_msg = refusal(closed, ["style.safetensors"]).message  # the operator's fix, in words (no server flag)
+    assert "operator" in closed_msg and "--" not in closed_msg, closed_msg
     api = VideoAPI(spec, limits, lora_dir=str(tmp_path / "loras"))
     for bad in ("../secret.safetensors", str(tmp_path / "secret.safetensors"), "..", ".hidden"):
         assert "not a path" in refusal(api, [bad]).message
@@ -993,7 +994,7 @@ def test_messages_a_server_client_reads_name_no_vidrt_command(package, monkeypat
             assert command in shown or spelling is not CLI_FLAGS and "--debug" in command, (name, shown)
         with spelled_as(API_FIELDS):
             shown = message()
-        assert not re.search(r"vidrt (export|build|plan|info|cache|run)|--[a-z]", shown), (name, shown)
+        assert not re.search(r"vidrt (export|build|plan|info|cache|run|serve)|--[a-z]", shown), (name, shown)
         assert str(package) not in shown and "PKG" not in shown and "PACKAGE" not in shown, (name, shown)
     with spelled_as(API_FIELDS):
         assert cases["CUDA failure"][0]().endswith("; report it to the server's operator")
@@ -1090,6 +1091,11 @@ def test_lora_fit_check_on_a_package_without_its_weight_layout(tmp_path):
         api.to_job({"prompt": "a cat", "loras": ["style.safetensors"]})
     assert (err.value.status, err.value.param, err.value.code) == (400, "loras", "loras_unsupported")
     assert str(package) not in err.value.message, err.value.message
+    no_folder = VideoAPI(manifest.model, ServeLimits(max_pixels=64 * 64, max_frames=17, max_steps=50), str(package))
+    with pytest.raises(ApiError) as err:  # a server started without --lora-dir: the client is told, in words
+        no_folder.to_job({"prompt": "a cat", "loras": ["style.safetensors"]})
+    assert err.value.code == "loras_unsupported" and "operator" in err.value.message, err.value.message
+    assert "vidrt" not in err.value.message and "--" not in err.value.message, err.value.message
 
 
 def _png(size: tuple[int, int] = (64, 64), mode: str = "RGB", kind: str = "PNG") -> bytes:

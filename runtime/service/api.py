@@ -381,8 +381,8 @@ class VideoAPI:
         server must not open files a client chooses. "NAME[:STRENGTH]" or "dit_high=NAME[:STRENGTH]" ->
         (the job's "PATH[:STRENGTH]" value, NAME, PATH, expert or None); the file is only stat'ed here."""
         if self.lora_dir is None:
-            raise ApiError(400, "loras: this server takes no LoRAs (its operator can allow the files in a folder "
-                                "with `vidrt serve --lora-dir DIR`)", "loras", "loras_unsupported")
+            raise ApiError(400, "loras: this server takes no LoRAs (its operator can allow the LoRA files of a "
+                                "folder); send the request without loras", "loras", "loras_unsupported")
         expert, sep, rest = value.partition("=")
         if not (sep and expert in ("dit_high", "dit_low")):
             expert, rest = "", value

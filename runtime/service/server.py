@@ -271,7 +271,7 @@ def create_app(state: State) -> FastAPI:
 
     def check_room() -> None:
         if not any(s.alive for s in manager.slots):
-            raise ApiError(503, "no worker is running; restart `vidrt serve`")
+            raise ApiError(503, "no worker is running; the server's operator must restart the server")
         if manager.queued() >= config.max_queue:
             raise ApiError(429, f"the queue is full ({config.max_queue} jobs); retry later", code="queue_full")
 
