@@ -215,6 +215,17 @@ def _is_vidrt_frame_folder(path: Path) -> bool:
     return all(p.name == SIDECAR or re.fullmatch(r"frame_\d+\.png", p.name) for p in path.iterdir())
 
 
+def check_replaceable(path: Path, fmt: OutputFormat) -> None:
+    """What `--overwrite` may replace at an existing output path (vidrt run, and each line of vidrt batch):
+    a PNG-folder output only a folder of what a PNG-folder output writes, any other output only a file;
+    OutputError otherwise (never deletes a folder of someone else's files)."""
+    if fmt.kind == "png":
+        if not path.is_dir() or not _is_vidrt_frame_folder(path):
+            raise OutputError(f"{path} exists and is not a vidrt PNG frame folder; refusing to replace it")
+    elif path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file path for a {path.suffix or fmt.kind} output")
+
+
 class VideoWriter:
     """Encode frame chunks as they come; `close()` publishes the file, `abort()` removes the temp.
 
@@ -259,11 +270,7 @@ class VideoWriter:
         if p.exists() or p.is_symlink():
             if not self.overwrite:
                 raise OutputError(f"{p} already exists; choose another path or pass {arg('overwrite', True)}")
-            if self.format.kind == "png":
-                if not p.is_dir() or not _is_vidrt_frame_folder(p):
-                    raise OutputError(f"{p} exists and is not a vidrt PNG frame folder; refusing to replace it")
-            elif p.is_dir():
-                raise OutputError(f"{p} is a folder; give a file path for a {p.suffix or self.format.kind} output")
+            check_replaceable(p, self.format)
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

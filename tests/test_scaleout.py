@@ -374,6 +374,51 @@ def test_batch_never_replaces_a_file_it_did_not_make(package, tmp_path, capsys, 
     assert not (out / "mine.mp4").exists()  # replaced: removed first, then made (by the workers)
 
 
+def test_batch_overwrite_keeps_run_s_rule_and_names_what_it_replaces(package, tmp_path, capsys, monkeypatch):
+    """--overwrite replaces what `vidrt run --overwrite` would (video.check_replaceable): a folder of the
+    user's files at a PNG-folder line, or a folder at a file line, is refused before anything is removed;
+    the message names every file a line replaces, its stats JSON too."""
+    import vidrt.service.scaleout as scaleout
+
+    out = tmp_path / "out"
+    (out / "holiday").mkdir(parents=True)
+    (out / "holiday" / "photo.jpg").write_text("precious")
+    (out / "one.mp4").mkdir()
+    (out / "one.mp4" / "precious.txt").write_text("precious")
+    (out / "two.mp4").write_text("mine")
+    (out / "two.json").write_text("{}")
+    jobs = tmp_path / "jobs.jsonl"
+    cases = [('{"prompt": "a", "output": "holiday", "output_format": "png"}\n',
+              "holiday exists and is not a vidrt PNG frame folder; refusing to replace it"),
+             ('{"prompt": "a", "output": "one"}\n', "one.mp4 is a folder; give a file path"),
+             ('{"prompt": "a", "output": "three"}\n',
+              "three.json is a folder, where the line's stats JSON goes; refusing")]
+    (out / "three.json").mkdir()
+    for text, needle in cases:
+        jobs.write_text('{"prompt": "b", "output": "two"}\n' + text)
+        with pytest.raises(SystemExit) as exit_:
+            main(["batch", str(jobs), "--out", str(out), "--model", str(package), "-q", "--overwrite"])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 5 and needle in err and "\n" not in err, err
+        assert err.startswith("error: line 2: "), err
+    assert (out / "holiday" / "photo.jpg").read_text() == "precious"
+    assert (out / "one.mp4" / "precious.txt").read_text() == "precious"
+    assert (out / "two.mp4").read_text() == "mine" and (out / "two.json").read_text() == "{}"
+
+    class RayStarts(Exception):
+        pass
+
+    def no_ray(*a: Any) -> bool:
+        raise RayStarts()
+
+    monkeypatch.setattr(scaleout, "connect_ray", no_ray)
+    jobs.write_text('{"prompt": "b", "output": "two"}\n')
+    with pytest.raises(SystemExit):
+        main(["batch", str(jobs), "--out", str(out), "--model", str(package), "-q", "--overwrite"])
+    assert "line 1: replacing two.mp4 and two.json (--overwrite)" in capsys.readouterr().err
+    assert not (out / "two.mp4").exists() and not (out / "two.json").exists()
+
+
 def test_batch_refuses_two_lines_that_share_a_file_and_reads_a_bom(package, tmp_path, capsys):
     """Two lines whose clips differ only by suffix share one stats file (NAME.json), and a line named
     batch-summary would be overwritten by the run's summary: each resume would remake one of them, so the

@@ -212,7 +212,7 @@ def run_batch(jobs_file: str, out_dir: str, package: str | os.PathLike[str], *, 
     processes, vidrt.cli.app.raise_if_signalled)."""
     from vidrt.package.manifest import load_manifest
     from vidrt.service.scaleout import _remove, check_out_dir, connect_ray, require_ray, write_json_atomic
-    from vidrt.video import clean_stale_temps
+    from vidrt.video import check_replaceable, clean_stale_temps, output_format
 
     require_ray("batch", local=address is None)
     if workers is not None and workers < 1:
@@ -235,9 +235,20 @@ def run_batch(jobs_file: str, out_dir: str, package: str | os.PathLike[str], *, 
                           f"replace {'it' if len(foreign) == 1 else 'them'}, or give those lines other \"output\" "
                           f"names")
     stale = [b for b in todo if b.output.exists()]
-    for b in stale:  # removed first: a crash while it is remade must not leave the old clip looking done
+    replaced = [b for b in todo if b in stale or any(f is b for f, _ in foreign)]
+    for b in replaced:  # all checked before any is removed: `vidrt run --overwrite`'s rule, per line
+        try:
+            if b.output.exists():
+                check_replaceable(b.output, output_format(b.output))
+            if b.stats_path.is_dir():
+                raise OutputError(f"{b.stats_path} is a folder, where the line's stats JSON goes; refusing to "
+                                  f"replace it: move it, or give the line another \"output\" name")
+        except OutputError as exc:
+            raise OutputError(f"line {b.line}: {exc}") from None
+    for b in replaced:  # removed first: a crash while it is remade must not leave the old clip looking done
+        names = " and ".join(q.name for q in not_ours(b))
         echo(f"line {b.line}: {b.output.name} was made from another request; making it again" if made_from(b)
-             else f"line {b.line}: replacing {b.output.name} (--overwrite)")
+             else f"line {b.line}: replacing {names} (--overwrite)")
         _remove(b.output)
         b.stats_path.unlink(missing_ok=True)
     summary: dict[str, Any] = {"jobs_file": str(jobs_file), "model": spec.name, "clips": len(lines),

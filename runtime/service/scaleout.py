@@ -249,7 +249,7 @@ def _read_output(path: Path) -> dict[str, bytes]:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():  # a link is removed, never what it points to
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
