@@ -223,11 +223,15 @@ def test_batch_damaged_lora_is_refused_before_any_work(package, tmp_path, capsys
                f"{q}.lora_up.weight": np.ones((7, 4), np.float32)}, str(wide))
     jobs.write_text("\n".join(json.dumps(x) for x in (
         {"prompt": "a cat"}, {"prompt": "a dog", "loras": [str(sdxl)]},
-        {"prompt": "a cow", "loras": [f"{wide}:0.5"]}, {"prompt": "a hen", "loras": [f"{wide}:0"]})))
+        {"prompt": "a cow", "loras": [f"{wide}:0.5"]}, {"prompt": "a hen", "loras": [f"{wide}:0"]},
+        {"prompt": "a pig", "loras": [f"dit_high={wide}"]})))
     with pytest.raises(SystemExit) as exit_:
         main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])
     err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and "\n" not in err and err.startswith("error: 3 bad lines: "), err
+    assert exit_.value.code == 2 and "\n" not in err and err.startswith("error: 4 bad lines: "), err
+    # a per-expert LoRA on a one-denoiser model: the line's own field, not `vidrt run`'s flag
+    assert f"jobs.jsonl line 5: loras {wide} is for expert dit_high, this model has dit; a LoRA on a " \
+        f"one-denoiser model is for every expert: name it in loras without \"dit_high=\"" in err, err
     assert f"jobs.jsonl line 2: loras {sdxl} is not a LoRA for this Wan DiT" in err, err
     assert f"jobs.jsonl line 3: loras {wide} does not fit this model: blocks.0.attn1.to_q.weight needs" in err, err
     assert f"jobs.jsonl line 4: loras {wide} does not fit" in err, err

@@ -844,6 +844,26 @@ def test_a_lora_twice_is_refused_at_create_and_nothing_is_read_before_the_limits
     assert opened == [], opened
 
 
+def test_a_per_expert_lora_on_a_one_denoiser_model_is_refused_in_the_clients_words(package, tmp_path):
+    """`dit_high=NAME` on a one-denoiser model is refused at create with the API's field and the client's
+    LoRA name: no `--lora` flag, no path of the server's LoRA folder."""
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.api import ApiError, ServeLimits, VideoAPI
+
+    spec = load_manifest(package, verify=False).model
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    _fitting_lora(folder / "a.safetensors", package)
+    api = VideoAPI(spec, ServeLimits(max_pixels=64 * 64, max_frames=17, max_steps=50), str(package), None,
+                   lora_dir=str(folder))
+    with pytest.raises(ApiError) as info:
+        api.to_job({"prompt": "a red circle", "loras": ["dit_high=a.safetensors"]})
+    message = info.value.message
+    assert (info.value.status, info.value.param) == (400, "loras"), info.value
+    assert message == "loras: 'a.safetensors' is for expert dit_high, this model has dit; a LoRA on a one-denoiser " \
+        "model is for every expert: name it in loras without \"dit_high=\"", message
+
+
 def test_a_recipe_whose_lora_is_baked_in_is_taken_at_create_and_run(baked_package, package):
     """A package with a distillation LoRA baked in (`vidrt export --lora`, manifest baked_loras): create takes
     recipe lightx2v-4step without loras, as `vidrt run` does (the baked LoRA fills the recipe's slot), and

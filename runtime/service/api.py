@@ -440,10 +440,11 @@ class VideoAPI:
             label = f"loras: {name!r}"
             try:
                 merger = self._lora_merger()
-                if merger is not None:
-                    for each in merger.manifest.model.experts:
-                        merger.check_header(each, LoraRef(str(path), 1.0, expert, label=label))
-                read_lora(path, label)
+                with spelled_as(API_FIELDS):  # its refusals name the client's fields (loras), no CLI flag
+                    if merger is not None:
+                        for each in merger.manifest.model.experts:
+                            merger.check_header(each, LoraRef(str(path), 1.0, expert, label=label))
+                    read_lora(path, label)
                 self._lora_checked[key] = None
             except UsageError as exc:
                 self._lora_checked[key] = str(exc)

@@ -148,9 +148,10 @@ def _check_loras(line: BatchLine, where: str, checked: dict[tuple[str, str | Non
         key = (ref.path, ref.expert)
         if key not in checked:
             try:
-                read_lora(ref.path, ref.label)  # the values (NaN/Inf); not kept: a batch may name many files
-                for expert in merger.manifest.model.experts:
-                    merger.check_header(expert, replace(ref, strength=1.0))  # a 0-strength LoRA is checked too
+                with spelled_as(JOB_FIELDS):  # its refusals name the line's fields (loras), not `vidrt run`'s flags
+                    read_lora(ref.path, ref.label)  # the values (NaN/Inf); not kept: a batch may name many files
+                    for expert in merger.manifest.model.experts:
+                        merger.check_header(expert, replace(ref, strength=1.0))  # a 0-strength one is checked too
                 checked[key] = None
             except UsageError as exc:
                 checked[key] = str(exc)
