@@ -35,7 +35,7 @@ from pathlib import Path
 import vidrt
 from tqdm import tqdm
 from vidrt.backends.residency import DEFAULT_FP8_SCOPE
-from vidrt.errors import PackageError, UsageError, VidrtError
+from vidrt.errors import PackageError, UsageError, VidrtError, cannot_write_in
 from vidrt.export.checkpoints import Checkpoint, open_checkpoint
 from vidrt.export.components import PRECISIONS
 from vidrt.export.dit_split import split_dit
@@ -135,10 +135,13 @@ def export_package(model_dir: Path | str, out: Path | str | None = None, variant
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the package")
     created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if the export fails
-    out.mkdir(parents=True, exist_ok=True)
     had_lock = (out / LOCK_FILE).exists()
     try:
-        with _locked(out):
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only mount, a folder of someone else's, a path through a file
+            raise cannot_write_in(f"--out {out}", exc) from None
+        with _locked(out, f"--out {out}"):
             try:
                 _export_locked(ckpt, out, opset, precision, progress, loras, Path(model_dir))
             except BaseException:
@@ -416,9 +419,15 @@ def _intact(out: Path, art: Artifact) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """One export per package folder at a time (a second one waits, then skips what is done)."""
-    with open(out / LOCK_FILE, "w") as f:
+def _locked(out: Path, what: str | None = None) -> Iterator[None]:
+    """One export per package folder at a time (a second one waits, then skips what is done).
+    OutputError (exit 5) where the lock file cannot be created (a read-only mount); `what` names `out` as
+    the caller gave it (`--out DIR`; default: the package folder DIR)."""
+    try:
+        f = open(out / LOCK_FILE, "w")
+    except OSError as exc:
+        raise cannot_write_in(what or f"the package folder {out}", exc) from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

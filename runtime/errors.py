@@ -38,6 +38,14 @@ class OutputError(VidrtError):
     exit_code = 5
 
 
+def cannot_write_in(what: str, exc: OSError, fix: str = "give a folder you can write to") -> OutputError:
+    """The one wording of a folder vidrt cannot create or write in (`vidrt batch/serve/export --out`, the
+    folder of `vidrt run -o`): `cannot write in WHAT (the system's reason: Read-only file system,
+    Permission denied, No space left on device...); FIX`. `what` names the folder as the caller gave it
+    (`--out /data/pkg`, `the output folder /data`)."""
+    return OutputError(f"cannot write in {what} ({exc.strerror or exc}); {fix}")
+
+
 class Cancelled(VidrtError):
     """A job stopped on request (between denoising steps or decoded frames); nothing was written."""
 

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
-from vidrt.errors import OutputError, UsageError, arg
+from vidrt.errors import OutputError, UsageError, arg, cannot_write_in
 
 if TYPE_CHECKING:
     from vidrt.request import Settings
@@ -271,12 +272,16 @@ class VideoWriter:
             if not self.overwrite:
                 raise OutputError(f"{p} already exists; choose another path or pass {arg('overwrite', True)}")
             check_replaceable(p, self.format)
+        fix = "give an output path in a folder you can write to"
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot create the output folder {p.parent}: {exc.strerror or exc}") from None
-        if not os.access(p.parent, os.W_OK | os.X_OK):
-            raise OutputError(f"cannot write to the output folder {p.parent}: permission denied")
+            raise OutputError(f"cannot create the output folder {p.parent} ({exc.strerror or exc}); {fix}") from None
+        try:  # tried by creating a file there: access() cannot tell a read-only mount from a permission
+            with tempfile.TemporaryFile(dir=p.parent, prefix=".vidrt-probe-"):
+                pass
+        except OSError as exc:  # the system's reason: Read-only file system, Permission denied...
+            raise cannot_write_in(f"the output folder {p.parent}", exc, fix) from None
 
     def _open_temp(self) -> None:
         temp = self.temp
@@ -545,12 +550,49 @@ def write_video(path: str | os.PathLike[str], frames: Iterable[np.ndarray], *, f
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The metadata mapping a VideoWriter stored in `path` ({} if there is none)."""
+    """The metadata mapping a VideoWriter stored in `path` ({} if there is none): a video file, a still
+    (.png / .gif), or a PNG frame folder (its sidecar).
+    Raises UsageError (one line naming the file): `path` does not exist, cannot be read, or is not a
+    video / image (a file FFmpeg finds no video stream in, a .png without the PNG signature...)."""
     p = Path(path)
+    fix = "give the path of a clip, still or PNG frame folder vidrt wrote"
+    try:
+        tags = _read_tags(p)
+    except FileNotFoundError:
+        raise UsageError(f"{p} does not exist; {fix}") from None
+    except (OSError, ValueError, av.FFmpegError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise UsageError(f"cannot read metadata from {p}: not a video or image vidrt reads ({_reason(exc)}); "
+                         f"{fix}") from None
+    try:
+        return dict(json.loads(tags.get("comment", "{}")))
+    except (json.JSONDecodeError, TypeError):
+        return {}
+
+
+def _read_tags(p: Path) -> dict[str, str]:
+    """The container's / image's text tags (the metadata JSON is under "comment"); OSError / ValueError /
+    av.FFmpegError where `p` is missing or not a video or image."""
     if p.is_dir():
         sidecar = p / SIDECAR
         if not sidecar.is_file():
             return {}
+        return {"comment": json.dumps(json.loads(sidecar.read_text(encoding="utf-8")).get("metadata", {}))}
+    if p.suffix.lower() == ".png":
+        data = p.read_bytes()
+        if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+            raise ValueError("no PNG signature")
+        return _png_text(data)
+    if p.suffix.lower() == ".gif":
+        from PIL import Image
+
+        with Image.open(p) as image:
+            comment = image.info.get("comment", b"{}")
+        return {"comment": comment.decode("ascii", "replace") if isinstance(comment, bytes) else str(comment)}
+    # a file object, not the name: FFmpeg reads "l:0.mp4" as the URL protocol "l" (as VideoWriter writes)
+    with open(p, "rb") as file, av.open(file) as container:
+        if not container.streams.video:  # FFmpeg opens a text file as subtitles (lrc), a .wav as audio
+            raise ValueError(f"no video stream; FFmpeg reads it as {container.format.name}")
+        return {k.lower(): v for k, v in container.metadata.items()}
         return dict(json.loads(sidecar.read_text(encoding="utf-8")).get("metadata", {}))
     if p.suffix.lower() == ".png":
         tags = _png_text(p.read_bytes())

@@ -346,8 +346,32 @@ def test_unwritable_output_folder(capsys, pkg, tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a read-only tmpfs here (not root?); the folder-is-a-file case ran")
-    try:  # read-only even for root
-        assert_error(*vidrt(capsys, *run_args(pkg, mnt / "a.mp4")), 5, "cannot write to the output folder")
+    try:  # read-only even for root: the system's reason, not "permission denied", and the fix
+        line = assert_error(*vidrt(capsys, *run_args(pkg, mnt / "a.mp4")), 5)
+        assert line == f"error: cannot write in the output folder {mnt} (Read-only file system); give an " \
+            "output path in a folder you can write to", line
+        assert_error(*vidrt(capsys, *run_args(pkg, mnt / "sub" / "a.mp4")), 5,
+                     f"cannot create the output folder {mnt / 'sub'} (Read-only file system); give an output path")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_export_out_on_a_read_only_mount_is_an_output_error(capsys, tiny_t2v_checkpoint, tmp_path):
+    """vidrt export --out on a read-only mount (even for root): exit 5 with the system's reason and the fix,
+    worded as vidrt batch / serve's --out check; a folder to create in it (mkdir) and the mount itself (the
+    lock file); nothing is left in it."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (not root?)")
+    try:
+        for out in (mnt / "pkg", mnt):
+            line = assert_error(*vidrt(capsys, "export", "--model", str(tiny_t2v_checkpoint), "--variant",
+                                       "wan2.1-t2v-1.3b", "--out", str(out)), 5)
+            assert line == f"error: cannot write in --out {out} (Read-only file system); give a folder you can " \
+                "write to", line
+            assert os.listdir(mnt) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
 

@@ -298,3 +298,18 @@ def test_png_still_is_one_frame(tmp_path):
     with pytest.raises(OutputError, match="one frame"):
         write_video(tmp_path / "two.png", [smooth_clip(2)], fps=8)
     assert not (tmp_path / "two.png").exists() and list(tmp_path.glob(".*.tmp")) == []
+
+
+def test_read_metadata_of_a_missing_or_foreign_file_is_a_usage_error(tmp_path: Path) -> None:
+    """A path that does not exist, a JSONL / text file (FFmpeg opens some as subtitles), a .png or .gif
+    that is not an image: UsageError naming the file and the fix, never FileNotFoundError / av's errors."""
+    (tmp_path / "jobs.jsonl").write_text('{"prompt": "a cat"}\n')
+    (tmp_path / "notes.txt").write_text("[00:01.00] a line\n")  # FFmpeg's lrc demuxer takes this
+    (tmp_path / "fake.png").write_text("not a png")
+    (tmp_path / "fake.gif").write_text("not a gif")
+    with pytest.raises(UsageError, match="nope.mp4 does not exist; give the path of a clip"):
+        read_metadata(tmp_path / "nope.mp4")
+    for name in ("jobs.jsonl", "notes.txt", "fake.png", "fake.gif"):
+        with pytest.raises(UsageError, match=f"cannot read metadata from .*{name}: not a video or image") as err:
+            read_metadata(tmp_path / name)
+        assert "\n" not in str(err.value) and "vidrt wrote" in str(err.value)
