@@ -277,11 +277,13 @@ class VideoWriter:
             p.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create the output folder {p.parent} ({exc.strerror or exc}); {fix}") from None
-        try:  # tried by creating a file there: access() cannot tell a read-only mount from a permission
-            with tempfile.TemporaryFile(dir=p.parent, prefix=".vidrt-probe-"):
-                pass
-        except OSError as exc:  # the system's reason: Read-only file system, Permission denied...
-            raise cannot_write_in(f"the output folder {p.parent}", exc, fix) from None
+        if not os.access(p.parent, os.W_OK | os.X_OK):
+            try:  # access() says no, not why: creating a file there gives the system's reason (a read-only
+                # mount, a permission); where it works after all, _open_temp decides
+                with tempfile.TemporaryFile(dir=p.parent, prefix=".vidrt-probe-"):
+                    pass
+            except OSError as exc:
+                raise cannot_write_in(f"the output folder {p.parent}", exc, fix) from None
 
     def _open_temp(self) -> None:
         temp = self.temp
