@@ -706,6 +706,48 @@ def test_restore_rules_without_ray(package, tmp_path):
     again.store.close()
 
 
+def test_a_queued_job_whose_kept_image_is_gone_fails_input_lost(package, tmp_path, monkeypatch):
+    """A queued job's start image removed from --out/inputs/ (while the server was stopped, or while it
+    waited) fails it with input_lost (the server's doing, not invalid_request) and a message with no server
+    path that says to send the image again: at restore, and when a worker would take it. No workers needed."""
+    import asyncio
+
+    from vidrt.package.manifest import load_manifest
+    from vidrt.service.jobs import JobRequest
+    from vidrt.service.scaleout import JobManager
+    from vidrt.service.store import DB_NAME, JobStore
+
+    spec = load_manifest(package, verify=False).model
+    out = tmp_path / "out"
+    inputs = out / "inputs"
+    inputs.mkdir(parents=True)
+    kept = [inputs / "input-0a79", inputs / "input-1b80"]
+    for path in kept:
+        path.write_bytes(_png())
+    manager = JobManager(package, out, store=JobStore(out / DB_NAME), inputs_dir=inputs)
+    requests = [JobRequest(prompt="a red circle", image=str(path)) for path in kept]
+    stopped, waiting = (manager.submit(r, r.settings(spec)) for r in requests)
+    manager.store.close()
+    kept[0].unlink()  # removed while the server was stopped
+
+    again = JobManager(package, out, store=JobStore(out / DB_NAME), inputs_dir=inputs)
+    report = again.restore()
+    assert (report["failed"], report["queued"]) == (1, 1), report
+    kept[1].unlink()  # removed while the job waited for a worker
+
+    async def take() -> Any:
+        again._wake = asyncio.Event()
+        return await again._take()
+
+    monkeypatch.setattr("vidrt.service.scaleout.IDLE_CHECK_SECONDS", 0.01)
+    assert asyncio.run(take()) is None  # nothing left to run
+    for job_id in (stopped.id, waiting.id):
+        job = again.jobs[job_id]
+        assert (job.status, job.error_code) == ("failed", "input_lost"), (job.status, job.error_code)
+        assert str(tmp_path) not in job.error and "sending the image again" in job.error, job.error
+    again.store.close()
+
+
 def test_restored_jobs_keep_to_this_starts_lora_dir(package, tmp_path):
     """A queued (or interrupted) job restored by a server restarted with another --lora-dir, or none, is
     failed with lora_not_found naming the bare file name (never the old server path), even when the old

@@ -207,6 +207,9 @@ def not_in_lora_folder(name: str) -> str:
             f"after the job was queued); create the video again with a LoRA it has (GET /v1/models lists them)")
 
 
+INPUT_LOST = ("input_reference: the server no longer has this job's start image (it was removed from the "
+              "server's folder after the job was queued); create the video again, sending the image again")
+
 # error.code of a failed job (the API's snake_case codes, docs/scale-out.md), never a Python class name
 ERROR_CODES: dict[type[VidrtError], str] = {UsageError: "invalid_request", PackageError: "model_error",
                                             DeviceError: "device_error", OutputError: "output_error"}
@@ -549,6 +552,9 @@ class JobManager:
                 self._finish(job, "failed", outside, "lora_not_found")
                 report["failed"] += 1
                 report["requeued"] -= was == "in_progress"
+            elif job.status == "queued" and self._input_lost(job):
+                report["failed"] += 1
+                report["requeued"] -= was == "in_progress"
             elif job.status == "queued":
                 self._enqueue(job)
                 report["queued"] += was == "queued"
@@ -659,6 +665,16 @@ class JobManager:
         path = Path(job.request.image)
         return path if path.parent == self.inputs_dir else None
 
+    def _input_lost(self, job: Job) -> bool:
+        """Fail a queued job (input_lost: the server's doing, not the client's) whose kept start image left
+        --out/inputs/ (removed while the server was stopped, or by hand); True when it did. The message names
+        no server path: the client sends the image again."""
+        kept = self._input_of(job)
+        if kept is None or kept.is_file():
+            return False
+        self._finish(job, "failed", INPUT_LOST, "input_lost")
+        return True
+
     def release_input(self, path: Path | None) -> None:
         """Remove a kept start image that no job uses any more (images are stored once per content, so
         two jobs may share one). The server calls it too for a request refused after its image was kept."""
@@ -689,7 +705,7 @@ class JobManager:
         while True:
             while self._pending:
                 job = self._pending.popleft()
-                if job.status == "queued":
+                if job.status == "queued" and not self._input_lost(job):
                     return job
             self._wake.clear()
             try:
