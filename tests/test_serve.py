@@ -1220,13 +1220,15 @@ def test_an_upload_is_checked_before_it_is_kept_and_goes_with_its_jobs(package, 
     assert not shared.exists() and other.is_file()
     manager._finish(jobs[2], "completed")
     assert manager.expire(now=time.time() + 120) == 1 and not other.exists()
-    (out / "inputs" / "input-0123").write_bytes(good)  # an image whose job was deleted while the server stopped
+    (out / "inputs" / f"input-{'0' * 32}").write_bytes(good)  # an image whose job was deleted while stopped
+    (out / "inputs" / f".input-{'1' * 32}.4242.tmp").write_bytes(good)  # a crashed server's half-kept one
+    (out / "inputs" / "mine.png").write_bytes(good)  # the operator's own: never removed
     kept, settings, _ = api.to_job({"prompt": "a red circle", "steps": 4}, good)
     manager.submit(kept, settings)
     manager.store.close()
     again = JobManager(package, out, store=JobStore(out / DB_NAME), inputs_dir=out / "inputs")
-    assert again.restore()["orphans"] == 1
-    assert [p.name for p in (out / "inputs").iterdir()] == [Path(kept.image).name]
+    assert again.restore()["orphans"] == 2
+    assert sorted(p.name for p in (out / "inputs").iterdir()) == sorted([Path(kept.image).name, "mine.png"])
     again.store.close()
 
 

@@ -207,6 +207,10 @@ def not_in_lora_folder(name: str) -> str:
             f"after the job was queued); create the video again with a LoRA it has (GET /v1/models lists them)")
 
 
+# what VideoAPI.keep_image writes in --out/inputs/ (input-<sha256[:32]>, and its temp); a restart removes
+# only such files that no job uses, never an operator's own
+KEPT_INPUT = re.compile(r"\.?input-[0-9a-f]{32}(\.[0-9]+\.tmp)?")
+
 INPUT_LOST = ("input_reference: the server no longer has this job's start image (it was removed from the "
               "server's folder after the job was queued); create the video again, sending the image again")
 
@@ -572,8 +576,8 @@ class JobManager:
                 report["orphans"] += 1
         if self.inputs_dir is not None and self.inputs_dir.is_dir():  # images of jobs deleted while stopped
             used = {self._input_of(j) for j in self.jobs.values()}
-            for entry in self.inputs_dir.iterdir():
-                if entry not in used:
+            for entry in self.inputs_dir.iterdir():  # only what the server keeps there (VideoAPI.keep_image)
+                if KEPT_INPUT.fullmatch(entry.name) and entry not in used:
                     _remove(entry)
                     report["orphans"] += 1
         self.restore_report = report
