@@ -666,7 +666,7 @@ def test_concurrent_jobs_all_finish_and_match_vidrt_run(server, package, tmp_pat
 
 def test_malformed_requests_get_4xx_and_server_stays_up(server):
     url, _ = server
-    bad = [({"prompt": ""}, "prompt"), ({"prompt": "x", "size": "65x64"}, "width 65 is not a multiple of 16"),
+    bad = [({"prompt": ""}, "prompt"), ({"prompt": "x", "size": "65x64"}, "size 65x64 is not a multiple of 16"),
            ({"prompt": "x", "bogus": 1}, "unknown field"), ({"prompt": "x", "steps": "many"}, "steps"),
            ({"prompt": "x", "size": "832x480"}, "over this server's limit"),
            ({"prompt": "x", "frames": 10}, "is not 4k+1"), ({"prompt": "x", "model": "sora-2"}, "not served here"),

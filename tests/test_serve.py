@@ -1119,6 +1119,16 @@ def test_caps_set_the_defaults_and_lora_strengths_are_checked(tmp_path):
     _, s, _ = uncapped.to_job({"prompt": "a cat"})
     assert (s.width, s.height, s.num_frames) == (1280, 704, 121)
 
+    # a size that is not a multiple of 16: the nearest sizes this server makes, none over its pixel limit
+    capped = VideoAPI(tiny, ServeLimits(max_pixels=64 * 64, max_frames=17, max_steps=50))
+    for size, use in (("65x64", "use 64x64; "), ("65x63", "use 64x48 or 64x64 or 80x48; "),
+                      ("4095x17", "no size near")):
+        with pytest.raises(ApiError) as info:
+            capped.to_job({"prompt": "a cat", "size": size})
+        e = info.value
+        assert (e.status, e.param) == (400, "size") and f"size {size} is not a multiple of 16" in e.message, e.message
+        assert use in e.message and "80x64" not in e.message, e.message  # 5120 pixels: over this server's 4096
+
     _lora_file(tmp_path / "style.safetensors")
     api = VideoAPI(tiny, ServeLimits(max_pixels=64 * 64, max_frames=17, max_steps=50), lora_dir=str(tmp_path))
     for bad in ("style.safetensors:nan", "style.safetensors:abc", "style.safetensors:inf", "style.safetensors:11",

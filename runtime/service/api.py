@@ -29,7 +29,7 @@ from vidrt.image import load_image
 from vidrt.lora import parse_lora_arg, read_lora
 from vidrt.package.manifest import BakedLora, load_manifest
 from vidrt.package.registry import ModelSpec
-from vidrt.request import MAX_FRAMES, MAX_SEED, MAX_STEPS, Settings, missing_recipe_lora
+from vidrt.request import MAX_FRAMES, MAX_SEED, MAX_SIDE_PX, MAX_STEPS, Settings, missing_recipe_lora
 from vidrt.schedulers import SOLVERS
 from vidrt.service.jobs import JOB_FIELDS, JobRequest
 from vidrt.video import output_format
@@ -287,6 +287,8 @@ class VideoAPI:
                 [str((self.limits.max_frames - 1) // self.stride * self.stride + 1)]
             raise ApiError(400, f"frames {frames} is not {self.stride}k+1; use {' or '.join(near)}; {self._can()}",
                            "frames", "length_unsupported")
+        if body.size is not None:
+            self._check_size_multiple(body.size)
         default = self.spec.sampling.sizes[0]
         if body.size is None and default[0] * default[1] > self.limits.max_pixels:
             size = self.default_size()  # --max-size under the model's default size (an image keeps this size)
@@ -322,6 +324,24 @@ class VideoAPI:
             settings = replace(settings, image=kept, image_sha256=hashlib.sha256(image).hexdigest())
         asked = {k: v for k, v in (("seconds", body.seconds), ("size", body.size)) if v is not None}
         return job, settings, asked
+
+    def _check_size_multiple(self, size: str) -> None:
+        """A size (WxH, in range) that is not a multiple of the model's spatial multiple: refused naming the
+        nearest sizes this server makes (each side rounded down or up, within --max-size's pixels), not the
+        shared check's per-side rounding, which may exceed the server's limit. Other bad sizes: the shared
+        check's refusal."""
+        m = self.spec.spatial_multiple
+        w, h = (int(v) for v in size.split("x"))
+        if not (w % m or h % m) or not (m <= w <= MAX_SIDE_PX and m <= h <= MAX_SIDE_PX):
+            return
+
+        def near(v: int) -> list[int]:  # v itself when it is a multiple, else the multiples either side of it
+            return [n for n in (v // m * m, v // m * m + m) if n <= MAX_SIDE_PX] if v % m else [v]
+
+        fits = [f"{a}x{b}" for a in near(w) for b in near(h) if a * b <= self.limits.max_pixels]
+        use = f"use {' or '.join(fits)}" if fits else "no size near it fits this server's limit"
+        raise ApiError(400, f"size {size} is not a multiple of {m} on each side (VAE stride x patch); {use}; "
+                            f"{self._can()}", "size", "invalid_value")
 
     def _job(self, values: dict[str, Any]) -> JobRequest:
         try:
