@@ -836,6 +836,10 @@ def test_loras_only_by_name_from_the_operators_folder(tmp_path):
     closed = VideoAPI(spec, limits)
     closed_msg = refusal(closed, ["style.safetensors"]).message  # the operator's fix, in words (no server flag)
     assert "operator" in closed_msg and "--" not in closed_msg, closed_msg
+    with pytest.raises(ApiError) as info:  # a recipe made for the client's own LoRA: no advice to send one
+        closed.to_job({"prompt": "a red circle moving left", "recipe": "lightx2v-4step"})
+    assert (info.value.status, info.value.param) == (400, "recipe"), info.value
+    assert "takes no LoRAs" in info.value.message and "add it to loras" not in info.value.message, info.value.message
     api = VideoAPI(spec, limits, lora_dir=str(tmp_path / "loras"))
     for bad in ("../secret.safetensors", str(tmp_path / "secret.safetensors"), "..", ".hidden"):
         assert "not a path" in refusal(api, [bad]).message

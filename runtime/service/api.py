@@ -301,6 +301,13 @@ class VideoAPI:
                                 f"profile that browsers do not play; send crf {fmt.crf_range[0]}..{fmt.crf_range[1]} "
                                 f"(18 looks lossless)", "crf", "invalid_value")
         files = [self._server_lora(v) for v in body.loras or ()]  # names checked; nothing opened yet
+        if self.lora_dir is None and body.recipe is not None and \
+                missing_recipe_lora(body.recipe, self.spec, (), job=True, baked=self.baked_loras) is not None:
+            # the shared refusal says to add a LoRA to loras, which this server refuses: say what it can do
+            raise ApiError(400, f"recipe {body.recipe} is made for a distillation LoRA sent in loras, and this server "
+                                f"takes no LoRAs (its operator can allow the LoRA files of a folder); send the request "
+                                f"without recipe, or with one that needs no LoRA (GET /v1/models lists them)",
+                           "recipe", "invalid_value")
         if files:
             values["loras"] = [f[0] for f in files]
         # 1. the request without its image: fields, size, length, steps (a server never reads what it will
