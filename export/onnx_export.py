@@ -90,6 +90,7 @@ def export_graph(graph: GraphSpec, path: Path | str, opset: int = 18, *,
             input_names=list(graph.contract.input_names), output_names=list(graph.contract.output_names),
             dynamic_shapes=graph.dynamic_shapes, optimize=False, external_data=False)
     assert prog is not None
+    _drop_stack_traces(prog.model)
     if weights is not None:
         _apply_weights(prog, weights)
     pairs_model = None
@@ -121,6 +122,22 @@ def export_graph(graph: GraphSpec, path: Path | str, opset: int = 18, *,
         else:
             prog.save(tmp_path, include_initializers=include_weights, external_data=external_data)
     return graph.contract
+
+
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def _drop_stack_traces(model: ir.Model) -> None:
+    """torch.onnx records each node's Python stack trace in its metadata: the absolute paths of the exporting
+    machine's files (a third of the bundled VAE step graph's bytes). Dropped, so a package names no folder
+    and two exports of one checkpoint are byte-identical wherever they ran (vidrt batch keys its resume on
+    the package's identity). The graph's record of the torch program's symbol ranges goes too: a set printed
+    in hash order, it differed between two exports of the same checkpoint. The other metadata (the FX node,
+    module names, the program's signature) stays: it names no file."""
+    model.graph.metadata_props.pop("pkg.torch.export.ExportedProgram.range_constraints", None)
+    for graph in [model.graph, *model.functions.values()]:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            node.metadata_props.pop(STACK_TRACE_KEY, None)
 
 
 def _inline_constants(path: Path, prefix: str = "model.", max_bytes: int = 256) -> None:

@@ -117,6 +117,7 @@ def test_cpu_features_agree_with_the_kernels_flags(monkeypatch):
     from pathlib import Path
 
     from vidrt.backends.ort import cpu_features
+    from vidrt.errors import UsageError
 
     info = Path("/proc/cpuinfo")
     if platform.machine() not in ("x86_64", "AMD64") or not info.is_file():
@@ -124,6 +125,11 @@ def test_cpu_features_agree_with_the_kernels_flags(monkeypatch):
     monkeypatch.delenv("VIDRT_CPU_FEATURES", raising=False)
     flags = {f for line in info.read_text().splitlines() if line.startswith("flags") for f in line.split()}
     assert ("avx512f" in cpu_features()) == ("avx512f" in flags)
+    monkeypatch.setenv("VIDRT_CPU_FEATURES", "")  # empty: detected, as unset
+    assert ("avx512f" in cpu_features()) == ("avx512f" in flags)
+    monkeypatch.setenv("VIDRT_CPU_FEATURES", "avx512")  # a typo is refused, not silently the default form
+    with pytest.raises(UsageError, match="avx512 is not a CPU feature.*use avx512f or none"):
+        cpu_features()
 
 
 def test_unknown_words_warn_once_and_still_run(bundled):

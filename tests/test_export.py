@@ -107,6 +107,21 @@ def test_changed_file_is_redone(t2v: Exported, tmp_path: Path, monkeypatch) -> N
     load_manifest(pkg)
 
 
+def test_graphs_name_no_folder_of_the_exporting_machine(t2v: Exported) -> None:
+    """torch.onnx writes each node's Python stack trace (absolute paths) into the graph; the export drops them,
+    so a package names no folder and exports of one checkpoint are byte-identical wherever they ran."""
+    import sys
+
+    import vidrt
+
+    folders = {str(Path(vidrt.__file__).resolve().parent.parent).encode(), sys.prefix.encode(),
+               str(t2v.pkg).encode()}
+    for f in sorted(t2v.pkg.glob("*.onnx")):
+        data = f.read_bytes()
+        assert not [d for d in folders if d in data], f.name
+        assert b"pkg.torch.onnx.stack_trace" not in data, f.name
+
+
 def test_missing_cpu_form_is_redone(t2v: Exported, tmp_path: Path, monkeypatch) -> None:
     """The VAE stage is not reused when its step graph's AVX-512 form (manifest cpu_artifacts) is gone:
     it is exported again, and nothing else is."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 from vidrt.backends.base import HOST_OPS, BackendOptions, HostOps
-from vidrt.errors import DeviceError, PackageError, arg
+from vidrt.errors import DeviceError, PackageError, UsageError, arg
 from vidrt.package.contracts import Contract
 
 
@@ -33,11 +33,19 @@ def cpu_features() -> frozenset[str]:
     """The package CPU features (vidrt.package.manifest.CPU_FEATURES) this CPU has, as numpy's runtime
     dispatch detects them: CPUID plus the OS saving the AVX-512 registers, the test ONNX Runtime's MLAS
     makes before it uses 16-channel NCHWc blocks (onnxruntime core/mlas/lib/platform.cpp; numpy
-    _core/src/common/npy_cpu_features.c). VIDRT_CPU_FEATURES overrides it: a comma-separated list, or
-    "none" (to compare the forms, or to keep the default one). Empty where numpy does not say."""
-    forced = os.environ.get("VIDRT_CPU_FEATURES")
-    if forced is not None:
-        return frozenset(f.strip().lower() for f in forced.split(",") if f.strip() and f.strip() != "none")
+    _core/src/common/npy_cpu_features.c). VIDRT_CPU_FEATURES overrides it: a comma-separated list of
+    CPU_FEATURES, or "none" (to compare the forms, or to keep the default one); unset or empty: detected.
+    Empty where numpy does not say. Raises UsageError for a name that is not a package CPU feature."""
+    from vidrt.package.manifest import CPU_FEATURES
+
+    forced = os.environ.get("VIDRT_CPU_FEATURES", "").strip()
+    if forced:
+        names = {f.strip().lower() for f in forced.split(",") if f.strip()} - {"none"}
+        unknown = sorted(names - set(CPU_FEATURES))
+        if unknown:
+            raise UsageError(f"VIDRT_CPU_FEATURES={forced!r}: {', '.join(unknown)} is not a CPU feature packages have "
+                             f"forms for; use {', '.join(CPU_FEATURES)} or none (or unset it to detect)")
+        return frozenset(names)
     try:  # numpy's own table (private; numpy 2: numpy._core, numpy 1: numpy.core)
         from numpy._core._multiarray_umath import __cpu_features__ as found  # type: ignore[attr-defined]
     except ImportError:
