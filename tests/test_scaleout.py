@@ -442,8 +442,15 @@ def test_batch_refuses_two_lines_that_share_a_file_and_reads_a_bom(package, tmp_
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and needle in err and "\n" not in err, err
     jobs.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a cat", "output": "cat"}\n')
-    lines = read_jobs(jobs, load_manifest(package, verify=False).model, package, tmp_path / "out")
+    spec = load_manifest(package, verify=False).model
+    lines = read_jobs(jobs, spec, package, tmp_path / "out")
     assert [(b.line, b.job.prompt, b.output.name) for b in lines] == [(1, "a cat", "cat.mp4")]
+    # a BOM on a later line (two files joined): named in plain words, not Python's "decode using utf-8-sig"
+    jobs.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a cat"}\n' + b"\xef\xbb\xbf" + b'{"prompt": "a dog"}\n')
+    with pytest.raises(UsageError) as info:
+        read_jobs(jobs, spec, package, tmp_path / "out")
+    assert str(info.value).startswith("jobs.jsonl line 2: starts with a byte order mark") and \
+        "utf-8-sig" not in str(info.value), info.value
 
 
 def test_batch_out_on_a_read_only_mount_is_an_output_error(package, tmp_path, capsys):

@@ -114,6 +114,9 @@ def _read_line(raw: str, number: int, where: str, spec: ModelSpec, package: str 
                out_dir: Path, identity: str, baked: Sequence[BakedLora] = ()) -> BatchLine:
     """One line as a job; identity: the package's (package_identity); baked: the package's manifest
     `baked_loras` (they fill a recipe's LoRA slot)."""
+    if raw.startswith("\ufeff"):  # the file's own BOM was dropped: this one came with a file pasted onto it
+        raise UsageError(f"{where}: starts with a byte order mark (an invisible character editors put at the "
+                         f"start of a file, not JSON); delete it (files joined together carry one per file)")
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
