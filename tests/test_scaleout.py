@@ -532,6 +532,26 @@ def test_a_ctrl_c_while_the_private_ray_starts_ends_what_it_started(monkeypatch)
     assert calls == ["init", "shutdown"]
 
 
+def test_package_identity_is_what_makes_the_clips(tmp_path):
+    """The resume identity of a package: its graphs, weights, defaults... not the export's bookkeeping (the
+    checkpoint files' mtimes in export_inputs differ between two byte-identical exports) nor TensorRT engines."""
+    import shutil
+
+    from vidrt.models import default_package
+    from vidrt.service.jobs import package_identity
+
+    shipped = default_package()
+    copy = tmp_path / "copy"
+    shutil.copytree(shipped, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw["export_inputs"] = {k: "0" * 64 for k in raw["export_inputs"]}
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    assert package_identity(copy) == package_identity(shipped)
+    raw["components"]["vae_decode_step"]["artifact"]["sha256"] = "1" * 64  # another graph: another package
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    assert package_identity(copy) != package_identity(shipped)
+
+
 def test_batch_runs_and_resumes(package, local_ray, tmp_path):
     from vidrt.service.batch import run_batch
     from vidrt.service.jobs import package_identity

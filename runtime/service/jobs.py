@@ -172,14 +172,17 @@ class JobRequest:
 def package_identity(package: str | os.PathLike[str]) -> str:
     """What makes a model package's clips what they are, as one sha256 (hex): its manifest.json (every
     graph's and weight file's sha256, the model's defaults, baked LoRAs, recipes, cache tables) without
-    `engines` (TensorRT engines built later from the same graphs). A package re-exported or baked from
-    another checkpoint or LoRA has another identity even where it keeps the model's name."""
+    `engines` (TensorRT engines built later from the same graphs) and `export_inputs` (the export's
+    bookkeeping: its checkpoint files' mtimes, which differ between two copies of one checkpoint while the
+    graphs are byte-identical). A package re-exported or baked from another checkpoint or LoRA has another
+    identity even where it keeps the model's name."""
     try:
         manifest = json.loads((Path(package) / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "unreadable"  # the package's own checks name that, before any job runs
     if isinstance(manifest, dict):
         manifest.pop("engines", None)
+        manifest.pop("export_inputs", None)
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
