@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import SMALL, VIDRT, assert_error, copy_package, rehash, temps, vidrt
+from cli_helpers import SMALL, VIDRT, assert_error, copy_package, read_only_mount, rehash, temps, vidrt
 from vidrt.export.package import LOCK_FILE
 from vidrt.package.manifest import MANIFEST_NAME, load_manifest
 from vidrt.video import read_metadata
@@ -341,39 +341,26 @@ def test_unwritable_output_folder(capsys, pkg, tmp_path):
     assert_error(*vidrt(capsys, *run_args(pkg, blocker / "a.mp4")), 5, "cannot create the output folder")
     assert_error(*vidrt(capsys, *run_args(pkg, tmp_path / "a.mp4", "--stats-json", str(blocker / "s.json"))),
                  5, "--stats-json")
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here (not root?); the folder-is-a-file case ran")
-    try:  # read-only even for root: the system's reason, not "permission denied", and the fix
+    # read-only even for root: the system's reason, not "permission denied", and the fix
+    with read_only_mount(tmp_path) as mnt:
         line = assert_error(*vidrt(capsys, *run_args(pkg, mnt / "a.mp4")), 5)
         assert line == f"error: cannot write in the output folder {mnt} (Read-only file system); give an " \
             "output path in a folder you can write to", line
         assert_error(*vidrt(capsys, *run_args(pkg, mnt / "sub" / "a.mp4")), 5,
                      f"cannot create the output folder {mnt / 'sub'} (Read-only file system); give an output path")
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_export_out_on_a_read_only_mount_is_an_output_error(capsys, tiny_t2v_checkpoint, tmp_path):
     """vidrt export --out on a read-only mount (even for root): exit 5 with the system's reason and the fix,
     worded as vidrt batch / serve's --out check; a folder to create in it (mkdir) and the mount itself (the
     lock file); nothing is left in it."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here (not root?)")
-    try:
+    with read_only_mount(tmp_path) as mnt:
         for out in (mnt / "pkg", mnt):
             line = assert_error(*vidrt(capsys, "export", "--model", str(tiny_t2v_checkpoint), "--variant",
                                        "wan2.1-t2v-1.3b", "--out", str(out)), 5)
             assert line == f"error: cannot write in --out {out} (Read-only file system); give a folder you can " \
                 "write to", line
             assert os.listdir(mnt) == []
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_stats_json_is_refused_before_any_work(capsys, pkg, tmp_path):
@@ -388,17 +375,10 @@ def test_stats_json_is_refused_before_any_work(capsys, pkg, tmp_path):
     assert_error(*vidrt(capsys, *run_args(pkg, out, "--stats-json", str(out))), 2, "--stats-json",
                  "output video")
     assert not out.exists()
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here (not root?)")
-    try:
+    with read_only_mount(tmp_path) as mnt:
         assert_error(*vidrt(capsys, *run_args(pkg, out, "--stats-json", str(mnt / "s.json"))), 5,
                      "--stats-json", "Read-only")
         assert not out.exists()
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 @pytest.mark.parametrize("arg, needle", [("{f}:abc", "not a finite number"), ("{f}:nan", "not a finite number"),

@@ -26,7 +26,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("fastapi")
 requests = pytest.importorskip("requests")
 
-from cli_helpers import free_port  # noqa: E402
+from cli_helpers import free_port, read_only_mount  # noqa: E402
 from vidrt.cli.app import cli, main  # noqa: E402
 from vidrt.errors import UsageError  # noqa: E402
 from vidrt.service.jobs import JobRequest, execute_job  # noqa: E402
@@ -456,19 +456,13 @@ def test_batch_refuses_two_lines_that_share_a_file_and_reads_a_bom(package, tmp_
 def test_batch_out_on_a_read_only_mount_is_an_output_error(package, tmp_path, capsys):
     """An --out that cannot be written (here a read-only mount, even for root) is an output error, exit 5,
     with the system's reason, before Ray starts: vidrt batch, and vidrt serve's start checks."""
-    import subprocess
 
     from vidrt.errors import OutputError
     from vidrt.service.server import ServeConfig, check_config
 
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"prompt": "a cat"}\n')
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here (not root?)")
-    try:  # read-only even for root: a folder to create in it, and the mount itself
+    with read_only_mount(tmp_path) as mnt:  # read-only even for root: a folder to create in it, and the mount itself
         for out in (mnt / "b", mnt):
             with pytest.raises(SystemExit) as exit_:
                 main(["batch", str(jobs), "--out", str(out), "--model", str(package)])
@@ -477,8 +471,6 @@ def test_batch_out_on_a_read_only_mount_is_an_output_error(package, tmp_path, ca
                 "give a folder you can write to", err
             with pytest.raises(OutputError, match=f"cannot write in --out {out} .Read-only file system"):
                 check_config(ServeConfig(package=str(package), out_dir=str(out)))  # vidrt serve, before Ray
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_batch_stops_on_a_ctrl_c_swallowed_while_ray_starts(package, tmp_path, capsys, monkeypatch):
