@@ -131,6 +131,12 @@ def cli_run(package: Path, job: dict[str, Any], out: Path) -> np.ndarray:
 # ---- jobs contract -----------------------------------------------------------------------------
 
 
+def _batch_exit(capsys, jobs: Path, package: str, out: Path) -> tuple[int, str]:
+    """`vidrt batch JOBS --out OUT --model PACKAGE` in this process, refused: (exit code, stderr stripped)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["batch", str(jobs), "--out", str(out), "--model", str(package)])
+    return exit_.value.code, capsys.readouterr().err.strip()
+
 def test_job_request_checks_types():
     job = JobRequest.from_dict({"prompt": "a cat", "size": "64x64", "steps": 3, "guidance": 4}, where="line 2")
     assert job.guidance == 4.0 and job.to_request().width == 64
@@ -189,10 +195,8 @@ def test_batch_bad_line_names_it(package, tmp_path, capsys):
                           "number; the form is FILE[:STRENGTH], e.g. loras style.safetensors:0.8; jobs.jsonl line 3: "
                           "size 'big' is not WIDTHxHEIGHT")):
         jobs.write_text(text)
-        with pytest.raises(SystemExit) as exit_:
-            main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])
-        err = capsys.readouterr().err.strip()
-        assert exit_.value.code == 2 and err == f"error: {err[7:]}" and needle in err and "\n" not in err, err
+        code, err = _batch_exit(capsys, jobs, package, tmp_path / "out")
+        assert code == 2 and err == f"error: {err[7:]}" and needle in err and "\n" not in err, err
     assert not (tmp_path / "out").exists()
 
 
@@ -207,10 +211,8 @@ def test_batch_damaged_lora_is_refused_before_any_work(package, tmp_path, capsys
                f"{q}.lora_up.weight": np.ones((64, 4), np.float32)}, str(nan))
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"prompt": "a cat"}) + "\n" + json.dumps({"prompt": "a dog", "loras": [str(nan)]}))
-    with pytest.raises(SystemExit) as exit_:
-        main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and "\n" not in err, err
+    code, err = _batch_exit(capsys, jobs, package, tmp_path / "out")
+    assert code == 2 and "\n" not in err, err
     assert f"jobs.jsonl line 2: loras {nan}: tensor {q}.lora_down.weight holds NaN or Inf" in err, err
     assert not (tmp_path / "out").exists()
     # readable files that do not fit the DiT: another architecture's keys, another model size's shapes
@@ -225,10 +227,8 @@ def test_batch_damaged_lora_is_refused_before_any_work(package, tmp_path, capsys
         {"prompt": "a cat"}, {"prompt": "a dog", "loras": [str(sdxl)]},
         {"prompt": "a cow", "loras": [f"{wide}:0.5"]}, {"prompt": "a hen", "loras": [f"{wide}:0"]},
         {"prompt": "a pig", "loras": [f"dit_high={wide}"]})))
-    with pytest.raises(SystemExit) as exit_:
-        main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and "\n" not in err and err.startswith("error: 4 bad lines: "), err
+    code, err = _batch_exit(capsys, jobs, package, tmp_path / "out")
+    assert code == 2 and "\n" not in err and err.startswith("error: 4 bad lines: "), err
     # a per-expert LoRA on a one-denoiser model: the line's own field, not `vidrt run`'s flag
     assert f"jobs.jsonl line 5: loras {wide} is for expert dit_high, this model has dit; a LoRA on a " \
         f"one-denoiser model is for every expert: name it in loras without \"dit_high=\"" in err, err
@@ -241,10 +241,8 @@ def test_batch_damaged_lora_is_refused_before_any_work(package, tmp_path, capsys
 
     monkeypatch.setattr(vidrt.service.batch, "run_batch", lambda *a, **k: {"clips": 2, "failed": [{"line": 1}]})
     jobs.write_text(json.dumps({"prompt": "a cat"}) + "\n")
-    with pytest.raises(SystemExit) as exit_:
-        main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 4 and "1 of 2 clips failed" in err and "finished clips are skipped" in err, err
+    code, err = _batch_exit(capsys, jobs, package, tmp_path / "out")
+    assert code == 4 and "1 of 2 clips failed" in err and "finished clips are skipped" in err, err
 
 
 def test_batch_lora_twice_is_refused_before_ray(package, tmp_path, capsys):
@@ -264,10 +262,8 @@ def test_batch_lora_twice_is_refused_before_ray(package, tmp_path, capsys):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join(json.dumps(x) for x in (
         {"prompt": "a cat", "loras": [f"{a}:0.5"]}, {"prompt": "a dog", "loras": [f"{a}:0.5", f"{b}:0.5"]})))
-    with pytest.raises(SystemExit) as exit_:
-        main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and "\n" not in err, err
+    code, err = _batch_exit(capsys, jobs, package, tmp_path / "out")
+    assert code == 2 and "\n" not in err, err
     assert err.startswith(f"error: jobs.jsonl line 2: loras {b} is the same file as loras {a}"), err
     assert not (tmp_path / "out").exists()
 
@@ -437,10 +433,8 @@ def test_batch_refuses_two_lines_that_share_a_file_and_reads_a_bom(package, tmp_
                           "jobs.jsonl line 1: writes batch-summary.json, which is the batch's summary file; give the "
                           "line another \"output\" name")):
         jobs.write_text(text)
-        with pytest.raises(SystemExit) as exit_:
-            main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(package)])
-        err = capsys.readouterr().err.strip()
-        assert exit_.value.code == 2 and needle in err and "\n" not in err, err
+        code, err = _batch_exit(capsys, jobs, package, tmp_path / "out")
+        assert code == 2 and needle in err and "\n" not in err, err
     jobs.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a cat", "output": "cat"}\n')
     spec = load_manifest(package, verify=False).model
     lines = read_jobs(jobs, spec, package, tmp_path / "out")
